@@ -1,0 +1,20 @@
+//! The one error type of the core: a desired configuration the engine cannot
+//! run. The config crate reports the same problems earlier, with positions.
+
+use std::net::Ipv4Addr;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CoreError {
+    #[error("service {0}: no backends")]
+    NoBackends(String),
+    #[error("service {0}: {1} NAT IPs (must be 1 to 8)")]
+    NatIpCount(String, usize),
+    #[error("service {0}: empty or invalid NAT port range")]
+    PortRange(String),
+    #[error("network {0}: duplicate network id")]
+    DuplicateNetwork(String),
+    #[error("endpoint {0}: refers to a missing network or service")]
+    DanglingEndpoint(String),
+    #[error("endpoint {0}: address {1} is already an endpoint in its network")]
+    DuplicateEndpointAddress(String, Ipv4Addr),
+}

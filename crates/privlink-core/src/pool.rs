@@ -1,0 +1,237 @@
+//! NAT port pools, one per (service, NAT IP, protocol).
+//!
+//! Allocation picks uniformly at random among the free ports (a swap-remove
+//! from a dense free array: O(1), and the order is unpredictable as RFC 6056
+//! asks). When no port is wholly free, a port already in use may be shared by
+//! a flow to a *different* backend address/port ("port overloading",
+//! RFC 4787 REQ-1's endpoint-independent mapping is not needed for a
+//! private endpoint): the caller's `claim` closure only succeeds when the
+//! provider-side 5-tuple is not live, so a live tuple is never handed out twice.
+//!
+//! A port whose last flow expired (rather than closed) sits in quarantine for
+//! [`QUARANTINE_SECS`], so a backend still holding TIME_WAIT state for that tuple
+//! never sees it reused early.
+//!
+//! The pool takes a mutex only on flow setup and teardown, never on the
+//! per-packet path of an established flow.
+
+use crate::types::Now;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::VecDeque;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Seconds a port freed by expiry is kept out of circulation.
+pub const QUARANTINE_SECS: u32 = 120;
+
+/// How many in-use ports to try for sharing before giving up.
+const OVERLOAD_TRIES: usize = 16;
+
+#[derive(Debug)]
+struct Inner {
+    free: Vec<u16>,
+    /// Live flows per port, indexed by `port - first`.
+    users: Vec<u32>,
+    quarantine: VecDeque<(u16, Now)>,
+    rng: StdRng,
+}
+
+/// A bounded pool of ports.
+#[derive(Debug)]
+pub struct PortPool {
+    first: u16,
+    capacity: u32,
+    inner: Mutex<Inner>,
+    available: AtomicU32,
+    exhausted: AtomicU64,
+}
+
+impl PortPool {
+    pub fn new(range: RangeInclusive<u16>, seed: u64) -> PortPool {
+        let (first, last) = (*range.start(), *range.end());
+        assert!(first <= last, "empty port range");
+        let capacity = u32::from(last - first) + 1;
+        let free: Vec<u16> = range.collect();
+        PortPool {
+            first,
+            capacity,
+            available: AtomicU32::new(capacity),
+            exhausted: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                free,
+                users: vec![0; capacity as usize],
+                quarantine: VecDeque::new(),
+                rng: StdRng::seed_from_u64(seed),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the pool consistent (every
+        // mutation is a single step), so poisoning is not fatal.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a port for a new flow. `claim(port)` must atomically reserve the
+    /// flow's provider-side tuple and return false if it is live already.
+    /// Returns `None` (and counts an exhaustion) when no port can be had.
+    pub fn allocate(&self, now: Now, mut claim: impl FnMut(u16) -> bool) -> Option<u16> {
+        self.release_quarantine(now);
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut got = None;
+        while !inner.free.is_empty() {
+            let i = inner.rng.random_range(0..inner.free.len());
+            let port = inner.free.swap_remove(i);
+            if claim(port) {
+                got = Some(port);
+                break;
+            }
+            // A free port's tuple cannot be live; if it is, something else
+            // holds it: leave it out of the free list rather than loop.
+        }
+        if got.is_none() {
+            for _ in 0..OVERLOAD_TRIES {
+                let port = self.first + inner.rng.random_range(0..self.capacity) as u16;
+                if inner.users[usize::from(port - self.first)] > 0 && claim(port) {
+                    got = Some(port);
+                    break;
+                }
+            }
+        }
+        self.available.store(inner.free.len() as u32, Ordering::Relaxed);
+        match got {
+            Some(port) => {
+                inner.users[usize::from(port - self.first)] += 1;
+                Some(port)
+            }
+            None => {
+                self.exhausted.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Gives a port back. `closed` says the TCP close was seen, which lets the
+    /// port be reused at once; otherwise it is quarantined.
+    pub fn free(&self, port: u16, now: Now, closed: bool) {
+        let Some(idx) = port.checked_sub(self.first).map(usize::from) else { return };
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let Some(users) = inner.users.get_mut(idx) else { return };
+        if *users == 0 {
+            return;
+        }
+        *users -= 1;
+        if *users == 0 {
+            if closed {
+                inner.free.push(port);
+            } else {
+                inner.quarantine.push_back((port, now.plus(QUARANTINE_SECS)));
+            }
+        }
+        self.available.store(inner.free.len() as u32, Ordering::Relaxed);
+    }
+
+    /// Returns quarantined ports whose time is up to the free list, so the
+    /// `available` gauge is right even when no flow is being set up.
+    pub fn release_quarantine(&self, now: Now) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        while let Some(&(port, until)) = inner.quarantine.front() {
+            if until > now {
+                break;
+            }
+            inner.quarantine.pop_front();
+            inner.free.push(port);
+        }
+        self.available.store(inner.free.len() as u32, Ordering::Relaxed);
+    }
+
+    /// Ports that are neither in use nor quarantined.
+    pub fn available(&self) -> u32 {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    /// Allocations that failed for want of a port.
+    pub fn exhausted(&self) -> u64 {
+        self.exhausted.load(Ordering::Relaxed)
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        port >= self.first && u32::from(port - self.first) < self.capacity
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn hands_out_every_port_once_then_exhausts() {
+        let p = PortPool::new(1000..=1009, 1);
+        let mut seen = HashSet::new();
+        for _ in 0..10 {
+            let port = p.allocate(Now(0), |_| true).expect("port");
+            assert!(p.contains(port));
+            assert!(seen.insert(port));
+        }
+        assert_eq!(p.available(), 0);
+        // Sharing is refused by the claim (same tuple): exhausted.
+        assert_eq!(p.allocate(Now(0), |_| false), None);
+        assert_eq!(p.exhausted(), 1);
+    }
+
+    #[test]
+    fn order_is_not_sequential() {
+        let p = PortPool::new(1024..=65535, 7);
+        let ports: Vec<u16> = (0..64).map(|_| p.allocate(Now(0), |_| true).expect("port")).collect();
+        let ascending = ports.windows(2).filter(|w| w[1] == w[0] + 1).count();
+        assert!(ascending < 4, "{ports:?}");
+    }
+
+    #[test]
+    fn shares_a_port_when_the_tuple_differs() {
+        let p = PortPool::new(2000..=2000, 1);
+        assert_eq!(p.allocate(Now(0), |_| true), Some(2000));
+        // Second flow to another backend: the claim succeeds, port shared.
+        assert_eq!(p.allocate(Now(0), |_| true), Some(2000));
+        p.free(2000, Now(1), true);
+        assert_eq!(p.available(), 0, "still used by one flow");
+        p.free(2000, Now(1), true);
+        assert_eq!(p.available(), 1);
+    }
+
+    #[test]
+    fn expired_ports_are_quarantined() {
+        let p = PortPool::new(3000..=3000, 1);
+        let port = p.allocate(Now(10), |_| true).expect("port");
+        p.free(port, Now(10), false);
+        assert_eq!(p.available(), 0);
+        assert_eq!(p.allocate(Now(10 + QUARANTINE_SECS - 1), |_| true), None);
+        assert_eq!(p.allocate(Now(10 + QUARANTINE_SECS), |_| true), Some(3000));
+    }
+
+    #[test]
+    fn closed_ports_return_at_once() {
+        let p = PortPool::new(3000..=3000, 1);
+        let port = p.allocate(Now(10), |_| true).expect("port");
+        p.free(port, Now(10), true);
+        assert_eq!(p.allocate(Now(10), |_| true), Some(3000));
+    }
+
+    #[test]
+    fn freeing_foreign_or_unused_ports_is_ignored() {
+        let p = PortPool::new(3000..=3001, 1);
+        p.free(80, Now(0), true);
+        p.free(3000, Now(0), true);
+        assert_eq!(p.available(), 2);
+    }
+}

@@ -1,0 +1,602 @@
+//! Engine-level tests: built packets through `Worker::process` with a fake
+//! clock, checked against etherparse's independent parsing and checksums.
+
+use crate::*;
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use proptest::prelude::*;
+use std::collections::HashSet;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+const CLIENT: [u8; 4] = [10, 1, 0, 10];
+const EP: [u8; 4] = [10, 1, 0, 5];
+const NAT_A: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 4);
+const NAT_B: Ipv4Addr = Ipv4Addr::new(192, 168, 100, 8);
+const BACKEND_A: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
+const BACKEND_B: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
+const NET_A: NetworkId = NetworkId(0);
+const NET_B: NetworkId = NetworkId(1);
+
+fn desired(nat_ports: std::ops::RangeInclusive<u16>, b_state: ConnectionState) -> Desired {
+    let svc = |name: &str, nat: Ipv4Addr, backend: Ipv4Addr| ServiceSpec {
+        name: name.into(),
+        nat_ips: vec![nat],
+        nat_ports: nat_ports.clone(),
+        backends: vec![backend],
+        ports: vec![
+            PortRule { protocol: Protocol::Tcp, port: 80, backend_port: 8080 },
+            PortRule { protocol: Protocol::Udp, port: 53, backend_port: 5353 },
+        ],
+    };
+    let ep = |name: &str, network, service, state| EndpointSpec {
+        name: name.into(),
+        network,
+        ip: Ipv4Addr::from(EP),
+        service,
+        state,
+    };
+    Desired {
+        provider_mtu: 1500,
+        networks: vec![
+            NetworkSpec { id: NET_A, name: "vnet-a".into(), mtu: 1500 },
+            NetworkSpec { id: NET_B, name: "vnet-b".into(), mtu: 1400 },
+        ],
+        services: vec![svc("svc-a", NAT_A, BACKEND_A), svc("svc-b", NAT_B, BACKEND_B)],
+        endpoints: vec![ep("pe-a", 0, 0, ConnectionState::Approved), ep("pe-b", 1, 1, b_state)],
+    }
+}
+
+fn engine_with(settings: Settings, d: &Desired) -> (Arc<Engine>, Worker) {
+    let e = Engine::new(settings);
+    e.apply(d, Now(0)).expect("valid config");
+    let w = e.worker(0);
+    (e, w)
+}
+
+/// Settings with a table small enough to build per proptest case.
+fn small() -> Settings {
+    Settings { max_flows: 4096, ..Settings::default() }
+}
+
+fn engine() -> (Arc<Engine>, Worker) {
+    engine_with(small(), &desired(1024..=65535, ConnectionState::Approved))
+}
+
+fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, 1000, 65535);
+    for f in flags.chars() {
+        b = match f {
+            'S' => b.syn(),
+            'A' => b.ack(1),
+            'F' => b.fin(),
+            'R' => b.rst(),
+            _ => b,
+        };
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build");
+    v
+}
+
+fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv4(src, dst, 64).udp(sport, dport).write(&mut v, payload).expect("build");
+    v
+}
+
+fn ping(src: [u8; 4], dst: [u8; 4], id: u16, reply: bool) -> Vec<u8> {
+    let b = PacketBuilder::ipv4(src, dst, 64);
+    let b = if reply { b.icmpv4_echo_reply(id, 1) } else { b.icmpv4_echo_request(id, 1) };
+    let mut v = Vec::new();
+    b.write(&mut v, b"ping").expect("build");
+    v
+}
+
+/// Recomputes the IP header checksum after a test edits the header.
+fn fix_ip_checksum(v: &mut [u8]) {
+    v[10..12].copy_from_slice(&[0, 0]);
+    let ihl = usize::from(v[0] & 0x0f) * 4;
+    let c = checksum::checksum(&v[..ihl]);
+    v[10..12].copy_from_slice(&c.to_be_bytes());
+}
+
+/// Addresses and ports of a packet, and whether etherparse's full
+/// recomputation agrees with every checksum in it.
+fn inspect(v: &[u8]) -> (Ipv4Addr, u16, Ipv4Addr, u16, bool) {
+    let p = SlicedPacket::from_ip(v).expect("etherparse parses it");
+    let Some(NetSlice::Ipv4(ip)) = p.net else { panic!("not ipv4") };
+    let h = ip.header().to_header();
+    let mut ok = h.calc_header_checksum() == h.header_checksum;
+    let (s, d) = (Ipv4Addr::from(h.source), Ipv4Addr::from(h.destination));
+    let payload = ip.payload().payload;
+    let (sp, dp) = match p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let th = t.to_header();
+            ok &= th.calc_checksum_ipv4(&h, t.payload()).expect("size") == th.checksum;
+            (th.source_port, th.destination_port)
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let uh = u.to_header();
+            if uh.checksum != 0 {
+                ok &= uh.calc_checksum_ipv4(&h, u.payload()).expect("size") == uh.checksum;
+            }
+            (uh.source_port, uh.destination_port)
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            let ih = i.header();
+            ok &= ih.icmp_type.calc_checksum(i.payload()) == ih.checksum;
+            let id = u16::from_be_bytes([payload[4], payload[5]]);
+            (id, 0)
+        }
+        _ => (0, 0),
+    };
+    (s, sp, d, dp, ok)
+}
+
+/// Swaps source and destination (addresses and ports): the reply a peer
+/// would send, with checksums still valid.
+fn swap(v: &mut [u8]) {
+    let ihl = usize::from(v[0] & 0x0f) * 4;
+    let (a, b) = (v[12..16].to_vec(), v[16..20].to_vec());
+    v[12..16].copy_from_slice(&b);
+    v[16..20].copy_from_slice(&a);
+    if v[9] != 1 {
+        let (a, b) = (v[ihl..ihl + 2].to_vec(), v[ihl + 2..ihl + 4].to_vec());
+        v[ihl..ihl + 2].copy_from_slice(&b);
+        v[ihl + 2..ihl + 4].copy_from_slice(&a);
+    } else {
+        // Echo request -> reply: type 8 -> 0, fix the checksum incrementally.
+        let mut d = checksum::Delta::default();
+        d.word(u16::from(v[ihl]) << 8, 0);
+        v[ihl] = 0;
+        let c = d.apply(u16::from_be_bytes([v[ihl + 2], v[ihl + 3]]));
+        v[ihl + 2..ihl + 4].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+fn dropped(e: &Engine, net: Option<&str>, r: DropReason) -> u64 {
+    match net {
+        None => e.provider_drops()[r.index()],
+        Some(n) => {
+            let snap = e.snapshot();
+            let net = snap.network_list().find(|x| x.name == n).expect("network");
+            Engine::network_drops(net)[r.index()]
+        }
+    }
+}
+
+#[test]
+fn tcp_round_trip_translates_and_keeps_checksums() {
+    let (e, mut w) = engine();
+    let mut p = tcp(CLIENT, 40000, EP, 80, "S", b"");
+    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    let (s, sp, d, dp, ok) = inspect(&p);
+    assert!(ok, "checksums after translation");
+    assert_eq!((s, d, dp), (NAT_A, BACKEND_A, 8080));
+    assert!(sp >= 1024);
+    assert_eq!(p[8], 63, "TTL decremented");
+
+    let mut r = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), sp, "SA", b"hello");
+    assert_eq!(w.process(&mut r, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    let (s, sp2, d, dp2, ok) = inspect(&r);
+    assert!(ok);
+    assert_eq!((s, sp2, d, dp2), (Ipv4Addr::from(EP), 80, Ipv4Addr::from(CLIENT), 40000));
+
+    let snap = e.snapshot();
+    let ep = &snap.endpoint_by_name("pe-a").expect("pe-a").shared;
+    let (bi, pi, bo, po) = ep.totals();
+    assert_eq!((bi, pi, bo, po), (40, 1, 45, 1));
+    assert_eq!(ep.flows_created.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(e.flows().len(), 1);
+}
+
+#[test]
+fn overlapping_tenants_stay_apart() {
+    let (_e, mut w) = engine();
+    let mut a = tcp(CLIENT, 40000, EP, 80, "S", b"");
+    let mut b = a.clone();
+    assert_eq!(w.process(&mut a, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(w.process(&mut b, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
+    let (sa, pa, da, _, _) = inspect(&a);
+    let (sb, pb, db, _, _) = inspect(&b);
+    assert_eq!((sa, da), (NAT_A, BACKEND_A));
+    assert_eq!((sb, db), (NAT_B, BACKEND_B));
+    // Replies go back to the network each flow came from.
+    let mut ra = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), pa, "SA", b"");
+    let mut rb = tcp(BACKEND_B.octets(), 8080, NAT_B.octets(), pb, "SA", b"");
+    assert_eq!(w.process(&mut ra, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(w.process(&mut rb, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_B)));
+    // B's backend cannot reach A's flow by guessing A's NAT port on B's NAT IP.
+    let mut x = tcp(BACKEND_B.octets(), 8080, NAT_A.octets(), pa, "A", b"");
+    assert_eq!(w.process(&mut x, Source::Provider, Now(1)), Verdict::Drop(DropReason::NoFlow));
+}
+
+#[test]
+fn udp_and_icmp_echo() {
+    let (_e, mut w) = engine();
+    let mut u = udp(CLIENT, 5000, EP, 53, b"query");
+    assert_eq!(w.process(&mut u, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    let (s, sp, d, dp, ok) = inspect(&u);
+    assert!(ok);
+    assert_eq!((s, d, dp), (NAT_A, BACKEND_A, 5353));
+    swap(&mut u);
+    assert_eq!(w.process(&mut u, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(inspect(&u), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 5000, true));
+    let _ = sp;
+
+    let mut p = ping(CLIENT, EP, 77, false);
+    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    let (s, id, d, _, ok) = inspect(&p);
+    assert!(ok);
+    assert_eq!((s, d), (NAT_A, BACKEND_A));
+    let mut r = ping(BACKEND_A.octets(), NAT_A.octets(), id, true);
+    assert_eq!(w.process(&mut r, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(inspect(&r), (Ipv4Addr::from(EP), 77, Ipv4Addr::from(CLIENT), 0, true));
+}
+
+#[test]
+fn udp_zero_checksum_stays_zero() {
+    let (_e, mut w) = engine();
+    let mut u = udp(CLIENT, 5000, EP, 53, b"q");
+    u[26..28].copy_from_slice(&[0, 0]);
+    assert_eq!(w.process(&mut u, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(&u[26..28], &[0, 0]);
+    assert!(inspect(&u).4);
+}
+
+#[test]
+fn every_drop_reason() {
+    let d = desired(2000..=2000, ConnectionState::Pending);
+    let (e, mut w) = engine_with(Settings { max_flows: 2, ..Settings::default() }, &d);
+    let a = Source::Network(NET_A);
+    let cases: Vec<(Vec<u8>, Source, DropReason)> = vec![
+        (tcp(CLIENT, 1, [10, 1, 0, 6], 80, "S", b""), a, DropReason::NoEndpoint),
+        (tcp(CLIENT, 1, EP, 81, "S", b""), a, DropReason::PortNotAllowed),
+        (udp(CLIENT, 1, EP, 54, b""), a, DropReason::PortNotAllowed),
+        (tcp(CLIENT, 1, EP, 80, "S", b""), Source::Network(NET_B), DropReason::NotApproved),
+        (tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), 2000, "A", b""), Source::Provider, DropReason::NoFlow),
+        (tcp(CLIENT, 1, EP, 80, "A", b""), a, DropReason::NoFlow),
+        (vec![0x45, 0, 0], a, DropReason::Malformed),
+        (vec![0x45, 0, 0], Source::Provider, DropReason::Malformed),
+    ];
+    for (mut p, src, want) in cases {
+        assert_eq!(w.process(&mut p, src, Now(1)), Verdict::Drop(want), "{want}");
+    }
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::PortNotAllowed), 2);
+    assert_eq!(dropped(&e, Some("vnet-b"), DropReason::NotApproved), 1);
+    assert_eq!(dropped(&e, None, DropReason::NoFlow), 1);
+    assert_eq!(dropped(&e, None, DropReason::Malformed), 1);
+
+    // unsupported_protocol: GRE to an endpoint.
+    let mut g = udp(CLIENT, 1, EP, 53, b"");
+    g[9] = 47;
+    fix_ip_checksum(&mut g);
+    assert_eq!(w.process(&mut g, a, Now(1)), Verdict::Drop(DropReason::UnsupportedProtocol));
+
+    // ttl_expired: answered with time exceeded from the endpoint address.
+    let mut t = tcp(CLIENT, 1, EP, 80, "S", b"");
+    t[8] = 1;
+    fix_ip_checksum(&mut t);
+    let Verdict::Reply { reason: DropReason::TtlExpired, len } = w.process(&mut t, a, Now(1)) else {
+        panic!("ttl reply")
+    };
+    let (s, _, dst, _, ok) = inspect(w.reply(len));
+    assert!(ok);
+    assert_eq!((s, dst), (Ipv4Addr::from(EP), Ipv4Addr::from(CLIENT)));
+    assert_eq!(w.reply(len)[20], 11);
+
+    // ports_exhausted: the pool has one port and one backend, so a second
+    // consumer port would need the same provider tuple.
+    let mut f1 = tcp(CLIENT, 1, EP, 80, "S", b"");
+    assert_eq!(w.process(&mut f1, a, Now(1)), Verdict::Forward(Egress::Provider));
+    let mut f2 = tcp(CLIENT, 2, EP, 80, "S", b"");
+    let Verdict::Reply { reason: DropReason::PortsExhausted, len } = w.process(&mut f2, a, Now(1)) else {
+        panic!("exhausted")
+    };
+    assert_eq!((w.reply(len)[20], w.reply(len)[21]), (3, 13));
+    let snap = e.snapshot();
+    let pool = snap.pools.values().find(|p| p.service == "svc-a" && p.protocol == Protocol::Tcp).expect("pool");
+    assert_eq!((pool.pool.available(), pool.pool.exhausted()), (0, 1));
+
+    // flow_table_full: max_flows is 2 (the TCP flow plus this UDP one).
+    let mut u1 = udp(CLIENT, 1, EP, 53, b"");
+    assert_eq!(w.process(&mut u1, a, Now(1)), Verdict::Forward(Egress::Provider));
+    let mut u2 = udp(CLIENT, 2, EP, 53, b"");
+    assert_eq!(w.process(&mut u2, a, Now(1)), Verdict::Drop(DropReason::FlowTableFull));
+
+    // too_big: network B has MTU 1400; a 1450-byte DF reply from the backend
+    // gets "fragmentation needed" with MTU 1400.
+    e.set_connection_state("pe-b", ConnectionState::Approved, Now(1));
+    let (e2, mut w2) = engine();
+    let _ = &e2;
+    let mut syn = tcp(CLIENT, 9, EP, 80, "S", b"");
+    assert_eq!(w2.process(&mut syn, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
+    let (_, nport, _, _, _) = inspect(&syn);
+    let mut big = tcp(BACKEND_B.octets(), 8080, NAT_B.octets(), nport, "A", &[7u8; 1410]);
+    big[6] |= 0x40;
+    fix_ip_checksum(&mut big);
+    let Verdict::Reply { reason: DropReason::TooBig, len } = w2.process(&mut big, Source::Provider, Now(1)) else {
+        panic!("too big")
+    };
+    let r = w2.reply(len);
+    assert_eq!((r[20], r[21], u16::from_be_bytes([r[26], r[27]])), (3, 4, 1400));
+    assert_eq!(inspect(r).0, NAT_B);
+}
+
+#[test]
+fn malformed_inputs_never_panic() {
+    let (e, mut w) = engine();
+    let good = udp(CLIENT, 1, EP, 53, b"abcd");
+    let mut cases: Vec<Vec<u8>> = vec![vec![], vec![0x45], vec![0x45; 19]];
+    let mut v = good.clone();
+    v[0] = 0x44; // IHL < 5
+    cases.push(v);
+    let mut v = good.clone();
+    v[0] = 0x4f; // IHL past the end of a 32-byte packet
+    cases.push(v);
+    let mut v = good.clone();
+    v.push(0); // total length smaller than the buffer
+    cases.push(v);
+    let mut v = good.clone();
+    v.pop(); // total length larger than the buffer
+    cases.push(v);
+    let mut v = good.clone();
+    v[15] ^= 0xff; // bad header checksum
+    cases.push(v);
+    let mut v = tcp(CLIENT, 1, EP, 80, "S", b"");
+    v[32] = 4 << 4; // TCP data offset < 5
+    cases.push(v);
+    let mut v = good.clone();
+    v[24..26].copy_from_slice(&9u16.to_be_bytes()); // UDP length wrong
+    cases.push(v);
+    let n = cases.len() as u64;
+    for mut c in cases {
+        assert_eq!(w.process(&mut c, Source::Network(NET_A), Now(1)), Verdict::Drop(DropReason::Malformed));
+    }
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::Malformed), n);
+}
+
+#[test]
+fn a_burst_of_one_new_flow_takes_one_port() {
+    let (e, mut w) = engine();
+    for _ in 0..50 {
+        let mut p = udp(CLIENT, 7000, EP, 53, b"x");
+        assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    }
+    assert_eq!(e.flows().len(), 1);
+    let snap = e.snapshot();
+    let pool = snap.pools.values().find(|p| p.service == "svc-a" && p.protocol == Protocol::Udp).expect("pool");
+    assert_eq!(pool.pool.available(), pool.pool.capacity() - 1);
+}
+
+#[test]
+fn timeouts_follow_a_fake_clock() {
+    let (e, mut w) = engine_with(small(), &desired(3000..=3001, ConnectionState::Approved));
+    let snap = e.snapshot();
+    let udp_pool = snap.pools.values().find(|p| p.service == "svc-a" && p.protocol == Protocol::Udp).expect("pool");
+    let tcp_pool = snap.pools.values().find(|p| p.service == "svc-a" && p.protocol == Protocol::Tcp).expect("pool");
+    let a = Source::Network(NET_A);
+
+    // UDP: idle 300 s, then the port is quarantined 120 s.
+    let mut u = udp(CLIENT, 1, EP, 53, b"");
+    w.process(&mut u, a, Now(0));
+    assert_eq!(e.expire(Now(299)), 0);
+    let mut again = udp(CLIENT, 1, EP, 53, b"");
+    w.process(&mut again, a, Now(100)); // refresh
+    assert_eq!(e.expire(Now(399)), 0);
+    assert_eq!(e.expire(Now(400)), 1);
+    assert_eq!(udp_pool.pool.available(), 1, "expired port is quarantined");
+    e.expire(Now(400 + pool::QUARANTINE_SECS));
+    assert_eq!(udp_pool.pool.available(), 2);
+
+    // TCP: opening times out after the transitory 240 s.
+    let mut s = tcp(CLIENT, 2, EP, 80, "S", b"");
+    w.process(&mut s, a, Now(1000));
+    assert_eq!(e.expire(Now(1239)), 0);
+    assert_eq!(e.expire(Now(1240)), 1);
+
+    // TCP: established waits 7440 s; a full close frees the port early and
+    // without quarantine.
+    let mut s = tcp(CLIENT, 3, EP, 80, "S", b"");
+    w.process(&mut s, a, Now(2000));
+    let (_, nport, _, _, _) = inspect(&s);
+    let mut sa = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "SA", b"");
+    assert_eq!(w.process(&mut sa, Source::Provider, Now(2000)), Verdict::Forward(Egress::Network(NET_A)));
+    let mut ack = tcp(CLIENT, 3, EP, 80, "A", b"");
+    w.process(&mut ack, a, Now(2000));
+    assert_eq!(e.flow_list(None, Now(2000))[0].state, "established");
+    assert_eq!(e.expire(Now(2000 + 7439)), 0);
+    let before = tcp_pool.pool.available();
+    let mut fin = tcp(CLIENT, 3, EP, 80, "FA", b"");
+    w.process(&mut fin, a, Now(9500));
+    let mut fin2 = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "FA", b"");
+    w.process(&mut fin2, Source::Provider, Now(9500));
+    assert_eq!(e.flow_list(None, Now(9500))[0].state, "closed");
+    assert_eq!(e.expire(Now(9509)), 0);
+    assert_eq!(e.expire(Now(9510)), 1);
+    assert_eq!(tcp_pool.pool.available(), before + 1, "closed: no quarantine");
+
+    // RST closes too; ICMP query flows use the ICMP timeout.
+    let mut s = tcp(CLIENT, 4, EP, 80, "S", b"");
+    w.process(&mut s, a, Now(20000));
+    let mut r = tcp(CLIENT, 4, EP, 80, "R", b"");
+    w.process(&mut r, a, Now(20000));
+    assert_eq!(e.expire(Now(20010)), 1);
+    let mut p = ping(CLIENT, EP, 5, false);
+    w.process(&mut p, a, Now(30000));
+    assert_eq!(e.expire(Now(30059)), 0);
+    assert_eq!(e.expire(Now(30060)), 1);
+}
+
+#[test]
+fn icmp_errors_never_touch_flows() {
+    let (e, mut w) = engine();
+    let mut u = udp(CLIENT, 1, EP, 53, b"");
+    w.process(&mut u, Source::Network(NET_A), Now(0));
+    let (_, nport, _, _, _) = inspect(&u);
+    // A port unreachable from the backend about that flow.
+    let mut err = Vec::new();
+    PacketBuilder::ipv4(BACKEND_A.octets(), NAT_A.octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
+        .write(&mut err, &udp(NAT_A.octets(), nport, BACKEND_A.octets(), 5353, b"")[..28])
+        .expect("build");
+    assert_eq!(w.process(&mut err, Source::Provider, Now(200)), Verdict::Drop(DropReason::NoFlow));
+    // It did not refresh the flow: it still expires 300 s after its packet.
+    assert_eq!(e.expire(Now(300)), 1);
+}
+
+#[test]
+fn reload_keeps_unchanged_flows_and_ends_removed_ones() {
+    let (e, mut w) = engine();
+    let mut a = tcp(CLIENT, 1, EP, 80, "S", b"");
+    let mut b = tcp(CLIENT, 1, EP, 80, "S", b"");
+    w.process(&mut a, Source::Network(NET_A), Now(0));
+    w.process(&mut b, Source::Network(NET_B), Now(0));
+    let (_, pa, _, _, _) = inspect(&a);
+    assert_eq!(e.flows().len(), 2);
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.endpoints.pop(); // remove pe-b
+    d.endpoints.push(EndpointSpec {
+        name: "pe-new".into(),
+        network: 0,
+        ip: Ipv4Addr::new(10, 1, 0, 6),
+        service: 1,
+        state: ConnectionState::Approved,
+    });
+    let report = e.apply(&d, Now(1)).expect("apply");
+    assert_eq!(report.endpoints_kept, vec!["pe-a".to_string()]);
+    assert_eq!(report.endpoints_removed, vec!["pe-b".to_string()]);
+    assert_eq!(report.endpoints_added, vec!["pe-new".to_string()]);
+    assert_eq!(report.flows_ended, 1);
+    assert_eq!(e.flows().len(), 1);
+    let mut ra = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), pa, "SA", b"");
+    assert_eq!(w.process(&mut ra, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    let mut n = tcp(CLIENT, 1, [10, 1, 0, 6], 80, "S", b"");
+    assert_eq!(w.process(&mut n, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(inspect(&n).2, BACKEND_B);
+    // Reject ends the endpoint's flows and drops its packets.
+    assert!(e.set_connection_state("pe-a", ConnectionState::Rejected, Now(2)));
+    let mut again = tcp(CLIENT, 1, EP, 80, "A", b"");
+    assert_eq!(w.process(&mut again, Source::Network(NET_A), Now(2)), Verdict::Drop(DropReason::NotApproved));
+    assert_eq!(e.flow_list(Some("pe-a"), Now(2)).len(), 0);
+}
+
+#[test]
+fn bad_desired_is_refused_without_panic() {
+    let e = Engine::new(Settings::default());
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.services[0].backends.clear();
+    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::NoBackends("svc-a".into())));
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.services[0].nat_ips = vec![NAT_A; 9];
+    assert!(matches!(e.apply(&d, Now(0)), Err(CoreError::NatIpCount(..))));
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.endpoints[1].network = 0;
+    assert!(matches!(e.apply(&d, Now(0)), Err(CoreError::DuplicateEndpointAddress(..))));
+}
+
+#[test]
+fn one_consumer_address_keeps_one_nat_ip() {
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.services[0].nat_ips = (1..=8).map(|i| Ipv4Addr::new(192, 168, 100, i)).collect();
+    let (_e, mut w) = engine_with(small(), &d);
+    let mut nats = HashSet::new();
+    for port in 0..200u16 {
+        let mut p = tcp(CLIENT, 10_000 + port, EP, 80, "S", b"");
+        w.process(&mut p, Source::Network(NET_A), Now(0));
+        nats.insert(inspect(&p).0);
+    }
+    assert_eq!(nats.len(), 1);
+    let mut spread = HashSet::new();
+    for host in 1..=64u8 {
+        let mut p = tcp([10, 1, 1, host], 10_000, EP, 80, "S", b"");
+        w.process(&mut p, Source::Network(NET_A), Now(0));
+        spread.insert(inspect(&p).0);
+    }
+    assert!(spread.len() >= 6, "64 consumers over 8 NAT IPs used {}", spread.len());
+}
+
+#[test]
+fn concurrent_workers_never_share_a_live_tuple() {
+    let e = Engine::new(Settings { workers: 4, ..Settings::default() });
+    e.apply(&desired(5000..=5999, ConnectionState::Approved), Now(0)).expect("apply");
+    let handles: Vec<_> = (0..4)
+        .map(|t| {
+            let mut w = e.worker(t);
+            std::thread::spawn(move || {
+                let mut fwd = 0;
+                for i in 0..400u16 {
+                    // Threads overlap on half their flows, racing on setup.
+                    let port = if i % 2 == 0 { 20_000 + i } else { 30_000 + i + 1000 * t as u16 };
+                    let mut p = udp(CLIENT, port, EP, 53, b"");
+                    if w.process(&mut p, Source::Network(NET_A), Now(0)) == Verdict::Forward(Egress::Provider) {
+                        fwd += 1;
+                    }
+                }
+                fwd
+            })
+        })
+        .collect();
+    let forwarded: u32 = handles.into_iter().map(|h| h.join().expect("thread")).sum();
+    assert_eq!(forwarded, 1600);
+    let flows = e.flow_list(None, Now(0));
+    assert_eq!(flows.len(), 200 + 4 * 200);
+    let tuples: HashSet<_> = flows.iter().map(|f| (f.nat, f.backend)).collect();
+    assert_eq!(tuples.len(), flows.len(), "a live provider tuple was handed out twice");
+}
+
+fn arb_packet() -> impl Strategy<Value = (Vec<u8>, u8)> {
+    let payload = proptest::collection::vec(any::<u8>(), 0..200);
+    (0u8..3, any::<[u8; 4]>(), any::<u16>(), payload, 3u8..=255, any::<bool>()).prop_map(
+        |(kind, src, sport, payload, ttl, zero_udp)| {
+            let b = PacketBuilder::ipv4(src, EP, ttl);
+            let mut v = Vec::new();
+            match kind {
+                0 => b.tcp(sport, 80, 7, 1000).syn().write(&mut v, &payload),
+                1 => b.udp(sport, 53).write(&mut v, &payload),
+                _ => b.icmpv4_echo_request(sport, 3).write(&mut v, &payload),
+            }
+            .expect("build");
+            if kind == 1 && zero_udp {
+                v[26..28].copy_from_slice(&[0, 0]);
+            }
+            (v, kind)
+        },
+    )
+}
+
+proptest! {
+    #[test]
+    fn translation_checksums_equal_full_recomputation((pkt, kind) in arb_packet()) {
+        let (_e, mut w) = engine();
+        let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
+        prop_assume!(wire::is_unicast(u32::from(src)));
+        let original = pkt.clone();
+        let mut p = pkt;
+        prop_assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));
+        let (s, _, d, _, ok) = inspect(&p);
+        prop_assert!(ok, "checksums differ from etherparse's recomputation");
+        prop_assert_eq!((s, d), (NAT_A, BACKEND_A));
+        let l7 = if kind == 0 { 40 } else { 28 };
+        prop_assert_eq!(&p[l7..], &original[l7..], "payload untouched");
+
+        // The backend answers with the mirror image; reversing gives back
+        // the original packet, mirrored, with TTL down by two.
+        swap(&mut p);
+        prop_assert_eq!(w.process(&mut p, Source::Provider, Now(0)), Verdict::Forward(Egress::Network(NET_A)));
+        prop_assert!(inspect(&p).4);
+        let mut want = original.clone();
+        swap(&mut want);
+        want[8] -= 2;
+        fix_ip_checksum(&mut want);
+        prop_assert_eq!(p, want);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..120), provider in any::<bool>()) {
+        let (_e, mut w) = engine();
+        let mut b = bytes;
+        let src = if provider { Source::Provider } else { Source::Network(NET_A) };
+        let _ = w.process(&mut b, src, Now(0));
+    }
+}

@@ -1,0 +1,208 @@
+//! Small types that say what they hold: identifiers, the clock, drop reasons,
+//! connection states, and where a packet came from or goes to.
+
+use std::fmt;
+
+/// A consumer network, as numbered by the engine (stable for its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetworkId(pub u16);
+
+/// A private endpoint, as numbered by the engine. Never reused within one
+/// engine's life, so a stale reference can never name another endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(pub u32);
+
+/// A service, as numbered by the engine (stable for its name).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceId(pub u32);
+
+/// A NAT port pool: one (service, NAT IP, protocol).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolId(pub u32);
+
+/// A port taken from a NAT pool (or an ICMP echo identifier in that role).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NatPort(pub u16);
+
+/// The engine's clock: whole seconds since the engine's epoch. Callers turn an
+/// `Instant` into a `Now` once per batch with [`crate::Engine::now`]; tests
+/// build any `Now` they like, so timeouts are tested without sleeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Now(pub u32);
+
+impl Now {
+    pub fn plus(self, secs: u32) -> Now {
+        Now(self.0.saturating_add(secs))
+    }
+}
+
+/// Where a packet was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Network(NetworkId),
+    Provider,
+}
+
+/// Where a translated packet must be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    Provider,
+    Network(NetworkId),
+}
+
+/// Translated protocols.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp];
+
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => crate::wire::proto::TCP,
+            Protocol::Udp => crate::wire::proto::UDP,
+            Protocol::Icmp => crate::wire::proto::ICMP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            crate::wire::proto::TCP => Some(Protocol::Tcp),
+            crate::wire::proto::UDP => Some(Protocol::Udp),
+            crate::wire::proto::ICMP => Some(Protocol::Icmp),
+            _ => None,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a packet was not forwarded. The label values are SPEC's, plus
+/// `flow_table_full` (SPEC's `max_flows` bound, which SPEC names no reason for).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    NoEndpoint,
+    PortNotAllowed,
+    NotApproved,
+    NoFlow,
+    Malformed,
+    PortsExhausted,
+    TtlExpired,
+    TooBig,
+    UnsupportedProtocol,
+    FlowTableFull,
+}
+
+impl DropReason {
+    pub const COUNT: usize = 10;
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::NoEndpoint,
+        DropReason::PortNotAllowed,
+        DropReason::NotApproved,
+        DropReason::NoFlow,
+        DropReason::Malformed,
+        DropReason::PortsExhausted,
+        DropReason::TtlExpired,
+        DropReason::TooBig,
+        DropReason::UnsupportedProtocol,
+        DropReason::FlowTableFull,
+    ];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The `reason` label of `privlink_packets_dropped_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::PortNotAllowed => "port_not_allowed",
+            DropReason::NotApproved => "not_approved",
+            DropReason::NoFlow => "no_flow",
+            DropReason::Malformed => "malformed",
+            DropReason::PortsExhausted => "ports_exhausted",
+            DropReason::TtlExpired => "ttl_expired",
+            DropReason::TooBig => "too_big",
+            DropReason::UnsupportedProtocol => "unsupported_protocol",
+            DropReason::FlowTableFull => "flow_table_full",
+        }
+    }
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The state of an endpoint's connection to its service. Only `Approved`
+/// carries traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum ConnectionState {
+    Pending = 0,
+    Approved = 1,
+    Rejected = 2,
+    Disconnected = 3,
+}
+
+impl ConnectionState {
+    pub const ALL: [ConnectionState; 4] =
+        [ConnectionState::Pending, ConnectionState::Approved, ConnectionState::Rejected, ConnectionState::Disconnected];
+
+    pub fn from_u8(v: u8) -> ConnectionState {
+        match v {
+            1 => ConnectionState::Approved,
+            2 => ConnectionState::Rejected,
+            3 => ConnectionState::Disconnected,
+            _ => ConnectionState::Pending,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Pending => "pending",
+            ConnectionState::Approved => "approved",
+            ConnectionState::Rejected => "rejected",
+            ConnectionState::Disconnected => "disconnected",
+        }
+    }
+}
+
+impl fmt::Display for ConnectionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What to do with a packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The buffer was translated in place; write it to this device.
+    Forward(Egress),
+    /// Drop it (already counted).
+    Drop(DropReason),
+    /// Drop it (already counted) and write the ICMP answer in
+    /// [`crate::Worker::reply`]`[..len]` back to the device it came from.
+    Reply { reason: DropReason, len: usize },
+}

@@ -1,0 +1,483 @@
+//! Zero-copy views over IPv4 packets and the transport headers privlink rewrites.
+//!
+//! [`Ipv4Packet::new_checked`] validates a buffer the way the kernel's
+//! `ip_rcv_core` does (version, IHL, total length, header checksum) and
+//! [`Transport::parse`] validates the L4 header (TCP data offset, UDP length,
+//! ICMP minimum size). After that, every accessor is a fixed-offset read with no
+//! further checks, and the rewriting setters keep checksums right incrementally.
+//! Field offsets live in `field`, never as bare numbers in the engine.
+
+use crate::checksum::Delta;
+use std::net::Ipv4Addr;
+
+/// Byte ranges of the IPv4 header (RFC 791) and the transport headers.
+pub mod field {
+    use std::ops::Range;
+    pub const VER_IHL: usize = 0;
+    pub const LENGTH: Range<usize> = 2..4;
+    pub const IDENT: Range<usize> = 4..6;
+    pub const FLAGS_FRAG: Range<usize> = 6..8;
+    pub const TTL: usize = 8;
+    pub const PROTOCOL: usize = 9;
+    pub const CHECKSUM: Range<usize> = 10..12;
+    pub const SRC: Range<usize> = 12..16;
+    pub const DST: Range<usize> = 16..20;
+    pub const HEADER_MIN: usize = 20;
+
+    pub const SRC_PORT: Range<usize> = 0..2;
+    pub const DST_PORT: Range<usize> = 2..4;
+    pub const TCP_DATA_OFF: usize = 12;
+    pub const TCP_FLAGS: usize = 13;
+    pub const TCP_CHECKSUM: Range<usize> = 16..18;
+    pub const TCP_HEADER_MIN: usize = 20;
+    pub const UDP_LENGTH: Range<usize> = 4..6;
+    pub const UDP_CHECKSUM: Range<usize> = 6..8;
+    pub const UDP_HEADER: usize = 8;
+    pub const ICMP_TYPE: usize = 0;
+    pub const ICMP_CODE: usize = 1;
+    pub const ICMP_CHECKSUM: Range<usize> = 2..4;
+    pub const ICMP_IDENT: Range<usize> = 4..6;
+    pub const ICMP_HEADER: usize = 8;
+}
+
+/// IP protocol numbers privlink translates.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+}
+
+/// TCP flag bits (byte 13 of the header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+}
+
+/// ICMP message types used here.
+pub mod icmp_type {
+    pub const ECHO_REPLY: u8 = 0;
+    pub const DEST_UNREACHABLE: u8 = 3;
+    pub const ECHO_REQUEST: u8 = 8;
+    pub const TIME_EXCEEDED: u8 = 11;
+}
+
+/// Why a buffer is not a packet the kernel would accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    Truncated,
+    Version,
+    HeaderLength,
+    TotalLength,
+    HeaderChecksum,
+    TcpDataOffset,
+    UdpLength,
+}
+
+#[inline]
+fn be16(b: &[u8], r: std::ops::Range<usize>) -> u16 {
+    u16::from_be_bytes([b[r.start], b[r.start + 1]])
+}
+
+#[inline]
+fn be32(b: &[u8], r: std::ops::Range<usize>) -> u32 {
+    u32::from_be_bytes([b[r.start], b[r.start + 1], b[r.start + 2], b[r.start + 3]])
+}
+
+#[inline]
+fn put16(b: &mut [u8], r: std::ops::Range<usize>, v: u16) {
+    b[r].copy_from_slice(&v.to_be_bytes());
+}
+
+/// A validated IPv4 packet. Construction checks every length the accessors
+/// rely on, so accessors index without further checks.
+#[derive(Debug)]
+pub struct Ipv4Packet<T> {
+    buf: T,
+}
+
+impl<T: AsRef<[u8]>> Ipv4Packet<T> {
+    /// Validates `buf` as one whole IPv4 packet: version 4, IHL >= 5, header
+    /// inside the buffer, total length equal to the buffer length (a TUN read
+    /// carries no link padding), header checksum correct.
+    pub fn new_checked(buf: T) -> Result<Self, Malformed> {
+        let b = buf.as_ref();
+        if b.len() < field::HEADER_MIN {
+            return Err(Malformed::Truncated);
+        }
+        if b[field::VER_IHL] >> 4 != 4 {
+            return Err(Malformed::Version);
+        }
+        let ihl = usize::from(b[field::VER_IHL] & 0x0f) * 4;
+        if ihl < field::HEADER_MIN || ihl > b.len() {
+            return Err(Malformed::HeaderLength);
+        }
+        let total = usize::from(be16(b, field::LENGTH));
+        if total != b.len() {
+            return Err(Malformed::TotalLength);
+        }
+        if crate::checksum::fold(crate::checksum::sum(&b[..ihl])) != 0xffff {
+            return Err(Malformed::HeaderChecksum);
+        }
+        Ok(Ipv4Packet { buf })
+    }
+
+    /// Wraps a buffer already known to be valid (built by this crate).
+    pub fn new_unchecked(buf: T) -> Self {
+        Ipv4Packet { buf }
+    }
+
+    #[inline]
+    fn b(&self) -> &[u8] {
+        self.buf.as_ref()
+    }
+    #[inline]
+    pub fn header_len(&self) -> usize {
+        usize::from(self.b()[field::VER_IHL] & 0x0f) * 4
+    }
+    #[inline]
+    pub fn total_len(&self) -> usize {
+        usize::from(be16(self.b(), field::LENGTH))
+    }
+    #[inline]
+    pub fn ttl(&self) -> u8 {
+        self.b()[field::TTL]
+    }
+    #[inline]
+    pub fn protocol(&self) -> u8 {
+        self.b()[field::PROTOCOL]
+    }
+    #[inline]
+    pub fn ident(&self) -> u16 {
+        be16(self.b(), field::IDENT)
+    }
+    #[inline]
+    pub fn src_addr(&self) -> u32 {
+        be32(self.b(), field::SRC)
+    }
+    #[inline]
+    pub fn dst_addr(&self) -> u32 {
+        be32(self.b(), field::DST)
+    }
+    #[inline]
+    pub fn dont_frag(&self) -> bool {
+        be16(self.b(), field::FLAGS_FRAG) & 0x4000 != 0
+    }
+    /// True for a fragment other than the first (non-zero offset).
+    #[inline]
+    pub fn is_later_fragment(&self) -> bool {
+        be16(self.b(), field::FLAGS_FRAG) & 0x1fff != 0
+    }
+    /// True for any fragment: more-fragments set or a non-zero offset.
+    #[inline]
+    pub fn is_fragment(&self) -> bool {
+        be16(self.b(), field::FLAGS_FRAG) & 0x3fff != 0
+    }
+    #[inline]
+    pub fn checksum(&self) -> u16 {
+        be16(self.b(), field::CHECKSUM)
+    }
+    #[inline]
+    pub fn payload(&self) -> &[u8] {
+        &self.b()[self.header_len()..]
+    }
+    pub fn into_inner(self) -> T {
+        self.buf
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
+    #[inline]
+    fn bm(&mut self) -> &mut [u8] {
+        self.buf.as_mut()
+    }
+    /// Decrements TTL, updating the header checksum incrementally.
+    #[inline]
+    pub fn decrement_ttl(&mut self) {
+        let b = self.bm();
+        let old = u16::from_be_bytes([b[field::TTL], b[field::PROTOCOL]]);
+        b[field::TTL] -= 1;
+        let new = u16::from_be_bytes([b[field::TTL], b[field::PROTOCOL]]);
+        let mut d = Delta::default();
+        d.word(old, new);
+        let c = d.apply(be16(b, field::CHECKSUM));
+        put16(b, field::CHECKSUM, c);
+    }
+    /// Rewrites both addresses, fixing the header checksum; returns the change
+    /// to the pseudo-header for the transport checksum.
+    #[inline]
+    pub fn set_addrs(&mut self, src: u32, dst: u32) -> Delta {
+        let b = self.bm();
+        let mut d = Delta::default();
+        d.dword(be32(b, field::SRC), src);
+        d.dword(be32(b, field::DST), dst);
+        b[field::SRC].copy_from_slice(&src.to_be_bytes());
+        b[field::DST].copy_from_slice(&dst.to_be_bytes());
+        let c = d.apply(be16(b, field::CHECKSUM));
+        put16(b, field::CHECKSUM, c);
+        d
+    }
+    /// Decrements TTL and rewrites both addresses with one incremental
+    /// update of the header checksum (the forwarding step of a NAT); returns
+    /// the pseudo-header change for the transport checksum.
+    #[inline]
+    pub fn forward_rewrite(&mut self, src: u32, dst: u32) -> Delta {
+        let b = self.bm();
+        let old_tp = u16::from_be_bytes([b[field::TTL], b[field::PROTOCOL]]);
+        b[field::TTL] -= 1;
+        let new_tp = u16::from_be_bytes([b[field::TTL], b[field::PROTOCOL]]);
+        let mut pseudo = Delta::default();
+        pseudo.dword(be32(b, field::SRC), src);
+        pseudo.dword(be32(b, field::DST), dst);
+        b[field::SRC].copy_from_slice(&src.to_be_bytes());
+        b[field::DST].copy_from_slice(&dst.to_be_bytes());
+        let mut ip = pseudo;
+        ip.word(old_tp, new_tp);
+        let c = ip.apply(be16(b, field::CHECKSUM));
+        put16(b, field::CHECKSUM, c);
+        pseudo
+    }
+    #[inline]
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let h = self.header_len();
+        &mut self.bm()[h..]
+    }
+}
+
+/// The transport header of a non-fragmented (or first-fragment) packet, as far
+/// as NAT cares: which protocol, the two "ports" and the TCP flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp {
+        src: u16,
+        dst: u16,
+        flags: u8,
+    },
+    Udp {
+        src: u16,
+        dst: u16,
+    },
+    /// An ICMP message; `ident` is meaningful for echo request/reply only.
+    Icmp {
+        kind: u8,
+        code: u8,
+        ident: u16,
+    },
+    /// Any other protocol; not translated.
+    Other(u8),
+}
+
+impl Transport {
+    /// Validates and reads the L4 header in `l4` (the IP payload).
+    pub fn parse(protocol: u8, l4: &[u8]) -> Result<Transport, Malformed> {
+        match protocol {
+            proto::TCP => {
+                if l4.len() < field::TCP_HEADER_MIN {
+                    return Err(Malformed::Truncated);
+                }
+                let off = usize::from(l4[field::TCP_DATA_OFF] >> 4) * 4;
+                if off < field::TCP_HEADER_MIN || off > l4.len() {
+                    return Err(Malformed::TcpDataOffset);
+                }
+                Ok(Transport::Tcp {
+                    src: be16(l4, field::SRC_PORT),
+                    dst: be16(l4, field::DST_PORT),
+                    flags: l4[field::TCP_FLAGS],
+                })
+            }
+            proto::UDP => {
+                if l4.len() < field::UDP_HEADER {
+                    return Err(Malformed::Truncated);
+                }
+                if usize::from(be16(l4, field::UDP_LENGTH)) != l4.len() {
+                    return Err(Malformed::UdpLength);
+                }
+                Ok(Transport::Udp { src: be16(l4, field::SRC_PORT), dst: be16(l4, field::DST_PORT) })
+            }
+            proto::ICMP => {
+                if l4.len() < field::ICMP_HEADER {
+                    return Err(Malformed::Truncated);
+                }
+                Ok(Transport::Icmp {
+                    kind: l4[field::ICMP_TYPE],
+                    code: l4[field::ICMP_CODE],
+                    ident: be16(l4, field::ICMP_IDENT),
+                })
+            }
+            p => Ok(Transport::Other(p)),
+        }
+    }
+}
+
+/// Rewrites the ports of a TCP or UDP header in `l4`, folding `pseudo` (the
+/// address change from [`Ipv4Packet::set_addrs`]) into its checksum.
+#[inline]
+pub fn set_ports(protocol: u8, l4: &mut [u8], src: u16, dst: u16, pseudo: Delta) {
+    let mut d = pseudo;
+    d.word(be16(l4, field::SRC_PORT), src);
+    d.word(be16(l4, field::DST_PORT), dst);
+    put16(l4, field::SRC_PORT, src);
+    put16(l4, field::DST_PORT, dst);
+    if protocol == proto::TCP {
+        let c = d.apply(be16(l4, field::TCP_CHECKSUM));
+        put16(l4, field::TCP_CHECKSUM, c);
+    } else {
+        let c = d.apply_udp(be16(l4, field::UDP_CHECKSUM));
+        put16(l4, field::UDP_CHECKSUM, c);
+    }
+}
+
+/// Rewrites an ICMP echo identifier (ICMP has no pseudo-header).
+#[inline]
+pub fn set_icmp_ident(l4: &mut [u8], ident: u16) {
+    let mut d = Delta::default();
+    d.word(be16(l4, field::ICMP_IDENT), ident);
+    put16(l4, field::ICMP_IDENT, ident);
+    let c = d.apply(be16(l4, field::ICMP_CHECKSUM));
+    put16(l4, field::ICMP_CHECKSUM, c);
+}
+
+/// Writes an ICMP error (`kind`/`code`, 4 bytes `rest`) from `src` to `dst`
+/// quoting the IP header and first 8 payload bytes of `orig` (RFC 792) into
+/// `out`; returns its length. `out` must hold 96 bytes.
+pub fn build_icmp_error(out: &mut [u8], orig: &[u8], src: u32, dst: u32, kind: u8, code: u8, rest: u32) -> usize {
+    let ihl = usize::from(orig[field::VER_IHL] & 0x0f) * 4;
+    let quoted = orig.len().min(ihl + 8);
+    let total = field::HEADER_MIN + field::ICMP_HEADER + quoted;
+    let out = &mut out[..total];
+    out[..field::HEADER_MIN].copy_from_slice(&[
+        0x45,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        64,
+        proto::ICMP,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]);
+    put16(out, field::LENGTH, total as u16);
+    out[field::SRC].copy_from_slice(&src.to_be_bytes());
+    out[field::DST].copy_from_slice(&dst.to_be_bytes());
+    let c = crate::checksum::checksum(&out[..field::HEADER_MIN]);
+    put16(out, field::CHECKSUM, c);
+    let icmp = &mut out[field::HEADER_MIN..];
+    icmp[field::ICMP_TYPE] = kind;
+    icmp[field::ICMP_CODE] = code;
+    icmp[2..4].copy_from_slice(&[0, 0]);
+    icmp[4..8].copy_from_slice(&rest.to_be_bytes());
+    icmp[8..].copy_from_slice(&orig[..quoted]);
+    let c = crate::checksum::checksum(icmp);
+    put16(icmp, field::ICMP_CHECKSUM, c);
+    total
+}
+
+/// True for ICMP types that are error messages (RFC 792/1812), about which
+/// no ICMP error is ever sent.
+#[inline]
+pub fn is_icmp_error(kind: u8) -> bool {
+    matches!(kind, 3 | 4 | 5 | 11 | 12)
+}
+
+/// True for addresses an ICMP error must never be sent to (RFC 1812 4.3.2.7):
+/// unspecified, limited broadcast, multicast, class E.
+#[inline]
+pub fn is_unicast(addr: u32) -> bool {
+    let a = Ipv4Addr::from(addr);
+    !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || addr >> 28 == 0xf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(total: usize) -> Vec<u8> {
+        let mut v = vec![0u8; total];
+        v[..20].copy_from_slice(&[0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 1, 0, 5]);
+        v[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        let c = crate::checksum::checksum(&v[..20]);
+        v[10..12].copy_from_slice(&c.to_be_bytes());
+        v
+    }
+
+    #[test]
+    fn accepts_minimal_header() {
+        let p = Ipv4Packet::new_checked(ip(28)).expect("valid");
+        assert_eq!(p.header_len(), 20);
+        assert_eq!(p.ttl(), 64);
+        assert!(p.dont_frag());
+        assert!(!p.is_fragment());
+    }
+
+    #[test]
+    fn rejects_bad_lengths_and_checksum() {
+        for n in [0usize, 1, 19] {
+            assert_eq!(Ipv4Packet::new_checked(vec![0x45; n]).err(), Some(Malformed::Truncated));
+        }
+        let mut v = ip(28);
+        v[0] = 0x44;
+        assert_eq!(Ipv4Packet::new_checked(v).err(), Some(Malformed::HeaderLength));
+        let mut v = ip(28);
+        v[0] = 0x4f; // 60 bytes of header in a 28-byte buffer
+        assert_eq!(Ipv4Packet::new_checked(v).err(), Some(Malformed::HeaderLength));
+        let mut v = ip(28);
+        v.push(0);
+        assert_eq!(Ipv4Packet::new_checked(v).err(), Some(Malformed::TotalLength));
+        let mut v = ip(28);
+        v[15] ^= 1;
+        assert_eq!(Ipv4Packet::new_checked(v).err(), Some(Malformed::HeaderChecksum));
+        let mut v = ip(28);
+        v[0] = 0x65;
+        assert_eq!(Ipv4Packet::new_checked(v).err(), Some(Malformed::Version));
+    }
+
+    #[test]
+    fn transport_validation() {
+        let mut tcp = [0u8; 20];
+        tcp[12] = 4 << 4;
+        assert_eq!(Transport::parse(proto::TCP, &tcp), Err(Malformed::TcpDataOffset));
+        tcp[12] = 6 << 4;
+        assert_eq!(Transport::parse(proto::TCP, &tcp), Err(Malformed::TcpDataOffset));
+        tcp[12] = 5 << 4;
+        assert!(Transport::parse(proto::TCP, &tcp).is_ok());
+        let mut udp = [0u8; 12];
+        udp[4..6].copy_from_slice(&8u16.to_be_bytes());
+        assert_eq!(Transport::parse(proto::UDP, &udp), Err(Malformed::UdpLength));
+        udp[4..6].copy_from_slice(&12u16.to_be_bytes());
+        assert!(Transport::parse(proto::UDP, &udp).is_ok());
+        assert_eq!(Transport::parse(proto::ICMP, &[8, 0, 0]), Err(Malformed::Truncated));
+        assert_eq!(Transport::parse(47, &[]), Ok(Transport::Other(47)));
+    }
+
+    #[test]
+    fn ttl_decrement_keeps_checksum_valid() {
+        let mut p = Ipv4Packet::new_checked(ip(28)).expect("valid");
+        p.decrement_ttl();
+        let v = p.into_inner();
+        assert_eq!(v[8], 63);
+        assert!(Ipv4Packet::new_checked(v).is_ok());
+    }
+
+    #[test]
+    fn icmp_error_is_well_formed() {
+        let orig = ip(28);
+        let mut out = [0u8; 96];
+        let n = build_icmp_error(&mut out, &orig, 0x0a01_0005, 0x0a00_0001, icmp_type::TIME_EXCEEDED, 0, 0);
+        assert_eq!(n, 20 + 8 + 28);
+        let p = Ipv4Packet::new_checked(&out[..n]).expect("valid ip");
+        assert_eq!(crate::checksum::fold(crate::checksum::sum(p.payload())), 0xffff);
+        assert_eq!(&p.payload()[8..], &orig[..]);
+    }
+}

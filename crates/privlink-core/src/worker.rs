@@ -1,0 +1,332 @@
+//! The per-packet path: [`Worker::process`] takes a packet in a `&mut [u8]`,
+//! where it came from and the time, rewrites it in place and says where it
+//! goes (a [`Verdict`]).
+//!
+//! A worker belongs to one packet thread. It reads the configuration through
+//! its own `arc_swap::Cache` (no shared write per packet), counts into its own
+//! per-worker counter slots (plain load/store, summed on read), and touches
+//! shared memory only in the flow it translates. Flow setup and teardown take
+//! the flow table's striped locks and the port pool's mutex; an established
+//! flow's packets take none.
+
+use crate::engine::{bump, EndpointView, Engine, Snapshot};
+use crate::flow::{state, ConsumerKey, InsertError, Inserted, ProviderKey, TcpPhase};
+use crate::types::{DropReason, Egress, NetworkId, Now, Protocol, Source, Verdict};
+use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
+use arc_swap::{ArcSwap, Cache};
+use std::sync::Arc;
+
+/// Largest ICMP error privlink builds: IP header, ICMP header, and the
+/// original IP header (up to 60 bytes) plus 8 bytes.
+pub const REPLY_MAX: usize = 96;
+
+/// Per-worker token bucket for generated ICMP (refilled each second).
+#[derive(Debug)]
+struct IcmpLimiter {
+    second: u32,
+    left: u32,
+    rate: u32,
+}
+
+impl IcmpLimiter {
+    fn take(&mut self, now: Now) -> bool {
+        if now.0 != self.second {
+            self.second = now.0;
+            self.left = self.rate;
+        }
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+/// A packet-processing handle; one per packet thread.
+#[derive(Debug)]
+pub struct Worker {
+    engine: Arc<Engine>,
+    index: usize,
+    cache: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
+    reply: [u8; REPLY_MAX],
+    icmp: IcmpLimiter,
+}
+
+/// Borrowed pieces of a worker for one packet.
+struct Ctx<'a> {
+    engine: &'a Engine,
+    w: usize,
+    snap: &'a Snapshot,
+    reply: &'a mut [u8; REPLY_MAX],
+    icmp: &'a mut IcmpLimiter,
+    now: Now,
+}
+
+/// Packet fields the consumer path needs after validation.
+struct Parsed {
+    proto: Protocol,
+    sport: u16,
+    dport: u16,
+    backend_port: u16,
+    flags: u8,
+}
+
+impl Worker {
+    pub(crate) fn new(engine: Arc<Engine>, index: usize) -> Worker {
+        let cache = Cache::new(engine.snap.clone());
+        let rate = engine.settings.icmp_rate;
+        Worker { engine, index, cache, reply: [0; REPLY_MAX], icmp: IcmpLimiter { second: u32::MAX, left: 0, rate } }
+    }
+
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The ICMP answer of the last [`Verdict::Reply`].
+    pub fn reply(&self, len: usize) -> &[u8] {
+        &self.reply[..len]
+    }
+
+    /// Translates `buf` in place and says what to do with it.
+    #[inline]
+    pub fn process(&mut self, buf: &mut [u8], src: Source, now: Now) -> Verdict {
+        let Worker { engine, index, cache, reply, icmp } = self;
+        let snap: &Snapshot = cache.load();
+        let mut cx = Ctx { engine, w: *index, snap, reply, icmp, now };
+        match src {
+            Source::Network(n) => {
+                let v = cx.from_consumer(buf, n);
+                if let Verdict::Drop(r) | Verdict::Reply { reason: r, .. } = v {
+                    cx.count_drop(Some(n), r);
+                }
+                v
+            }
+            Source::Provider => {
+                let v = cx.from_provider(buf);
+                if let Verdict::Drop(r) | Verdict::Reply { reason: r, .. } = v {
+                    cx.count_drop(None, r);
+                }
+                v
+            }
+        }
+    }
+}
+
+impl Ctx<'_> {
+    fn count_drop(&self, net: Option<NetworkId>, r: DropReason) {
+        let counters = match net.and_then(|n| self.snap.network(n)) {
+            Some((n, _)) => n.drops.get(self.w),
+            // Provider side, or a network detached while its packet was in
+            // flight: counted on the provider side rather than lost.
+            None => self.engine.provider_drops.get(self.w),
+        };
+        bump(&counters.0[r.index()], 1);
+    }
+
+    /// An ICMP error about `orig` from `src`, if one may be sent (RFC 1812
+    /// 4.3.2.7: never about an ICMP error, a later fragment or to a
+    /// non-unicast address; rate-limited per worker).
+    fn answer(&mut self, orig: &[u8], src: u32, kind: u8, code: u8, rest: u32, reason: DropReason) -> Verdict {
+        let p = Ipv4Packet::new_unchecked(orig);
+        let about_error = p.protocol() == wire::proto::ICMP
+            && (p.is_later_fragment() || p.payload().first().is_none_or(|&t| wire::is_icmp_error(t)));
+        if about_error || p.is_later_fragment() || !wire::is_unicast(p.src_addr()) || !self.icmp.take(self.now) {
+            return Verdict::Drop(reason);
+        }
+        let len = wire::build_icmp_error(&mut self.reply[..], orig, src, p.src_addr(), kind, code, rest);
+        Verdict::Reply { reason, len }
+    }
+
+    fn too_big(&mut self, buf: &[u8], mtu: u16, from: u32) -> Verdict {
+        let p = Ipv4Packet::new_unchecked(buf);
+        if p.dont_frag() {
+            self.answer(buf, from, icmp_type::DEST_UNREACHABLE, 4, u32::from(mtu), DropReason::TooBig)
+        } else {
+            // Fragmenting is not done yet: dropped and counted.
+            Verdict::Drop(DropReason::TooBig)
+        }
+    }
+
+    fn from_consumer(&mut self, buf: &mut [u8], net: NetworkId) -> Verdict {
+        let snap = self.snap;
+        let Ok(pkt) = Ipv4Packet::new_checked(&*buf) else { return Verdict::Drop(DropReason::Malformed) };
+        let (src, dst, len) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len());
+        let Some(ep) = snap.endpoint_at(net.0, dst) else { return Verdict::Drop(DropReason::NoEndpoint) };
+        if pkt.is_fragment() {
+            // Virtual reassembly is not built yet: fragments carry no ports.
+            return Verdict::Drop(DropReason::UnsupportedProtocol);
+        }
+        let Ok(tr) = Transport::parse(pkt.protocol(), pkt.payload()) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        if pkt.ttl() <= 1 {
+            return self.answer(buf, dst, icmp_type::TIME_EXCEEDED, 0, 0, DropReason::TtlExpired);
+        }
+        let svc = &snap.services[ep.service];
+        let parsed = match tr {
+            Transport::Tcp { src: sport, dst: dport, flags } => match svc.rule(Protocol::Tcp, dport) {
+                Some(r) => Parsed { proto: Protocol::Tcp, sport, dport, backend_port: r.backend_port, flags },
+                None => return Verdict::Drop(DropReason::PortNotAllowed),
+            },
+            Transport::Udp { src: sport, dst: dport } => match svc.rule(Protocol::Udp, dport) {
+                Some(r) => Parsed { proto: Protocol::Udp, sport, dport, backend_port: r.backend_port, flags: 0 },
+                None => return Verdict::Drop(DropReason::PortNotAllowed),
+            },
+            Transport::Icmp { kind: icmp_type::ECHO_REQUEST, ident, .. } => {
+                Parsed { proto: Protocol::Icmp, sport: ident, dport: 0, backend_port: 0, flags: 0 }
+            }
+            // ICMP errors never create, refresh or delete flows.
+            Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return Verdict::Drop(DropReason::NoFlow),
+            Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
+        };
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        if len > usize::from(snap.provider_mtu) {
+            return self.too_big(buf, snap.provider_mtu, dst);
+        }
+        let ck = ConsumerKey::new(net.0, parsed.proto.number(), src, parsed.sport, dst, parsed.dport);
+        let flows = &self.engine.flows;
+        let is_tcp = parsed.proto == Protocol::Tcp;
+        let pure_syn = parsed.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
+        let i = match flows.find_consumer(ck) {
+            Some(i) => i,
+            None if is_tcp && !pure_syn => return Verdict::Drop(DropReason::NoFlow),
+            None => match self.create(ep, ck, &parsed) {
+                Ok(i) => i,
+                Err(InsertError::Full) => return Verdict::Drop(DropReason::FlowTableFull),
+                Err(InsertError::Refused) => {
+                    return self.answer(buf, dst, icmp_type::DEST_UNREACHABLE, 13, 0, DropReason::PortsExhausted)
+                }
+            },
+        };
+        let slot = flows.slot(i);
+        if is_tcp {
+            let f = parsed.flags;
+            let s = slot.state();
+            if pure_syn && TcpPhase::from_bits(s) == TcpPhase::Closed {
+                // The same 5-tuple opens again (client reuses its port).
+                slot.reopen();
+            } else if f & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+                slot.add_state(if f & tcp_flags::RST != 0 { state::RST } else { state::C_FIN });
+            } else if f & tcp_flags::ACK != 0 && s & (state::P_SYN | state::ESTABLISHED) == state::P_SYN {
+                slot.add_state(state::ESTABLISHED);
+            }
+        }
+        let pk = slot.provider_key();
+        let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
+        let pseudo = pkt.forward_rewrite(pk.nat_addr(), pk.backend_addr());
+        let l4 = pkt.payload_mut();
+        match parsed.proto {
+            Protocol::Icmp => wire::set_icmp_ident(l4, pk.nat_port()),
+            p => wire::set_ports(p.number(), l4, pk.nat_port(), pk.backend_port(), pseudo),
+        }
+        slot.touch(self.now);
+        slot.add_bytes(true, len as u64);
+        let c = ep.shared.counters.get(self.w);
+        bump(&c.bytes_in, len as u64);
+        bump(&c.packets_in, 1);
+        Verdict::Forward(Egress::Provider)
+    }
+
+    /// Sets up a new flow: NAT IP by consumer address (RFC 4787 REQ-2),
+    /// backend by Maglev over the 5-tuple, a port from the pool.
+    fn create(&mut self, ep: &EndpointView, ck: ConsumerKey, p: &Parsed) -> Result<u32, InsertError> {
+        let svc = &self.snap.services[ep.service];
+        let flows = &self.engine.flows;
+        let nat_idx = nat_ip_index(ck.network(), ck.consumer_addr(), svc.nat_ips.len());
+        let nat_ip = svc.nat_ips[nat_idx];
+        let pool = &svc.pools[nat_idx][p.proto.index()];
+        let backend = svc.backends[svc.maglev.lookup(flows.flow_hash(ck))];
+        let bits =
+            ((p.proto.index() as u32) << state::PROTO_SHIFT) | if p.proto == Protocol::Tcp { state::C_SYN } else { 0 };
+        let (proto, bport, now) = (p.proto.number(), p.backend_port, self.now);
+        let r = flows.insert(ck, now, |claim| {
+            pool.pool.allocate(now, |port| claim(ProviderKey::new(proto, nat_ip, port, backend, bport)))?;
+            Some((ep.shared.id, pool.id, bits))
+        })?;
+        match r {
+            Inserted::Existing(i) => Ok(i),
+            Inserted::New(i) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                ep.shared.flows_active.fetch_add(1, Relaxed);
+                ep.shared.flows_created.fetch_add(1, Relaxed);
+                Ok(i)
+            }
+        }
+    }
+
+    fn from_provider(&mut self, buf: &mut [u8]) -> Verdict {
+        let snap = self.snap;
+        let Ok(pkt) = Ipv4Packet::new_checked(&*buf) else { return Verdict::Drop(DropReason::Malformed) };
+        if pkt.is_fragment() {
+            return Verdict::Drop(DropReason::UnsupportedProtocol);
+        }
+        let Ok(tr) = Transport::parse(pkt.protocol(), pkt.payload()) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let (src, dst, len) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len());
+        let (pk, flags) = match tr {
+            Transport::Tcp { src: sp, dst: dp, flags } => (ProviderKey::new(wire::proto::TCP, dst, dp, src, sp), flags),
+            Transport::Udp { src: sp, dst: dp } => (ProviderKey::new(wire::proto::UDP, dst, dp, src, sp), 0),
+            Transport::Icmp { kind: icmp_type::ECHO_REPLY, ident, .. } => {
+                (ProviderKey::new(wire::proto::ICMP, dst, ident, src, 0), 0)
+            }
+            Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return Verdict::Drop(DropReason::NoFlow),
+            Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
+        };
+        let flows = &self.engine.flows;
+        let Some(i) = flows.find_provider(pk) else { return Verdict::Drop(DropReason::NoFlow) };
+        let slot = flows.slot(i);
+        let ck = slot.consumer_key();
+        let Some(ep) = snap.endpoint_by_id(slot.endpoint()) else { return Verdict::Drop(DropReason::NoFlow) };
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        if pkt.ttl() <= 1 {
+            return self.answer(buf, dst, icmp_type::TIME_EXCEEDED, 0, 0, DropReason::TtlExpired);
+        }
+        let net = NetworkId(ck.network());
+        let Some(&(_, mtu)) = snap.network(net) else { return Verdict::Drop(DropReason::NoFlow) };
+        if len > usize::from(mtu) {
+            return self.too_big(buf, mtu, dst);
+        }
+        if pk.0 >> 96 == u128::from(wire::proto::TCP) && flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0
+        {
+            let bit = if flags & tcp_flags::RST != 0 {
+                state::RST
+            } else if flags & tcp_flags::SYN != 0 {
+                state::P_SYN
+            } else {
+                state::P_FIN
+            };
+            slot.add_state(bit);
+        }
+        let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
+        let pseudo = pkt.forward_rewrite(ck.endpoint_addr(), ck.consumer_addr());
+        let proto = pkt.protocol();
+        let l4 = pkt.payload_mut();
+        if proto == wire::proto::ICMP {
+            wire::set_icmp_ident(l4, ck.consumer_port());
+        } else {
+            wire::set_ports(proto, l4, ck.endpoint_port(), ck.consumer_port(), pseudo);
+        }
+        slot.touch(self.now);
+        slot.add_bytes(false, len as u64);
+        let c = ep.shared.counters.get(self.w);
+        bump(&c.bytes_out, len as u64);
+        bump(&c.packets_out, 1);
+        Verdict::Forward(Egress::Network(net))
+    }
+}
+
+/// Which of `n` NAT IPs a consumer address uses: a fixed hash, so the same
+/// consumer always gets the same NAT IP (RFC 4787 REQ-2), in every run.
+#[inline]
+pub fn nat_ip_index(network: u16, consumer: u32, n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let x = (u64::from(network) << 32 | u64::from(consumer)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((x >> 32) % n as u64) as usize
+}
