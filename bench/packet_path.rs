@@ -1,1 +1,163 @@
-fn main() {}
+//! Criterion benches of the in-memory packet path (no I/O):
+//! established translation both ways at 1k and 1M flows, new flow setup plus
+//! teardown, and NAT port allocate plus free. Run:
+//! `cargo bench -p privlink-core --bench packet_path`.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use privlink_core::pool::PortPool;
+use privlink_core::*;
+use std::hint::black_box;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const EP: u32 = 0x0a01_0005;
+
+fn desired() -> Desired {
+    Desired {
+        provider_mtu: 1500,
+        networks: vec![NetworkSpec { id: NetworkId(0), name: "vnet-a".into(), mtu: 1500 }],
+        services: vec![ServiceSpec {
+            name: "svc".into(),
+            nat_ips: (1..=8).map(|i| Ipv4Addr::new(192, 168, 100, i)).collect(),
+            nat_ports: 1024..=65535,
+            backends: (10..14).map(|i| Ipv4Addr::new(192, 168, 50, i)).collect(),
+            ports: vec![PortRule { protocol: Protocol::Udp, port: 53, backend_port: 53 }],
+        }],
+        endpoints: vec![EndpointSpec {
+            name: "pe".into(),
+            network: 0,
+            ip: Ipv4Addr::from(EP),
+            service: 0,
+            state: ConnectionState::Approved,
+        }],
+    }
+}
+
+/// A 64-byte UDP packet (20 IP + 8 UDP + 36 payload) with valid checksums.
+fn udp(src: u32, sport: u16, dst: u32, dport: u16) -> [u8; 64] {
+    let mut p = [0u8; 64];
+    p[..20].copy_from_slice(&[0x45, 0, 0, 64, 0, 0, 0x40, 0, 64, 17, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    p[12..16].copy_from_slice(&src.to_be_bytes());
+    p[16..20].copy_from_slice(&dst.to_be_bytes());
+    let c = checksum::checksum(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p[20..22].copy_from_slice(&sport.to_be_bytes());
+    p[22..24].copy_from_slice(&dport.to_be_bytes());
+    p[24..26].copy_from_slice(&44u16.to_be_bytes());
+    let mut pseudo = Vec::with_capacity(56);
+    pseudo.extend_from_slice(&p[12..20]);
+    pseudo.extend_from_slice(&[0, 17, 0, 44]);
+    pseudo.extend_from_slice(&p[20..]);
+    let c = checksum::checksum(&pseudo);
+    p[26..28].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn consumer(i: u32) -> (u32, u16) {
+    // 1,000 flows per consumer address, so the NAT IPs share the load.
+    (0x0a00_0000 + i / 1_000 + 1, 1024 + (i % 1_000) as u16)
+}
+
+/// An engine holding `n` UDP flows, and for each flow the packet in each
+/// direction.
+fn populated(n: u32) -> (Arc<Engine>, Worker, Vec<[u8; 64]>, Vec<[u8; 64]>) {
+    let e = Engine::new(Settings { max_flows: n + 1024, ..Settings::default() });
+    e.apply(&desired(), Now(0)).expect("config");
+    let mut w = e.worker(0);
+    let (mut ups, mut downs) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (addr, port) = consumer(i);
+        let up = udp(addr, port, EP, 53);
+        let mut p = up;
+        assert_eq!(w.process(&mut p, Source::Network(NetworkId(0)), Now(0)), Verdict::Forward(Egress::Provider));
+        // The backend's answer: the translated packet mirrored.
+        let (nat, backend) =
+            (u32::from_be_bytes([p[12], p[13], p[14], p[15]]), u32::from_be_bytes([p[16], p[17], p[18], p[19]]));
+        let nport = u16::from_be_bytes([p[20], p[21]]);
+        ups.push(up);
+        downs.push(udp(backend, 53, nat, nport));
+    }
+    (e, w, ups, downs)
+}
+
+fn established(c: &mut Criterion) {
+    let mut g = c.benchmark_group("established");
+    g.throughput(Throughput::Elements(2));
+    for n in [1_000u32, 1_000_000] {
+        let (_e, mut w, ups, downs) = populated(n);
+        // Visit flows in a scattered order so the 1M case misses cache as
+        // real traffic would.
+        let order: Vec<usize> = (0..n as usize).map(|i| (i * 7_919) % n as usize).collect();
+        g.bench_function(BenchmarkId::new("both_directions", n), |b| {
+            let mut k = 0usize;
+            b.iter(|| {
+                let i = order[k];
+                k = if k + 1 == order.len() { 0 } else { k + 1 };
+                let mut up = ups[i];
+                let v1 = w.process(&mut up, Source::Network(NetworkId(0)), Now(1));
+                let mut down = downs[i];
+                let v2 = w.process(&mut down, Source::Provider, Now(1));
+                black_box((v1, v2, up, down))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn setup_teardown(c: &mut Criterion) {
+    let mut g = c.benchmark_group("new_flow");
+    const BATCH: u32 = 10_000;
+    g.throughput(Throughput::Elements(u64::from(BATCH)));
+    let e = Engine::new(Settings { max_flows: 2 * BATCH, ..Settings::default() });
+    e.apply(&desired(), Now(0)).expect("config");
+    let mut w = e.worker(0);
+    let packets: Vec<[u8; 64]> = (0..BATCH)
+        .map(|i| {
+            let (addr, port) = consumer(i);
+            udp(addr, port, EP, 53)
+        })
+        .collect();
+    let mut round = 1u32;
+    g.bench_function("setup_plus_teardown_x10000", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // Each round is far enough from the last that quarantined
+                // ports are back.
+                let now = Now(round * 1_000);
+                round += 1;
+                let t = Instant::now();
+                for p in &packets {
+                    let mut p = *p;
+                    black_box(w.process(&mut p, Source::Network(NetworkId(0)), now));
+                }
+                let ended = e.expire(now.plus(500));
+                total += t.elapsed();
+                assert_eq!(ended, BATCH as usize);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
+fn ports(c: &mut Criterion) {
+    let mut g = c.benchmark_group("ports");
+    g.throughput(Throughput::Elements(1));
+    let pool = PortPool::new(1024..=65535, 1);
+    g.bench_function("allocate_plus_free", |b| {
+        b.iter(|| {
+            let p = pool.allocate(Now(0), |_| true).expect("port");
+            pool.free(black_box(p), Now(0), true);
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = established, setup_teardown, ports
+}
+criterion_main!(benches);

@@ -1,1 +1,755 @@
-pub fn x() {}
+//! privlink's config file: TOML parsed with serde + toml, every value kept
+//! with its span so that both syntax errors and semantic errors (an unknown
+//! service, a duplicate endpoint address, a NAT IP shared by two services)
+//! are reported as `FILE:LINE:COL: message`, all of them at once.
+//!
+//! [`Config::parse`] returns a fully validated [`Config`]; nothing after it
+//! needs to re-check what is here.
+
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Most NAT IPs one service may have.
+pub const MAX_NAT_IPS: usize = 8;
+/// The `network` label privlink uses for provider-side drops; no network
+/// may take this name.
+pub const PROVIDER_LABEL: &str = "provider";
+
+/// One problem, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file, self.line, self.col, self.message)
+    }
+}
+
+/// The crate's error: a file that cannot be read, or every problem found.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{file}: cannot read: {source}")]
+    Read { file: String, source: std::io::Error },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<ConfigError>),
+}
+
+impl Error {
+    /// Every problem as its own `FILE:LINE:COL: message` line.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Error::Read { .. } => vec![self.to_string()],
+            Error::Invalid(v) => v.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+/// Idle timeouts, seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_established: u32,
+    pub tcp_transitory: u32,
+    pub tcp_closed: u32,
+    pub udp: u32,
+    pub icmp: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dataplane {
+    /// 0 = one per core.
+    pub workers: u32,
+    pub max_flows: u32,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provider {
+    pub tun: String,
+    pub netns: Option<String>,
+    pub mtu: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub name: String,
+    pub tenant: String,
+    pub tun: String,
+    pub netns: Option<String>,
+    pub mtu: u16,
+    /// Address and prefix length for the TUN itself.
+    pub address: Option<(Ipv4Addr, u8)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortMap {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub backend_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub nat_ips: Vec<Ipv4Addr>,
+    pub nat_ports: RangeInclusive<u16>,
+    pub backends: Vec<Ipv4Addr>,
+    pub ports: Vec<PortMap>,
+    pub visibility: Vec<String>,
+    pub auto_approve: Vec<String>,
+}
+
+impl Service {
+    /// Whether `tenant` may request a connection.
+    pub fn visible_to(&self, tenant: &str) -> bool {
+        self.visibility.iter().any(|t| t == "*" || t == tenant)
+    }
+    /// Whether `tenant`'s connections are approved without a request.
+    pub fn auto_approves(&self, tenant: &str) -> bool {
+        self.auto_approve.iter().any(|t| t == "*" || t == tenant)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub name: String,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub service: String,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub path: PathBuf,
+    pub dataplane: Dataplane,
+    pub metrics_listen: SocketAddr,
+    pub control_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub provider: Provider,
+    pub networks: Vec<Network>,
+    pub services: Vec<Service>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Config {
+    pub fn network(&self, name: &str) -> Option<&Network> {
+        self.networks.iter().find(|n| n.name == name)
+    }
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { file: file.clone(), source })?;
+        let mut c = Config::parse(&text, &file)?;
+        c.path = path.to_path_buf();
+        Ok(c)
+    }
+
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Config, Error> {
+        let cx = Cx { text, file, errors: Vec::new() };
+        match toml::from_str::<Raw>(text) {
+            Ok(raw) => cx.validate(raw),
+            Err(e) => {
+                let at = e.span().map_or(0, |s| s.start);
+                let msg = e.message().trim().replace('\n', " ");
+                Err(Error::Invalid(vec![cx.error_at(at, msg)]))
+            }
+        }
+    }
+}
+
+// ---- the file as written -------------------------------------------------
+
+type S<T> = Spanned<T>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    #[serde(default)]
+    dataplane: RawDataplane,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    control: RawControl,
+    #[serde(default)]
+    state: RawState,
+    provider: Option<S<RawProvider>>,
+    #[serde(default)]
+    network: Vec<S<RawNetwork>>,
+    #[serde(default)]
+    service: Vec<S<RawService>>,
+    #[serde(default)]
+    endpoint: Vec<S<RawEndpoint>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataplane {
+    workers: Option<S<i64>>,
+    max_flows: Option<S<i64>>,
+    tcp_established_idle: Option<S<i64>>,
+    tcp_transitory_idle: Option<S<i64>>,
+    tcp_closed_idle: Option<S<i64>>,
+    udp_idle: Option<S<i64>>,
+    icmp_idle: Option<S<i64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawState {
+    dir: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProvider {
+    tun: Option<S<String>>,
+    netns: Option<S<String>>,
+    mtu: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    name: Option<S<String>>,
+    tenant: Option<S<String>>,
+    tun: Option<S<String>>,
+    netns: Option<S<String>>,
+    mtu: Option<S<i64>>,
+    address: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Option<S<String>>,
+    nat_ips: Option<S<Vec<S<String>>>>,
+    nat_ports: Option<S<String>>,
+    backends: Option<S<Vec<S<String>>>>,
+    ports: Option<S<Vec<S<RawPort>>>>,
+    visibility: Option<S<Vec<S<String>>>>,
+    auto_approve: Option<S<Vec<S<String>>>>,
+    proxy_protocol: Option<S<bool>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    protocol: Option<S<String>>,
+    port: Option<S<i64>>,
+    backend_port: Option<S<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEndpoint {
+    name: Option<S<String>>,
+    network: Option<S<String>>,
+    ip: Option<S<String>>,
+    service: Option<S<String>>,
+}
+
+// ---- validation -----------------------------------------------------------
+
+struct Cx<'a> {
+    text: &'a str,
+    file: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    fn error_at(&self, offset: usize, message: String) -> ConfigError {
+        let before = &self.text[..offset.min(self.text.len())];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        ConfigError { file: self.file.to_string(), line, col, message }
+    }
+
+    fn err(&mut self, offset: usize, message: impl Into<String>) {
+        let e = self.error_at(offset, message.into());
+        self.errors.push(e);
+    }
+
+    /// A required field, or an error at the table that lacks it.
+    fn need<'v, T>(&mut self, v: &'v Option<S<T>>, table_at: usize, what: &str) -> Option<&'v S<T>> {
+        if v.is_none() {
+            self.err(table_at, format!("missing field `{what}`"));
+        }
+        v.as_ref()
+    }
+
+    fn int(&mut self, v: &Option<S<i64>>, range: RangeInclusive<i64>, default: i64, what: &str) -> i64 {
+        match v {
+            None => default,
+            Some(s) if range.contains(s.get_ref()) => *s.get_ref(),
+            Some(s) => {
+                self.err(
+                    s.span().start,
+                    format!("{what} must be {} to {}, not {}", range.start(), range.end(), s.get_ref()),
+                );
+                default
+            }
+        }
+    }
+
+    fn ipv4(&mut self, s: &S<String>, what: &str) -> Option<Ipv4Addr> {
+        match s.get_ref().parse::<Ipv4Addr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.err(s.span().start, format!("{what}: `{}` is not an IPv4 address", s.get_ref()));
+                None
+            }
+        }
+    }
+
+    fn ifname(&mut self, s: &S<String>) -> String {
+        let n = s.get_ref();
+        if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', '\t', ':']) || n == "." || n == ".." {
+            self.err(
+                s.span().start,
+                format!("`{n}` is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)"),
+            );
+        }
+        n.clone()
+    }
+
+    fn name(&mut self, s: &S<String>, kind: &str, seen: &mut HashSet<String>) -> String {
+        let n = s.get_ref();
+        if n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            self.err(s.span().start, format!("{kind} name `{n}` must be non-empty, without spaces"));
+        } else if !seen.insert(n.clone()) {
+            self.err(s.span().start, format!("duplicate {kind} name `{n}`"));
+        }
+        n.clone()
+    }
+
+    fn mtu(&mut self, v: &Option<S<i64>>) -> u16 {
+        self.int(v, 576..=65535, 1500, "mtu") as u16
+    }
+
+    fn timeout(&mut self, v: &Option<S<i64>>, default: i64, what: &str) -> u32 {
+        self.int(v, 1..=i64::from(u32::MAX / 2), default, what) as u32
+    }
+
+    fn validate(mut self, raw: Raw) -> Result<Config, Error> {
+        let d = &raw.dataplane;
+        let dataplane = Dataplane {
+            workers: self.int(&d.workers, 0..=256, 0, "workers") as u32,
+            max_flows: self.int(&d.max_flows, 1..=(1 << 31), 1 << 20, "max_flows") as u32,
+            timeouts: Timeouts {
+                tcp_established: self.timeout(&d.tcp_established_idle, 7440, "tcp_established_idle"),
+                tcp_transitory: self.timeout(&d.tcp_transitory_idle, 240, "tcp_transitory_idle"),
+                tcp_closed: self.timeout(&d.tcp_closed_idle, 10, "tcp_closed_idle"),
+                udp: self.timeout(&d.udp_idle, 300, "udp_idle"),
+                icmp: self.timeout(&d.icmp_idle, 60, "icmp_idle"),
+            },
+        };
+        let metrics_listen = match &raw.metrics.listen {
+            None => SocketAddr::from(([127, 0, 0, 1], 9469)),
+            Some(s) => s.get_ref().parse().unwrap_or_else(|_| {
+                self.err(s.span().start, format!("listen: `{}` is not an address:port", s.get_ref()));
+                SocketAddr::from(([127, 0, 0, 1], 9469))
+            }),
+        };
+        let control_socket =
+            PathBuf::from(raw.control.socket.as_ref().map_or("/run/privlink/control.sock", |s| s.get_ref()));
+        let state_dir = PathBuf::from(raw.state.dir.as_ref().map_or("/var/lib/privlink", |s| s.get_ref()));
+
+        let mut devices: HashSet<(Option<String>, String)> = HashSet::new();
+        let provider = match &raw.provider {
+            None => {
+                self.err(self.text.len(), "missing table `[provider]`");
+                Provider { tun: String::new(), netns: None, mtu: 1500 }
+            }
+            Some(p) => {
+                let at = p.span().start;
+                let p = p.get_ref();
+                let tun = self.need(&p.tun, at, "tun").map(|t| (self.ifname(t), t.span().start));
+                let netns = p.netns.as_ref().map(|n| n.get_ref().clone());
+                if let Some((t, _)) = &tun {
+                    devices.insert((netns.clone(), t.clone()));
+                }
+                Provider { tun: tun.map(|t| t.0).unwrap_or_default(), netns, mtu: self.mtu(&p.mtu) }
+            }
+        };
+
+        let mut names = HashSet::new();
+        let mut networks = Vec::new();
+        for n in &raw.network {
+            let at = n.span().start;
+            let n = n.get_ref();
+            let name = self.need(&n.name, at, "name").map(|s| {
+                if s.get_ref() == PROVIDER_LABEL {
+                    self.err(s.span().start, format!("network name `{PROVIDER_LABEL}` is reserved"));
+                }
+                self.name(s, "network", &mut names)
+            });
+            let tenant = self.need(&n.tenant, at, "tenant").map(|s| s.get_ref().clone());
+            let netns = n.netns.as_ref().map(|s| s.get_ref().clone());
+            let tun = self.need(&n.tun, at, "tun").map(|s| {
+                let t = self.ifname(s);
+                if !devices.insert((netns.clone(), t.clone())) {
+                    self.err(s.span().start, format!("TUN device `{t}` is used twice in the same namespace"));
+                }
+                t
+            });
+            let address = n.address.as_ref().and_then(|s| {
+                let parsed = s.get_ref().split_once('/').and_then(|(a, l)| {
+                    let a = a.parse::<Ipv4Addr>().ok()?;
+                    let l = l.parse::<u8>().ok().filter(|l| *l <= 32)?;
+                    Some((a, l))
+                });
+                if parsed.is_none() {
+                    self.err(s.span().start, format!("address: `{}` is not ADDRESS/PREFIX", s.get_ref()));
+                }
+                parsed
+            });
+            let mtu = self.mtu(&n.mtu);
+            if let (Some(name), Some(tenant), Some(tun)) = (name, tenant, tun) {
+                networks.push(Network { name, tenant, tun, netns, mtu, address });
+            }
+        }
+
+        let mut svc_names = HashSet::new();
+        let mut nat_owner: HashMap<Ipv4Addr, String> = HashMap::new();
+        let mut services = Vec::new();
+        let mut backend_ips: HashSet<Ipv4Addr> = HashSet::new();
+        for s in &raw.service {
+            let at = s.span().start;
+            let s = s.get_ref();
+            let name = self.need(&s.name, at, "name").map(|n| self.name(n, "service", &mut svc_names));
+            let svc_name = name.clone().unwrap_or_default();
+            let mut nat_ips = Vec::new();
+            if let Some(list) = self.need(&s.nat_ips, at, "nat_ips") {
+                if list.get_ref().is_empty() || list.get_ref().len() > MAX_NAT_IPS {
+                    self.err(
+                        list.span().start,
+                        format!("nat_ips: {} given, must be 1 to {MAX_NAT_IPS}", list.get_ref().len()),
+                    );
+                }
+                for ip in list.get_ref() {
+                    if let Some(a) = self.ipv4(ip, "nat_ips") {
+                        match nat_owner.get(&a) {
+                            Some(o) if *o == svc_name => {
+                                self.err(ip.span().start, format!("nat_ips: {a} is listed twice"))
+                            }
+                            Some(o) => {
+                                self.err(ip.span().start, format!("nat_ips: {a} is already a NAT IP of service `{o}`"))
+                            }
+                            None => {
+                                nat_owner.insert(a, svc_name.clone());
+                            }
+                        }
+                        nat_ips.push(a);
+                    }
+                }
+            }
+            let nat_ports = match &s.nat_ports {
+                None => 1024..=65535,
+                Some(r) => {
+                    let parsed = r.get_ref().split_once('-').and_then(|(a, b)| {
+                        let (a, b) = (a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?);
+                        (a >= 1 && a <= b).then_some(a..=b)
+                    });
+                    parsed.unwrap_or_else(|| {
+                        self.err(
+                            r.span().start,
+                            format!("nat_ports: `{}` is not a range FIRST-LAST within 1-65535", r.get_ref()),
+                        );
+                        1024..=65535
+                    })
+                }
+            };
+            let mut backends = Vec::new();
+            if let Some(list) = self.need(&s.backends, at, "backends") {
+                if list.get_ref().is_empty() {
+                    self.err(list.span().start, "backends: at least one backend is needed");
+                }
+                for b in list.get_ref() {
+                    if let Some(a) = self.ipv4(b, "backends") {
+                        backends.push(a);
+                        backend_ips.insert(a);
+                    }
+                }
+            }
+            let mut ports = Vec::new();
+            if let Some(list) = self.need(&s.ports, at, "ports") {
+                if list.get_ref().is_empty() {
+                    self.err(list.span().start, "ports: at least one port is needed");
+                }
+                let mut seen = HashSet::new();
+                for p in list.get_ref() {
+                    let pat = p.span().start;
+                    let p = p.get_ref();
+                    let proto = self.need(&p.protocol, pat, "protocol").and_then(|s| match s.get_ref().as_str() {
+                        "tcp" => Some(Protocol::Tcp),
+                        "udp" => Some(Protocol::Udp),
+                        other => {
+                            self.err(s.span().start, format!("protocol: `{other}` is not `tcp` or `udp`"));
+                            None
+                        }
+                    });
+                    let port = self.need(&p.port, pat, "port").map(|_| self.int(&p.port, 1..=65535, 1, "port") as u16);
+                    let backend_port =
+                        self.int(&p.backend_port, 1..=65535, i64::from(port.unwrap_or(1)), "backend_port");
+                    if let (Some(protocol), Some(port)) = (proto, port) {
+                        if !seen.insert((protocol, port)) {
+                            self.err(pat, format!("ports: {port}/{protocol:?} is offered twice"));
+                        }
+                        ports.push(PortMap { protocol, port, backend_port: backend_port as u16 });
+                    }
+                }
+            }
+            let list = |v: &Option<S<Vec<S<String>>>>| -> Vec<String> {
+                v.as_ref().map(|l| l.get_ref().iter().map(|s| s.get_ref().clone()).collect()).unwrap_or_default()
+            };
+            if let Some(pp) = &s.proxy_protocol {
+                if *pp.get_ref() {
+                    self.err(pp.span().start, "proxy_protocol = true is not supported yet");
+                }
+            }
+            if let Some(name) = name {
+                services.push(Service {
+                    name,
+                    nat_ips,
+                    nat_ports,
+                    backends,
+                    ports,
+                    visibility: list(&s.visibility),
+                    auto_approve: list(&s.auto_approve),
+                });
+            }
+        }
+
+        let mut ep_names = HashSet::new();
+        let mut ep_addrs = HashSet::new();
+        let mut endpoints = Vec::new();
+        for e in &raw.endpoint {
+            let at = e.span().start;
+            let e = e.get_ref();
+            let name = self.need(&e.name, at, "name").map(|n| self.name(n, "endpoint", &mut ep_names));
+            let network = self.need(&e.network, at, "network").map(|n| {
+                if !names.contains(n.get_ref()) {
+                    self.err(n.span().start, format!("unknown network `{}`", n.get_ref()));
+                }
+                n.get_ref().clone()
+            });
+            let service = self.need(&e.service, at, "service").map(|n| {
+                if !svc_names.contains(n.get_ref()) {
+                    self.err(n.span().start, format!("unknown service `{}`", n.get_ref()));
+                }
+                n.get_ref().clone()
+            });
+            let ip = self.need(&e.ip, at, "ip").and_then(|s| {
+                let a = self.ipv4(s, "ip")?;
+                if let Some(net) = &network {
+                    if !ep_addrs.insert((net.clone(), a)) {
+                        self.err(s.span().start, format!("ip: {a} is already an endpoint in network `{net}`"));
+                    }
+                }
+                if let Some(owner) = nat_owner.get(&a) {
+                    self.err(s.span().start, format!("ip: {a} is a NAT IP of service `{owner}`"));
+                } else if backend_ips.contains(&a) {
+                    self.err(s.span().start, format!("ip: {a} is a backend address"));
+                }
+                Some(a)
+            });
+            if let (Some(name), Some(network), Some(ip), Some(service)) = (name, network, ip, service) {
+                endpoints.push(Endpoint { name, network, ip, service });
+            }
+        }
+
+        if !self.errors.is_empty() {
+            self.errors.sort_by_key(|e| (e.line, e.col));
+            return Err(Error::Invalid(self.errors));
+        }
+        Ok(Config {
+            path: PathBuf::from(self.file),
+            dataplane,
+            metrics_listen,
+            control_socket,
+            state_dir,
+            provider,
+            networks,
+            services,
+            endpoints,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[dataplane]
+workers = 2
+max_flows = 1000
+
+[metrics]
+listen = "127.0.0.1:9469"
+
+[provider]
+tun = "plp0"
+netns = "provider"
+
+[[network]]
+name = "vnet-a"
+tenant = "contoso"
+tun = "pla0"
+netns = "tenant-a"
+
+[[network]]
+name = "vnet-b"
+tenant = "fabrikam"
+tun = "pla0"
+netns = "tenant-b"
+address = "10.0.0.1/32"
+
+[[service]]
+name = "orders-db"
+nat_ips = ["192.168.100.4"]
+nat_ports = "2000-2009"
+backends = ["192.168.50.10", "192.168.50.11"]
+ports = [{ protocol = "tcp", port = 5432, backend_port = 15432 }, { protocol = "udp", port = 53 }]
+visibility = ["*"]
+auto_approve = ["contoso"]
+
+[[endpoint]]
+name = "pe-a"
+network = "vnet-a"
+ip = "10.1.0.5"
+service = "orders-db"
+
+[[endpoint]]
+name = "pe-b"
+network = "vnet-b"
+ip = "10.1.0.5"
+service = "orders-db"
+"#;
+
+    fn errors(text: &str) -> Vec<String> {
+        match Config::parse(text, "t.toml") {
+            Ok(_) => vec![],
+            Err(e) => e.lines(),
+        }
+    }
+
+    #[test]
+    fn good_config_parses() {
+        let c = Config::parse(GOOD, "t.toml").expect("valid");
+        assert_eq!(c.dataplane.workers, 2);
+        assert_eq!(c.dataplane.timeouts.tcp_established, 7440);
+        assert_eq!(c.networks.len(), 2);
+        assert_eq!(c.networks[1].address, Some((Ipv4Addr::new(10, 0, 0, 1), 32)));
+        let s = &c.services[0];
+        assert_eq!(s.nat_ports, 2000..=2009);
+        assert_eq!(s.ports[0], PortMap { protocol: Protocol::Tcp, port: 5432, backend_port: 15432 });
+        assert_eq!(s.ports[1].backend_port, 53);
+        assert!(s.visible_to("anyone") && s.auto_approves("contoso") && !s.auto_approves("fabrikam"));
+        assert_eq!(c.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = errors("[provider]\ntun = \"x\"\nmtu = = 3\n");
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("t.toml:3:"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_key_has_position() {
+        let e = errors("[provider]\ntun = \"x\"\nmtux = 3\n");
+        assert!(e[0].starts_with("t.toml:3:1: unknown field `mtux`"), "{e:?}");
+    }
+
+    #[test]
+    fn semantic_errors_all_reported_with_positions() {
+        let bad = GOOD
+            .replace("network = \"vnet-b\"", "network = \"vnet-z\"")
+            .replace("service = \"orders-db\"\n\n[[endpoint]]", "service = \"nope\"\n\n[[endpoint]]")
+            .replace("\"2000-2009\"", "\"2009-2000\"")
+            .replace("protocol = \"udp\"", "protocol = \"sctp\"");
+        let e = errors(&bad);
+        let joined = e.join("\n");
+        assert!(joined.contains("unknown network `vnet-z`"), "{joined}");
+        assert!(joined.contains("unknown service `nope`"), "{joined}");
+        assert!(joined.contains("nat_ports: `2009-2000`"), "{joined}");
+        assert!(joined.contains("`sctp` is not `tcp` or `udp`"), "{joined}");
+        assert_eq!(e.len(), 4, "{joined}");
+        let line_of = |needle: &str| bad.lines().position(|l| l.contains(needle)).expect("line") + 1;
+        assert!(joined.contains(&format!("t.toml:{}:11: unknown network", line_of("vnet-z"))), "{joined}");
+    }
+
+    #[test]
+    fn duplicates_and_clashes() {
+        let mut bad = GOOD.replace("name = \"pe-b\"", "name = \"pe-a\"");
+        bad.push_str("\n[[service]]\nname = \"orders-db\"\nnat_ips = [\"192.168.100.4\"]\nbackends = []\nports = [{ protocol = \"tcp\", port = 1 }]\n");
+        bad.push_str("\n[[service]]\nname = \"other\"\nnat_ips = [\"192.168.100.4\"]\nbackends = [\"1.2.3.4\"]\nports = [{ protocol = \"tcp\", port = 1 }]\n");
+        bad.push_str(
+            "\n[[endpoint]]\nname = \"pe-c\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.5\"\nservice = \"orders-db\"\n",
+        );
+        bad.push_str(
+            "\n[[endpoint]]\nname = \"pe-d\"\nnetwork = \"vnet-a\"\nip = \"192.168.100.4\"\nservice = \"orders-db\"\n",
+        );
+        bad.push_str(
+            "\n[[endpoint]]\nname = \"pe-e\"\nnetwork = \"vnet-a\"\nip = \"192.168.50.11\"\nservice = \"orders-db\"\n",
+        );
+        let joined = errors(&bad).join("\n");
+        for want in [
+            "duplicate endpoint name `pe-a`",
+            "duplicate service name `orders-db`",
+            "192.168.100.4 is already a NAT IP of service `orders-db`",
+            "backends: at least one backend",
+            "10.1.0.5 is already an endpoint in network `vnet-a`",
+            "ip: 192.168.100.4 is a NAT IP",
+            "ip: 192.168.50.11 is a backend address",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in\n{joined}");
+        }
+    }
+
+    #[test]
+    fn limits() {
+        let many: Vec<String> = (1..=9).map(|i| format!("\"192.168.200.{i}\"")).collect();
+        let bad = GOOD.replace("[\"192.168.100.4\"]", &format!("[{}]", many.join(", ")));
+        assert!(errors(&bad).join("\n").contains("9 given, must be 1 to 8"));
+        let bad = GOOD.replace("port = 53", "port = 70000");
+        assert!(errors(&bad).join("\n").contains("port must be 1 to 65535, not 70000"));
+        let bad = GOOD.replace("name = \"vnet-a\"", "name = \"provider\"").replace("\"vnet-a\"", "\"provider\"");
+        assert!(errors(&bad).join("\n").contains("reserved"));
+        assert!(errors("").join("\n").contains("missing table `[provider]`"));
+    }
+}

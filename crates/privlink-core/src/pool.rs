@@ -27,7 +27,7 @@ use std::sync::Mutex;
 pub const QUARANTINE_SECS: u32 = 120;
 
 /// How many in-use ports to try for sharing before giving up.
-const OVERLOAD_TRIES: usize = 16;
+const OVERLOAD_TRIES: usize = 64;
 
 #[derive(Debug)]
 struct Inner {

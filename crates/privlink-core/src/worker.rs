@@ -149,7 +149,10 @@ impl Ctx<'_> {
 
     fn from_consumer(&mut self, buf: &mut [u8], net: NetworkId) -> Verdict {
         let snap = self.snap;
-        let Ok(pkt) = Ipv4Packet::new_checked(&*buf) else { return Verdict::Drop(DropReason::Malformed) };
+        let pkt = match Ipv4Packet::new_checked(&*buf) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Drop(invalid(buf, e)),
+        };
         let (src, dst, len) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len());
         let Some(ep) = snap.endpoint_at(net.0, dst) else { return Verdict::Drop(DropReason::NoEndpoint) };
         if pkt.is_fragment() {
@@ -258,7 +261,10 @@ impl Ctx<'_> {
 
     fn from_provider(&mut self, buf: &mut [u8]) -> Verdict {
         let snap = self.snap;
-        let Ok(pkt) = Ipv4Packet::new_checked(&*buf) else { return Verdict::Drop(DropReason::Malformed) };
+        let pkt = match Ipv4Packet::new_checked(&*buf) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Drop(invalid(buf, e)),
+        };
         if pkt.is_fragment() {
             return Verdict::Drop(DropReason::UnsupportedProtocol);
         }
@@ -317,6 +323,16 @@ impl Ctx<'_> {
         bump(&c.bytes_out, len as u64);
         bump(&c.packets_out, 1);
         Verdict::Forward(Egress::Network(net))
+    }
+}
+
+/// The drop reason for a buffer that is no valid IPv4 packet: a well-formed
+/// IPv6 packet is an unsupported protocol, anything else is malformed.
+fn invalid(buf: &[u8], e: wire::Malformed) -> DropReason {
+    if e == wire::Malformed::Version && buf.len() >= 40 && buf[0] >> 4 == 6 {
+        DropReason::UnsupportedProtocol
+    } else {
+        DropReason::Malformed
     }
 }
 

@@ -1,0 +1,299 @@
+//! `privlink run`: wires the config, the engine, the TUN devices, the packet
+//! threads and the control plane (tokio: signals, expiry ticker, metrics).
+//!
+//! Reload (SIGHUP) validates the new file first; a bad file is refused with
+//! its errors logged and the running config stays. Then devices of removed or
+//! changed networks are taken out of the workers' set and closed, new ones
+//! are created, the engine gets the new [`Desired`] (ending flows of removed
+//! endpoints, keeping every flow of an unchanged one), and routes are brought
+//! in line. Provider-side changes need a restart and are refused.
+
+use crate::dataplane::{Dataplane, DeviceSet};
+use crate::device::Device;
+use anyhow::{bail, Context, Result};
+use arc_swap::ArcSwap;
+use privlink_config::{Config, Network};
+use privlink_core::{
+    now_since, ConnectionState, Desired, EndpointSpec, Engine, NetworkId, NetworkSpec, PortRule, Protocol, ServiceSpec,
+    Settings, Timeouts,
+};
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// What the daemon keeps between reloads.
+struct Daemon {
+    path: PathBuf,
+    config: Config,
+    engine: Arc<Engine>,
+    workers: usize,
+    devices: Arc<ArcSwap<DeviceSet>>,
+    /// The config each live network device was made from.
+    made_from: HashMap<String, (NetworkId, Network)>,
+    next_network: u16,
+    epoch: Instant,
+}
+
+/// The connection state a new endpoint starts in (SPEC: visibility and
+/// auto_approve).
+pub fn initial_state(config: &Config, endpoint: &privlink_config::Endpoint) -> ConnectionState {
+    let (Some(net), Some(svc)) = (config.network(&endpoint.network), config.service(&endpoint.service)) else {
+        return ConnectionState::Rejected;
+    };
+    if !svc.visible_to(&net.tenant) {
+        ConnectionState::Rejected
+    } else if svc.auto_approves(&net.tenant) {
+        ConnectionState::Approved
+    } else {
+        ConnectionState::Pending
+    }
+}
+
+fn to_desired(config: &Config, ids: &HashMap<String, (NetworkId, Network)>) -> Desired {
+    let networks: Vec<NetworkSpec> = config
+        .networks
+        .iter()
+        .filter_map(|n| ids.get(&n.name).map(|(id, _)| NetworkSpec { id: *id, name: n.name.clone(), mtu: n.mtu }))
+        .collect();
+    let services: Vec<ServiceSpec> = config
+        .services
+        .iter()
+        .map(|s| ServiceSpec {
+            name: s.name.clone(),
+            nat_ips: s.nat_ips.clone(),
+            nat_ports: s.nat_ports.clone(),
+            backends: s.backends.clone(),
+            ports: s
+                .ports
+                .iter()
+                .map(|p| PortRule {
+                    protocol: match p.protocol {
+                        privlink_config::Protocol::Tcp => Protocol::Tcp,
+                        privlink_config::Protocol::Udp => Protocol::Udp,
+                    },
+                    port: p.port,
+                    backend_port: p.backend_port,
+                })
+                .collect(),
+        })
+        .collect();
+    let endpoints = config
+        .endpoints
+        .iter()
+        .filter_map(|e| {
+            Some(EndpointSpec {
+                name: e.name.clone(),
+                network: networks.iter().position(|n| n.name == e.network)?,
+                ip: e.ip,
+                service: services.iter().position(|s| s.name == e.service)?,
+                state: initial_state(config, e),
+            })
+        })
+        .collect();
+    Desired { provider_mtu: config.provider.mtu, networks, services, endpoints }
+}
+
+impl Daemon {
+    fn start(path: &Path) -> Result<Daemon> {
+        let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let workers = match config.dataplane.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n as usize,
+        };
+        let t = config.dataplane.timeouts;
+        let engine = Engine::new(Settings {
+            workers,
+            max_flows: config.dataplane.max_flows,
+            timeouts: Timeouts {
+                tcp_established: t.tcp_established,
+                tcp_transitory: t.tcp_transitory,
+                tcp_closed: t.tcp_closed,
+                udp: t.udp,
+                icmp: t.icmp,
+            },
+            icmp_rate: 100,
+        });
+        let p = &config.provider;
+        let provider = Device::create(&p.tun, p.netns.as_deref(), p.mtu, None, workers)?;
+        let devices = Arc::new(ArcSwap::from_pointee(DeviceSet { provider: Some(provider), networks: Vec::new() }));
+        let mut d = Daemon {
+            path: path.to_path_buf(),
+            config: config.clone(),
+            engine,
+            workers,
+            devices,
+            made_from: HashMap::new(),
+            next_network: 0,
+            epoch: Instant::now(),
+        };
+        d.converge(&config)?;
+        Ok(d)
+    }
+
+    /// Brings devices, engine and routes in line with `config`.
+    fn converge(&mut self, config: &Config) -> Result<()> {
+        // 1. Networks that went or changed: out of the workers' set, then closed.
+        let stale: Vec<String> = self
+            .made_from
+            .iter()
+            .filter(|(name, (_, n))| config.network(name) != Some(n))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if !stale.is_empty() {
+            let mut gone = Vec::new();
+            for name in &stale {
+                if let Some((id, _)) = self.made_from.remove(name) {
+                    gone.push(id);
+                }
+            }
+            let cur = self.devices.load_full();
+            let mut networks = cur.networks.clone();
+            let mut closing = Vec::new();
+            for id in gone {
+                if let Some(d) = networks.get_mut(usize::from(id.0)).and_then(Option::take) {
+                    closing.push(d);
+                }
+            }
+            self.devices.store(Arc::new(DeviceSet { provider: cur.provider.clone(), networks }));
+            drop(cur);
+            // Workers let go of the old set within one poll timeout.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while closing.iter().any(|d| Arc::strong_count(d) > 1) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for d in &closing {
+                tracing::info!(device = %d.name, "network device removed");
+            }
+        }
+        // 2. New networks: create their devices.
+        let mut created = Vec::new();
+        for n in &config.networks {
+            if self.made_from.contains_key(&n.name) {
+                continue;
+            }
+            let dev = Device::create(&n.tun, n.netns.as_deref(), n.mtu, n.address, self.workers)?;
+            let id = NetworkId(self.next_network);
+            self.next_network += 1;
+            tracing::info!(network = %n.name, device = %n.tun, netns = n.netns.as_deref().unwrap_or("-"), "network attached");
+            created.push((id, dev));
+            self.made_from.insert(n.name.clone(), (id, n.clone()));
+        }
+        // 3. The engine.
+        let desired = to_desired(config, &self.made_from);
+        let report =
+            self.engine.apply(&desired, now_since(self.epoch)).context("configuration refused by the engine")?;
+        for e in &report.endpoints_added {
+            if let Some(ep) = config.endpoints.iter().find(|x| &x.name == e) {
+                let state = initial_state(config, ep);
+                tracing::info!(endpoint = %e, service = %ep.service, network = %ep.network, ip = %ep.ip, state = %state, "endpoint attached");
+                if state == ConnectionState::Rejected {
+                    tracing::warn!(endpoint = %e, service = %ep.service, "tenant is not in the service's visibility: connection rejected");
+                }
+            }
+        }
+        for e in &report.endpoints_removed {
+            tracing::info!(endpoint = %e, "endpoint detached");
+        }
+        if report.flows_ended > 0 {
+            tracing::info!(flows = report.flows_ended, "flows ended by the new configuration");
+        }
+        // 4. Publish the device set, then routes (so traffic finds a worker).
+        let cur = self.devices.load_full();
+        let mut networks = cur.networks.clone();
+        for (id, dev) in created {
+            let i = usize::from(id.0);
+            if networks.len() <= i {
+                networks.resize(i + 1, None);
+            }
+            networks[i] = Some(dev);
+        }
+        let set = DeviceSet { provider: cur.provider.clone(), networks };
+        for n in &config.networks {
+            let Some((id, _)) = self.made_from.get(&n.name) else { continue };
+            let want: BTreeSet<Ipv4Addr> =
+                config.endpoints.iter().filter(|e| e.network == n.name).map(|e| e.ip).collect();
+            if let Some(Some(d)) = set.networks.get(usize::from(id.0)) {
+                d.set_routes(&want)?;
+            }
+        }
+        if let Some(p) = &set.provider {
+            let nat: BTreeSet<Ipv4Addr> = config.services.iter().flat_map(|s| s.nat_ips.iter().copied()).collect();
+            p.set_routes(&nat)?;
+        }
+        self.devices.store(Arc::new(set));
+        self.config = config.clone();
+        Ok(())
+    }
+
+    fn reload(&mut self) {
+        let new = match Config::load(&self.path) {
+            Ok(c) => c,
+            Err(e) => {
+                for line in e.lines() {
+                    tracing::error!("reload refused: {line}");
+                }
+                return;
+            }
+        };
+        if new.provider != self.config.provider {
+            tracing::error!("reload refused: [provider] changed; that needs a restart");
+            return;
+        }
+        if new.dataplane != self.config.dataplane || new.metrics_listen != self.config.metrics_listen {
+            tracing::warn!("[dataplane] and [metrics] changes take effect at the next restart");
+        }
+        match self.converge(&new) {
+            Ok(()) => tracing::info!(generation = self.engine.snapshot().generation, "configuration reloaded"),
+            Err(e) => tracing::error!("reload failed part way: {e:#}"),
+        }
+    }
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(path: &Path) -> Result<()> {
+    if !crate::netns::is_root() {
+        bail!("privlink run needs root (or CAP_NET_ADMIN) to create TUN devices");
+    }
+    let mut daemon = Daemon::start(path)?;
+    let handle = crate::metrics::install()?;
+    let dataplane = Dataplane::start(&daemon.engine, &daemon.devices, daemon.epoch).context("cannot start workers")?;
+    tracing::info!(workers = daemon.workers, config = %path.display(), "privlink running");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
+    let io = dataplane.errors.clone();
+    let result = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(daemon.config.metrics_listen)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {}", daemon.config.metrics_listen))?;
+        tracing::info!(listen = %daemon.config.metrics_listen, "serving /metrics");
+        let server = tokio::spawn(crate::metrics::serve(listener, handle, daemon.engine.clone(), io));
+        let mut hup = signal(SignalKind::hangup())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading {}", daemon.path.display());
+                    daemon.reload();
+                }
+                _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
+                _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
+                _ = tick.tick() => {
+                    let ended = daemon.engine.expire(now_since(daemon.epoch));
+                    if ended > 0 { tracing::debug!(flows = ended, "expired"); }
+                }
+            }
+        }
+        server.abort();
+        anyhow::Ok(())
+    });
+    dataplane.stop();
+    // Dropping the devices closes every queue: the kernel removes the
+    // devices, their addresses and routes.
+    drop(daemon);
+    tracing::info!("stopped");
+    result
+}

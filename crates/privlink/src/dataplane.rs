@@ -1,0 +1,149 @@
+//! The packet threads. Each worker owns queue `w` of every TUN device and
+//! loops: `poll(2)` on its queues, then for each readable queue read up to a
+//! batch of packets, hand each to its [`privlink_core::Worker`], and write
+//! the result to the egress device's queue `w` (or the ICMP answer back to
+//! where the packet came from). The only syscalls per packet are the read
+//! and the write; the clock is read once per batch.
+//!
+//! The set of devices can change on reload: workers pick up a new
+//! [`DeviceSet`] through an `arc_swap::Cache` between batches, and the poll
+//! timeout bounds how long an idle worker takes to notice (and to stop).
+
+use crate::device::Device;
+use arc_swap::{ArcSwap, Cache};
+use privlink_core::{now_since, Egress, Engine, NetworkId, Source, Verdict};
+use std::io::ErrorKind;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Packets read from one queue before moving on to the next.
+const BATCH: usize = 64;
+/// Poll timeout: how soon an idle worker sees a stop or a new device set.
+const POLL_MS: i32 = 100;
+
+/// The devices workers read and write.
+#[derive(Debug, Default)]
+pub struct DeviceSet {
+    pub provider: Option<Arc<Device>>,
+    /// Indexed by `NetworkId`.
+    pub networks: Vec<Option<Arc<Device>>>,
+}
+
+impl DeviceSet {
+    fn network(&self, id: NetworkId) -> Option<&Arc<Device>> {
+        self.networks.get(usize::from(id.0)).and_then(Option::as_ref)
+    }
+}
+
+/// Write failures per worker (rare: a device going away mid-reload).
+#[derive(Debug, Default)]
+pub struct IoErrors {
+    pub writes: AtomicU64,
+}
+
+/// Running packet threads.
+#[derive(Debug)]
+pub struct Dataplane {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+    pub errors: Arc<IoErrors>,
+}
+
+impl Dataplane {
+    pub fn start(
+        engine: &Arc<Engine>,
+        devices: &Arc<ArcSwap<DeviceSet>>,
+        epoch: Instant,
+    ) -> std::io::Result<Dataplane> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(IoErrors::default());
+        let mut threads = Vec::new();
+        for w in 0..engine.settings().workers {
+            let worker = engine.worker(w);
+            let (devices, stop, errors) = (devices.clone(), stop.clone(), errors.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("privlink-w{w}"))
+                    .spawn(move || run_worker(worker, devices, stop, errors, epoch))?,
+            );
+        }
+        Ok(Dataplane { stop, threads, errors })
+    }
+
+    /// Stops the workers and waits for them (at most one poll timeout).
+    pub fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_worker(
+    mut worker: privlink_core::Worker,
+    devices: Arc<ArcSwap<DeviceSet>>,
+    stop: Arc<AtomicBool>,
+    errors: Arc<IoErrors>,
+    epoch: Instant,
+) {
+    let w = worker.index();
+    let mut cache = Cache::new(devices);
+    let mut current: Arc<DeviceSet> = cache.load().clone();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    let mut srcs: Vec<(Source, Arc<Device>)> = Vec::new();
+    let mut rebuild = true;
+    let mut buf = vec![0u8; 65536];
+    while !stop.load(Ordering::Relaxed) {
+        if !Arc::ptr_eq(cache.load(), &current) {
+            current = cache.load().clone();
+            rebuild = true;
+        }
+        if rebuild {
+            rebuild = false;
+            srcs.clear();
+            if let Some(p) = &current.provider {
+                srcs.push((Source::Provider, p.clone()));
+            }
+            for (i, d) in current.networks.iter().enumerate() {
+                if let Some(d) = d {
+                    srcs.push((Source::Network(NetworkId(i as u16)), d.clone()));
+                }
+            }
+            fds = srcs.iter().map(|(_, d)| libc::pollfd { fd: d.fd(w), events: libc::POLLIN, revents: 0 }).collect();
+        }
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, POLL_MS) };
+        if n <= 0 {
+            continue;
+        }
+        let now = now_since(epoch);
+        for (i, pfd) in fds.iter().enumerate() {
+            if pfd.revents == 0 {
+                continue;
+            }
+            let (src, dev) = &srcs[i];
+            for _ in 0..BATCH {
+                let len = match dev.queue(w).recv(&mut buf) {
+                    Ok(len) => len,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => break,
+                    Err(e) => {
+                        tracing::debug!(device = %dev.name, "read failed: {e}");
+                        break;
+                    }
+                };
+                let pkt = &mut buf[..len];
+                let out = match worker.process(pkt, *src, now) {
+                    Verdict::Forward(Egress::Provider) => current.provider.as_ref().map(|d| d.queue(w).send(pkt)),
+                    Verdict::Forward(Egress::Network(id)) => current.network(id).map(|d| d.queue(w).send(pkt)),
+                    Verdict::Reply { len, .. } => Some(dev.queue(w).send(worker.reply(len))),
+                    Verdict::Drop(_) => None,
+                };
+                if let Some(Err(_)) = out {
+                    errors.writes.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! TUN devices: one for the provider side and one per consumer network, each
+//! made inside its namespace with one queue per worker (`IFF_MULTI_QUEUE`),
+//! so the kernel spreads flows over workers and each worker owns its queue
+//! of every device. Closing the last queue destroys a (non-persistent)
+//! device, and with it its address and routes: that is how the daemon
+//! cleans up, even when it is killed.
+//!
+//! The crate is tun-rs rather than tun-tap: it creates multi-queue devices,
+//! sets MTU/up/address by ioctl, and has the `IFF_VNET_HDR` offload support
+//! the throughput work builds on (see docs/ARCHITECTURE.md).
+
+use crate::netns::{in_netns, ip};
+use anyhow::{Context, Result};
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+/// One TUN device and its queues.
+pub struct Device {
+    pub name: String,
+    pub netns: Option<String>,
+    pub mtu: u16,
+    queues: Vec<SyncDevice>,
+    /// /32 routes this daemon added through the device.
+    routes: Mutex<BTreeSet<Ipv4Addr>>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("name", &self.name)
+            .field("netns", &self.netns)
+            .field("queues", &self.queues.len())
+            .finish()
+    }
+}
+
+impl Device {
+    /// Creates `name` in `netns` with `queues` queues, MTU `mtu`, link up,
+    /// and `address` when given.
+    pub fn create(
+        name: &str,
+        netns: Option<&str>,
+        mtu: u16,
+        address: Option<(Ipv4Addr, u8)>,
+        queues: usize,
+    ) -> Result<Arc<Device>> {
+        let (n, ns) = (name.to_string(), netns.map(str::to_string));
+        let qs = in_netns(netns, move || {
+            let mut b = DeviceBuilder::new().name(&n).mtu(mtu).packet_information(false).multi_queue(true);
+            if let Some((a, len)) = address {
+                b = b.ipv4(a, len, None);
+            }
+            let first = b.enable(false).build_sync().with_context(|| {
+                format!(
+                    "cannot create TUN device `{n}`{}",
+                    ns.as_deref().map(|s| format!(" in namespace `{s}`")).unwrap_or_default()
+                )
+            })?;
+            // privlink forwards IPv4 only: keep the kernel's IPv6 chatter
+            // (router and multicast listener messages) off the device. Not
+            // fatal where IPv6 is absent.
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6"), "1");
+            first.enabled(true).with_context(|| format!("cannot set `{n}` up"))?;
+            let mut qs = Vec::with_capacity(queues);
+            for _ in 1..queues.max(1) {
+                qs.push(first.try_clone().with_context(|| format!("cannot add a queue to `{n}`"))?);
+            }
+            qs.insert(0, first);
+            for q in &qs {
+                q.set_nonblocking(true).context("cannot make a TUN queue non-blocking")?;
+            }
+            Ok(qs)
+        })?;
+        Ok(Arc::new(Device {
+            name: name.to_string(),
+            netns: netns.map(str::to_string),
+            mtu,
+            queues: qs,
+            routes: Mutex::new(BTreeSet::new()),
+        }))
+    }
+
+    /// The queue of worker `w`.
+    #[inline]
+    pub fn queue(&self, w: usize) -> &SyncDevice {
+        &self.queues[w % self.queues.len()]
+    }
+
+    pub fn fd(&self, w: usize) -> RawFd {
+        self.queue(w).as_raw_fd()
+    }
+
+    /// Makes the /32 routes through this device exactly `want`.
+    pub fn set_routes(&self, want: &BTreeSet<Ipv4Addr>) -> Result<()> {
+        let mut have = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        for a in have.difference(want) {
+            // The route may be gone with a namespace change; not fatal.
+            if let Err(e) = ip(self.netns.as_deref(), &["route", "del", &format!("{a}/32"), "dev", &self.name]) {
+                tracing::warn!("{e:#}");
+            }
+        }
+        for a in want.difference(&have) {
+            ip(self.netns.as_deref(), &["route", "replace", &format!("{a}/32"), "dev", &self.name])?;
+        }
+        *have = want.clone();
+        Ok(())
+    }
+}

@@ -1,0 +1,10 @@
+//! The privlink daemon and CLI as a library: the binary's `main` only parses
+//! the command line and calls in here; the end-to-end tests use [`netns`]
+//! to build their namespaces the same way the demo does.
+
+pub mod daemon;
+pub mod dataplane;
+pub mod demo;
+pub mod device;
+pub mod metrics;
+pub mod netns;

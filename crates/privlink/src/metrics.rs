@@ -1,0 +1,138 @@
+//! Prometheus metrics. The packet path never touches the `metrics` registry:
+//! workers count into per-worker slots inside the engine, and on each scrape
+//! [`sync`] sums them and sets the registry's values, which the
+//! `metrics-exporter-prometheus` recorder then renders. Values are therefore
+//! exact at scrape time, and scraping costs nothing when nobody scrapes.
+
+use crate::dataplane::IoErrors;
+use anyhow::{Context, Result};
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use privlink_core::{ConnectionState, DropReason, Engine};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// The label privlink uses for provider-side drops.
+pub const PROVIDER: &str = privlink_config::PROVIDER_LABEL;
+
+/// Installs the recorder and describes every metric (the HELP lines).
+pub fn install() -> Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
+    describe_counter!(
+        "privlink_endpoint_bytes_total",
+        "IP bytes through an endpoint; direction in = consumer to service, out = service to consumer."
+    );
+    describe_counter!("privlink_endpoint_packets_total", "Packets through an endpoint, by direction.");
+    describe_gauge!("privlink_endpoint_flows_active", "Live flows of an endpoint.");
+    describe_counter!("privlink_endpoint_flows_created_total", "Flows an endpoint has created.");
+    describe_counter!("privlink_service_bytes_total", "IP bytes through all endpoints of a service, by direction.");
+    describe_gauge!("privlink_nat_ports_available", "NAT ports neither in use nor quarantined, per pool.");
+    describe_gauge!("privlink_nat_ports_capacity", "NAT ports in a pool (its nat_ports range).");
+    describe_counter!("privlink_nat_port_exhausted_total", "New flows refused because the pool had no usable port.");
+    describe_counter!(
+        "privlink_packets_dropped_total",
+        "Packets not forwarded, by reason and by the network they came from (provider = provider side)."
+    );
+    describe_gauge!("privlink_flows_active", "Live flows in the flow table.");
+    describe_gauge!("privlink_connection_state", "1 for an endpoint connection's current state, 0 for the others.");
+    describe_counter!("privlink_tun_write_errors_total", "Packets a TUN device refused to take.");
+    Ok(handle)
+}
+
+/// Copies the engine's counters into the registry.
+pub fn sync(engine: &Engine, io: &IoErrors) {
+    let snap = engine.snapshot();
+    let mut service_bytes: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    for e in &snap.endpoints {
+        let s = &e.shared;
+        let (bi, pi, bo, po) = s.totals();
+        let labels = |dir: &'static str| {
+            [
+                ("endpoint", s.name.clone()),
+                ("network", s.network_name.clone()),
+                ("service", s.service_name.clone()),
+                ("direction", dir.to_string()),
+            ]
+        };
+        counter!("privlink_endpoint_bytes_total", &labels("in")).absolute(bi);
+        counter!("privlink_endpoint_bytes_total", &labels("out")).absolute(bo);
+        counter!("privlink_endpoint_packets_total", &labels("in")).absolute(pi);
+        counter!("privlink_endpoint_packets_total", &labels("out")).absolute(po);
+        gauge!("privlink_endpoint_flows_active", "endpoint" => s.name.clone())
+            .set(s.flows_active.load(Ordering::Relaxed) as f64);
+        counter!("privlink_endpoint_flows_created_total", "endpoint" => s.name.clone())
+            .absolute(s.flows_created.load(Ordering::Relaxed));
+        let state = s.state();
+        for st in ConnectionState::ALL {
+            gauge!("privlink_connection_state", "endpoint" => s.name.clone(), "service" => s.service_name.clone(), "state" => st.as_str())
+                .set(if st == state { 1.0 } else { 0.0 });
+        }
+        let t = service_bytes.entry(s.service_name.as_str()).or_default();
+        t.0 += bi;
+        t.1 += bo;
+    }
+    for (svc, (bi, bo)) in service_bytes {
+        counter!("privlink_service_bytes_total", "service" => svc.to_string(), "direction" => "in").absolute(bi);
+        counter!("privlink_service_bytes_total", "service" => svc.to_string(), "direction" => "out").absolute(bo);
+    }
+    for p in snap.pools.values() {
+        let labels = [
+            ("service", p.service.clone()),
+            ("nat_ip", p.nat_ip.to_string()),
+            ("protocol", p.protocol.as_str().to_string()),
+        ];
+        gauge!("privlink_nat_ports_available", &labels).set(f64::from(p.pool.available()));
+        gauge!("privlink_nat_ports_capacity", &labels).set(f64::from(p.pool.capacity()));
+        counter!("privlink_nat_port_exhausted_total", &labels).absolute(p.pool.exhausted());
+    }
+    let drops = |network: String, counts: [u64; DropReason::COUNT]| {
+        for r in DropReason::ALL {
+            counter!("privlink_packets_dropped_total", "reason" => r.as_str(), "network" => network.clone())
+                .absolute(counts[r.index()]);
+        }
+    };
+    drops(PROVIDER.to_string(), engine.provider_drops());
+    for n in snap.network_list() {
+        drops(n.name.clone(), Engine::network_drops(n));
+    }
+    gauge!("privlink_flows_active").set(f64::from(engine.flows().len()));
+    counter!("privlink_tun_write_errors_total").absolute(io.writes.load(Ordering::Relaxed));
+}
+
+/// Serves `GET /metrics` (anything else: 404) until the task is dropped.
+pub async fn serve(listener: TcpListener, handle: PrometheusHandle, engine: Arc<Engine>, io: Arc<IoErrors>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let (handle, engine, io) = (handle.clone(), engine.clone(), io.clone());
+        tokio::spawn(async move {
+            let mut req = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            let read = async {
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16 * 1024 {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => req.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                true
+            };
+            if !matches!(tokio::time::timeout(std::time::Duration::from_secs(5), read).await, Ok(true)) {
+                return;
+            }
+            let line = String::from_utf8_lossy(&req[..req.iter().position(|&b| b == b'\r').unwrap_or(0)]).to_string();
+            let mut parts = line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let resp = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
+                sync(&engine, &io);
+                let body = handle.render();
+                format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n".to_string()
+            };
+            let _ = sock.write_all(resp.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
