@@ -448,6 +448,9 @@ impl Engine {
                     o.shared.clone()
                 }
                 None => {
+                    if st.next_endpoint > crate::flow::MAX_ENDPOINT_ID {
+                        return Err(CoreError::TooManyEndpoints);
+                    }
                     report.endpoints_added.push(e.name.clone());
                     let id = EndpointId(st.next_endpoint);
                     st.next_endpoint += 1;
@@ -529,7 +532,7 @@ impl Engine {
                 Protocol::Icmp => t.icmp,
             };
             let expired = idle && now.0.saturating_sub(slot.last_seen().0) >= timeout;
-            if expired || !allowed(&snap, slot) {
+            if expired || !allowed(&snap, slot, self.flows.pool_of(i)) {
                 let closed = slot.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
                 if self.end_flow(&snap, i, now, closed) {
                     ended += 1;
@@ -544,7 +547,7 @@ impl Engine {
 
     fn end_flow(&self, snap: &Snapshot, i: u32, now: Now, closed: bool) -> bool {
         let slot = self.flows.slot(i);
-        let (pool, ep, port) = (slot.pool(), slot.endpoint(), slot.provider_key().nat_port());
+        let (pool, ep, port) = (self.flows.pool_of(i), slot.endpoint(), slot.provider_key().nat_port());
         if self.flows.remove(i).is_none() {
             return false;
         }
@@ -561,7 +564,7 @@ impl Engine {
     pub fn flow_list(&self, endpoint: Option<&str>, now: Now) -> Vec<FlowInfo> {
         let snap = self.snap.load_full();
         let mut out = Vec::new();
-        self.flows.for_each_live(|_, slot| {
+        self.flows.for_each_live(|i, slot| {
             let Some(e) = snap.endpoint_by_id(slot.endpoint()) else { return };
             if endpoint.is_some_and(|n| n != e.shared.name) {
                 return;
@@ -578,7 +581,7 @@ impl Engine {
                 nat: (Ipv4Addr::from(p.nat_addr()), p.nat_port()),
                 backend: (Ipv4Addr::from(p.backend_addr()), p.backend_port()),
                 state: if protocol == Protocol::Tcp { TcpPhase::from_bits(slot.state()).as_str() } else { "active" },
-                age: now.0.saturating_sub(slot.created().0),
+                age: now.0.saturating_sub(self.flows.created_of(i).0),
                 idle: now.0.saturating_sub(slot.last_seen().0),
                 bytes_in,
                 bytes_out,
@@ -590,9 +593,9 @@ impl Engine {
 
 /// Whether a live flow is still allowed: its endpoint is configured and
 /// approved, its service still offers the port, has the backend and the pool.
-fn allowed(snap: &Snapshot, slot: &FlowSlot) -> bool {
+fn allowed(snap: &Snapshot, slot: &FlowSlot, pool: PoolId) -> bool {
     let Some(e) = snap.endpoint_by_id(slot.endpoint()) else { return false };
-    if !e.shared.approved() || !snap.pools.contains_key(&slot.pool()) {
+    if !e.shared.approved() || !snap.pools.contains_key(&pool) {
         return false;
     }
     let svc = &snap.services[e.service];

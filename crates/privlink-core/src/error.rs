@@ -15,6 +15,8 @@ pub enum CoreError {
     DuplicateNetwork(String),
     #[error("endpoint {0}: refers to a missing network or service")]
     DanglingEndpoint(String),
+    #[error("too many endpoints created over this daemon's life (16,777,215); restart it")]
+    TooManyEndpoints,
     #[error("endpoint {0}: address {1} is already an endpoint in its network")]
     DuplicateEndpointAddress(String, Ipv4Addr),
 }

@@ -241,8 +241,7 @@ impl Ctx<'_> {
         let nat_ip = svc.nat_ips[nat_idx];
         let pool = &svc.pools[nat_idx][p.proto.index()];
         let backend = svc.backends[svc.maglev.lookup(flows.flow_hash(ck))];
-        let bits =
-            ((p.proto.index() as u32) << state::PROTO_SHIFT) | if p.proto == Protocol::Tcp { state::C_SYN } else { 0 };
+        let bits = if p.proto == Protocol::Tcp { state::C_SYN } else { 0 };
         let (proto, bport, now) = (p.proto.number(), p.backend_port, self.now);
         let r = flows.insert(ck, now, |claim| {
             pool.pool.allocate(now, |port| claim(ProviderKey::new(proto, nat_ip, port, backend, bport)))?;
