@@ -61,7 +61,10 @@ fn consumer(i: u32) -> (u32, u16) {
 
 /// An engine holding `n` UDP flows, and for each flow the packet in each
 /// direction.
-fn populated(n: u32) -> (Arc<Engine>, Worker, Vec<[u8; 64]>, Vec<[u8; 64]>) {
+/// Packets of each flow in one direction.
+type Packets = Vec<[u8; 64]>;
+
+fn populated(n: u32) -> (Arc<Engine>, Worker, Packets, Packets) {
     let e = Engine::new(Settings { max_flows: n + 1024, ..Settings::default() });
     e.apply(&desired(), Now(0)).expect("config");
     let mut w = e.worker(0);

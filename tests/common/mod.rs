@@ -5,13 +5,13 @@
 
 #![allow(dead_code)]
 
+pub use privlink::testbed::{connect, eventually as eventually_for, fnv, line, metric, udp_ask, FNV_INIT};
 use privlink::netns::{in_netns, ip};
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use privlink::testbed::{Backend, BackendPorts, Namespaces};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 pub const EP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
@@ -32,16 +32,6 @@ pub fn privileged() -> bool {
     ok
 }
 
-/// FNV-1a, to compare what was sent with what arrived.
-pub fn fnv(data: &[u8], mut h: u64) -> u64 {
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100_0000_01b3);
-    }
-    h
-}
-pub const FNV_INIT: u64 = 0xcbf2_9ce4_8422_2325;
-
 /// One test's world: a provider namespace with two backends, two tenant
 /// namespaces with identical addresses, and the daemon.
 pub struct Bed {
@@ -52,7 +42,9 @@ pub struct Bed {
     pub config: PathBuf,
     pub metrics: SocketAddr,
     daemon: Option<Child>,
-    stop: Arc<AtomicBool>,
+    _backends: Vec<Backend>,
+    // Dropped last: the namespaces go after the daemon stopped.
+    _ns: Namespaces,
 }
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -77,10 +69,16 @@ impl Bed {
         let (prov, a, b) = (format!("{base}p"), format!("{base}a"), format!("{base}b"));
         let dir = std::env::temp_dir().join(&base);
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let metrics = {
-            let l = TcpListener::bind("127.0.0.1:0").expect("free port");
-            l.local_addr().expect("addr")
-        };
+        let metrics = privlink::testbed::free_port().expect("free port");
+        let ns = Namespaces::create(&[prov.clone(), a.clone(), b.clone()]).expect("namespaces");
+        for addr in [BACKEND_ORDERS, BACKEND_BILLING] {
+            ip(Some(&prov), &["addr", "add", &format!("{addr}/32"), "dev", "lo"]).expect("backend address");
+        }
+        let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353 };
+        let backends = vec![
+            Backend::start(&prov, "orders", BACKEND_ORDERS, ports).expect("orders backend"),
+            Backend::start(&prov, "billing", BACKEND_BILLING, ports).expect("billing backend"),
+        ];
         let bed = Bed {
             prov,
             a,
@@ -89,19 +87,10 @@ impl Bed {
             dir,
             metrics,
             daemon: None,
-            stop: Arc::new(AtomicBool::new(false)),
+            _backends: backends,
+            _ns: ns,
         };
-        for ns in [&bed.prov, &bed.a, &bed.b] {
-            let out = Command::new("ip").args(["netns", "add", ns]).output().expect("ip");
-            assert!(out.status.success(), "ip netns add {ns}: {}", String::from_utf8_lossy(&out.stderr));
-            ip(Some(ns), &["link", "set", "lo", "up"]).expect("lo up");
-        }
-        for addr in [BACKEND_ORDERS, BACKEND_BILLING] {
-            ip(Some(&bed.prov), &["addr", "add", &format!("{addr}/32"), "dev", "lo"]).expect("backend address");
-        }
         bed.write_config(&opts, "");
-        bed.start_backend("orders", BACKEND_ORDERS);
-        bed.start_backend("billing", BACKEND_BILLING);
         bed
     }
 
@@ -247,12 +236,7 @@ service = "billing"
     }
 
     fn scrape_opt(&self) -> Option<String> {
-        let mut s = TcpStream::connect_timeout(&self.metrics, Duration::from_millis(500)).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
-        let mut body = String::new();
-        s.read_to_string(&mut body).ok()?;
-        body.starts_with("HTTP/1.1 200").then_some(body)
+        privlink::testbed::scrape(self.metrics)
     }
 
     pub fn scrape(&self) -> String {
@@ -264,155 +248,24 @@ service = "billing"
         metric(&self.scrape(), name, labels)
     }
 
-    /// Backend servers for one service, in the provider namespace:
-    /// TCP 8080 greets ("svc=NAME peer=ADDR"), then hashes all it reads and
-    /// answers "len=N fnv=H" at EOF; TCP 8007 echoes; UDP 5353 answers
-    /// "svc=NAME peer=ADDR data=...".
-    fn start_backend(&self, name: &'static str, addr: Ipv4Addr) {
-        let stop = self.stop.clone();
-        let (tcp, echo, udp) = in_netns(Some(&self.prov), move || {
-            let tcp = TcpListener::bind((addr, 8080))?;
-            let echo = TcpListener::bind((addr, 8007))?;
-            let udp = UdpSocket::bind((addr, 5353))?;
-            Ok((tcp, echo, udp))
-        })
-        .expect("backend sockets");
-        for l in [&tcp, &echo] {
-            l.set_nonblocking(true).expect("nonblocking");
-        }
-        udp.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
-        let s = stop.clone();
-        std::thread::spawn(move || {
-            accept_loop(tcp, s, move |mut c: TcpStream, peer| {
-                let _ = c.write_all(format!("svc={name} peer={peer}\n").as_bytes());
-                let (mut n, mut h, mut buf) = (0usize, FNV_INIT, vec![0u8; 65536]);
-                while let Ok(k) = c.read(&mut buf) {
-                    if k == 0 {
-                        break;
-                    }
-                    n += k;
-                    h = fnv(&buf[..k], h);
-                }
-                let _ = c.write_all(format!("len={n} fnv={h:x}\n").as_bytes());
-            })
-        });
-        let s = stop.clone();
-        std::thread::spawn(move || {
-            accept_loop(echo, s, |mut c: TcpStream, _| {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(k) = c.read(&mut buf) {
-                    if k == 0 || c.write_all(&buf[..k]).is_err() {
-                        break;
-                    }
-                }
-            })
-        });
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok((k, peer)) = udp.recv_from(&mut buf) {
-                    let msg = format!("svc={name} peer={peer} data={}", String::from_utf8_lossy(&buf[..k]));
-                    let _ = udp.send_to(msg.as_bytes(), peer);
-                }
-            }
-        });
-    }
-}
-
-fn accept_loop(
-    l: TcpListener,
-    stop: Arc<AtomicBool>,
-    handle: impl Fn(TcpStream, SocketAddr) + Send + Sync + Clone + 'static,
-) {
-    while !stop.load(Ordering::Relaxed) {
-        match l.accept() {
-            Ok((c, peer)) => {
-                let _ = c.set_nonblocking(false);
-                let h = handle.clone();
-                std::thread::spawn(move || h(c, peer));
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
         self.stop_daemon();
         if std::thread::panicking() {
             eprintln!("--- daemon log ({}) ---\n{}", self.dir.display(), self.log());
-        }
-        for ns in [&self.prov, &self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// The value of one series in a scrape, 0 when absent.
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else { continue };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        if labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))) {
-            return line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        }
-    }
-    0.0
-}
-
-/// Runs `f` in namespace `ns` (client side).
-pub fn within<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
+/// Runs `f` in namespace `ns`.
+pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
     in_netns(Some(ns), f)
 }
 
-/// A TCP connection made from inside `ns` (the socket keeps working from
-/// any thread afterwards).
-pub fn connect(ns: &str, addr: Ipv4Addr, port: u16, timeout: Duration) -> anyhow::Result<TcpStream> {
-    within(ns, move || {
-        let s = TcpStream::connect_timeout(&SocketAddr::from((addr, port)), timeout)?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        Ok(s)
-    })
-}
-
-/// Reads one line.
-pub fn line(s: &mut TcpStream) -> String {
-    let mut out = Vec::new();
-    let mut b = [0u8; 1];
-    while s.read(&mut b).map(|n| n == 1).unwrap_or(false) && b[0] != b'\n' {
-        out.push(b[0]);
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A UDP request/response from inside `ns`; `None` on timeout.
-pub fn udp_ask(ns: &str, addr: Ipv4Addr, port: u16, msg: &'static str) -> Option<String> {
-    within(ns, move || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.send_to(msg.as_bytes(), (addr, port))?;
-        let mut buf = [0u8; 2048];
-        let (k, _) = s.recv_from(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..k]).into_owned())
-    })
-    .ok()
-}
-
-/// Polls `f` until it returns true or `secs` pass.
-pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    f()
+/// Polls `f` until it holds or `secs` seconds pass.
+pub fn eventually(secs: u64, f: impl FnMut() -> bool) -> bool {
+    eventually_for(Duration::from_secs(secs), f)
 }

@@ -95,14 +95,14 @@ impl Worker {
         let mut cx = Ctx { engine, w: *index, snap, reply, icmp, now };
         match src {
             Source::Network(n) => {
-                let v = cx.from_consumer(buf, n);
+                let v = cx.consumer_to_provider(buf, n);
                 if let Verdict::Drop(r) | Verdict::Reply { reason: r, .. } = v {
                     cx.count_drop(Some(n), r);
                 }
                 v
             }
             Source::Provider => {
-                let v = cx.from_provider(buf);
+                let v = cx.provider_to_consumer(buf);
                 if let Verdict::Drop(r) | Verdict::Reply { reason: r, .. } = v {
                     cx.count_drop(None, r);
                 }
@@ -147,7 +147,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn from_consumer(&mut self, buf: &mut [u8], net: NetworkId) -> Verdict {
+    fn consumer_to_provider(&mut self, buf: &mut [u8], net: NetworkId) -> Verdict {
         let snap = self.snap;
         let pkt = match Ipv4Packet::new_checked(&*buf) {
             Ok(p) => p,
@@ -258,7 +258,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn from_provider(&mut self, buf: &mut [u8]) -> Verdict {
+    fn provider_to_consumer(&mut self, buf: &mut [u8]) -> Verdict {
         let snap = self.snap;
         let pkt = match Ipv4Packet::new_checked(&*buf) {
             Ok(p) => p,

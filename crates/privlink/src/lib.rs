@@ -8,3 +8,4 @@ pub mod demo;
 pub mod device;
 pub mod metrics;
 pub mod netns;
+pub mod testbed;
