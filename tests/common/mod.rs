@@ -5,8 +5,8 @@
 
 #![allow(dead_code)]
 
-pub use privlink::testbed::{connect, eventually as eventually_for, fnv, line, metric, udp_ask, FNV_INIT};
 use privlink::netns::{in_netns, ip};
+pub use privlink::testbed::{connect, eventually as eventually_for, fnv, line, metric, udp_ask, FNV_INIT};
 use privlink::testbed::{Backend, BackendPorts, Namespaces};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -247,7 +247,6 @@ service = "billing"
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric(&self.scrape(), name, labels)
     }
-
 }
 
 impl Drop for Bed {
@@ -261,7 +260,10 @@ impl Drop for Bed {
 }
 
 /// Runs `f` in namespace `ns`.
-pub fn within<T: Send + 'static>(ns: &str, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+pub fn within<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     in_netns(Some(ns), f)
 }
 
