@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use privlink::netns::{in_netns, ip};
+#[allow(unused_imports)]
 pub use privlink::testbed::{connect, eventually as eventually_for, fnv, line, metric, udp_ask, FNV_INIT};
 use privlink::testbed::{Backend, BackendPorts, Namespaces};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -54,11 +55,21 @@ pub struct Opts {
     pub orders_nat_ports: &'static str,
     pub extra: &'static str,
     pub tcp_closed_idle: u32,
+    /// TOML list: tenants auto-approved by `orders`.
+    pub orders_auto_approve: &'static str,
+    /// TOML list: tenants that may see `billing`.
+    pub billing_visibility: &'static str,
 }
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { orders_nat_ports: "1024-65535", extra: "", tcp_closed_idle: 1 }
+        Opts {
+            orders_nat_ports: "1024-65535",
+            extra: "",
+            tcp_closed_idle: 1,
+            orders_auto_approve: r#"["*"]"#,
+            billing_visibility: r#"["*"]"#,
+        }
     }
 }
 
@@ -137,7 +148,7 @@ ports = [{{ protocol = "tcp", port = 80, backend_port = 8080 }},
          {{ protocol = "tcp", port = 7, backend_port = 8007 }},
          {{ protocol = "udp", port = 53, backend_port = 5353 }}]
 visibility = ["*"]
-auto_approve = ["*"]
+auto_approve = {orders_auto}
 
 [[service]]
 name = "billing"
@@ -146,7 +157,7 @@ backends = ["{be_b}"]
 ports = [{{ protocol = "tcp", port = 80, backend_port = 8080 }},
          {{ protocol = "tcp", port = 7, backend_port = 8007 }},
          {{ protocol = "udp", port = 53, backend_port = 5353 }}]
-visibility = ["*"]
+visibility = {billing_vis}
 auto_approve = ["*"]
 
 [[endpoint]]
@@ -177,6 +188,8 @@ service = "billing"
             ports = opts.orders_nat_ports,
             ep = EP,
             extra = opts.extra,
+            orders_auto = opts.orders_auto_approve,
+            billing_vis = opts.billing_visibility,
         )
     }
 
@@ -217,6 +230,30 @@ service = "billing"
         let pid = self.daemon.as_ref().expect("daemon").id() as i32;
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(pid, sig) };
+    }
+
+    /// Kills the daemon with SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `privlink ARGS... --config <this bed's config>`; returns exit
+    /// code, stdout, stderr.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_privlink"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run privlink");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     /// Stops the daemon with SIGTERM; returns how long it took to exit.

@@ -179,6 +179,10 @@ impl ConnectionState {
         }
     }
 
+    pub fn parse(s: &str) -> Option<ConnectionState> {
+        ConnectionState::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionState::Pending => "pending",

@@ -8,8 +8,10 @@
 //! endpoints, keeping every flow of an unchanged one), and routes are brought
 //! in line. Provider-side changes need a restart and are refused.
 
+use crate::control::{reconcile, Control};
 use crate::dataplane::{Dataplane, DeviceSet};
 use crate::device::Device;
+use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use privlink_config::{Config, Network};
@@ -35,24 +37,14 @@ struct Daemon {
     made_from: HashMap<String, (NetworkId, Network)>,
     next_network: u16,
     epoch: Instant,
+    control: Arc<Control>,
 }
 
-/// The connection state a new endpoint starts in (SPEC: visibility and
-/// auto_approve).
-pub fn initial_state(config: &Config, endpoint: &privlink_config::Endpoint) -> ConnectionState {
-    let (Some(net), Some(svc)) = (config.network(&endpoint.network), config.service(&endpoint.service)) else {
-        return ConnectionState::Rejected;
-    };
-    if !svc.visible_to(&net.tenant) {
-        ConnectionState::Rejected
-    } else if svc.auto_approves(&net.tenant) {
-        ConnectionState::Approved
-    } else {
-        ConnectionState::Pending
-    }
-}
-
-fn to_desired(config: &Config, ids: &HashMap<String, (NetworkId, Network)>) -> Desired {
+fn to_desired(
+    config: &Config,
+    ids: &HashMap<String, (NetworkId, Network)>,
+    states: &HashMap<String, ConnectionState>,
+) -> Desired {
     let networks: Vec<NetworkSpec> = config
         .networks
         .iter()
@@ -89,7 +81,7 @@ fn to_desired(config: &Config, ids: &HashMap<String, (NetworkId, Network)>) -> D
                 network: networks.iter().position(|n| n.name == e.network)?,
                 ip: e.ip,
                 service: services.iter().position(|s| s.name == e.service)?,
-                state: initial_state(config, e),
+                state: states.get(&e.name).copied().unwrap_or(ConnectionState::Pending),
             })
         })
         .collect();
@@ -116,6 +108,15 @@ impl Daemon {
             },
             icmp_rate: 100,
         });
+        let store = Store::open(&config.state_dir)?;
+        let epoch = Instant::now();
+        let control = Arc::new(Control {
+            engine: engine.clone(),
+            store,
+            config: ArcSwap::from_pointee(config.clone()),
+            started: epoch,
+            epoch,
+        });
         let p = &config.provider;
         let provider = Device::create(&p.tun, p.netns.as_deref(), p.mtu, None, workers)?;
         let devices = Arc::new(ArcSwap::from_pointee(DeviceSet { provider: Some(provider), networks: Vec::new() }));
@@ -127,7 +128,8 @@ impl Daemon {
             devices,
             made_from: HashMap::new(),
             next_network: 0,
-            epoch: Instant::now(),
+            epoch,
+            control,
         };
         d.converge(&config)?;
         Ok(d)
@@ -181,16 +183,23 @@ impl Daemon {
             created.push((id, dev));
             self.made_from.insert(n.name.clone(), (id, n.clone()));
         }
-        // 3. The engine.
-        let desired = to_desired(config, &self.made_from);
-        let report =
-            self.engine.apply(&desired, now_since(self.epoch)).context("configuration refused by the engine")?;
+        // 3. Connection states, then the engine.
+        let states = reconcile(&self.control.store, config)?;
+        let desired = to_desired(config, &self.made_from, &states);
+        let now = now_since(self.epoch);
+        let report = self.engine.apply(&desired, now).context("configuration refused by the engine")?;
         for e in &report.endpoints_added {
             if let Some(ep) = config.endpoints.iter().find(|x| &x.name == e) {
-                let state = initial_state(config, ep);
+                let state = states.get(e).copied().unwrap_or(ConnectionState::Pending);
                 tracing::info!(endpoint = %e, service = %ep.service, network = %ep.network, ip = %ep.ip, state = %state, "endpoint attached");
-                if state == ConnectionState::Rejected {
-                    tracing::warn!(endpoint = %e, service = %ep.service, "tenant is not in the service's visibility: connection rejected");
+            }
+        }
+        // Kept endpoints whose state the reload changed (visibility edits).
+        let snap = self.engine.snapshot();
+        for e in &snap.endpoints {
+            if let Some(&want) = states.get(&e.shared.name) {
+                if e.shared.state() != want {
+                    self.engine.set_connection_state(&e.shared.name, want, now);
                 }
             }
         }
@@ -225,6 +234,7 @@ impl Daemon {
         }
         self.devices.store(Arc::new(set));
         self.config = config.clone();
+        self.control.config.store(Arc::new(config.clone()));
         Ok(())
     }
 
@@ -263,12 +273,22 @@ pub fn run(path: &Path) -> Result<()> {
     tracing::info!(workers = daemon.workers, config = %path.display(), "privlink running");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
     let io = dataplane.errors.clone();
+    let daemon_control = daemon.control.clone();
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(daemon.config.metrics_listen)
             .await
             .with_context(|| format!("cannot listen for metrics on {}", daemon.config.metrics_listen))?;
         tracing::info!(listen = %daemon.config.metrics_listen, "serving /metrics");
         let server = tokio::spawn(crate::metrics::serve(listener, handle, daemon.engine.clone(), io));
+        let socket = daemon.config.control_socket.clone();
+        let control = crate::control::bind(&socket)?;
+        tracing::info!(socket = %socket.display(), "serving the control API");
+        let api = tokio::spawn(async move {
+            let router = crate::control::router(daemon_control);
+            if let Err(e) = axum::serve(control, router).await {
+                tracing::error!("control API stopped: {e}");
+            }
+        });
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -288,6 +308,8 @@ pub fn run(path: &Path) -> Result<()> {
             }
         }
         server.abort();
+        api.abort();
+        let _ = std::fs::remove_file(&socket);
         anyhow::Ok(())
     });
     dataplane.stop();

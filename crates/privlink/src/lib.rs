@@ -2,10 +2,13 @@
 //! the command line and calls in here; the end-to-end tests use [`netns`]
 //! to build their namespaces the same way the demo does.
 
+pub mod client;
+pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod device;
 pub mod metrics;
 pub mod netns;
+pub mod store;
 pub mod testbed;

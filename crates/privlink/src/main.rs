@@ -39,6 +39,113 @@ enum Command {
     },
     /// Build throwaway namespaces, run the daemon, push traffic, show metrics.
     Demo,
+    /// List, approve or reject endpoints' connections (via the control API).
+    Connections {
+        #[command(subcommand)]
+        action: Option<ConnAction>,
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Dump the live flow table (like `conntrack -L`).
+    Flows {
+        /// Only the flows of this endpoint.
+        #[arg(long)]
+        endpoint: Option<String>,
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConnAction {
+    /// List every connection and its state (the default).
+    List,
+    /// Approve an endpoint's connection: its traffic flows within a second.
+    Approve {
+        endpoint: String,
+        /// A message kept with the decision and in the audit trail.
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Reject an endpoint's connection: its live flows end, new ones are dropped.
+    Reject {
+        endpoint: String,
+        /// A message kept with the decision and in the audit trail.
+        #[arg(long)]
+        message: Option<String>,
+    },
+}
+
+/// Where to find the daemon's control socket.
+#[derive(clap::Args, Debug)]
+struct Target {
+    /// The daemon's config file (its [control] socket is used).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// The control socket itself [default: /run/privlink/control.sock].
+    #[arg(long, global = true, conflicts_with = "config")]
+    socket: Option<PathBuf>,
+}
+
+impl Target {
+    fn socket(&self) -> anyhow::Result<PathBuf> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
+        }
+        match &self.config {
+            Some(c) => privlink_config::Config::load(c)
+                .map(|c| c.control_socket)
+                .map_err(|e| anyhow::anyhow!("{}", e.lines().join("\n"))),
+            None => Ok(PathBuf::from("/run/privlink/control.sock")),
+        }
+    }
+}
+
+fn connections(action: Option<ConnAction>, target: &Target, json: bool) -> anyhow::Result<()> {
+    use privlink::client;
+    let socket = target.socket()?;
+    let (out, one) = match action.unwrap_or(ConnAction::List) {
+        ConnAction::List => (client::call(&socket, "GET", "/v1/connections", None)?, false),
+        ConnAction::Approve { endpoint, message } => (decide(&socket, "approve", &endpoint, message)?, true),
+        ConnAction::Reject { endpoint, message } => (decide(&socket, "reject", &endpoint, message)?, true),
+    };
+    if json {
+        println!("{out}");
+    } else if one {
+        println!("{}", client::connection_line(&out)?);
+    } else {
+        println!("{}", client::connections_table(&out)?);
+    }
+    Ok(())
+}
+
+fn decide(socket: &std::path::Path, verb: &str, endpoint: &str, message: Option<String>) -> anyhow::Result<String> {
+    use privlink::client;
+    let body = serde_json::json!({ "message": message }).to_string();
+    let path = format!("/v1/connections/{}/{verb}", client::encode(endpoint));
+    client::call(socket, "POST", &path, Some(&body))
+}
+
+fn flows(endpoint: Option<String>, target: &Target, json: bool) -> anyhow::Result<()> {
+    use privlink::client;
+    let socket = target.socket()?;
+    let path = match endpoint {
+        Some(e) => format!("/v1/flows?endpoint={}", client::encode(&e)),
+        None => "/v1/flows".to_string(),
+    };
+    let out = client::call(&socket, "GET", &path, None)?;
+    if json {
+        println!("{out}");
+    } else {
+        println!("{}", client::flows_table(&out)?);
+    }
+    Ok(())
 }
 
 fn init_logs(format: LogFormat, level: &str) {
@@ -76,6 +183,8 @@ fn main() -> ExitCode {
             }
         },
         Command::Demo => privlink::demo::run(),
+        Command::Connections { action, target, json } => connections(action, &target, json),
+        Command::Flows { endpoint, target, json } => flows(endpoint, &target, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,377 @@
+//! The connection workflow and the control API.
+//!
+//! Connection states follow Private Link: an endpoint whose tenant is not in
+//! its service's `visibility` is `rejected` and never connects; a visible
+//! tenant in `auto_approve` is `approved` at once; any other starts
+//! `pending` and carries nothing until an operator approves it. An endpoint
+//! that leaves the config (with or without its service) becomes
+//! `disconnected`. States live in the [`Store`]; the engine is told of every
+//! change at once (approve lets traffic through, reject or disconnect ends
+//! the endpoint's flows and returns their ports).
+//!
+//! The API is HTTP/JSON on the unix socket `[control] socket` (mode 0600),
+//! served by axum on the daemon's control runtime:
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /v1/connections` | every connection record |
+//! | `POST /v1/connections/{endpoint}/approve` | body `{"message": "..."}` (optional) |
+//! | `POST /v1/connections/{endpoint}/reject` | likewise |
+//! | `GET /v1/flows?endpoint=NAME` | live flows, optionally of one endpoint |
+//! | `GET /v1/audit?endpoint=NAME` | the audit trail |
+//! | `GET /v1/status` | version, uptime, config generation, counts |
+
+use crate::store::{unix_now, AuditEntry, Connection, Store};
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use privlink_config::Config;
+use privlink_core::{now_since, ConnectionState, Engine};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the control API and the reload path share.
+#[derive(Debug)]
+pub struct Control {
+    pub engine: Arc<Engine>,
+    pub store: Store,
+    pub config: ArcSwap<Config>,
+    pub started: Instant,
+    /// The engine clock's epoch.
+    pub epoch: Instant,
+}
+
+/// The state an endpoint's connection should have under `config`, given
+/// what the store remembers.
+fn desired_state(config: &Config, ep: &privlink_config::Endpoint, stored: Option<&Connection>) -> ConnectionState {
+    let (Some(net), Some(svc)) = (config.network(&ep.network), config.service(&ep.service)) else {
+        return ConnectionState::Disconnected;
+    };
+    if !svc.visible_to(&net.tenant) {
+        return ConnectionState::Rejected;
+    }
+    match stored {
+        // The operator's word stands while the endpoint is the same link
+        // (a rejection the config made for visibility is re-evaluated).
+        Some(c)
+            if c.service == ep.service
+                && c.tenant == net.tenant
+                && c.state != "disconnected"
+                && !(c.state == "rejected" && c.decided_by == "config") =>
+        {
+            ConnectionState::parse(&c.state).unwrap_or(ConnectionState::Pending)
+        }
+        _ if svc.auto_approves(&net.tenant) => ConnectionState::Approved,
+        _ => ConnectionState::Pending,
+    }
+}
+
+/// Brings the store in line with `config` (new connections, visibility
+/// changes, endpoints gone) and returns every configured endpoint's state.
+pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, ConnectionState>> {
+    let now = unix_now();
+    let mut states = HashMap::new();
+    for ep in &config.endpoints {
+        let stored = store.get(&ep.name)?;
+        let state = desired_state(config, ep, stored.as_ref());
+        let tenant = config.network(&ep.network).map(|n| n.tenant.clone()).unwrap_or_default();
+        let same = stored.as_ref().is_some_and(|c| {
+            c.state == state.as_str() && c.service == ep.service && c.network == ep.network && c.tenant == tenant
+        });
+        if !same {
+            let why = match state {
+                ConnectionState::Rejected => {
+                    format!("tenant {tenant} is not in the visibility of service {}", ep.service)
+                }
+                ConnectionState::Approved => "auto-approved".to_string(),
+                _ => "connection requested".to_string(),
+            };
+            if state == ConnectionState::Rejected {
+                tracing::warn!(endpoint = %ep.name, "{why}: connection rejected");
+            }
+            let c = Connection {
+                endpoint: ep.name.clone(),
+                service: ep.service.clone(),
+                network: ep.network.clone(),
+                tenant,
+                state: state.as_str().to_string(),
+                request_message: None,
+                response_message: Some(why.clone()),
+                created: stored.as_ref().filter(|c| c.state != "disconnected").map_or(now, |c| c.created),
+                updated: now,
+                decided_by: "config".into(),
+            };
+            store.put(&c, stored.as_ref().map(|c| c.state.as_str()), Some(&why), "config")?;
+        }
+        states.insert(ep.name.clone(), state);
+    }
+    for c in store.all()? {
+        if c.state != "disconnected" && !states.contains_key(&c.endpoint) {
+            let why = "endpoint or service removed from the config";
+            let gone = Connection {
+                state: "disconnected".into(),
+                response_message: Some(why.into()),
+                updated: now,
+                decided_by: "config".into(),
+                ..c.clone()
+            };
+            store.put(&gone, Some(&c.state), Some(why), "config")?;
+            tracing::info!(endpoint = %c.endpoint, "connection disconnected");
+        }
+    }
+    Ok(states)
+}
+
+/// An API error: a status and a one-line message.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct Decision {
+    message: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct EndpointFilter {
+    endpoint: Option<String>,
+}
+
+/// One live flow, as `privlink flows` shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlowView {
+    pub protocol: String,
+    pub endpoint: String,
+    pub network: String,
+    pub consumer: String,
+    pub endpoint_addr: String,
+    pub nat: String,
+    pub backend: String,
+    pub state: String,
+    pub age_secs: u32,
+    pub idle_secs: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+async fn list(State(c): State<Arc<Control>>) -> Result<Json<Vec<Connection>>, ApiError> {
+    let mut all = c.store.all()?;
+    all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
+    Ok(Json(all))
+}
+
+fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Result<Connection, ApiError> {
+    let decision: Decision = if body.iter().all(u8::is_ascii_whitespace) {
+        Decision::default()
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?
+    };
+    let config = c.config.load();
+    let Some(ep) = config.endpoints.iter().find(|e| e.name == endpoint) else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no endpoint `{endpoint}` in the running config")));
+    };
+    let Some(stored) = c.store.get(endpoint)? else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no connection for endpoint `{endpoint}`")));
+    };
+    let (net, svc) = (config.network(&ep.network), config.service(&ep.service));
+    if to == ConnectionState::Approved && !net.zip(svc).is_some_and(|(n, s)| s.visible_to(&n.tenant)) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!(
+                "tenant {} is not in the visibility of service {}: it cannot be approved",
+                stored.tenant, ep.service
+            ),
+        ));
+    }
+    let updated = Connection {
+        state: to.as_str().to_string(),
+        response_message: decision.message.clone(),
+        updated: unix_now(),
+        decided_by: "operator".into(),
+        ..stored.clone()
+    };
+    // Durable first, then the dataplane: what we answer is what a restart sees.
+    c.store.put(&updated, Some(&stored.state), decision.message.as_deref(), "operator")?;
+    c.engine.set_connection_state(endpoint, to, now_since(c.epoch));
+    tracing::info!(endpoint, from = %stored.state, to = %to, message = decision.message.as_deref().unwrap_or(""), "connection changed by operator");
+    Ok(updated)
+}
+
+async fn approve(
+    State(c): State<Arc<Control>>,
+    UrlPath(endpoint): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Connection>, ApiError> {
+    decide(&c, &endpoint, ConnectionState::Approved, &body).map(Json)
+}
+
+async fn reject(
+    State(c): State<Arc<Control>>,
+    UrlPath(endpoint): UrlPath<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<Connection>, ApiError> {
+    decide(&c, &endpoint, ConnectionState::Rejected, &body).map(Json)
+}
+
+async fn flows(State(c): State<Arc<Control>>, Query(q): Query<EndpointFilter>) -> Json<Vec<FlowView>> {
+    let snap = c.engine.snapshot();
+    let names: HashMap<u16, String> = snap.network_list().map(|n| (n.id.0, n.name.clone())).collect();
+    let list = c.engine.flow_list(q.endpoint.as_deref(), now_since(c.epoch));
+    Json(
+        list.into_iter()
+            .map(|f| FlowView {
+                protocol: f.protocol.as_str().to_string(),
+                endpoint: f.endpoint,
+                network: names.get(&f.network.0).cloned().unwrap_or_default(),
+                consumer: format!("{}:{}", f.consumer.0, f.consumer.1),
+                endpoint_addr: format!("{}:{}", f.endpoint_addr.0, f.endpoint_addr.1),
+                nat: format!("{}:{}", f.nat.0, f.nat.1),
+                backend: format!("{}:{}", f.backend.0, f.backend.1),
+                state: f.state.to_string(),
+                age_secs: f.age,
+                idle_secs: f.idle,
+                bytes_in: f.bytes_in,
+                bytes_out: f.bytes_out,
+            })
+            .collect(),
+    )
+}
+
+async fn audit(
+    State(c): State<Arc<Control>>,
+    Query(q): Query<EndpointFilter>,
+) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    Ok(Json(c.store.audit(q.endpoint.as_deref())?))
+}
+
+async fn status(State(c): State<Arc<Control>>) -> Result<Json<serde_json::Value>, ApiError> {
+    let snap = c.engine.snapshot();
+    let config = c.config.load();
+    let mut by_state: HashMap<String, usize> = HashMap::new();
+    for conn in c.store.all()? {
+        *by_state.entry(conn.state).or_default() += 1;
+    }
+    Ok(Json(serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_secs": c.started.elapsed().as_secs(),
+        "config": config.path.display().to_string(),
+        "config_generation": snap.generation,
+        "networks": config.networks.len(),
+        "services": config.services.len(),
+        "endpoints": config.endpoints.len(),
+        "flows_active": c.engine.flows().len(),
+        "max_flows": c.engine.flows().capacity(),
+        "connections": by_state,
+    })))
+}
+
+pub fn router(c: Arc<Control>) -> Router {
+    Router::new()
+        .route("/v1/connections", get(list))
+        .route("/v1/connections/{endpoint}/approve", post(approve))
+        .route("/v1/connections/{endpoint}/reject", post(reject))
+        .route("/v1/flows", get(flows))
+        .route("/v1/audit", get(audit))
+        .route("/v1/status", get(status))
+        .with_state(c)
+}
+
+/// Binds the control socket (replacing a stale one), mode 0600.
+pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        anyhow::bail!("another privlink is already serving {}", path.display());
+    }
+    let _ = std::fs::remove_file(path);
+    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[provider]
+tun = "p0"
+[[network]]
+name = "na"
+tenant = "contoso"
+tun = "a0"
+[[network]]
+name = "nb"
+tenant = "fabrikam"
+tun = "b0"
+[[service]]
+name = "s"
+nat_ips = ["192.168.100.1"]
+backends = ["192.168.50.1"]
+ports = [{ protocol = "tcp", port = 80 }]
+visibility = VIS
+auto_approve = ["contoso"]
+[[endpoint]]
+name = "ea"
+network = "na"
+ip = "10.0.0.5"
+service = "s"
+"#;
+    const EB: &str = "[[endpoint]]\nname = \"eb\"\nnetwork = \"nb\"\nip = \"10.0.0.5\"\nservice = \"s\"\n";
+
+    fn cfg(vis: &str, with_b: bool) -> Config {
+        let text = BASE.replace("VIS", vis) + if with_b { EB } else { "" };
+        Config::parse(&text, "t.toml").expect("valid")
+    }
+
+    fn store(name: &str) -> (Store, std::path::PathBuf) {
+        let d = std::env::temp_dir().join(format!("privlink-reconcile-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        (Store::open(&d).expect("store"), d)
+    }
+
+    #[test]
+    fn states_follow_visibility_auto_approval_and_removal() {
+        let (s, dir) = store("flow");
+        let st = reconcile(&s, &cfg(r#"["*"]"#, true)).expect("reconcile");
+        assert_eq!(st["ea"], ConnectionState::Approved);
+        assert_eq!(st["eb"], ConnectionState::Pending);
+        // An operator's approval is kept across reconciles.
+        let mut b = s.get("eb").expect("get").expect("eb");
+        b.state = "approved".into();
+        b.decided_by = "operator".into();
+        s.put(&b, Some("pending"), Some("ok"), "operator").expect("put");
+        assert_eq!(reconcile(&s, &cfg(r#"["*"]"#, true)).expect("r")["eb"], ConnectionState::Approved);
+        // Visibility narrows: rejected by the config.
+        assert_eq!(reconcile(&s, &cfg(r#"["contoso"]"#, true)).expect("r")["eb"], ConnectionState::Rejected);
+        // Visibility widens again: re-evaluated (fabrikam is not auto-approved).
+        assert_eq!(reconcile(&s, &cfg(r#"["*"]"#, true)).expect("r")["eb"], ConnectionState::Pending);
+        // The endpoint leaves the config: disconnected, and the record stays.
+        let st = reconcile(&s, &cfg(r#"["*"]"#, false)).expect("r");
+        assert!(!st.contains_key("eb"));
+        assert_eq!(s.get("eb").expect("get").map(|c| c.state), Some("disconnected".into()));
+        let trail: Vec<String> = s.audit(Some("eb")).expect("audit").into_iter().map(|e| e.to).collect();
+        assert_eq!(trail, ["pending", "approved", "rejected", "pending", "disconnected"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
