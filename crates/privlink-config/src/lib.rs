@@ -68,6 +68,8 @@ pub struct Timeouts {
 pub struct Dataplane {
     /// 0 = one per core.
     pub workers: u32,
+    /// TUN offloads (`IFF_VNET_HDR`, checksum and segmentation offload).
+    pub offload: bool,
     pub max_flows: u32,
     pub timeouts: Timeouts,
 }
@@ -206,6 +208,7 @@ struct Raw {
 #[serde(deny_unknown_fields)]
 struct RawDataplane {
     workers: Option<S<i64>>,
+    offload: Option<S<bool>>,
     max_flows: Option<S<i64>>,
     tcp_established_idle: Option<S<i64>>,
     tcp_transitory_idle: Option<S<i64>>,
@@ -367,6 +370,7 @@ impl Cx<'_> {
         let d = &raw.dataplane;
         let dataplane = Dataplane {
             workers: self.int(&d.workers, 0..=256, 0, "workers") as u32,
+            offload: d.offload.as_ref().is_none_or(|o| *o.get_ref()),
             max_flows: self.int(&d.max_flows, 1..=(1 << 31), 1 << 20, "max_flows") as u32,
             timeouts: Timeouts {
                 tcp_established: self.timeout(&d.tcp_established_idle, 7440, "tcp_established_idle"),

@@ -64,6 +64,15 @@ impl Delta {
         !fold(u64::from(!hc) + self.0)
     }
 
+    /// The updated value of a *partial* checksum field (a TUN offload's
+    /// `NEEDS_CSUM` packet): it holds the folded pseudo-header sum, not
+    /// complemented, and the device completes it later over the data, so
+    /// only pseudo-header changes (addresses) are applied, uncomplemented.
+    #[inline]
+    pub fn apply_partial(self, field: u16) -> u16 {
+        fold(u64::from(field) + self.0)
+    }
+
     /// As [`apply`](Self::apply) for a UDP checksum: 0 means "no checksum" and
     /// stays 0; a computed 0 is sent as 0xFFFF (RFC 768).
     #[inline]

@@ -199,6 +199,17 @@ impl fmt::Display for ConnectionState {
     }
 }
 
+/// What a TUN device with `IFF_VNET_HDR` says about a packet, as far as
+/// translation cares (the virtio-net header's flags and GSO size).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offload {
+    /// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the L4 checksum field holds the
+    /// pseudo-header sum and the device completes it.
+    pub csum_partial: bool,
+    /// Non-zero for a GSO super-packet: the payload bytes per segment.
+    pub gso_size: u16,
+}
+
 /// What to do with a packet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {

@@ -253,6 +253,8 @@ pub enum Transport {
         src: u16,
         dst: u16,
         flags: u8,
+        /// Header length in bytes (data offset x 4).
+        header_len: u8,
     },
     Udp {
         src: u16,
@@ -284,6 +286,7 @@ impl Transport {
                     src: be16(l4, field::SRC_PORT),
                     dst: be16(l4, field::DST_PORT),
                     flags: l4[field::TCP_FLAGS],
+                    header_len: off as u8,
                 })
             }
             proto::UDP => {
@@ -311,9 +314,20 @@ impl Transport {
 }
 
 /// Rewrites the ports of a TCP or UDP header in `l4`, folding `pseudo` (the
-/// address change from [`Ipv4Packet::set_addrs`]) into its checksum.
+/// address change from [`Ipv4Packet::forward_rewrite`]) into its checksum.
+/// With `partial`, the checksum field is an offload's partial sum (see
+/// [`Delta::apply_partial`]): the ports are covered later by the device, so
+/// only the address change goes in.
 #[inline]
-pub fn set_ports(protocol: u8, l4: &mut [u8], src: u16, dst: u16, pseudo: Delta) {
+pub fn set_ports(protocol: u8, l4: &mut [u8], src: u16, dst: u16, pseudo: Delta, partial: bool) {
+    let at = if protocol == proto::TCP { field::TCP_CHECKSUM } else { field::UDP_CHECKSUM };
+    if partial {
+        put16(l4, field::SRC_PORT, src);
+        put16(l4, field::DST_PORT, dst);
+        let c = pseudo.apply_partial(be16(l4, at.clone()));
+        put16(l4, at, c);
+        return;
+    }
     let mut d = pseudo;
     d.word(be16(l4, field::SRC_PORT), src);
     d.word(be16(l4, field::DST_PORT), dst);
@@ -451,7 +465,7 @@ mod tests {
         tcp[12] = 6 << 4;
         assert_eq!(Transport::parse(proto::TCP, &tcp), Err(Malformed::TcpDataOffset));
         tcp[12] = 5 << 4;
-        assert!(Transport::parse(proto::TCP, &tcp).is_ok());
+        assert!(matches!(Transport::parse(proto::TCP, &tcp), Ok(Transport::Tcp { header_len: 20, .. })));
         let mut udp = [0u8; 12];
         udp[4..6].copy_from_slice(&8u16.to_be_bytes());
         assert_eq!(Transport::parse(proto::UDP, &udp), Err(Malformed::UdpLength));

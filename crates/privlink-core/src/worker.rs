@@ -11,7 +11,7 @@
 
 use crate::engine::{bump, EndpointView, Engine, Snapshot};
 use crate::flow::{state, ConsumerKey, InsertError, Inserted, ProviderKey, TcpPhase};
-use crate::types::{DropReason, Egress, NetworkId, Now, Protocol, Source, Verdict};
+use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Source, Verdict};
 use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
 use arc_swap::{ArcSwap, Cache};
 use std::sync::Arc;
@@ -60,6 +60,7 @@ struct Ctx<'a> {
     reply: &'a mut [u8; REPLY_MAX],
     icmp: &'a mut IcmpLimiter,
     now: Now,
+    off: Offload,
 }
 
 /// Packet fields the consumer path needs after validation.
@@ -69,6 +70,8 @@ struct Parsed {
     dport: u16,
     backend_port: u16,
     flags: u8,
+    /// Transport header length (for GSO segment sizes).
+    l4_header: usize,
 }
 
 impl Worker {
@@ -90,9 +93,17 @@ impl Worker {
     /// Translates `buf` in place and says what to do with it.
     #[inline]
     pub fn process(&mut self, buf: &mut [u8], src: Source, now: Now) -> Verdict {
+        self.process_offload(buf, src, now, Offload::default())
+    }
+
+    /// As [`process`](Self::process) for a packet read from a device with
+    /// offloads: `off` says whether its L4 checksum is partial and whether it
+    /// is a GSO super-packet, which is translated once for all its segments.
+    #[inline]
+    pub fn process_offload(&mut self, buf: &mut [u8], src: Source, now: Now, off: Offload) -> Verdict {
         let Worker { engine, index, cache, reply, icmp } = self;
         let snap: &Snapshot = cache.load();
-        let mut cx = Ctx { engine, w: *index, snap, reply, icmp, now };
+        let mut cx = Ctx { engine, w: *index, snap, reply, icmp, now, off };
         match src {
             Source::Network(n) => {
                 let v = cx.consumer_to_provider(buf, n);
@@ -137,6 +148,17 @@ impl Ctx<'_> {
         Verdict::Reply { reason, len }
     }
 
+    /// The largest IP packet this one puts on the wire, and how many: a GSO
+    /// super-packet leaves as segments of `headers + gso_size` bytes.
+    #[inline]
+    fn on_wire(&self, len: usize, headers: usize) -> (usize, u64) {
+        let gso = usize::from(self.off.gso_size);
+        if gso == 0 || len <= headers + gso {
+            return (len, 1);
+        }
+        (headers + gso, (len - headers).div_ceil(gso) as u64)
+    }
+
     fn too_big(&mut self, buf: &[u8], mtu: u16, from: u32) -> Verdict {
         let p = Ipv4Packet::new_unchecked(buf);
         if p.dont_frag() {
@@ -167,17 +189,36 @@ impl Ctx<'_> {
         }
         let svc = &snap.services[ep.service];
         let parsed = match tr {
-            Transport::Tcp { src: sport, dst: dport, flags } => match svc.rule(Protocol::Tcp, dport) {
-                Some(r) => Parsed { proto: Protocol::Tcp, sport, dport, backend_port: r.backend_port, flags },
+            Transport::Tcp { src: sport, dst: dport, flags, header_len } => match svc.rule(Protocol::Tcp, dport) {
+                Some(r) => Parsed {
+                    proto: Protocol::Tcp,
+                    sport,
+                    dport,
+                    backend_port: r.backend_port,
+                    flags,
+                    l4_header: usize::from(header_len),
+                },
                 None => return Verdict::Drop(DropReason::PortNotAllowed),
             },
             Transport::Udp { src: sport, dst: dport } => match svc.rule(Protocol::Udp, dport) {
-                Some(r) => Parsed { proto: Protocol::Udp, sport, dport, backend_port: r.backend_port, flags: 0 },
+                Some(r) => Parsed {
+                    proto: Protocol::Udp,
+                    sport,
+                    dport,
+                    backend_port: r.backend_port,
+                    flags: 0,
+                    l4_header: wire::field::UDP_HEADER,
+                },
                 None => return Verdict::Drop(DropReason::PortNotAllowed),
             },
-            Transport::Icmp { kind: icmp_type::ECHO_REQUEST, ident, .. } => {
-                Parsed { proto: Protocol::Icmp, sport: ident, dport: 0, backend_port: 0, flags: 0 }
-            }
+            Transport::Icmp { kind: icmp_type::ECHO_REQUEST, ident, .. } => Parsed {
+                proto: Protocol::Icmp,
+                sport: ident,
+                dport: 0,
+                backend_port: 0,
+                flags: 0,
+                l4_header: wire::field::ICMP_HEADER,
+            },
             // ICMP errors never create, refresh or delete flows.
             Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return Verdict::Drop(DropReason::NoFlow),
             Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
@@ -185,7 +226,9 @@ impl Ctx<'_> {
         if !ep.shared.approved() {
             return Verdict::Drop(DropReason::NotApproved);
         }
-        if len > usize::from(snap.provider_mtu) {
+        let ihl = pkt.header_len();
+        let (wire_len, segments) = self.on_wire(len, ihl + parsed.l4_header);
+        if wire_len > usize::from(snap.provider_mtu) {
             return self.too_big(buf, snap.provider_mtu, dst);
         }
         let ck = ConsumerKey::new(net.0, parsed.proto.number(), src, parsed.sport, dst, parsed.dport);
@@ -222,13 +265,13 @@ impl Ctx<'_> {
         let l4 = pkt.payload_mut();
         match parsed.proto {
             Protocol::Icmp => wire::set_icmp_ident(l4, pk.nat_port()),
-            p => wire::set_ports(p.number(), l4, pk.nat_port(), pk.backend_port(), pseudo),
+            p => wire::set_ports(p.number(), l4, pk.nat_port(), pk.backend_port(), pseudo, self.off.csum_partial),
         }
         slot.touch(self.now);
         slot.add_bytes(true, len as u64);
         let c = ep.shared.counters.get(self.w);
         bump(&c.bytes_in, len as u64);
-        bump(&c.packets_in, 1);
+        bump(&c.packets_in, segments);
         Verdict::Forward(Egress::Provider)
     }
 
@@ -271,11 +314,15 @@ impl Ctx<'_> {
             return Verdict::Drop(DropReason::Malformed);
         };
         let (src, dst, len) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len());
-        let (pk, flags) = match tr {
-            Transport::Tcp { src: sp, dst: dp, flags } => (ProviderKey::new(wire::proto::TCP, dst, dp, src, sp), flags),
-            Transport::Udp { src: sp, dst: dp } => (ProviderKey::new(wire::proto::UDP, dst, dp, src, sp), 0),
+        let (pk, flags, l4_header) = match tr {
+            Transport::Tcp { src: sp, dst: dp, flags, header_len } => {
+                (ProviderKey::new(wire::proto::TCP, dst, dp, src, sp), flags, usize::from(header_len))
+            }
+            Transport::Udp { src: sp, dst: dp } => {
+                (ProviderKey::new(wire::proto::UDP, dst, dp, src, sp), 0, wire::field::UDP_HEADER)
+            }
             Transport::Icmp { kind: icmp_type::ECHO_REPLY, ident, .. } => {
-                (ProviderKey::new(wire::proto::ICMP, dst, ident, src, 0), 0)
+                (ProviderKey::new(wire::proto::ICMP, dst, ident, src, 0), 0, wire::field::ICMP_HEADER)
             }
             Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return Verdict::Drop(DropReason::NoFlow),
             Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
@@ -293,7 +340,8 @@ impl Ctx<'_> {
         }
         let net = NetworkId(ck.network());
         let Some(&(_, mtu)) = snap.network(net) else { return Verdict::Drop(DropReason::NoFlow) };
-        if len > usize::from(mtu) {
+        let (wire_len, segments) = self.on_wire(len, pkt.header_len() + l4_header);
+        if wire_len > usize::from(mtu) {
             return self.too_big(buf, mtu, dst);
         }
         if pk.0 >> 96 == u128::from(wire::proto::TCP) && flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0
@@ -314,13 +362,13 @@ impl Ctx<'_> {
         if proto == wire::proto::ICMP {
             wire::set_icmp_ident(l4, ck.consumer_port());
         } else {
-            wire::set_ports(proto, l4, ck.endpoint_port(), ck.consumer_port(), pseudo);
+            wire::set_ports(proto, l4, ck.endpoint_port(), ck.consumer_port(), pseudo, self.off.csum_partial);
         }
         slot.touch(self.now);
         slot.add_bytes(false, len as u64);
         let c = ep.shared.counters.get(self.w);
         bump(&c.bytes_out, len as u64);
-        bump(&c.packets_out, 1);
+        bump(&c.packets_out, segments);
         Verdict::Forward(Egress::Network(net))
     }
 }

@@ -118,8 +118,13 @@ impl Daemon {
             epoch,
         });
         let p = &config.provider;
-        let provider = Device::create(&p.tun, p.netns.as_deref(), p.mtu, None, workers)?;
-        let devices = Arc::new(ArcSwap::from_pointee(DeviceSet { provider: Some(provider), networks: Vec::new() }));
+        let offload = config.dataplane.offload;
+        let provider = Device::create(&p.tun, p.netns.as_deref(), p.mtu, None, workers, offload)?;
+        let devices = Arc::new(ArcSwap::from_pointee(DeviceSet {
+            provider: Some(provider),
+            networks: Vec::new(),
+            vnet_hdr: offload,
+        }));
         let mut d = Daemon {
             path: path.to_path_buf(),
             config: config.clone(),
@@ -159,7 +164,11 @@ impl Daemon {
                     closing.push(d);
                 }
             }
-            self.devices.store(Arc::new(DeviceSet { provider: cur.provider.clone(), networks }));
+            self.devices.store(Arc::new(DeviceSet {
+                provider: cur.provider.clone(),
+                networks,
+                vnet_hdr: cur.vnet_hdr,
+            }));
             drop(cur);
             // Workers let go of the old set within one poll timeout.
             let deadline = Instant::now() + Duration::from_secs(2);
@@ -176,7 +185,14 @@ impl Daemon {
             if self.made_from.contains_key(&n.name) {
                 continue;
             }
-            let dev = Device::create(&n.tun, n.netns.as_deref(), n.mtu, n.address, self.workers)?;
+            let dev = Device::create(
+                &n.tun,
+                n.netns.as_deref(),
+                n.mtu,
+                n.address,
+                self.workers,
+                self.config.dataplane.offload,
+            )?;
             let id = NetworkId(self.next_network);
             self.next_network += 1;
             tracing::info!(network = %n.name, device = %n.tun, netns = n.netns.as_deref().unwrap_or("-"), "network attached");
@@ -219,7 +235,7 @@ impl Daemon {
             }
             networks[i] = Some(dev);
         }
-        let set = DeviceSet { provider: cur.provider.clone(), networks };
+        let set = DeviceSet { provider: cur.provider.clone(), networks, vnet_hdr: cur.vnet_hdr };
         for n in &config.networks {
             let Some((id, _)) = self.made_from.get(&n.name) else { continue };
             let want: BTreeSet<Ipv4Addr> =

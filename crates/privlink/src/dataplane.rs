@@ -11,7 +11,8 @@
 
 use crate::device::Device;
 use arc_swap::{ArcSwap, Cache};
-use privlink_core::{now_since, Egress, Engine, NetworkId, Source, Verdict};
+use privlink_core::worker::REPLY_MAX;
+use privlink_core::{now_since, Egress, Engine, NetworkId, Offload, Source, Verdict};
 use std::io::ErrorKind;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,12 +24,29 @@ const BATCH: usize = 64;
 /// Poll timeout: how soon an idle worker sees a stop or a new device set.
 const POLL_MS: i32 = 100;
 
+/// `struct virtio_net_hdr` (without `num_buffers`), as TUN reads and writes
+/// it in native (little) endianness with `IFF_VNET_HDR`.
+pub const VNET_HDR_LEN: usize = 10;
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
+const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+
+/// What the translation needs from a virtio-net header.
+#[inline]
+pub fn parse_vnet_hdr(h: &[u8]) -> Offload {
+    let gso = if h[1] & 0x7f == VIRTIO_NET_HDR_GSO_NONE { 0 } else { u16::from_le_bytes([h[4], h[5]]) };
+    Offload { csum_partial: h[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0, gso_size: gso }
+}
+
 /// The devices workers read and write.
 #[derive(Debug, Default)]
 pub struct DeviceSet {
     pub provider: Option<Arc<Device>>,
     /// Indexed by `NetworkId`.
     pub networks: Vec<Option<Arc<Device>>>,
+    /// Every device was opened with `IFF_VNET_HDR`: each read and write
+    /// starts with a virtio-net header.
+    pub vnet_hdr: bool,
 }
 
 impl DeviceSet {
@@ -94,7 +112,8 @@ fn run_worker(
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut srcs: Vec<(Source, Arc<Device>)> = Vec::new();
     let mut rebuild = true;
-    let mut buf = vec![0u8; 65536];
+    let mut buf = vec![0u8; VNET_HDR_LEN + 65536];
+    let mut answer = [0u8; VNET_HDR_LEN + REPLY_MAX];
     while !stop.load(Ordering::Relaxed) {
         if !Arc::ptr_eq(cache.load(), &current) {
             current = cache.load().clone();
@@ -133,11 +152,28 @@ fn run_worker(
                         break;
                     }
                 };
-                let pkt = &mut buf[..len];
-                let out = match worker.process(pkt, *src, now) {
-                    Verdict::Forward(Egress::Provider) => current.provider.as_ref().map(|d| d.queue(w).send(pkt)),
-                    Verdict::Forward(Egress::Network(id)) => current.network(id).map(|d| d.queue(w).send(pkt)),
-                    Verdict::Reply { len, .. } => Some(dev.queue(w).send(worker.reply(len))),
+                let hdr = if current.vnet_hdr { VNET_HDR_LEN } else { 0 };
+                if len < hdr {
+                    continue;
+                }
+                let (head, pkt) = buf[..len].split_at_mut(hdr);
+                let off = if hdr > 0 { parse_vnet_hdr(head) } else { Offload::default() };
+                let verdict = worker.process_offload(pkt, *src, now, off);
+                if hdr > 0 {
+                    // The packet changed: let the receiving stack verify the
+                    // checksum rather than trust a validation done before.
+                    head[0] &= !VIRTIO_NET_HDR_F_DATA_VALID;
+                }
+                let whole = &buf[..len];
+                let out = match verdict {
+                    Verdict::Forward(Egress::Provider) => current.provider.as_ref().map(|d| d.queue(w).send(whole)),
+                    Verdict::Forward(Egress::Network(id)) => current.network(id).map(|d| d.queue(w).send(whole)),
+                    Verdict::Reply { len, .. } => {
+                        // A fresh packet: an all-zero header (no offload).
+                        answer[..hdr].fill(0);
+                        answer[hdr..hdr + len].copy_from_slice(worker.reply(len));
+                        Some(dev.queue(w).send(&answer[..hdr + len]))
+                    }
                     Verdict::Drop(_) => None,
                 };
                 if let Some(Err(_)) = out {

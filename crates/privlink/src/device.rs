@@ -46,10 +46,12 @@ impl Device {
         mtu: u16,
         address: Option<(Ipv4Addr, u8)>,
         queues: usize,
+        offload: bool,
     ) -> Result<Arc<Device>> {
         let (n, ns) = (name.to_string(), netns.map(str::to_string));
         let qs = in_netns(netns, move || {
-            let mut b = DeviceBuilder::new().name(&n).mtu(mtu).packet_information(false).multi_queue(true);
+            let mut b =
+                DeviceBuilder::new().name(&n).mtu(mtu).packet_information(false).multi_queue(true).offload(offload);
             if let Some((a, len)) = address {
                 b = b.ipv4(a, len, None);
             }
