@@ -52,6 +52,24 @@ fn tcp_20mb_intact_udp_round_trip_and_byte_counters() {
 }
 
 #[test]
+fn integrity_without_offloads_too() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("nooff", Opts { offload: false, ..Opts::default() });
+    bed.start();
+    let data: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
+    let want = format!("len={} fnv={:x}", data.len(), fnv(&data, FNV_INIT));
+    let mut s = connect(&bed.a, EP, 80, 3 * SEC).expect("connect");
+    assert!(line(&mut s).starts_with("svc=orders"));
+    s.write_all(&data).expect("send");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    assert_eq!(line(&mut s), want);
+    let answer = udp_ask(&bed.a, EP, 53, "plain").expect("UDP answer");
+    assert!(answer.ends_with("data=plain"), "{answer}");
+}
+
+#[test]
 fn overlapping_tenants_reach_only_their_own_service() {
     if !privileged() {
         return;
@@ -181,9 +199,13 @@ fn reload_adds_an_endpoint_without_disturbing_live_flows() {
     let mut to_b2 = connect(&bed.a, new_ep, 7, 3 * SEC).expect("connect to pe-a2");
     to_b2.write_all(b"x\n").expect("write");
     assert_eq!(line(&mut to_b2), "x");
+    assert!(bed.metric("privlink_endpoint_flows_active", &[("endpoint", "pe-a2")]) >= 1.0);
+    assert_eq!(bed.metric("privlink_connection_state", &[("endpoint", "pe-a2"), ("state", "approved")]), 1.0);
     bed.signal(libc::SIGHUP);
-    assert!(eventually(10, || bed.metric("privlink_endpoint_flows_active", &[("endpoint", "pe-a2")]) == 0.0
-        && bed.log().matches("configuration reloaded").count() >= 2));
+    assert!(eventually(10, || bed.log().matches("configuration reloaded").count() >= 2));
+    assert_eq!(bed.metric("privlink_endpoint_flows_active", &[("endpoint", "pe-a2")]), 0.0);
+    assert_eq!(bed.metric("privlink_connection_state", &[("endpoint", "pe-a2"), ("state", "disconnected")]), 1.0);
+    assert_eq!(bed.metric("privlink_connection_state", &[("endpoint", "pe-a2"), ("state", "approved")]), 0.0);
     to_b2.set_read_timeout(Some(SEC)).expect("timeout");
     let _ = to_b2.write_all(b"y\n");
     let mut buf = [0u8; 8];

@@ -59,6 +59,8 @@ pub struct Opts {
     pub orders_auto_approve: &'static str,
     /// TOML list: tenants that may see `billing`.
     pub billing_visibility: &'static str,
+    /// `[dataplane] offload`.
+    pub offload: bool,
 }
 
 impl Default for Opts {
@@ -69,6 +71,7 @@ impl Default for Opts {
             tcp_closed_idle: 1,
             orders_auto_approve: r#"["*"]"#,
             billing_visibility: r#"["*"]"#,
+            offload: true,
         }
     }
 }
@@ -111,6 +114,7 @@ impl Bed {
 [dataplane]
 workers = 2
 tcp_closed_idle = {closed}
+offload = {offload}
 
 [metrics]
 listen = "{metrics}"
@@ -190,6 +194,7 @@ service = "billing"
             extra = opts.extra,
             orders_auto = opts.orders_auto_approve,
             billing_vis = opts.billing_visibility,
+            offload = opts.offload,
         )
     }
 

@@ -41,9 +41,30 @@ pub fn install() -> Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// Endpoints (name -> service) the last scrape exported, so that series of
+/// endpoints that left the config are brought to their final values.
+pub type Exported = std::sync::Mutex<std::collections::HashMap<String, String>>;
+
 /// Copies the engine's counters into the registry.
-pub fn sync(engine: &Engine, io: &IoErrors) {
+pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
     let snap = engine.snapshot();
+    let mut seen = exported.lock().unwrap_or_else(|e| e.into_inner());
+    // Detached endpoints: no flows, connection disconnected. (Their byte
+    // counters keep their last values, as Prometheus counters should.)
+    for (name, service) in seen.iter() {
+        if snap.endpoint_by_name(name).is_none() {
+            gauge!("privlink_endpoint_flows_active", "endpoint" => name.clone()).set(0.0);
+            for st in ConnectionState::ALL {
+                let v = if st == ConnectionState::Disconnected { 1.0 } else { 0.0 };
+                gauge!("privlink_connection_state", "endpoint" => name.clone(), "service" => service.clone(), "state" => st.as_str()).set(v);
+            }
+        }
+    }
+    seen.retain(|name, _| snap.endpoint_by_name(name).is_some());
+    for e in &snap.endpoints {
+        seen.insert(e.shared.name.clone(), e.shared.service_name.clone());
+    }
+    drop(seen);
     let mut service_bytes: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
     for e in &snap.endpoints {
         let s = &e.shared;
@@ -103,9 +124,14 @@ pub fn sync(engine: &Engine, io: &IoErrors) {
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, engine: Arc<Engine>, io: Arc<IoErrors>) {
+    let exported: Arc<Exported> = Arc::default();
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
-        let (handle, engine, io) = (handle.clone(), engine.clone(), io.clone());
+        let Ok((mut sock, _)) = listener.accept().await else {
+            // Out of descriptors, say: do not spin.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            continue;
+        };
+        let (handle, engine, io, exported) = (handle.clone(), engine.clone(), io.clone(), exported.clone());
         tokio::spawn(async move {
             let mut req = Vec::with_capacity(1024);
             let mut chunk = [0u8; 1024];
@@ -125,7 +151,7 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, engine: Arc<
             let mut parts = line.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let resp = if method == "GET" && (path == "/metrics" || path.starts_with("/metrics?")) {
-                sync(&engine, &io);
+                sync(&engine, &io, &exported);
                 let body = handle.render();
                 format!("HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
             } else {
