@@ -440,9 +440,58 @@ fn icmp_errors_never_touch_flows() {
         .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
         .write(&mut err, &udp(NAT_A.octets(), nport, BACKEND_A.octets(), 5353, b"")[..28])
         .expect("build");
-    assert_eq!(w.process(&mut err, Source::Provider, Now(200)), Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(w.process(&mut err, Source::Provider, Now(200)), Verdict::Forward(Egress::Network(NET_A)));
+    // Translated for the consumer: from the endpoint, about the datagram the
+    // consumer sent, every checksum right.
+    let (s, _, d, _, ok) = inspect(&err);
+    assert!(ok, "outer IP and ICMP checksums");
+    assert_eq!((s, d), (Ipv4Addr::from(EP), Ipv4Addr::from(CLIENT)));
+    let quoted = &err[28..];
+    assert_eq!(checksum::fold(checksum::sum(&quoted[..20])), 0xffff, "quoted IP checksum");
+    assert_eq!(&quoted[12..16], &CLIENT);
+    assert_eq!(&quoted[16..20], &EP);
+    assert_eq!(u16::from_be_bytes([quoted[20], quoted[21]]), 1);
+    assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), 53);
     // It did not refresh the flow: it still expires 300 s after its packet.
     assert_eq!(e.expire(Now(300)), 1);
+    // Now there is no flow: the same error is dropped.
+    let mut again = Vec::new();
+    PacketBuilder::ipv4(BACKEND_A.octets(), NAT_A.octets(), 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
+        .write(&mut again, &udp(NAT_A.octets(), nport, BACKEND_A.octets(), 5353, b"")[..28])
+        .expect("build");
+    assert_eq!(w.process(&mut again, Source::Provider, Now(301)), Verdict::Drop(DropReason::NoFlow));
+}
+
+#[test]
+fn icmp_errors_from_the_consumer_and_bad_ones() {
+    let (_e, mut w) = engine();
+    let mut syn = tcp(CLIENT, 40000, EP, 80, "S", b"");
+    w.process(&mut syn, Source::Network(NET_A), Now(0));
+    let (_, nport, _, _, _) = inspect(&syn);
+    // The consumer answers the endpoint's SYN-ACK with an unreachable.
+    let mut synack = tcp(EP, 80, CLIENT, 40000, "SA", b"");
+    synack.truncate(48); // IP header + the first 28 bytes of TCP
+    let quote = synack.clone();
+    let mut err = Vec::new();
+    PacketBuilder::ipv4(CLIENT, EP, 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
+        .write(&mut err, &quote)
+        .expect("build");
+    let mut bad = err.clone();
+    assert_eq!(w.process(&mut err, Source::Network(NET_A), Now(5)), Verdict::Forward(Egress::Provider));
+    let (s, _, d, _, ok) = inspect(&err);
+    assert!(ok);
+    assert_eq!((s, d), (NAT_A, BACKEND_A));
+    let q = &err[28..];
+    assert_eq!(checksum::fold(checksum::sum(&q[..20])), 0xffff);
+    assert_eq!((&q[12..16], &q[16..20]), (&BACKEND_A.octets()[..], &NAT_A.octets()[..]));
+    assert_eq!(u16::from_be_bytes([q[20], q[21]]), 8080);
+    assert_eq!(u16::from_be_bytes([q[22], q[23]]), nport);
+    // A bad ICMP checksum: dropped.
+    let n = bad.len();
+    bad[n - 1] ^= 0xff;
+    assert_eq!(w.process(&mut bad, Source::Network(NET_A), Now(5)), Verdict::Drop(DropReason::NoFlow));
 }
 
 #[test]
@@ -658,4 +707,55 @@ fn offload_partial_checksum_and_gso_super_packets() {
         panic!("too big")
     };
     assert_eq!(u16::from_be_bytes([w.reply(len)[26], w.reply(len)[27]]), 1400);
+}
+
+#[test]
+fn syn_flood_leaves_existing_flows_working_and_the_pool_recovers() {
+    // A 100-port pool, one backend: at most 100 flows can hold a port.
+    let d = desired(3000..=3099, ConnectionState::Approved);
+    let (e, mut w) = engine_with(Settings { max_flows: 4096, ..Settings::default() }, &d);
+    let a = Source::Network(NET_A);
+    // An established flow from another client before the flood.
+    let mut syn = tcp([10, 1, 0, 99], 5555, EP, 80, "S", b"");
+    assert_eq!(w.process(&mut syn, a, Now(0)), Verdict::Forward(Egress::Provider));
+    let (_, nport, _, _, _) = inspect(&syn);
+    let mut sa = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "SA", b"");
+    w.process(&mut sa, Source::Provider, Now(0));
+    let mut ack = tcp([10, 1, 0, 99], 5555, EP, 80, "A", b"");
+    w.process(&mut ack, a, Now(0));
+
+    // 100,000 SYNs from distinct source ports (and addresses).
+    let mut forwarded = 0;
+    let mut exhausted = 0;
+    for i in 0..100_000u32 {
+        let src = [10, 2, (i >> 16) as u8, (i >> 8) as u8];
+        let mut p = tcp(src, 1024 + (i % 60_000) as u16, EP, 80, "S", b"");
+        match w.process(&mut p, a, Now(1)) {
+            Verdict::Forward(_) => forwarded += 1,
+            Verdict::Reply { reason: DropReason::PortsExhausted, .. } | Verdict::Drop(DropReason::PortsExhausted) => {
+                exhausted += 1
+            }
+            v => panic!("unexpected {v:?}"),
+        }
+    }
+    assert_eq!(forwarded, 99, "the pool's other 99 ports");
+    assert_eq!(exhausted, 100_000 - 99);
+    // Memory stays bounded: 100 flows, not 100,000.
+    assert_eq!(e.flows().len(), 100);
+    // The established flow still works both ways.
+    let mut data = tcp([10, 1, 0, 99], 5555, EP, 80, "A", b"still here");
+    assert_eq!(w.process(&mut data, a, Now(2)), Verdict::Forward(Egress::Provider));
+    let mut back = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "A", b"yes");
+    assert_eq!(w.process(&mut back, Source::Provider, Now(2)), Verdict::Forward(Egress::Network(NET_A)));
+    // The half-open flows go after the transitory timeout (240 s); their
+    // ports come back after the 120 s quarantine.
+    let snap = e.snapshot();
+    let pool = snap.pools.values().find(|p| p.service == "svc-a" && p.protocol == Protocol::Tcp).expect("pool");
+    assert_eq!(e.expire(Now(240)), 0);
+    assert_eq!(e.expire(Now(241)), 99);
+    assert_eq!(pool.pool.available(), 0);
+    e.expire(Now(241 + pool::QUARANTINE_SECS));
+    assert_eq!(pool.pool.available(), 99);
+    let mut fresh = tcp([10, 3, 0, 1], 1000, EP, 80, "S", b"");
+    assert_eq!(w.process(&mut fresh, a, Now(400)), Verdict::Forward(Egress::Provider));
 }

@@ -405,6 +405,99 @@ pub fn is_icmp_error(kind: u8) -> bool {
     matches!(kind, 3 | 4 | 5 | 11 | 12)
 }
 
+/// The packet quoted inside an ICMP error (RFC 792: the IP header and at
+/// least 8 bytes of its payload), located within the ICMP message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quoted {
+    /// Offset of the quoted IP header within the ICMP message.
+    pub ip: usize,
+    /// Offset of the quoted transport header within the ICMP message.
+    pub l4: usize,
+    pub proto: u8,
+    pub src: u32,
+    pub dst: u32,
+    /// Ports; for a quoted ICMP echo, the identifier as `src` and `dst`.
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Validates an ICMP error message `icmp` (its checksum, and the quoted
+/// IPv4 header with 8 bytes of transport header behind it) and reads the
+/// quoted packet's addresses and ports.
+pub fn parse_icmp_error(icmp: &[u8]) -> Option<Quoted> {
+    if crate::checksum::fold(crate::checksum::sum(icmp)) != 0xffff {
+        return None;
+    }
+    let ip = field::ICMP_HEADER;
+    let q = icmp.get(ip..)?;
+    if q.len() < field::HEADER_MIN || q[field::VER_IHL] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(q[field::VER_IHL] & 0x0f) * 4;
+    if ihl < field::HEADER_MIN || q.len() < ihl + 8 {
+        return None;
+    }
+    let proto = q[field::PROTOCOL];
+    let l4 = &q[ihl..];
+    let (sport, dport) = match proto {
+        proto::TCP | proto::UDP => (be16(l4, field::SRC_PORT), be16(l4, field::DST_PORT)),
+        proto::ICMP if matches!(l4[0], icmp_type::ECHO_REQUEST | icmp_type::ECHO_REPLY) => {
+            let id = be16(l4, field::ICMP_IDENT);
+            (id, id)
+        }
+        _ => return None,
+    };
+    Some(Quoted { ip, l4: ip + ihl, proto, src: be32(q, field::SRC), dst: be32(q, field::DST), sport, dport })
+}
+
+/// Rewrites the quoted packet of an ICMP error in place (addresses, ports
+/// or echo identifier, the quoted IP header checksum, and the quoted
+/// transport checksum where the quote holds it), then the ICMP checksum.
+pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: (u32, u16), dst: (u32, u16)) {
+    let mut pseudo = Delta::default();
+    pseudo.dword(q.src, src.0);
+    pseudo.dword(q.dst, dst.0);
+    {
+        let h = &mut icmp[q.ip..q.l4];
+        h[field::SRC].copy_from_slice(&src.0.to_be_bytes());
+        h[field::DST].copy_from_slice(&dst.0.to_be_bytes());
+        let c = pseudo.apply(be16(h, field::CHECKSUM));
+        put16(h, field::CHECKSUM, c);
+    }
+    let l4 = &mut icmp[q.l4..];
+    match q.proto {
+        proto::ICMP => {
+            // A quoted echo: the identifier is the "port" on both sides.
+            let id = if l4[0] == icmp_type::ECHO_REQUEST { src.1 } else { dst.1 };
+            let mut d = Delta::default();
+            d.word(be16(l4, field::ICMP_IDENT), id);
+            put16(l4, field::ICMP_IDENT, id);
+            if l4.len() >= 4 {
+                let c = d.apply(be16(l4, field::ICMP_CHECKSUM));
+                put16(l4, field::ICMP_CHECKSUM, c);
+            }
+        }
+        p => {
+            let mut d = pseudo;
+            d.word(be16(l4, field::SRC_PORT), src.1);
+            d.word(be16(l4, field::DST_PORT), dst.1);
+            put16(l4, field::SRC_PORT, src.1);
+            put16(l4, field::DST_PORT, dst.1);
+            let at = if p == proto::TCP { field::TCP_CHECKSUM } else { field::UDP_CHECKSUM };
+            if l4.len() >= at.end {
+                let old = be16(l4, at.clone());
+                let c = if p == proto::UDP { d.apply_udp(old) } else { d.apply(old) };
+                put16(l4, at, c);
+            }
+        }
+    }
+    // The quote changed in many places: recompute the ICMP checksum over the
+    // message (an error is at most 576 bytes, and errors are rare).
+    icmp[field::ICMP_CHECKSUM].copy_from_slice(&[0, 0]);
+    let c = crate::checksum::checksum(icmp);
+    put16(icmp, field::ICMP_CHECKSUM, c);
+}
+
 /// True for addresses an ICMP error must never be sent to (RFC 1812 4.3.2.7):
 /// unspecified, limited broadcast, multicast, class E.
 #[inline]

@@ -220,7 +220,9 @@ impl Ctx<'_> {
                 l4_header: wire::field::ICMP_HEADER,
             },
             // ICMP errors never create, refresh or delete flows.
-            Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return Verdict::Drop(DropReason::NoFlow),
+            Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => {
+                return self.error_to_provider(buf, net, ep);
+            }
             Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
         };
         if !ep.shared.approved() {
@@ -324,7 +326,7 @@ impl Ctx<'_> {
             Transport::Icmp { kind: icmp_type::ECHO_REPLY, ident, .. } => {
                 (ProviderKey::new(wire::proto::ICMP, dst, ident, src, 0), 0, wire::field::ICMP_HEADER)
             }
-            Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return Verdict::Drop(DropReason::NoFlow),
+            Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return self.error_to_consumer(buf),
             Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
         };
         let flows = &self.engine.flows;
@@ -369,6 +371,85 @@ impl Ctx<'_> {
         let c = ep.shared.counters.get(self.w);
         bump(&c.bytes_out, len as u64);
         bump(&c.packets_out, segments);
+        Verdict::Forward(Egress::Network(net))
+    }
+}
+
+impl Ctx<'_> {
+    /// An ICMP error a consumer sends about a packet it got from the
+    /// endpoint (RFC 5508): translated to the flow's backend, outer and
+    /// quoted headers alike. No flow is created, refreshed or deleted.
+    fn error_to_provider(&mut self, buf: &mut [u8], net: NetworkId, ep: &EndpointView) -> Verdict {
+        let pkt = Ipv4Packet::new_unchecked(&*buf);
+        let (ihl, len) = (pkt.header_len(), pkt.total_len());
+        let Some(q) = wire::parse_icmp_error(&buf[ihl..]) else { return Verdict::Drop(DropReason::NoFlow) };
+        if q.src != ep.ip {
+            return Verdict::Drop(DropReason::NoFlow);
+        }
+        let ck = if q.proto == wire::proto::ICMP {
+            ConsumerKey::new(net.0, q.proto, q.dst, q.dport, q.src, 0)
+        } else {
+            ConsumerKey::new(net.0, q.proto, q.dst, q.dport, q.src, q.sport)
+        };
+        let Some(i) = self.engine.flows.find_consumer(ck) else { return Verdict::Drop(DropReason::NoFlow) };
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        if buf[wire::field::TTL] <= 1 {
+            return Verdict::Drop(DropReason::TtlExpired);
+        }
+        if len > usize::from(self.snap.provider_mtu) {
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        let pk = self.engine.flows.slot(i).provider_key();
+        let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
+        pkt.forward_rewrite(pk.nat_addr(), pk.backend_addr());
+        let quoted_src = (pk.backend_addr(), if q.proto == wire::proto::ICMP { 0 } else { pk.backend_port() });
+        wire::rewrite_quoted(pkt.payload_mut(), &q, quoted_src, (pk.nat_addr(), pk.nat_port()));
+        let c = ep.shared.counters.get(self.w);
+        bump(&c.bytes_in, len as u64);
+        bump(&c.packets_in, 1);
+        Verdict::Forward(Egress::Provider)
+    }
+
+    /// An ICMP error from the provider side about a translated packet (a
+    /// backend's port unreachable, a router's fragmentation needed): sent
+    /// on to the consumer from the endpoint's address, the quoted packet
+    /// restored to what the consumer sent.
+    fn error_to_consumer(&mut self, buf: &mut [u8]) -> Verdict {
+        let pkt = Ipv4Packet::new_unchecked(&*buf);
+        let (ihl, len, dst) = (pkt.header_len(), pkt.total_len(), pkt.dst_addr());
+        let Some(q) = wire::parse_icmp_error(&buf[ihl..]) else { return Verdict::Drop(DropReason::NoFlow) };
+        if q.src != dst {
+            return Verdict::Drop(DropReason::NoFlow);
+        }
+        let pk = if q.proto == wire::proto::ICMP {
+            ProviderKey::new(q.proto, q.src, q.sport, q.dst, 0)
+        } else {
+            ProviderKey::new(q.proto, q.src, q.sport, q.dst, q.dport)
+        };
+        let Some(i) = self.engine.flows.find_provider(pk) else { return Verdict::Drop(DropReason::NoFlow) };
+        let slot = self.engine.flows.slot(i);
+        let ck = slot.consumer_key();
+        let Some(ep) = self.snap.endpoint_by_id(slot.endpoint()) else { return Verdict::Drop(DropReason::NoFlow) };
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        if buf[wire::field::TTL] <= 1 {
+            return Verdict::Drop(DropReason::TtlExpired);
+        }
+        let net = NetworkId(ck.network());
+        let Some(&(_, mtu)) = self.snap.network(net) else { return Verdict::Drop(DropReason::NoFlow) };
+        if len > usize::from(mtu) {
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
+        pkt.forward_rewrite(ck.endpoint_addr(), ck.consumer_addr());
+        let quoted_dst = (ck.endpoint_addr(), if q.proto == wire::proto::ICMP { 0 } else { ck.endpoint_port() });
+        wire::rewrite_quoted(pkt.payload_mut(), &q, (ck.consumer_addr(), ck.consumer_port()), quoted_dst);
+        let c = ep.shared.counters.get(self.w);
+        bump(&c.bytes_out, len as u64);
+        bump(&c.packets_out, 1);
         Verdict::Forward(Egress::Network(net))
     }
 }
