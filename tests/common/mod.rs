@@ -61,6 +61,8 @@ pub struct Opts {
     pub billing_visibility: &'static str,
     /// `[dataplane] offload`.
     pub offload: bool,
+    /// `[provider] mtu`.
+    pub provider_mtu: u16,
 }
 
 impl Default for Opts {
@@ -72,6 +74,7 @@ impl Default for Opts {
             orders_auto_approve: r#"["*"]"#,
             billing_visibility: r#"["*"]"#,
             offload: true,
+            provider_mtu: 1500,
         }
     }
 }
@@ -128,6 +131,7 @@ dir = "{dir}/state"
 [provider]
 tun = "plp0"
 netns = "{prov}"
+mtu = {provider_mtu}
 
 [[network]]
 name = "vnet-a"
@@ -150,7 +154,8 @@ nat_ports = "{ports}"
 backends = ["{be_o}"]
 ports = [{{ protocol = "tcp", port = 80, backend_port = 8080 }},
          {{ protocol = "tcp", port = 7, backend_port = 8007 }},
-         {{ protocol = "udp", port = 53, backend_port = 5353 }}]
+         {{ protocol = "udp", port = 53, backend_port = 5353 }},
+         {{ protocol = "udp", port = 54, backend_port = 5454 }}]
 visibility = ["*"]
 auto_approve = {orders_auto}
 
@@ -195,6 +200,7 @@ service = "billing"
             orders_auto = opts.orders_auto_approve,
             billing_vis = opts.billing_visibility,
             offload = opts.offload,
+            provider_mtu = opts.provider_mtu,
         )
     }
 

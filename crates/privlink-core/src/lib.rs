@@ -14,6 +14,7 @@ pub mod checksum;
 pub mod engine;
 pub mod error;
 pub mod flow;
+pub mod frag;
 pub mod maglev;
 pub mod pool;
 pub mod types;

@@ -759,3 +759,118 @@ fn syn_flood_leaves_existing_flows_working_and_the_pool_recovers() {
     let mut fresh = tcp([10, 3, 0, 1], 1000, EP, 80, "S", b"");
     assert_eq!(w.process(&mut fresh, a, Now(400)), Verdict::Forward(Egress::Provider));
 }
+
+/// Splits `p` into fragments of at most `mtu` bytes.
+fn fragments_of(p: &[u8], mtu: usize) -> Vec<Vec<u8>> {
+    let mut f = wire::Fragmenter::new(p, mtu).expect("fragmenter");
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; mtu];
+    while let Some(n) = f.next_into(&mut buf) {
+        out.push(buf[..n].to_vec());
+    }
+    out
+}
+
+/// Reassembles fragments (any order) into one datagram.
+fn reassemble(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut parts: Vec<(usize, &[u8])> =
+        frags.iter().map(|f| ((usize::from(u16::from_be_bytes([f[6], f[7]]) & 0x1fff)) * 8, &f[20..])).collect();
+    parts.sort_by_key(|p| p.0);
+    let mut d = frags.iter().find(|f| f[6] & 0x1f == 0 && f[7] == 0).expect("first")[..20].to_vec();
+    for (_, payload) in parts {
+        d.extend_from_slice(payload);
+    }
+    let len = d.len() as u16;
+    d[2..4].copy_from_slice(&len.to_be_bytes());
+    d[6..8].copy_from_slice(&[0, 0]);
+    fix_ip_checksum(&mut d);
+    d
+}
+
+#[test]
+fn fragments_are_translated_consistently_in_any_order() {
+    let (_e, mut w) = engine();
+    let payload: Vec<u8> = (0..3000u32).map(|i| (i * 13) as u8).collect();
+    let mut big = udp(CLIENT, 6000, EP, 53, &payload);
+    big[6] = 0; // no DF
+    fix_ip_checksum(&mut big);
+    let frags = fragments_of(&big, 1500);
+    assert_eq!(frags.len(), 3);
+    for order in [[0usize, 1, 2], [2, 1, 0], [1, 2, 0]] {
+        let (_e, mut w) = engine();
+        let mut out = Vec::new();
+        for &k in &order {
+            let mut f = frags[k].clone();
+            match w.process(&mut f, Source::Network(NET_A), Now(1)) {
+                Verdict::Forward(Egress::Provider) => out.push(f),
+                Verdict::Held => {}
+                v => panic!("fragment {k}: {v:?}"),
+            }
+            w.take_ready(|to, _, bytes| {
+                assert_eq!(to, Egress::Provider);
+                out.push(bytes.to_vec());
+            });
+        }
+        assert_eq!(out.len(), 3, "order {order:?}");
+        for f in &out {
+            assert_eq!(checksum::fold(checksum::sum(&f[..20])), 0xffff);
+            assert_eq!((&f[12..16], &f[16..20]), (&NAT_A.octets()[..], &BACKEND_A.octets()[..]));
+        }
+        let whole = reassemble(&out);
+        let (s, _, d, dp, ok) = inspect(&whole);
+        assert!(ok, "the reassembled datagram's UDP checksum holds (order {order:?})");
+        assert_eq!((s, d, dp), (NAT_A, BACKEND_A, 5353));
+        assert_eq!(&whole[28..], &payload[..]);
+    }
+
+    // And back: the backend's fragmented answer reaches the consumer whole.
+    let mut first = frags[0].clone();
+    w.process(&mut first, Source::Network(NET_A), Now(1));
+    let nport = u16::from_be_bytes([first[20], first[21]]);
+    let mut answer = udp(BACKEND_A.octets(), 5353, NAT_A.octets(), nport, &payload);
+    answer[6] = 0;
+    fix_ip_checksum(&mut answer);
+    let mut back = Vec::new();
+    for mut f in fragments_of(&answer, 1500).into_iter().rev() {
+        match w.process(&mut f, Source::Provider, Now(2)) {
+            Verdict::Forward(Egress::Network(NET_A)) => back.push(f),
+            Verdict::Held => {}
+            v => panic!("{v:?}"),
+        }
+        w.take_ready(|_, _, b| back.push(b.to_vec()));
+    }
+    let whole = reassemble(&back);
+    assert_eq!(inspect(&whole), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 6000, true));
+}
+
+#[test]
+fn held_fragments_time_out_and_are_counted() {
+    let (e, mut w) = engine();
+    let mut big = udp(CLIENT, 6001, EP, 53, &[1u8; 3000]);
+    big[6] = 0;
+    fix_ip_checksum(&mut big);
+    let mut later = fragments_of(&big, 1500).pop().expect("last");
+    assert_eq!(w.process(&mut later, Source::Network(NET_A), Now(1)), Verdict::Held);
+    let mut other = udp(CLIENT, 6002, EP, 53, b"x");
+    w.process(&mut other, Source::Network(NET_A), Now(1 + frag::REASSEMBLY_SECS));
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::ReassemblyTimeout), 1);
+}
+
+#[test]
+fn too_big_without_df_is_fragmented() {
+    // Network B has MTU 1400: a 3,000-byte answer without DF leaves in fragments.
+    let (_e, mut w) = engine();
+    let mut u = udp(CLIENT, 7000, EP, 53, b"q");
+    w.process(&mut u, Source::Network(NET_B), Now(1));
+    let nport = u16::from_be_bytes([u[20], u[21]]);
+    let payload: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+    let mut big = udp(BACKEND_B.octets(), 5353, NAT_B.octets(), nport, &payload);
+    big[6] = 0;
+    fix_ip_checksum(&mut big);
+    let v = w.process(&mut big, Source::Provider, Now(1));
+    assert_eq!(v, Verdict::Fragment { to: Egress::Network(NET_B), mtu: 1400 });
+    let frags = fragments_of(&big, 1400);
+    assert_eq!(frags.len(), 3);
+    assert!(frags.iter().all(|f| f.len() <= 1400));
+    assert_eq!(inspect(&reassemble(&frags)), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 7000, true));
+}

@@ -98,7 +98,8 @@ impl fmt::Display for Protocol {
 }
 
 /// Why a packet was not forwarded. The label values are SPEC's, plus
-/// `flow_table_full` (SPEC's `max_flows` bound, which SPEC names no reason for).
+/// `flow_table_full` (SPEC's `max_flows` bound, which SPEC names no reason for)
+/// and `reassembly_timeout` (fragments whose first fragment never came).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     NoEndpoint,
@@ -111,10 +112,11 @@ pub enum DropReason {
     TooBig,
     UnsupportedProtocol,
     FlowTableFull,
+    ReassemblyTimeout,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoEndpoint,
         DropReason::PortNotAllowed,
@@ -126,6 +128,7 @@ impl DropReason {
         DropReason::TooBig,
         DropReason::UnsupportedProtocol,
         DropReason::FlowTableFull,
+        DropReason::ReassemblyTimeout,
     ];
 
     pub fn index(self) -> usize {
@@ -145,6 +148,7 @@ impl DropReason {
             DropReason::TooBig => "too_big",
             DropReason::UnsupportedProtocol => "unsupported_protocol",
             DropReason::FlowTableFull => "flow_table_full",
+            DropReason::ReassemblyTimeout => "reassembly_timeout",
         }
     }
 }
@@ -217,6 +221,13 @@ pub enum Verdict {
     Forward(Egress),
     /// Drop it (already counted).
     Drop(DropReason),
+    /// The buffer was translated in place but is larger than the egress MTU
+    /// (and may be fragmented): write it as fragments of at most `mtu`
+    /// bytes (see [`crate::wire::Fragmenter`]).
+    Fragment { to: Egress, mtu: u16 },
+    /// A later fragment kept until its datagram's first fragment arrives;
+    /// it comes out through [`crate::Worker::take_ready`].
+    Held,
     /// Drop it (already counted) and write the ICMP answer in
     /// [`crate::Worker::reply`]`[..len]` back to the device it came from.
     Reply { reason: DropReason, len: usize },

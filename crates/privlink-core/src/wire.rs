@@ -273,6 +273,13 @@ pub enum Transport {
 impl Transport {
     /// Validates and reads the L4 header in `l4` (the IP payload).
     pub fn parse(protocol: u8, l4: &[u8]) -> Result<Transport, Malformed> {
+        Self::parse_in(protocol, l4, true)
+    }
+
+    /// As [`parse`](Self::parse) for the first fragment of a datagram
+    /// (`whole` false): the UDP length covers the whole datagram, so it may
+    /// exceed what this fragment carries.
+    pub fn parse_in(protocol: u8, l4: &[u8], whole: bool) -> Result<Transport, Malformed> {
         match protocol {
             proto::TCP => {
                 if l4.len() < field::TCP_HEADER_MIN {
@@ -293,7 +300,8 @@ impl Transport {
                 if l4.len() < field::UDP_HEADER {
                     return Err(Malformed::Truncated);
                 }
-                if usize::from(be16(l4, field::UDP_LENGTH)) != l4.len() {
+                let ulen = usize::from(be16(l4, field::UDP_LENGTH));
+                if (whole && ulen != l4.len()) || (!whole && ulen <= l4.len()) {
                     return Err(Malformed::UdpLength);
                 }
                 Ok(Transport::Udp { src: be16(l4, field::SRC_PORT), dst: be16(l4, field::DST_PORT) })
@@ -396,6 +404,53 @@ pub fn build_icmp_error(out: &mut [u8], orig: &[u8], src: u32, dst: u32, kind: u
     let c = crate::checksum::checksum(icmp);
     put16(icmp, field::ICMP_CHECKSUM, c);
     total
+}
+
+/// Splits a packet into fragments of at most `mtu` bytes (RFC 791): each
+/// gets the header (options included), its share of the payload (a
+/// multiple of 8 bytes but the last), the offset and more-fragments flag,
+/// and a fresh header checksum. A packet that is itself a fragment keeps its
+/// place in the original datagram.
+#[derive(Debug)]
+pub struct Fragmenter<'a> {
+    pkt: &'a [u8],
+    ihl: usize,
+    chunk: usize,
+    at: usize,
+}
+
+impl<'a> Fragmenter<'a> {
+    /// `pkt` must be a valid IPv4 packet; `None` when `mtu` cannot carry
+    /// its header plus 8 bytes.
+    pub fn new(pkt: &'a [u8], mtu: usize) -> Option<Fragmenter<'a>> {
+        let ihl = usize::from(pkt[field::VER_IHL] & 0x0f) * 4;
+        let chunk = mtu.checked_sub(ihl)? & !7;
+        (chunk >= 8).then_some(Fragmenter { pkt, ihl, chunk, at: ihl })
+    }
+
+    /// Writes the next fragment into `out` (at least `mtu` bytes) and
+    /// returns its length.
+    pub fn next_into(&mut self, out: &mut [u8]) -> Option<usize> {
+        let (pkt, ihl) = (self.pkt, self.ihl);
+        if self.at >= pkt.len() {
+            return None;
+        }
+        let take = self.chunk.min(pkt.len() - self.at);
+        let last = self.at + take == pkt.len();
+        let len = ihl + take;
+        out[..ihl].copy_from_slice(&pkt[..ihl]);
+        out[ihl..len].copy_from_slice(&pkt[self.at..self.at + take]);
+        let orig = be16(pkt, field::FLAGS_FRAG);
+        let offset = (orig & 0x1fff) + ((self.at - ihl) / 8) as u16;
+        let more = !last || orig & 0x2000 != 0;
+        put16(out, field::FLAGS_FRAG, (orig & 0x4000) | if more { 0x2000 } else { 0 } | offset);
+        put16(out, field::LENGTH, len as u16);
+        put16(out, field::CHECKSUM, 0);
+        let c = crate::checksum::checksum(&out[..ihl]);
+        put16(out, field::CHECKSUM, c);
+        self.at += take;
+        Some(len)
+    }
 }
 
 /// True for ICMP types that are error messages (RFC 792/1812), about which

@@ -11,6 +11,7 @@
 
 use crate::engine::{bump, EndpointView, Engine, Snapshot};
 use crate::flow::{state, ConsumerKey, InsertError, Inserted, ProviderKey, TcpPhase};
+use crate::frag::{FragKey, Fragments, Later, Mapping};
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Source, Verdict};
 use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
 use arc_swap::{ArcSwap, Cache};
@@ -50,6 +51,7 @@ pub struct Worker {
     cache: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
     reply: [u8; REPLY_MAX],
     icmp: IcmpLimiter,
+    frags: Fragments,
 }
 
 /// Borrowed pieces of a worker for one packet.
@@ -59,6 +61,7 @@ struct Ctx<'a> {
     snap: &'a Snapshot,
     reply: &'a mut [u8; REPLY_MAX],
     icmp: &'a mut IcmpLimiter,
+    frags: &'a mut Fragments,
     now: Now,
     off: Offload,
 }
@@ -78,7 +81,14 @@ impl Worker {
     pub(crate) fn new(engine: Arc<Engine>, index: usize) -> Worker {
         let cache = Cache::new(engine.snap.clone());
         let rate = engine.settings.icmp_rate;
-        Worker { engine, index, cache, reply: [0; REPLY_MAX], icmp: IcmpLimiter { second: u32::MAX, left: 0, rate } }
+        Worker {
+            engine,
+            index,
+            cache,
+            reply: [0; REPLY_MAX],
+            icmp: IcmpLimiter { second: u32::MAX, left: 0, rate },
+            frags: Fragments::default(),
+        }
     }
 
     pub fn index(&self) -> usize {
@@ -101,9 +111,65 @@ impl Worker {
     /// is a GSO super-packet, which is translated once for all its segments.
     #[inline]
     pub fn process_offload(&mut self, buf: &mut [u8], src: Source, now: Now, off: Offload) -> Verdict {
-        let Worker { engine, index, cache, reply, icmp } = self;
+        let Worker { engine, index, cache, reply, icmp, frags } = self;
         let snap: &Snapshot = cache.load();
-        let mut cx = Ctx { engine, w: *index, snap, reply, icmp, now, off };
+        let mut cx = Ctx { engine, w: *index, snap, reply, icmp, frags, now, off };
+        cx.frags.tick(now);
+        let v = cx.dispatch(buf, src);
+        let mut gave_up: [(u16, u64); 4] = [(0, 0); 4];
+        let mut n = 0;
+        cx.frags.take_dropped(|net, count| {
+            if n < gave_up.len() {
+                gave_up[n] = (net, count);
+                n += 1;
+            }
+        });
+        for &(net, count) in &gave_up[..n] {
+            let net = (net != u16::MAX).then_some(NetworkId(net));
+            for _ in 0..count {
+                cx.count_drop(net, DropReason::ReassemblyTimeout);
+            }
+        }
+        v
+    }
+
+    /// True when held fragments were released and wait for
+    /// [`take_ready`](Self::take_ready).
+    #[inline]
+    pub fn has_ready(&self) -> bool {
+        self.frags.has_ready()
+    }
+
+    /// Translates each released fragment (held because it came before its
+    /// datagram's first fragment) and hands it to `f` with its egress and
+    /// that egress's MTU.
+    pub fn take_ready(&mut self, mut f: impl FnMut(Egress, u16, &[u8])) {
+        let Worker { cache, frags, index, .. } = self;
+        let snap: &Snapshot = cache.load();
+        frags.take_ready(|m, bytes| {
+            let mut p = Ipv4Packet::new_unchecked(&mut *bytes);
+            if p.ttl() <= 1 {
+                return;
+            }
+            p.forward_rewrite(m.src, m.dst);
+            if let Some(ep) = snap.endpoint_by_id(m.endpoint) {
+                let c = ep.shared.counters.get(*index);
+                let (b, k) = if m.egress == Egress::Provider {
+                    (&c.bytes_in, &c.packets_in)
+                } else {
+                    (&c.bytes_out, &c.packets_out)
+                };
+                bump(b, bytes.len() as u64);
+                bump(k, 1);
+            }
+            f(m.egress, m.mtu, bytes);
+        });
+    }
+}
+
+impl Ctx<'_> {
+    fn dispatch(&mut self, buf: &mut [u8], src: Source) -> Verdict {
+        let cx = self;
         match src {
             Source::Network(n) => {
                 let v = cx.consumer_to_provider(buf, n);
@@ -118,6 +184,52 @@ impl Worker {
                     cx.count_drop(None, r);
                 }
                 v
+            }
+        }
+    }
+
+    /// A fragment other than the first: translated like its datagram's first
+    /// fragment, or held until that one comes.
+    fn later_fragment(&mut self, buf: &mut [u8], net: Option<NetworkId>) -> Verdict {
+        let pkt = Ipv4Packet::new_unchecked(&*buf);
+        let key = FragKey {
+            net: net.map_or(u16::MAX, |n| n.0),
+            src: pkt.src_addr(),
+            dst: pkt.dst_addr(),
+            proto: pkt.protocol(),
+            id: pkt.ident(),
+        };
+        if pkt.ttl() <= 1 {
+            return Verdict::Drop(DropReason::TtlExpired);
+        }
+        let (len, df) = (pkt.total_len(), pkt.dont_frag());
+        match self.frags.later(key, buf, self.now) {
+            Later::Held => Verdict::Held,
+            Later::Full => Verdict::Drop(DropReason::ReassemblyTimeout),
+            Later::Translate(m) => {
+                let Some(ep) = self.snap.endpoint_by_id(m.endpoint) else {
+                    return Verdict::Drop(DropReason::NoFlow);
+                };
+                if !ep.shared.approved() {
+                    return Verdict::Drop(DropReason::NotApproved);
+                }
+                if len > usize::from(m.mtu) && df {
+                    return Verdict::Drop(DropReason::TooBig);
+                }
+                Ipv4Packet::new_unchecked(&mut *buf).forward_rewrite(m.src, m.dst);
+                let c = ep.shared.counters.get(self.w);
+                let (b, k) = if m.egress == Egress::Provider {
+                    (&c.bytes_in, &c.packets_in)
+                } else {
+                    (&c.bytes_out, &c.packets_out)
+                };
+                bump(b, len as u64);
+                bump(k, 1);
+                if len > usize::from(m.mtu) {
+                    Verdict::Fragment { to: m.egress, mtu: m.mtu }
+                } else {
+                    Verdict::Forward(m.egress)
+                }
             }
         }
     }
@@ -159,12 +271,14 @@ impl Ctx<'_> {
         (headers + gso, (len - headers).div_ceil(gso) as u64)
     }
 
+    /// A packet too big for the egress that may not be fragmented: DF set
+    /// (answered with "fragmentation needed" and the MTU, RFC 1191), or a
+    /// GSO super-packet whose segments would not fit.
     fn too_big(&mut self, buf: &[u8], mtu: u16, from: u32) -> Verdict {
         let p = Ipv4Packet::new_unchecked(buf);
         if p.dont_frag() {
             self.answer(buf, from, icmp_type::DEST_UNREACHABLE, 4, u32::from(mtu), DropReason::TooBig)
         } else {
-            // Fragmenting is not done yet: dropped and counted.
             Verdict::Drop(DropReason::TooBig)
         }
     }
@@ -177,11 +291,11 @@ impl Ctx<'_> {
         };
         let (src, dst, len) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len());
         let Some(ep) = snap.endpoint_at(net.0, dst) else { return Verdict::Drop(DropReason::NoEndpoint) };
-        if pkt.is_fragment() {
-            // Virtual reassembly is not built yet: fragments carry no ports.
-            return Verdict::Drop(DropReason::UnsupportedProtocol);
+        if pkt.is_later_fragment() {
+            return self.later_fragment(buf, Some(net));
         }
-        let Ok(tr) = Transport::parse(pkt.protocol(), pkt.payload()) else {
+        let first_fragment = pkt.is_fragment();
+        let Ok(tr) = Transport::parse_in(pkt.protocol(), pkt.payload(), !first_fragment) else {
             return Verdict::Drop(DropReason::Malformed);
         };
         if pkt.ttl() <= 1 {
@@ -230,9 +344,14 @@ impl Ctx<'_> {
         }
         let ihl = pkt.header_len();
         let (wire_len, segments) = self.on_wire(len, ihl + parsed.l4_header);
+        let mut split = None;
         if wire_len > usize::from(snap.provider_mtu) {
-            return self.too_big(buf, snap.provider_mtu, dst);
+            if pkt.dont_frag() || segments > 1 {
+                return self.too_big(buf, snap.provider_mtu, dst);
+            }
+            split = Some(snap.provider_mtu);
         }
+        let frag_key = FragKey { net: net.0, src, dst, proto: pkt.protocol(), id: pkt.ident() };
         let ck = ConsumerKey::new(net.0, parsed.proto.number(), src, parsed.sport, dst, parsed.dport);
         let flows = &self.engine.flows;
         let is_tcp = parsed.proto == Protocol::Tcp;
@@ -274,7 +393,20 @@ impl Ctx<'_> {
         let c = ep.shared.counters.get(self.w);
         bump(&c.bytes_in, len as u64);
         bump(&c.packets_in, segments);
-        Verdict::Forward(Egress::Provider)
+        if first_fragment {
+            let m = Mapping {
+                src: pk.nat_addr(),
+                dst: pk.backend_addr(),
+                egress: Egress::Provider,
+                mtu: snap.provider_mtu,
+                endpoint: ep.shared.id,
+            };
+            self.frags.first(frag_key, m, self.now);
+        }
+        match split {
+            Some(mtu) => Verdict::Fragment { to: Egress::Provider, mtu },
+            None => Verdict::Forward(Egress::Provider),
+        }
     }
 
     /// Sets up a new flow: NAT IP by consumer address (RFC 4787 REQ-2),
@@ -309,13 +441,15 @@ impl Ctx<'_> {
             Ok(p) => p,
             Err(e) => return Verdict::Drop(invalid(buf, e)),
         };
-        if pkt.is_fragment() {
-            return Verdict::Drop(DropReason::UnsupportedProtocol);
+        if pkt.is_later_fragment() {
+            return self.later_fragment(buf, None);
         }
-        let Ok(tr) = Transport::parse(pkt.protocol(), pkt.payload()) else {
+        let first_fragment = pkt.is_fragment();
+        let Ok(tr) = Transport::parse_in(pkt.protocol(), pkt.payload(), !first_fragment) else {
             return Verdict::Drop(DropReason::Malformed);
         };
         let (src, dst, len) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len());
+        let frag_key = FragKey { net: u16::MAX, src, dst, proto: pkt.protocol(), id: pkt.ident() };
         let (pk, flags, l4_header) = match tr {
             Transport::Tcp { src: sp, dst: dp, flags, header_len } => {
                 (ProviderKey::new(wire::proto::TCP, dst, dp, src, sp), flags, usize::from(header_len))
@@ -343,8 +477,12 @@ impl Ctx<'_> {
         let net = NetworkId(ck.network());
         let Some(&(_, mtu)) = snap.network(net) else { return Verdict::Drop(DropReason::NoFlow) };
         let (wire_len, segments) = self.on_wire(len, pkt.header_len() + l4_header);
+        let mut split = None;
         if wire_len > usize::from(mtu) {
-            return self.too_big(buf, mtu, dst);
+            if pkt.dont_frag() || segments > 1 {
+                return self.too_big(buf, mtu, dst);
+            }
+            split = Some(mtu);
         }
         if pk.0 >> 96 == u128::from(wire::proto::TCP) && flags & (tcp_flags::SYN | tcp_flags::FIN | tcp_flags::RST) != 0
         {
@@ -371,7 +509,20 @@ impl Ctx<'_> {
         let c = ep.shared.counters.get(self.w);
         bump(&c.bytes_out, len as u64);
         bump(&c.packets_out, segments);
-        Verdict::Forward(Egress::Network(net))
+        if first_fragment {
+            let m = Mapping {
+                src: ck.endpoint_addr(),
+                dst: ck.consumer_addr(),
+                egress: Egress::Network(net),
+                mtu,
+                endpoint: ep.shared.id,
+            };
+            self.frags.first(frag_key, m, self.now);
+        }
+        match split {
+            Some(mtu) => Verdict::Fragment { to: Egress::Network(net), mtu },
+            None => Verdict::Forward(Egress::Network(net)),
+        }
     }
 }
 

@@ -123,6 +123,8 @@ fn run_worker(
     let mut rebuild = true;
     let mut buf = vec![0u8; VNET_HDR_LEN + 65536];
     let mut answer = [0u8; VNET_HDR_LEN + REPLY_MAX];
+    // One fragment at a time, behind room for a (zeroed) virtio-net header.
+    let mut piece = vec![0u8; VNET_HDR_LEN + 65536];
     // Small forwarded packets wait here per egress (0: provider, 1 + i:
     // network i) until the read batch ends, then go out coalesced (GRO in
     // userspace: one write carries many segments of a flow).
@@ -211,10 +213,25 @@ fn run_worker(
                         answer[hdr..hdr + len].copy_from_slice(worker.reply(len));
                         Some(dev.queue(w).send(&answer[..hdr + len]))
                     }
-                    Verdict::Drop(_) => None,
+                    Verdict::Fragment { to, mtu } => {
+                        if off.csum_partial {
+                            complete_checksum(&mut buf[..len]);
+                        }
+                        egress(&current, to).map(|d| send_fragments(d, w, &buf[hdr..len], mtu, hdr, &mut piece))
+                    }
+                    Verdict::Drop(_) | Verdict::Held => None,
                 };
                 if let Some(Err(_)) = out {
                     errors.writes.fetch_add(1, Ordering::Relaxed);
+                }
+                if worker.has_ready() {
+                    // Fragments held for a first fragment that just came.
+                    worker.take_ready(|to, mtu, pkt| {
+                        let r = egress(&current, to).map(|d| send_fragments(d, w, pkt, mtu, hdr, &mut piece));
+                        if let Some(Err(_)) = r {
+                            errors.writes.fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
                 }
             }
             for (slot, st) in staged.iter_mut().enumerate() {
@@ -222,6 +239,29 @@ fn run_worker(
             }
         }
     }
+}
+
+fn egress<'a>(set: &'a DeviceSet, to: Egress) -> Option<&'a Arc<Device>> {
+    match to {
+        Egress::Provider => set.provider.as_ref(),
+        Egress::Network(id) => set.network(id),
+    }
+}
+
+/// Writes `pkt` in fragments of at most `mtu` bytes (one write when it
+/// fits), each behind a zeroed header of `hdr` bytes.
+fn send_fragments(d: &Device, w: usize, pkt: &[u8], mtu: u16, hdr: usize, piece: &mut [u8]) -> std::io::Result<usize> {
+    piece[..hdr].fill(0);
+    if pkt.len() <= usize::from(mtu) {
+        piece[hdr..hdr + pkt.len()].copy_from_slice(pkt);
+        return d.queue(w).send(&piece[..hdr + pkt.len()]);
+    }
+    let Some(mut f) = privlink_core::wire::Fragmenter::new(pkt, usize::from(mtu)) else { return Ok(0) };
+    let mut total = 0;
+    while let Some(n) = f.next_into(&mut piece[hdr..]) {
+        total += d.queue(w).send(&piece[..hdr + n])?;
+    }
+    Ok(total)
 }
 
 /// Writes what waits for egress `slot` (0: provider, 1 + i: network i).

@@ -120,7 +120,7 @@ impl Backend {
         });
         let s = stop.clone();
         std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
+            let mut buf = vec![0u8; 65536];
             while !s.load(Ordering::Relaxed) {
                 if let Ok((k, peer)) = udp.recv_from(&mut buf) {
                     let msg = format!("svc={name} peer={peer} data={}", String::from_utf8_lossy(&buf[..k]));

@@ -1,0 +1,203 @@
+//! Virtual reassembly of IPv4 fragments: enough to translate every fragment
+//! of a datagram consistently, without reassembling it.
+//!
+//! Only the first fragment carries the transport header, so only it can be
+//! matched to a flow. When it is translated, its new addresses are
+//! remembered under (network, source, destination, protocol, IP id) of the
+//! datagram as it arrived; later fragments look that up and get the same
+//! addresses (their payload holds no ports or checksum to touch). Later
+//! fragments that arrive before the first are held, copied into a fixed
+//! arena, and released once the first comes. Everything is bounded: 64
+//! datagrams and 64 KiB held per worker, 30 s per datagram (as Linux's
+//! `ipfrag_time`); fragments given up on are counted as
+//! `reassembly_timeout` drops.
+//!
+//! Tables are per worker: the kernel's TUN queue choice hashes a fragment by
+//! its addresses only, so all fragments of a datagram reach one queue.
+
+use crate::types::{Egress, EndpointId, Now};
+
+/// How long a datagram's fragments are waited for.
+pub const REASSEMBLY_SECS: u32 = 30;
+const MAX_DATAGRAMS: usize = 64;
+const ARENA: usize = 64 * 1024;
+const MAX_HELD: usize = 8;
+
+/// A datagram, as it arrived: network (`u16::MAX` for the provider side),
+/// source, destination, protocol, IP identification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FragKey {
+    pub net: u16,
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    pub id: u16,
+}
+
+/// What the first fragment was translated to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub src: u32,
+    pub dst: u32,
+    pub egress: Egress,
+    pub mtu: u16,
+    pub endpoint: EndpointId,
+}
+
+#[derive(Debug)]
+struct Entry {
+    key: FragKey,
+    expires: Now,
+    mapping: Option<Mapping>,
+    held: [(u32, u32); MAX_HELD],
+    n_held: usize,
+}
+
+/// A held fragment released for sending: where it goes and its bytes in
+/// the arena.
+#[derive(Debug, Clone, Copy)]
+pub struct Ready {
+    pub mapping: Mapping,
+    start: u32,
+    len: u32,
+}
+
+/// Per-worker fragment state.
+#[derive(Debug)]
+pub struct Fragments {
+    entries: Vec<Entry>,
+    arena: Box<[u8]>,
+    used: usize,
+    ready: Vec<Ready>,
+    /// Fragments given up on since the last [`take_dropped`](Self::take_dropped),
+    /// with the network they came from.
+    dropped: Vec<(u16, u64)>,
+    /// No entry expires before this.
+    earliest: Now,
+}
+
+impl Default for Fragments {
+    fn default() -> Self {
+        Fragments {
+            entries: Vec::with_capacity(MAX_DATAGRAMS),
+            arena: vec![0u8; ARENA].into_boxed_slice(),
+            used: 0,
+            ready: Vec::with_capacity(MAX_DATAGRAMS * MAX_HELD),
+            dropped: Vec::with_capacity(MAX_DATAGRAMS),
+            earliest: Now(u32::MAX),
+        }
+    }
+}
+
+/// What [`Fragments::later`] decided for a non-first fragment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Later {
+    /// The first fragment was seen: rewrite with this mapping.
+    Translate(Mapping),
+    /// Held until the first fragment comes.
+    Held,
+    /// No room to hold it: drop (counted by the caller).
+    Full,
+}
+
+impl Fragments {
+    /// Gives up on datagrams past their time; cheap when none is due.
+    #[inline]
+    pub fn tick(&mut self, now: Now) {
+        if now >= self.earliest {
+            self.expire(now);
+        }
+    }
+
+    fn expire(&mut self, now: Now) {
+        let mut i = 0;
+        while i < self.entries.len() {
+            if self.entries[i].expires <= now {
+                let e = self.entries.swap_remove(i);
+                if e.n_held > 0 {
+                    self.dropped.push((e.key.net, e.n_held as u64));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if self.entries.iter().all(|e| e.n_held == 0) && self.ready.is_empty() {
+            self.used = 0;
+        }
+        self.earliest = self.entries.iter().map(|e| e.expires).min().unwrap_or(Now(u32::MAX));
+    }
+
+    fn entry(&mut self, key: FragKey, now: Now) -> Option<&mut Entry> {
+        self.expire(now);
+        if let Some(i) = self.entries.iter().position(|e| e.key == key) {
+            return Some(&mut self.entries[i]);
+        }
+        if self.entries.len() == MAX_DATAGRAMS {
+            return None;
+        }
+        self.earliest = self.earliest.min(now.plus(REASSEMBLY_SECS));
+        self.entries.push(Entry {
+            key,
+            expires: now.plus(REASSEMBLY_SECS),
+            mapping: None,
+            held: [(0, 0); MAX_HELD],
+            n_held: 0,
+        });
+        self.entries.last_mut()
+    }
+
+    /// Records the first fragment's translation and releases the fragments
+    /// held for it (see [`take_ready`](Self::take_ready)).
+    pub fn first(&mut self, key: FragKey, mapping: Mapping, now: Now) {
+        let Some(e) = self.entry(key, now) else {
+            return;
+        };
+        e.mapping = Some(mapping);
+        let held = e.n_held;
+        let spans = e.held;
+        e.n_held = 0;
+        for &(start, len) in &spans[..held] {
+            self.ready.push(Ready { mapping, start, len });
+        }
+    }
+
+    /// A fragment other than the first.
+    pub fn later(&mut self, key: FragKey, pkt: &[u8], now: Now) -> Later {
+        let arena_left = ARENA - self.used;
+        let Some(e) = self.entry(key, now) else { return Later::Full };
+        if let Some(m) = e.mapping {
+            return Later::Translate(m);
+        }
+        if e.n_held == MAX_HELD || pkt.len() > arena_left {
+            return Later::Full;
+        }
+        let start = ARENA - arena_left;
+        e.held[e.n_held] = (start as u32, pkt.len() as u32);
+        e.n_held += 1;
+        self.arena[start..start + pkt.len()].copy_from_slice(pkt);
+        self.used += pkt.len();
+        Later::Held
+    }
+
+    /// True when released fragments wait to be sent.
+    #[inline]
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// Hands each released fragment (its bytes, to be rewritten by the
+    /// caller) and empties the list.
+    pub fn take_ready(&mut self, mut f: impl FnMut(Mapping, &mut [u8])) {
+        for r in self.ready.drain(..) {
+            let (s, l) = (r.start as usize, r.len as usize);
+            f(r.mapping, &mut self.arena[s..s + l]);
+        }
+    }
+
+    /// Fragments given up on, by network (`u16::MAX`: provider side).
+    pub fn take_dropped(&mut self, mut f: impl FnMut(u16, u64)) {
+        for (net, n) in self.dropped.drain(..) {
+            f(net, n);
+        }
+    }
+}

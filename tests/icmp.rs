@@ -1,0 +1,104 @@
+//! End-to-end tests of the awkward paths: ICMP echo, TTL and traceroute,
+//! different MTUs with path MTU discovery, fragments, and ICMP errors from
+//! the provider side. Real daemon, real namespaces, real `ping`,
+//! `traceroute` and sockets.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::net::Shutdown;
+use std::process::Command;
+use std::time::Duration;
+
+const SEC: Duration = Duration::from_secs(1);
+
+fn run_in(ns: &str, cmd: &[&str]) -> (bool, String) {
+    let out = Command::new("ip").args(["netns", "exec", ns]).args(cmd).output().expect("run");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn ping_and_traceroute_through_an_endpoint() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("ping", Opts::default());
+    bed.start();
+    let (ok, out) = run_in(&bed.a, &["ping", "-c", "3", "-i", "0.2", "-W", "2", &EP.to_string()]);
+    assert!(ok && out.contains("3 received"), "{out}");
+    // The endpoint is one routed hop: TTL 1 expires there, and the answer
+    // comes from the endpoint's address.
+    let (ok, out) = run_in(&bed.a, &["traceroute", "-n", "-I", "-q", "1", "-w", "2", "-m", "4", &EP.to_string()]);
+    assert!(ok, "{out}");
+    assert!(out.lines().any(|l| l.trim_start().starts_with("1  10.1.0.5")), "{out}");
+    assert!(bed.metric("privlink_packets_dropped_total", &[("reason", "ttl_expired"), ("network", "vnet-a")]) >= 1.0);
+}
+
+#[test]
+fn smaller_provider_mtu_pmtud_and_frag_needed() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("mtu", Opts { provider_mtu: 1280, ..Opts::default() });
+    bed.start();
+    // A DF ping larger than the provider MTU is answered "fragmentation
+    // needed" with the provider's MTU.
+    let (_, out) = run_in(&bed.a, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1400", &EP.to_string()]);
+    assert!(out.contains("mtu = 1280") || out.contains("mtu=1280"), "{out}");
+    assert!(bed.metric("privlink_packets_dropped_total", &[("reason", "too_big"), ("network", "vnet-a")]) >= 1.0);
+
+    // A 20 MB transfer with 1500-byte segments and DF adapts (PMTUD) and
+    // arrives intact.
+    let data: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8).collect();
+    let want = format!("len={} fnv={:x}", data.len(), fnv(&data, FNV_INIT));
+    let mut s = connect(&bed.a, EP, 80, 3 * SEC).expect("connect");
+    assert!(line(&mut s).starts_with("svc=orders"));
+    s.write_all(&data).expect("send");
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    assert_eq!(line(&mut s), want);
+}
+
+#[test]
+fn fragmented_udp_makes_a_round_trip() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("frag", Opts { provider_mtu: 1280, ..Opts::default() });
+    bed.start();
+    let payload: String = (0..4000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let answer = within(&bed.a, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send_to(payload.as_bytes(), (EP, 53))?;
+        let mut buf = vec![0u8; 9000];
+        let (n, _) = s.recv_from(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), payload))
+    })
+    .expect("a 4,000-byte datagram and its answer");
+    let (answer, payload) = answer;
+    assert!(answer.starts_with(&format!("svc=orders peer={NAT_ORDERS}:")), "{}", &answer[..60.min(answer.len())]);
+    assert!(answer.ends_with(&format!("data={payload}")), "the whole datagram made it both ways");
+}
+
+#[test]
+fn port_unreachable_from_the_provider_reaches_the_consumer_socket() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("unreach", Opts::default());
+    bed.start();
+    // Port 54 maps to backend port 5454, where nothing listens: the
+    // backend's kernel answers port unreachable, privlink translates it.
+    let err = within(&bed.a, || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.connect((EP, 54))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.send(b"anyone?")?;
+        let mut buf = [0u8; 64];
+        Ok(s.recv(&mut buf).map(|_| ()).map_err(|e| e.kind()))
+    })
+    .expect("socket");
+    assert_eq!(err, Err(std::io::ErrorKind::ConnectionRefused), "the error reached the socket");
+}
