@@ -241,7 +241,7 @@ fn run_worker(
     }
 }
 
-fn egress<'a>(set: &'a DeviceSet, to: Egress) -> Option<&'a Arc<Device>> {
+fn egress(set: &DeviceSet, to: Egress) -> Option<&Arc<Device>> {
     match to {
         Egress::Provider => set.provider.as_ref(),
         Egress::Network(id) => set.network(id),
