@@ -874,3 +874,51 @@ fn too_big_without_df_is_fragmented() {
     assert!(frags.iter().all(|f| f.len() <= 1400));
     assert_eq!(inspect(&reassemble(&frags)), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 7000, true));
 }
+
+#[test]
+fn generated_icmp_is_rate_limited_and_never_about_errors_fragments_or_broadcasts() {
+    let (e, mut w) = engine();
+    let a = Source::Network(NET_A);
+    let expire = |p: &mut Vec<u8>| {
+        p[8] = 1;
+        fix_ip_checksum(p);
+    };
+    // Rate: 100 answers per second per worker, the rest only dropped.
+    let mut replies = 0;
+    for i in 0..150u16 {
+        let mut p = udp(CLIENT, 1000 + i, EP, 53, b"");
+        expire(&mut p);
+        match w.process(&mut p, a, Now(7)) {
+            Verdict::Reply { reason: DropReason::TtlExpired, .. } => replies += 1,
+            Verdict::Drop(DropReason::TtlExpired) => {}
+            v => panic!("{v:?}"),
+        }
+    }
+    assert_eq!(replies, 100);
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::TtlExpired), 150);
+    let mut p = udp(CLIENT, 999, EP, 53, b"");
+    expire(&mut p);
+    assert!(matches!(w.process(&mut p, a, Now(8)), Verdict::Reply { .. }), "a new second, a new budget");
+
+    // Never about an ICMP error.
+    let mut err = Vec::new();
+    PacketBuilder::ipv4(CLIENT, EP, 1)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
+        .write(&mut err, &udp(EP, 53, CLIENT, 1, b"")[..28])
+        .expect("build");
+    assert_eq!(w.process(&mut err, a, Now(9)), Verdict::Drop(DropReason::TtlExpired), "dropped, no answer");
+    // Never to a broadcast or multicast source.
+    let mut p = udp([255, 255, 255, 255], 1, EP, 53, b"");
+    expire(&mut p);
+    assert_eq!(w.process(&mut p, a, Now(9)), Verdict::Drop(DropReason::TtlExpired));
+    let mut p = udp([224, 0, 0, 1], 1, EP, 53, b"");
+    expire(&mut p);
+    assert_eq!(w.process(&mut p, a, Now(9)), Verdict::Drop(DropReason::TtlExpired));
+    // Never about a later fragment.
+    let mut big = udp(CLIENT, 5, EP, 53, &[0u8; 3000]);
+    big[6] = 0;
+    fix_ip_checksum(&mut big);
+    let mut later = fragments_of(&big, 1500).pop().expect("fragment");
+    expire(&mut later);
+    assert_eq!(w.process(&mut later, a, Now(9)), Verdict::Drop(DropReason::TtlExpired));
+}
