@@ -23,11 +23,7 @@ fn state_of(bed: &Bed, endpoint: &str) -> String {
 
 #[test]
 fn pending_carries_nothing_until_approved_and_approval_survives_kill_9() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("pend", Opts { orders_auto_approve: "[]", ..Opts::default() });
-    bed.start();
+    let Some(mut bed) = Bed::running("pend", Opts { orders_auto_approve: "[]", ..Opts::default() }) else { return };
     assert_eq!(state_of(&bed, "pe-a"), "pending");
     assert_eq!(state_of(&bed, "pe-b"), "approved");
     assert!(connect(&bed.a, EP, 80, SEC).is_err(), "a pending endpoint carries nothing");
@@ -70,11 +66,7 @@ fn pending_carries_nothing_until_approved_and_approval_survives_kill_9() {
 
 #[test]
 fn reject_cuts_a_live_connection_and_refuses_new_ones() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("rej", Opts::default());
-    bed.start();
+    let Some(bed) = Bed::running("rej", Opts::default()) else { return };
     let mut held = connect(&bed.a, EP, 7, 3 * SEC).expect("echo connection");
     held.write_all(b"one\n").expect("write");
     assert_eq!(line(&mut held), "one");
@@ -96,11 +88,9 @@ fn reject_cuts_a_live_connection_and_refuses_new_ones() {
 
 #[test]
 fn a_tenant_outside_visibility_never_connects() {
-    if !privileged() {
+    let Some(bed) = Bed::running("vis", Opts { billing_visibility: r#"["contoso"]"#, ..Opts::default() }) else {
         return;
-    }
-    let mut bed = Bed::new("vis", Opts { billing_visibility: r#"["contoso"]"#, ..Opts::default() });
-    bed.start();
+    };
     assert_eq!(state_of(&bed, "pe-b"), "rejected");
     assert!(connect(&bed.b, EP, 80, SEC).is_err());
     let (code, _, err) = bed.cli(&["connections", "approve", "pe-b"]);
@@ -115,11 +105,7 @@ fn a_tenant_outside_visibility_never_connects() {
 
 #[test]
 fn flows_lists_a_live_flow_with_its_addresses() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("flows", Opts::default());
-    bed.start();
+    let Some(bed) = Bed::running("flows", Opts::default()) else { return };
     let mut s = connect(&bed.a, EP, 80, 3 * SEC).expect("connect");
     assert!(line(&mut s).starts_with("svc=orders"));
     let local = s.local_addr().expect("local addr");

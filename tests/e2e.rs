@@ -13,11 +13,7 @@ const SEC: Duration = Duration::from_secs(1);
 
 #[test]
 fn tcp_20mb_intact_udp_round_trip_and_byte_counters() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("xfer", Opts::default());
-    bed.start();
+    let Some(bed) = Bed::running("xfer", Opts::default()) else { return };
 
     let data: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let want = format!("len={} fnv={:x}", data.len(), fnv(&data, FNV_INIT));
@@ -53,11 +49,7 @@ fn tcp_20mb_intact_udp_round_trip_and_byte_counters() {
 
 #[test]
 fn integrity_without_offloads_too() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("nooff", Opts { offload: false, ..Opts::default() });
-    bed.start();
+    let Some(bed) = Bed::running("nooff", Opts { offload: false, ..Opts::default() }) else { return };
     let data: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
     let want = format!("len={} fnv={:x}", data.len(), fnv(&data, FNV_INIT));
     let mut s = connect(&bed.a, EP, 80, 3 * SEC).expect("connect");
@@ -71,11 +63,7 @@ fn integrity_without_offloads_too() {
 
 #[test]
 fn overlapping_tenants_reach_only_their_own_service() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("tenants", Opts::default());
-    bed.start();
+    let Some(bed) = Bed::running("tenants", Opts::default()) else { return };
     let mut a = connect(&bed.a, EP, 80, 3 * SEC).expect("tenant a");
     let mut b = connect(&bed.b, EP, 80, 3 * SEC).expect("tenant b");
     let (ga, gb) = (line(&mut a), line(&mut b));
@@ -91,11 +79,7 @@ fn overlapping_tenants_reach_only_their_own_service() {
 
 #[test]
 fn isolation_drops_and_counts_everything_else() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("iso", Opts::default());
-    bed.start();
+    let Some(bed) = Bed::running("iso", Opts::default()) else { return };
     let drops =
         |reason: &str, net: &str| bed.metric("privlink_packets_dropped_total", &[("reason", reason), ("network", net)]);
 
@@ -129,11 +113,7 @@ fn isolation_drops_and_counts_everything_else() {
 
 #[test]
 fn nat_port_pool_exhausts_and_recovers() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("pool", Opts { orders_nat_ports: "2000-2009", ..Opts::default() });
-    bed.start();
+    let Some(bed) = Bed::running("pool", Opts { orders_nat_ports: "2000-2009", ..Opts::default() }) else { return };
     let avail = |svc: &str| bed.metric("privlink_nat_ports_available", &[("service", svc), ("protocol", "tcp")]);
     assert_eq!(avail("orders"), 10.0);
     assert_eq!(bed.metric("privlink_nat_ports_capacity", &[("service", "orders"), ("protocol", "tcp")]), 10.0);
@@ -165,11 +145,7 @@ fn nat_port_pool_exhausts_and_recovers() {
 
 #[test]
 fn reload_adds_an_endpoint_without_disturbing_live_flows() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("reload", Opts::default());
-    bed.start();
+    let Some(mut bed) = Bed::running("reload", Opts::default()) else { return };
     let mut held = connect(&bed.a, EP, 7, 3 * SEC).expect("echo connection");
     held.write_all(b"before\n").expect("write");
     assert_eq!(line(&mut held), "before");

@@ -21,11 +21,7 @@ fn run_in(ns: &str, cmd: &[&str]) -> (bool, String) {
 
 #[test]
 fn ping_and_traceroute_through_an_endpoint() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("ping", Opts::default());
-    bed.start();
+    let Some(bed) = Bed::running("ping", Opts::default()) else { return };
     let (ok, out) = run_in(&bed.a, &["ping", "-c", "3", "-i", "0.2", "-W", "2", &EP.to_string()]);
     assert!(ok && out.contains("3 received"), "{out}");
     // The endpoint is one routed hop: TTL 1 expires there, and the answer
@@ -38,11 +34,7 @@ fn ping_and_traceroute_through_an_endpoint() {
 
 #[test]
 fn smaller_provider_mtu_pmtud_and_frag_needed() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("mtu", Opts { provider_mtu: 1280, ..Opts::default() });
-    bed.start();
+    let Some(bed) = Bed::running("mtu", Opts { provider_mtu: 1280, ..Opts::default() }) else { return };
     // A DF ping larger than the provider MTU is answered "fragmentation
     // needed" with the provider's MTU.
     let (_, out) = run_in(&bed.a, &["ping", "-c", "1", "-W", "2", "-M", "do", "-s", "1400", &EP.to_string()]);
@@ -62,11 +54,7 @@ fn smaller_provider_mtu_pmtud_and_frag_needed() {
 
 #[test]
 fn fragmented_udp_makes_a_round_trip() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("frag", Opts { provider_mtu: 1280, ..Opts::default() });
-    bed.start();
+    let Some(bed) = Bed::running("frag", Opts { provider_mtu: 1280, ..Opts::default() }) else { return };
     let payload: String = (0..4000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let answer = within(&bed.a, move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
@@ -84,11 +72,7 @@ fn fragmented_udp_makes_a_round_trip() {
 
 #[test]
 fn port_unreachable_from_the_provider_reaches_the_consumer_socket() {
-    if !privileged() {
-        return;
-    }
-    let mut bed = Bed::new("unreach", Opts::default());
-    bed.start();
+    let Some(bed) = Bed::running("unreach", Opts::default()) else { return };
     // Port 54 maps to backend port 5454, where nothing listens: the
     // backend's kernel answers port unreachable, privlink translates it.
     let err = within(&bed.a, || {

@@ -208,6 +208,17 @@ service = "billing"
         std::fs::write(&self.config, self.config_text(opts, more)).expect("write config");
     }
 
+    /// A started bed, or `None` (skip) where privileges are missing and CI
+    /// is not set.
+    pub fn running(tag: &str, opts: Opts) -> Option<Bed> {
+        if !privileged() {
+            return None;
+        }
+        let mut bed = Bed::new(tag, opts);
+        bed.start();
+        Some(bed)
+    }
+
     /// Starts the daemon and waits until it serves metrics.
     pub fn start(&mut self) {
         let log = std::fs::File::create(self.dir.join("daemon.log")).expect("log file");
