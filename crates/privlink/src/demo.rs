@@ -207,6 +207,19 @@ pub fn run() -> Result<()> {
     }
     println!();
 
+    let socket = dir.0.join("control.sock");
+    println!("5. The control API: privlink connections, privlink flows");
+    let list = crate::client::call(&socket, "GET", "/v1/connections", None)?;
+    for l in crate::client::connections_table(&list)?.lines() {
+        println!("   {l}");
+    }
+    println!();
+    let flows = crate::client::call(&socket, "GET", "/v1/flows", None)?;
+    for l in crate::client::flows_table(&flows)?.lines() {
+        println!("   {l}");
+    }
+    println!();
+
     drop(daemon);
     drop(ns);
     println!("done: daemon stopped, namespaces and devices removed.");
