@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use std::io::{Read, Write};
-use std::net::Shutdown;
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,15 +14,9 @@ const SEC: Duration = Duration::from_secs(1);
 fn tcp_20mb_intact_udp_round_trip_and_byte_counters() {
     let Some(bed) = Bed::running("xfer", Opts::default()) else { return };
 
-    let data: Vec<u8> = (0..20 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    let want = format!("len={} fnv={:x}", data.len(), fnv(&data, FNV_INIT));
-    let mut s = connect(&bed.a, EP, 80, 3 * SEC).expect("connect through pe-a");
-    let greeting = line(&mut s);
+    let sent = 20 * 1024 * 1024;
+    let greeting = transfer_intact(&bed.a, sent);
     assert!(greeting.starts_with(&format!("svc=orders peer={NAT_ORDERS}:")), "{greeting}");
-    s.write_all(&data).expect("send 20 MB");
-    s.shutdown(Shutdown::Write).expect("shutdown");
-    assert_eq!(line(&mut s), want, "the backend got exactly what was sent");
-    drop(s);
 
     let answer = udp_ask(&bed.a, EP, 53, "hello").expect("UDP answer");
     assert!(
@@ -35,7 +28,7 @@ fn tcp_20mb_intact_udp_round_trip_and_byte_counters() {
     let l = [("endpoint", "pe-a"), ("direction", "in")];
     let bytes_in = bed.metric("privlink_endpoint_bytes_total", &l);
     let packets_in = bed.metric("privlink_endpoint_packets_total", &l);
-    let payload = data.len() as f64 + 5.0;
+    let payload = f64::from(sent) + 5.0;
     assert!(bytes_in >= payload, "bytes in {bytes_in} < payload {payload}");
     assert!(bytes_in <= payload + packets_in * 60.0, "bytes in {bytes_in}, {packets_in} packets");
     let bytes_out = bed.metric("privlink_endpoint_bytes_total", &[("endpoint", "pe-a"), ("direction", "out")]);
@@ -50,13 +43,7 @@ fn tcp_20mb_intact_udp_round_trip_and_byte_counters() {
 #[test]
 fn integrity_without_offloads_too() {
     let Some(bed) = Bed::running("nooff", Opts { offload: false, ..Opts::default() }) else { return };
-    let data: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i.wrapping_mul(40_503) >> 7) as u8).collect();
-    let want = format!("len={} fnv={:x}", data.len(), fnv(&data, FNV_INIT));
-    let mut s = connect(&bed.a, EP, 80, 3 * SEC).expect("connect");
-    assert!(line(&mut s).starts_with("svc=orders"));
-    s.write_all(&data).expect("send");
-    s.shutdown(Shutdown::Write).expect("shutdown");
-    assert_eq!(line(&mut s), want);
+    assert!(transfer_intact(&bed.a, 5 * 1024 * 1024).starts_with("svc=orders"));
     let answer = udp_ask(&bed.a, EP, 53, "plain").expect("UDP answer");
     assert!(answer.ends_with("data=plain"), "{answer}");
 }

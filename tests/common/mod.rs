@@ -318,6 +318,21 @@ impl Drop for Bed {
     }
 }
 
+/// Sends `bytes` of data from namespace `ns` through the endpoint to the
+/// orders backend's hashing port and checks that exactly that arrived;
+/// returns the backend's greeting (which names the source it saw).
+pub fn transfer_intact(ns: &str, bytes: u32) -> String {
+    use std::io::Write;
+    let data: Vec<u8> = (0..bytes).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let want = format!("len={} fnv={:x}", data.len(), fnv(&data, FNV_INIT));
+    let mut s = connect(ns, EP, 80, Duration::from_secs(3)).expect("connect through the endpoint");
+    let greeting = line(&mut s);
+    s.write_all(&data).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    assert_eq!(line(&mut s), want, "the backend got exactly what was sent");
+    greeting
+}
+
 /// Runs `f` in namespace `ns`.
 pub fn within<T: Send + 'static>(
     ns: &str,
