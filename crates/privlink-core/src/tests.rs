@@ -922,3 +922,27 @@ fn generated_icmp_is_rate_limited_and_never_about_errors_fragments_or_broadcasts
     expire(&mut later);
     assert_eq!(w.process(&mut later, a, Now(9)), Verdict::Drop(DropReason::TtlExpired));
 }
+
+proptest! {
+    #[test]
+    fn partial_checksums_complete_to_the_full_recomputation(
+        src in any::<[u8; 4]>(),
+        sport in 1u16..,
+        payload in proptest::collection::vec(any::<u8>(), 0..3000),
+        gso in prop_oneof![Just(0u16), 500u16..1460],
+    ) {
+        let (_e, mut w) = engine();
+        prop_assume!(wire::is_unicast(u32::from_be_bytes(src)));
+        prop_assume!(gso > 0 || payload.len() <= 1400);
+        let mut syn = tcp(src, sport, EP, 80, "S", b"");
+        prop_assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));
+        let mut p = tcp(src, sport, EP, 80, "A", &payload);
+        make_partial(&mut p);
+        let off = Offload { csum_partial: true, gso_size: gso };
+        prop_assert_eq!(w.process_offload(&mut p, Source::Network(NET_A), Now(0), off), Verdict::Forward(Egress::Provider));
+        complete(&mut p);
+        let (s, _, d, dp, ok) = inspect(&p);
+        prop_assert!(ok, "completed partial checksum differs from etherparse's recomputation");
+        prop_assert_eq!((s, d, dp), (NAT_A, BACKEND_A, 8080));
+    }
+}
