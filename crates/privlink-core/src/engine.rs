@@ -118,6 +118,17 @@ pub struct EndpointCounters {
     pub packets_out: AtomicU64,
 }
 
+impl EndpointCounters {
+    /// Counts `packets` packets of `bytes` bytes; `inbound` is consumer ->
+    /// service. Only the owning worker calls this (see [`bump`]).
+    #[inline]
+    pub(crate) fn add(&self, inbound: bool, bytes: usize, packets: u64) {
+        let (b, p) = if inbound { (&self.bytes_in, &self.packets_in) } else { (&self.bytes_out, &self.packets_out) };
+        bump(b, bytes as u64);
+        bump(p, packets);
+    }
+}
+
 /// Adds `n` to a counter that only one thread writes: a plain load and
 /// store, no read-modify-write, so no cache line bounces between workers.
 #[inline]

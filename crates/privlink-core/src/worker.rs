@@ -153,14 +153,7 @@ impl Worker {
             }
             p.forward_rewrite(m.src, m.dst);
             if let Some(ep) = snap.endpoint_by_id(m.endpoint) {
-                let c = ep.shared.counters.get(*index);
-                let (b, k) = if m.egress == Egress::Provider {
-                    (&c.bytes_in, &c.packets_in)
-                } else {
-                    (&c.bytes_out, &c.packets_out)
-                };
-                bump(b, bytes.len() as u64);
-                bump(k, 1);
+                ep.shared.counters.get(*index).add(m.egress == Egress::Provider, bytes.len(), 1);
             }
             f(m.egress, m.mtu, bytes);
         });
@@ -217,14 +210,7 @@ impl Ctx<'_> {
                     return Verdict::Drop(DropReason::TooBig);
                 }
                 Ipv4Packet::new_unchecked(&mut *buf).forward_rewrite(m.src, m.dst);
-                let c = ep.shared.counters.get(self.w);
-                let (b, k) = if m.egress == Egress::Provider {
-                    (&c.bytes_in, &c.packets_in)
-                } else {
-                    (&c.bytes_out, &c.packets_out)
-                };
-                bump(b, len as u64);
-                bump(k, 1);
+                ep.shared.counters.get(self.w).add(m.egress == Egress::Provider, len, 1);
                 if len > usize::from(m.mtu) {
                     Verdict::Fragment { to: m.egress, mtu: m.mtu }
                 } else {
@@ -390,9 +376,7 @@ impl Ctx<'_> {
         }
         slot.touch(self.now);
         slot.add_bytes(true, len as u64);
-        let c = ep.shared.counters.get(self.w);
-        bump(&c.bytes_in, len as u64);
-        bump(&c.packets_in, segments);
+        ep.shared.counters.get(self.w).add(true, len, segments);
         if first_fragment {
             let m = Mapping {
                 src: pk.nat_addr(),
@@ -506,9 +490,7 @@ impl Ctx<'_> {
         }
         slot.touch(self.now);
         slot.add_bytes(false, len as u64);
-        let c = ep.shared.counters.get(self.w);
-        bump(&c.bytes_out, len as u64);
-        bump(&c.packets_out, segments);
+        ep.shared.counters.get(self.w).add(false, len, segments);
         if first_fragment {
             let m = Mapping {
                 src: ck.endpoint_addr(),
@@ -557,9 +539,7 @@ impl Ctx<'_> {
         pkt.forward_rewrite(pk.nat_addr(), pk.backend_addr());
         let quoted_src = (pk.backend_addr(), if q.proto == wire::proto::ICMP { 0 } else { pk.backend_port() });
         wire::rewrite_quoted(pkt.payload_mut(), &q, quoted_src, (pk.nat_addr(), pk.nat_port()));
-        let c = ep.shared.counters.get(self.w);
-        bump(&c.bytes_in, len as u64);
-        bump(&c.packets_in, 1);
+        ep.shared.counters.get(self.w).add(true, len, 1);
         Verdict::Forward(Egress::Provider)
     }
 
@@ -598,9 +578,7 @@ impl Ctx<'_> {
         pkt.forward_rewrite(ck.endpoint_addr(), ck.consumer_addr());
         let quoted_dst = (ck.endpoint_addr(), if q.proto == wire::proto::ICMP { 0 } else { ck.endpoint_port() });
         wire::rewrite_quoted(pkt.payload_mut(), &q, (ck.consumer_addr(), ck.consumer_port()), quoted_dst);
-        let c = ep.shared.counters.get(self.w);
-        bump(&c.bytes_out, len as u64);
-        bump(&c.packets_out, 1);
+        ep.shared.counters.get(self.w).add(false, len, 1);
         Verdict::Forward(Egress::Network(net))
     }
 }

@@ -183,10 +183,7 @@ fn run_worker(
                 }
                 if hdr > 0 && off.gso_size == 0 && len - hdr <= STAGE_MAX {
                     if let Verdict::Forward(e) = verdict {
-                        let slot = match e {
-                            Egress::Provider => 0,
-                            Egress::Network(id) => 1 + usize::from(id.0),
-                        };
+                        let slot = stage_slot(e);
                         if let Some(st) = staged.get_mut(slot) {
                             st.push(&mut buf[..len], off.csum_partial);
                             continue;
@@ -195,10 +192,7 @@ fn run_worker(
                 }
                 if let Verdict::Forward(e) = verdict {
                     // Keep a flow's order: what waits for this device goes first.
-                    let slot = match e {
-                        Egress::Provider => 0,
-                        Egress::Network(id) => 1 + usize::from(id.0),
-                    };
+                    let slot = stage_slot(e);
                     if let Some(st) = staged.get_mut(slot) {
                         flush(st, &current, slot, w, &mut gro, &errors);
                     }
@@ -264,12 +258,24 @@ fn send_fragments(d: &Device, w: usize, pkt: &[u8], mtu: u16, hdr: usize, piece:
     Ok(total)
 }
 
+/// The index in the worker's staging list of an egress device: 0 for the
+/// provider, 1 + i for network i.
+fn stage_slot(e: Egress) -> usize {
+    match e {
+        Egress::Provider => 0,
+        Egress::Network(id) => 1 + usize::from(id.0),
+    }
+}
+
 /// Writes what waits for egress `slot` (0: provider, 1 + i: network i).
 fn flush(st: &mut Staged, set: &DeviceSet, slot: usize, w: usize, gro: &mut GROTable, errors: &IoErrors) {
     if st.n == 0 {
         return;
     }
-    let dev = if slot == 0 { set.provider.as_ref() } else { set.networks.get(slot - 1).and_then(Option::as_ref) };
+    let dev = match slot {
+        0 => set.provider.as_ref(),
+        n => set.network(NetworkId((n - 1) as u16)),
+    };
     if let Some(d) = dev {
         if d.queue(w).send_multiple(gro, &mut st.bufs[..st.n], VNET_HDR_LEN).is_err() {
             errors.writes.fetch_add(1, Ordering::Relaxed);
