@@ -131,6 +131,41 @@ fn nat_port_pool_exhausts_and_recovers() {
 }
 
 #[test]
+fn a_client_port_reused_after_the_backend_closed_first_keeps_its_nat_port() {
+    // The backend closes first and keeps (NAT IP, NAT port, backend, port)
+    // in TIME_WAIT; Linux takes a new SYN on that 4-tuple only with a newer
+    // TCP timestamp, which holds for the same client 4-tuple (its timestamp
+    // offset is derived from the 4-tuple) but not for another one. So the
+    // closed flow lingers and a SYN from the same client port reopens it on
+    // the same NAT port.
+    let Some(bed) = Bed::running("reuse", Opts { tcp_closed_idle: 30, ..Opts::default() }) else { return };
+    let peer_port = |greeting: &str| greeting.rsplit(':').next().unwrap_or_default().to_string();
+    let mut first = connect_from(&bed.a, 41000, EP, 81).expect("first connection");
+    let g1 = line(&mut first);
+    assert!(g1.starts_with(&format!("svc=orders peer={NAT_ORDERS}:")), "{g1}");
+    let mut rest = Vec::new();
+    first.read_to_end(&mut rest).expect("the backend closes first");
+    drop(first);
+    let closed = || {
+        let out = bed.cli(&["flows", "--json"]).1;
+        let flows: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        flows.as_array().is_some_and(|f| f.len() == 1 && f[0]["state"] == "closed")
+    };
+    assert!(eventually(5, closed), "the flow is closed: {}", bed.cli(&["flows", "--json"]).1);
+    std::thread::sleep(2 * SEC); // past the 1 s closed-flow linger of before
+    let mut second = connect_from(&bed.a, 41000, EP, 81).expect("second connection from the same port");
+    let g2 = line(&mut second);
+    assert_eq!(peer_port(&g2), peer_port(&g1), "same NAT port: {g1} / {g2}");
+    let out = Command::new("ip")
+        .args(["netns", "exec", &bed.prov, "nstat", "-az", "TcpExtPAWSTimewait"])
+        .output()
+        .expect("nstat (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let refused = text.lines().find(|l| l.starts_with("TcpExtPAWSTimewait")).and_then(|l| l.split_whitespace().nth(1));
+    assert_eq!(refused, Some("0"), "the backend refused no SYN on a TIME_WAIT 4-tuple: {text}");
+}
+
+#[test]
 fn reload_adds_an_endpoint_without_disturbing_live_flows() {
     let Some(mut bed) = Bed::running("reload", Opts::default()) else { return };
     let mut held = connect(&bed.a, EP, 7, 3 * SEC).expect("echo connection");

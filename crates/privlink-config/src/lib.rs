@@ -375,7 +375,7 @@ impl Cx<'_> {
             timeouts: Timeouts {
                 tcp_established: self.timeout(&d.tcp_established_idle, 7440, "tcp_established_idle"),
                 tcp_transitory: self.timeout(&d.tcp_transitory_idle, 240, "tcp_transitory_idle"),
-                tcp_closed: self.timeout(&d.tcp_closed_idle, 10, "tcp_closed_idle"),
+                tcp_closed: self.timeout(&d.tcp_closed_idle, 60, "tcp_closed_idle"),
                 udp: self.timeout(&d.udp_idle, 300, "udp_idle"),
                 icmp: self.timeout(&d.icmp_idle, 60, "icmp_idle"),
             },

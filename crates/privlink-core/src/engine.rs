@@ -30,7 +30,13 @@ pub struct Timeouts {
     /// TCP opening or closing (SYN or one FIN seen).
     pub tcp_transitory: u32,
     /// After both FINs or a RST: how long the flow lingers before its port
-    /// returns (without quarantine).
+    /// returns (without quarantine). A SYN for the same 5-tuple meanwhile
+    /// reopens it with the same NAT port: 60 s covers Linux's TIME_WAIT, so
+    /// a backend that closed first sees the reopened connection on the same
+    /// 4-tuple, whose TCP timestamps keep increasing (Linux derives the
+    /// timestamp offset from the 4-tuple). A new port could land on another
+    /// consumer tuple's TIME_WAIT socket, whose PAWS check then refuses the
+    /// SYN about half the time: a one-second stall for the client.
     pub tcp_closed: u32,
     pub udp: u32,
     pub icmp: u32,
@@ -38,7 +44,7 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Timeouts { tcp_established: 7440, tcp_transitory: 240, tcp_closed: 10, udp: 300, icmp: 60 }
+        Timeouts { tcp_established: 7440, tcp_transitory: 240, tcp_closed: 60, udp: 300, icmp: 60 }
     }
 }
 

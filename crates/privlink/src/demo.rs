@@ -123,7 +123,7 @@ pub fn run() -> Result<()> {
     for addr in [ORDERS_BACKEND, BILLING_BACKEND] {
         ip(Some(&prov), &["addr", "add", &format!("{addr}/32"), "dev", "lo"])?;
     }
-    let ports = BackendPorts { hello: 5432, echo: 7, udp: 53 };
+    let ports = BackendPorts { hello: 5432, echo: 7, udp: 53, bye: None };
     let _backends = [
         Backend::start(&prov, "orders-db", ORDERS_BACKEND, ports)?,
         Backend::start(&prov, "billing-api", BILLING_BACKEND, ports)?,

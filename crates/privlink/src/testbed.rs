@@ -63,6 +63,9 @@ pub struct BackendPorts {
     pub echo: u16,
     /// UDP: answers `svc=NAME peer=ADDR data=...`.
     pub udp: u16,
+    /// TCP, when given: greets like `hello` and closes at once, so the
+    /// backend closes first and keeps the 4-tuple in TIME_WAIT.
+    pub bye: Option<u16>,
 }
 
 /// A service's backend: three servers in a namespace, stopped on drop.
@@ -80,11 +83,12 @@ impl Drop for Backend {
 impl Backend {
     /// Starts the servers on `addr` (which must be an address in `ns`).
     pub fn start(ns: &str, name: &str, addr: Ipv4Addr, ports: BackendPorts) -> Result<Backend> {
-        let (tcp, echo, udp) = in_netns(Some(ns), move || {
+        let (tcp, echo, udp, bye) = in_netns(Some(ns), move || {
             let tcp = TcpListener::bind((addr, ports.hello))?;
             let echo = TcpListener::bind((addr, ports.echo))?;
             let udp = UdpSocket::bind((addr, ports.udp))?;
-            Ok((tcp, echo, udp))
+            let bye = ports.bye.map(|p| TcpListener::bind((addr, p))).transpose()?;
+            Ok((tcp, echo, udp, bye))
         })
         .with_context(|| format!("backend {name} on {addr}"))?;
         tcp.set_nonblocking(true)?;
@@ -118,6 +122,15 @@ impl Backend {
                 }
             })
         });
+        if let Some(bye) = bye {
+            bye.set_nonblocking(true)?;
+            let (n, s) = (name.clone(), stop.clone());
+            std::thread::spawn(move || {
+                accept_loop(bye, s, move |mut c, peer| {
+                    let _ = c.write_all(format!("svc={n} peer={peer}\n").as_bytes());
+                })
+            });
+        }
         let s = stop.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
