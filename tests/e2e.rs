@@ -140,7 +140,7 @@ fn a_client_port_reused_after_the_backend_closed_first_keeps_its_nat_port() {
     // the same NAT port.
     let Some(bed) = Bed::running("reuse", Opts { tcp_closed_idle: 30, ..Opts::default() }) else { return };
     let peer_port = |greeting: &str| greeting.rsplit(':').next().unwrap_or_default().to_string();
-    let mut first = connect_from(&bed.a, 41000, EP, 81).expect("first connection");
+    let mut first = connect_from(&bed.a, 41000, EP, 88).expect("first connection");
     let g1 = line(&mut first);
     assert!(g1.starts_with(&format!("svc=orders peer={NAT_ORDERS}:")), "{g1}");
     let mut rest = Vec::new();
@@ -153,7 +153,7 @@ fn a_client_port_reused_after_the_backend_closed_first_keeps_its_nat_port() {
     };
     assert!(eventually(5, closed), "the flow is closed: {}", bed.cli(&["flows", "--json"]).1);
     std::thread::sleep(2 * SEC); // past the 1 s closed-flow linger of before
-    let mut second = connect_from(&bed.a, 41000, EP, 81).expect("second connection from the same port");
+    let mut second = connect_from(&bed.a, 41000, EP, 88).expect("second connection from the same port");
     let g2 = line(&mut second);
     assert_eq!(peer_port(&g2), peer_port(&g1), "same NAT port: {g1} / {g2}");
     let out = Command::new("ip")

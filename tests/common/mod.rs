@@ -153,7 +153,7 @@ nat_ips = ["{nat_o}"]
 nat_ports = "{ports}"
 backends = ["{be_o}"]
 ports = [{{ protocol = "tcp", port = 80, backend_port = 8080 }},
-         {{ protocol = "tcp", port = 81, backend_port = 8081 }},
+         {{ protocol = "tcp", port = 88, backend_port = 8081 }},
          {{ protocol = "tcp", port = 7, backend_port = 8007 }},
          {{ protocol = "udp", port = 53, backend_port = 5353 }},
          {{ protocol = "udp", port = 54, backend_port = 5454 }}]
