@@ -350,34 +350,14 @@ pub fn eventually(secs: u64, f: impl FnMut() -> bool) -> bool {
 /// A TCP connection from `ns` bound to source port `sport` (with
 /// `SO_REUSEADDR`, so a port whose last connection ended can be used again).
 pub fn connect_from(ns: &str, sport: u16, addr: Ipv4Addr, port: u16) -> anyhow::Result<std::net::TcpStream> {
-    use std::os::fd::FromRawFd;
+    use anyhow::Context;
+    use socket2::{Domain, Socket, Type};
     in_netns(Some(ns), move || {
-        // SAFETY: plain socket calls on a descriptor this function owns;
-        // the sockaddr is a valid, initialised sockaddr_in.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let s = std::net::TcpStream::from_raw_fd(fd);
-            let one: libc::c_int = 1;
-            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-            libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const libc::c_int).cast(), len);
-            let sa = |ip: Ipv4Addr, p: u16| libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: p.to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
-                sin_zero: [0; 8],
-            };
-            let salen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            let local = sa(CLIENT, sport);
-            if libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), salen) != 0 {
-                anyhow::bail!("bind :{sport}: {}", std::io::Error::last_os_error());
-            }
-            let remote = sa(addr, port);
-            if libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), salen) != 0 {
-                anyhow::bail!("connect {addr}:{port}: {}", std::io::Error::last_os_error());
-            }
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            Ok(s)
-        }
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((CLIENT, sport)).into()).with_context(|| format!("bind :{sport}"))?;
+        s.connect(&SocketAddr::from((addr, port)).into()).with_context(|| format!("connect {addr}:{port}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(s.into())
     })
 }

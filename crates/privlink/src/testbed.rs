@@ -68,7 +68,7 @@ pub struct BackendPorts {
     pub bye: Option<u16>,
 }
 
-/// A service's backend: three servers in a namespace, stopped on drop.
+/// A service's backend: its servers in a namespace, stopped on drop.
 #[derive(Debug)]
 pub struct Backend {
     stop: Arc<AtomicBool>,
