@@ -10,7 +10,7 @@
 //! the new snapshot takes over from the old one when the thing is unchanged.
 
 use crate::error::CoreError;
-use crate::flow::{FlowSlot, FlowTable, TcpPhase};
+use crate::flow::{FlowRecord, FlowTable, TcpPhase};
 use crate::maglev::Maglev;
 use crate::pool::PortPool;
 use crate::types::{ConnectionState, DropReason, EndpointId, NetworkId, Now, PoolId, Protocol};
@@ -536,10 +536,10 @@ impl Engine {
         let snap = self.snap.load_full();
         let t = self.settings.timeouts;
         let mut ended = 0;
-        self.flows.for_each_live(|i, slot| {
-            let bits = slot.state();
-            let phase = TcpPhase::from_bits(bits);
-            let timeout = match slot.protocol() {
+        self.flows.for_each_live(|r| {
+            let v = &r.view;
+            let phase = v.phase();
+            let timeout = match v.protocol() {
                 Protocol::Tcp => match phase {
                     TcpPhase::Established => t.tcp_established,
                     TcpPhase::Closed => t.tcp_closed,
@@ -548,10 +548,10 @@ impl Engine {
                 Protocol::Udp => t.udp,
                 Protocol::Icmp => t.icmp,
             };
-            let expired = idle && now.0.saturating_sub(slot.last_seen().0) >= timeout;
-            if expired || !allowed(&snap, slot, self.flows.pool_of(i)) {
-                let closed = slot.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
-                if self.end_flow(&snap, i, now, closed) {
+            let expired = idle && now.0.saturating_sub(r.last_seen.0) >= timeout;
+            if expired || !allowed(&snap, r) {
+                let closed = v.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
+                if self.end_flow(&snap, r, now, closed) {
                     ended += 1;
                 }
             }
@@ -562,16 +562,16 @@ impl Engine {
         ended
     }
 
-    fn end_flow(&self, snap: &Snapshot, i: u32, now: Now, closed: bool) -> bool {
-        let slot = self.flows.slot(i);
-        let (pool, ep, port) = (self.flows.pool_of(i), slot.endpoint(), slot.provider_key().nat_port());
-        if self.flows.remove(i).is_none() {
+    /// Ends the flow `r` (if no one else ended it first) and returns its
+    /// port to the pool it came from.
+    fn end_flow(&self, snap: &Snapshot, r: &FlowRecord, now: Now, closed: bool) -> bool {
+        if self.flows.remove(&r.view).is_none() {
             return false;
         }
-        if let Some(p) = snap.pools.get(&pool) {
-            p.pool.free(port, now, closed);
+        if let Some(p) = snap.pools.get(&r.pool) {
+            p.pool.free(r.view.pkey.nat_port(), now, closed);
         }
-        if let Some(e) = snap.endpoint_by_id(ep) {
+        if let Some(e) = snap.endpoint_by_id(r.view.endpoint) {
             e.shared.flows_active.fetch_sub(1, Ordering::Relaxed);
         }
         true
@@ -581,14 +581,14 @@ impl Engine {
     pub fn flow_list(&self, endpoint: Option<&str>, now: Now) -> Vec<FlowInfo> {
         let snap = self.snap.load_full();
         let mut out = Vec::new();
-        self.flows.for_each_live(|i, slot| {
-            let Some(e) = snap.endpoint_by_id(slot.endpoint()) else { return };
+        self.flows.for_each_live(|r| {
+            let v = &r.view;
+            let Some(e) = snap.endpoint_by_id(v.endpoint) else { return };
             if endpoint.is_some_and(|n| n != e.shared.name) {
                 return;
             }
-            let (c, p) = (slot.consumer_key(), slot.provider_key());
-            let (bytes_in, bytes_out) = slot.bytes();
-            let protocol = slot.protocol();
+            let (c, p) = (v.ckey, v.pkey);
+            let protocol = v.protocol();
             out.push(FlowInfo {
                 protocol,
                 endpoint: e.shared.name.clone(),
@@ -597,11 +597,11 @@ impl Engine {
                 endpoint_addr: (Ipv4Addr::from(c.endpoint_addr()), c.endpoint_port()),
                 nat: (Ipv4Addr::from(p.nat_addr()), p.nat_port()),
                 backend: (Ipv4Addr::from(p.backend_addr()), p.backend_port()),
-                state: if protocol == Protocol::Tcp { TcpPhase::from_bits(slot.state()).as_str() } else { "active" },
-                age: now.0.saturating_sub(self.flows.created_of(i).0),
-                idle: now.0.saturating_sub(slot.last_seen().0),
-                bytes_in,
-                bytes_out,
+                state: if protocol == Protocol::Tcp { v.phase().as_str() } else { "active" },
+                age: now.0.saturating_sub(r.created.0),
+                idle: now.0.saturating_sub(r.last_seen.0),
+                bytes_in: r.bytes_in,
+                bytes_out: r.bytes_out,
             });
         });
         out
@@ -610,16 +610,16 @@ impl Engine {
 
 /// Whether a live flow is still allowed: its endpoint is configured and
 /// approved, its service still offers the port, has the backend and the pool.
-fn allowed(snap: &Snapshot, slot: &FlowSlot, pool: PoolId) -> bool {
-    let Some(e) = snap.endpoint_by_id(slot.endpoint()) else { return false };
-    if !e.shared.approved() || !snap.pools.contains_key(&pool) {
+fn allowed(snap: &Snapshot, r: &FlowRecord) -> bool {
+    let v = &r.view;
+    let Some(e) = snap.endpoint_by_id(v.endpoint) else { return false };
+    if !e.shared.approved() || !snap.pools.contains_key(&r.pool) {
         return false;
     }
     let svc = &snap.services[e.service];
-    let (c, p) = (slot.consumer_key(), slot.provider_key());
-    let proto = slot.protocol();
-    let rule_ok = proto == Protocol::Icmp || svc.rule(proto, c.endpoint_port()).is_some();
-    rule_ok && svc.backends.contains(&p.backend_addr())
+    let proto = v.protocol();
+    let rule_ok = proto == Protocol::Icmp || svc.rule(proto, v.ckey.endpoint_port()).is_some();
+    rule_ok && svc.backends.contains(&v.pkey.backend_addr())
 }
 
 /// Checks what the engine itself relies on; the config crate reports the

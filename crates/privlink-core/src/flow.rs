@@ -1,44 +1,82 @@
 //! The flow table: every live translation, found from either direction.
 //!
-//! Shape: a fixed slab of [`FlowSlot`]s (bounded by `max_flows`, allocated
-//! once) and two chained hash indexes over it, one keyed by the consumer-side
-//! 5-tuple ([`ConsumerKey`]) and one by the provider-side 5-tuple
-//! ([`ProviderKey`]). Each index is an array of chain heads; the chain links
-//! live inside the slots, so the indexes cost 4 bytes per bucket and never
-//! allocate.
+//! Shape: a fixed slab of [`FlowSlot`]s (allocated once) and two chained
+//! hash indexes over it, one keyed by the consumer-side 5-tuple
+//! ([`ConsumerKey`]) and one by the provider-side 5-tuple ([`ProviderKey`]).
+//! Each index is an array of chain heads; the chain links live inside the
+//! slots, so the indexes cost 4 bytes per bucket and never allocate.
 //!
-//! Concurrency: readers (the per-packet path of every worker) take no lock and
-//! write nothing shared: a lookup is an acquire load of a chain head, then
-//! loads of slot keys and links. Writers (flow setup and teardown, rare next
-//! to packets) serialise per bucket on striped mutexes; a key is inserted only
-//! if absent under its stripe, which is what keeps a burst of packets of one
-//! new flow from taking more than one port, and a provider tuple from being
-//! live twice. Unlinking leaves the removed slot's own link intact, so a
-//! reader standing on it walks on correctly; freed slots are reused in FIFO
-//! order, long after any reader could still stand on them. Every field is an
-//! atomic, so even that unlikely race is a miss, never undefined behaviour.
+//! Concurrency: readers (the per-packet path of every worker) take no lock
+//! and write nothing shared to look a flow up. Writers (flow setup and
+//! teardown, rare next to packets) serialise per bucket on striped mutexes;
+//! a key is inserted only if no live flow holds it under its stripe, which
+//! keeps a burst of packets of one new flow from taking more than one port,
+//! and a provider tuple from being live twice.
+//!
+//! A slot is reused for another flow once its flow ends, possibly while a
+//! reader still stands on it. What keeps a reader from acting on a flow it
+//! did not look up is the slot's *generation*, kept with the state bits in
+//! one 32-bit `meta` word (24 bits of generation, 8 of state), used as a
+//! seqlock:
+//!
+//! - Removal is one compare-and-swap on `meta` that clears `LIVE` and bumps
+//!   the generation; only the thread whose swap succeeds frees the port and
+//!   the slot, so a flow is ended once, with the pool and port it had.
+//! - Keys and the endpoint are written only while the slot is not live, and
+//!   after a release fence that follows (through the free list's mutex) the
+//!   removal's swap; `LIVE` is then published with a release store.
+//! - A reader loads `meta` (acquire) and skips the slot unless it is live,
+//!   reads both keys, issues an acquire fence and loads `meta` again. If it
+//!   read any key written for a later flow, the fence pairs with the
+//!   writer's release fence, so the second load sees the bumped generation
+//!   and the read is discarded. What a lookup returns ([`FlowView`]) is a
+//!   consistent copy of one flow: both keys, the endpoint and the state, as
+//!   they were at one instant while that flow was live. The packet is
+//!   rewritten from that copy, never from the slot again.
+//! - State bits are added by a compare-and-swap that checks the generation
+//!   ([`FlowTable::add_state`]), so a packet of an ended flow can never set
+//!   SYN/FIN/RST bits on the flow that reuses its slot.
+//! - Only the idle timestamp and the per-flow byte counts of the listing are
+//!   written without that check: a late packet can at most refresh the idle
+//!   time of, or add its bytes to, a flow that just took the slot. Neither
+//!   decides where any packet goes.
+//!
+//! `flow/loom_model.rs` model-checks this protocol
+//! (lookup racing removal and immediate reuse) with `loom`, and
+//! `tests/stress.rs` drives it on real threads in a full table.
+//!
+//! Reuse policy: the slab holds `max_flows + REUSE_DELAY` slots while at most
+//! `max_flows` flows are live, so a freed slot always waits in FIFO order
+//! behind at least `REUSE_DELAY` later frees before it is handed out again,
+//! full table or not. Correctness does not rest on that delay (the model
+//! test runs with none); it makes the race above, and so a discarded read
+//! (a miss, retried by the caller's next packet), rare.
 //!
 //! Memory: the fields a packet touches fill exactly one 64-byte cache line
 //! ([`FlowSlot`]); what only setup and teardown read (pool, creation time)
-//! sits in a parallel 8-byte array. With both indexes sized to the next power
-//! of two of twice `max_flows`, the table costs 88 to 104 bytes per flow (a Linux
-//! conntrack entry is about 300). Large tables ask the kernel for
-//! transparent huge pages, which spares the page walks a random lookup in a
-//! hundred megabytes would otherwise cost.
+//! sits in a parallel 8-byte array. With both indexes sized to the next
+//! power of two of twice `max_flows`, the table costs 88 to 104 bytes per
+//! flow (a Linux conntrack entry is about 300). Large tables ask the kernel
+//! for transparent huge pages, which spares the page walks a random lookup
+//! in a hundred megabytes would otherwise cost.
 
+use crate::sync::{fence, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crate::types::{EndpointId, Now, PoolId, Protocol};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 
 /// Longest chain a reader walks before calling it a miss. Chains average
 /// under one entry; this only bounds a reader caught in a concurrent reuse.
 const MAX_CHAIN: usize = 64;
+/// Times a reader restarts a lookup whose read a concurrent reuse spoiled.
+const MAX_RETRIES: usize = 4;
 /// Writer lock stripes per index.
+#[cfg(not(loom))]
 const STRIPES: usize = 1024;
-/// Freed slots wait in FIFO order; fresh slots are used while fewer than this
-/// many are waiting, so a freed slot is never reused right away.
-const REUSE_DELAY: usize = 1024;
+#[cfg(loom)]
+const STRIPES: usize = 2;
+/// Slots beyond `max_flows`: a freed slot waits behind this many later
+/// frees before it is reused (see the module docs).
+pub const REUSE_DELAY: u32 = 1024;
 
 const NONE: u32 = 0;
 
@@ -79,9 +117,14 @@ impl ConsumerKey {
 }
 
 /// The provider-side identity of a flow: protocol, NAT address/port, backend
-/// address/port (for ICMP echo: NAT identifier, 0).
+/// address/port (for ICMP echo: NAT identifier, 0). Uses the low 104 bits;
+/// the slot keeps the flow's endpoint id in the 24 bits above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ProviderKey(pub u128);
+
+/// The bits of a slot's provider word that hold the [`ProviderKey`].
+const PKEY_MASK: u128 = (1 << 104) - 1;
+const EP_SHIFT: u32 = 104;
 
 impl ProviderKey {
     pub fn new(proto: u8, nat: u32, nport: u16, backend: u32, bport: u16) -> Self {
@@ -92,6 +135,9 @@ impl ProviderKey {
                 | (u128::from(backend) << 16)
                 | u128::from(bport),
         )
+    }
+    pub fn proto(self) -> u8 {
+        (self.0 >> 96) as u8
     }
     pub fn nat_addr(self) -> u32 {
         (self.0 >> 64) as u32
@@ -107,8 +153,8 @@ impl ProviderKey {
     }
 }
 
-/// Bits of [`FlowSlot::state`] (kept in the top byte of the slot's `meta`
-/// word, beside the 24-bit endpoint id).
+/// Bits of a slot's state (the low byte of its `meta` word; the generation
+/// is in the 24 bits above).
 pub mod state {
     /// The slot holds a flow fully set up (set last, cleared first).
     pub const LIVE: u32 = 1 << 0;
@@ -123,12 +169,16 @@ pub mod state {
     pub const RST: u32 = 1 << 5;
     /// An ACK from the consumer after the provider's SYN: established.
     pub const ESTABLISHED: u32 = 1 << 6;
-    /// Where the state bits sit in `meta`.
-    pub(crate) const SHIFT: u32 = 24;
+    /// The state bits of a `meta` word.
+    pub(crate) const MASK: u32 = 0xff;
 }
 
-/// Endpoint ids must fit the low 24 bits of a slot's `meta`.
-pub const MAX_ENDPOINT_ID: u32 = (1 << state::SHIFT) - 1;
+/// Where the generation sits in `meta`.
+const GEN_SHIFT: u32 = 8;
+const GEN_ONE: u32 = 1 << GEN_SHIFT;
+
+/// Endpoint ids must fit the 24 bits a slot keeps them in.
+pub const MAX_ENDPOINT_ID: u32 = (1 << 24) - 1;
 
 /// TCP state of a flow, as the timeouts see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,17 +215,18 @@ impl TcpPhase {
 }
 
 /// One flow: everything a packet of it reads or writes, in one cache line.
-/// All fields are atomics: see the module docs for why.
-#[derive(Debug, Default)]
+/// All fields are atomics: see the module docs for the protocol.
+#[derive(Debug)]
 #[repr(C, align(64))]
 pub struct FlowSlot {
     ckey: [AtomicU64; 2],
+    /// The provider key (low 104 bits) and the endpoint id (top 24).
     pkey: [AtomicU64; 2],
     cnext: AtomicU32,
     pnext: AtomicU32,
     /// Last packet, in [`Now`] seconds.
     last_seen: AtomicU32,
-    /// Endpoint id (low 24 bits) and [`state`] bits (top 8).
+    /// Generation (top 24 bits) and [`state`] bits (low 8).
     meta: AtomicU32,
     /// Bytes consumer -> provider and back (written by whichever worker
     /// carries the direction; informational, for the flow listing).
@@ -183,87 +234,87 @@ pub struct FlowSlot {
     bytes_out: AtomicU64,
 }
 
+impl Default for FlowSlot {
+    fn default() -> Self {
+        FlowSlot {
+            ckey: [AtomicU64::new(0), AtomicU64::new(0)],
+            pkey: [AtomicU64::new(0), AtomicU64::new(0)],
+            cnext: AtomicU32::new(0),
+            pnext: AtomicU32::new(0),
+            last_seen: AtomicU32::new(0),
+            meta: AtomicU32::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        }
+    }
+}
+
 /// What only flow setup, teardown and listings read.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Cold {
     pool: AtomicU32,
     created: AtomicU32,
 }
 
+impl Default for Cold {
+    fn default() -> Self {
+        Cold { pool: AtomicU32::new(0), created: AtomicU32::new(0) }
+    }
+}
+
+#[inline]
 fn store128(a: &[AtomicU64; 2], v: u128) {
     a[0].store((v >> 64) as u64, Ordering::Relaxed);
     a[1].store(v as u64, Ordering::Relaxed);
 }
 
+#[inline]
 fn load128(a: &[AtomicU64; 2]) -> u128 {
     (u128::from(a[0].load(Ordering::Relaxed)) << 64) | u128::from(a[1].load(Ordering::Relaxed))
 }
 
-impl FlowSlot {
-    #[inline]
-    pub fn consumer_key(&self) -> ConsumerKey {
-        ConsumerKey(load128(&self.ckey))
-    }
-    #[inline]
-    pub fn provider_key(&self) -> ProviderKey {
-        ProviderKey(load128(&self.pkey))
-    }
-    #[inline]
-    pub fn endpoint(&self) -> EndpointId {
-        EndpointId(self.meta.load(Ordering::Relaxed) & MAX_ENDPOINT_ID)
-    }
-    /// The [`state`] bits.
-    #[inline]
-    pub fn state(&self) -> u32 {
-        self.meta.load(Ordering::Acquire) >> state::SHIFT
-    }
-    #[inline]
-    pub fn is_live(&self) -> bool {
-        self.state() & state::LIVE != 0
-    }
+#[inline]
+fn same_gen(a: u32, b: u32) -> bool {
+    (a ^ b) >> GEN_SHIFT == 0
+}
+
+/// A consistent copy of one live flow, as a lookup found it: both keys, the
+/// endpoint and the state bits of one generation of one slot. Everything a
+/// packet is rewritten with comes from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowView {
+    /// The slot index.
+    pub slot: u32,
+    /// The slot's generation when read: names this flow, not the slot.
+    gen: u32,
+    pub ckey: ConsumerKey,
+    pub pkey: ProviderKey,
+    pub endpoint: EndpointId,
+    /// The [`state`] bits when read.
+    pub state: u32,
+}
+
+impl FlowView {
     #[inline]
     pub fn protocol(&self) -> Protocol {
-        Protocol::from_number(self.consumer_key().proto()).unwrap_or(Protocol::Icmp)
+        Protocol::from_number(self.ckey.proto()).unwrap_or(Protocol::Icmp)
     }
     #[inline]
-    pub fn last_seen(&self) -> Now {
-        Now(self.last_seen.load(Ordering::Relaxed))
+    pub fn phase(&self) -> TcpPhase {
+        TcpPhase::from_bits(self.state)
     }
-    /// Refreshes the idle timer; writes only when the second changed.
-    #[inline]
-    pub fn touch(&self, now: Now) {
-        if self.last_seen.load(Ordering::Relaxed) != now.0 {
-            self.last_seen.store(now.0, Ordering::Relaxed);
-        }
-    }
-    /// Adds TCP state bits (only for packets carrying SYN/FIN/RST).
-    #[inline]
-    pub fn add_state(&self, bits: u32) {
-        if (self.meta.load(Ordering::Relaxed) >> state::SHIFT) & bits != bits {
-            self.meta.fetch_or(bits << state::SHIFT, Ordering::AcqRel);
-        }
-    }
-    /// Starts a closed TCP flow over when its consumer sends a new SYN on the
-    /// same 5-tuple. A flow being removed stays removed.
-    pub fn reopen(&self) {
-        let live = state::LIVE << state::SHIFT;
-        let mut cur = self.meta.load(Ordering::Acquire);
-        while cur & live != 0 {
-            let fresh = (cur & MAX_ENDPOINT_ID) | ((state::LIVE | state::C_SYN) << state::SHIFT);
-            match self.meta.compare_exchange(cur, fresh, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return,
-                Err(v) => cur = v,
-            }
-        }
-    }
-    #[inline]
-    pub fn add_bytes(&self, inbound: bool, n: u64) {
-        let c = if inbound { &self.bytes_in } else { &self.bytes_out };
-        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
-    }
-    pub fn bytes(&self) -> (u64, u64) {
-        (self.bytes_in.load(Ordering::Relaxed), self.bytes_out.load(Ordering::Relaxed))
-    }
+}
+
+/// A flow as the sweeper and listings see it: the view plus what only they
+/// read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowRecord {
+    pub view: FlowView,
+    pub pool: PoolId,
+    pub created: Now,
+    pub last_seen: Now,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
 }
 
 /// Why a flow could not be created.
@@ -279,8 +330,16 @@ pub enum InsertError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inserted {
     /// A concurrent packet of the same flow created it first.
-    Existing(u32),
-    New(u32),
+    Existing(FlowView),
+    New(FlowView),
+}
+
+impl Inserted {
+    pub fn view(&self) -> FlowView {
+        match *self {
+            Inserted::Existing(v) | Inserted::New(v) => v,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -302,6 +361,7 @@ impl Index {
 
 #[derive(Debug)]
 struct FreeSlots {
+    /// Slots `0..fresh` have been handed out at least once.
     fresh: u32,
     freed: VecDeque<u32>,
 }
@@ -314,6 +374,8 @@ pub struct FlowTable {
     cidx: Index,
     pidx: Index,
     free: Mutex<FreeSlots>,
+    max_flows: u32,
+    reuse_delay: u32,
     /// Slots ever handed out: the sweeper scans `0..high_water`.
     high_water: AtomicU32,
     live: AtomicU32,
@@ -323,24 +385,38 @@ pub struct FlowTable {
 impl FlowTable {
     /// A table for at most `max_flows` flows (at least 1, at most 2^31).
     pub fn new(max_flows: u32) -> FlowTable {
+        FlowTable::with_reuse_delay(max_flows, REUSE_DELAY)
+    }
+
+    /// As [`new`](Self::new), with `reuse_delay` spare slots (0: a freed
+    /// slot may be reused by the very next insert; the model test uses it).
+    pub fn with_reuse_delay(max_flows: u32, reuse_delay: u32) -> FlowTable {
         let max_flows = max_flows.clamp(1, 1 << 31);
+        let slots = max_flows as usize + reuse_delay as usize;
         // Twice as many buckets as flows: chains stay short (a hit visits 1.25
         // slots on average), and every extra slot visited is a cache miss.
         let buckets = (max_flows as usize).next_power_of_two().max(16) * 2;
+        #[cfg(not(loom))]
+        let hasher = ahash::RandomState::new();
+        // loom replays executions: the layout must not change between them.
+        #[cfg(loom)]
+        let hasher = ahash::RandomState::with_seeds(1, 2, 3, 4);
         FlowTable {
-            slots: huge_array(max_flows as usize),
-            cold: huge_array(max_flows as usize),
+            slots: huge_array(slots),
+            cold: huge_array(slots),
             cidx: Index::new(buckets),
             pidx: Index::new(buckets),
             free: Mutex::new(FreeSlots { fresh: 0, freed: VecDeque::new() }),
+            max_flows,
+            reuse_delay,
             high_water: AtomicU32::new(0),
             live: AtomicU32::new(0),
-            hasher: ahash::RandomState::new(),
+            hasher,
         }
     }
 
     pub fn capacity(&self) -> u32 {
-        self.slots.len() as u32
+        self.max_flows
     }
 
     /// Live flows.
@@ -352,26 +428,12 @@ impl FlowTable {
         self.len() == 0
     }
 
-    /// Bytes of table payload per flow slot: the slot plus its two index
-    /// buckets (at the power-of-two size actually allocated).
+    /// Bytes of table payload per flow: the slots (with the reuse spares),
+    /// their cold halves and the two indexes, over `max_flows`.
     pub fn bytes_per_flow(&self) -> usize {
         let idx = 2 * self.cidx.heads.len() * std::mem::size_of::<AtomicU32>();
-        std::mem::size_of::<FlowSlot>() + std::mem::size_of::<Cold>() + idx / self.slots.len()
-    }
-
-    /// The pool the flow in slot `i` took its port from.
-    pub fn pool_of(&self, i: u32) -> PoolId {
-        PoolId(self.cold[i as usize].pool.load(Ordering::Relaxed))
-    }
-
-    /// When the flow in slot `i` was created.
-    pub fn created_of(&self, i: u32) -> Now {
-        Now(self.cold[i as usize].created.load(Ordering::Relaxed))
-    }
-
-    #[inline]
-    pub fn slot(&self, i: u32) -> &FlowSlot {
-        &self.slots[i as usize]
+        let per_slot = std::mem::size_of::<FlowSlot>() + std::mem::size_of::<Cold>();
+        (per_slot * self.slots.len() + idx) / self.max_flows as usize
     }
 
     /// A stable hash of a consumer key for per-flow choices (backend).
@@ -385,84 +447,149 @@ impl FlowTable {
         (self.hasher.hash_one(k) as usize) & idx.mask
     }
 
-    /// The slot of the flow with this consumer key.
+    /// Reads slot `i` as a [`FlowView`] if it holds a live flow, validated
+    /// against a concurrent removal or reuse (see the module docs).
     #[inline]
-    pub fn find_consumer(&self, k: ConsumerKey) -> Option<u32> {
-        let b = self.bucket(k.0, &self.cidx);
-        let mut cur = self.cidx.heads[b].load(Ordering::Acquire);
+    fn read(&self, i: u32, m1: u32) -> Option<FlowView> {
+        let s = &self.slots[i as usize];
+        let ck = load128(&s.ckey);
+        let pw = load128(&s.pkey);
+        fence(Ordering::Acquire);
+        let m2 = s.meta.load(Ordering::Relaxed);
+        if !same_gen(m1, m2) || m2 & state::LIVE == 0 {
+            return None;
+        }
+        Some(FlowView {
+            slot: i,
+            gen: m2 >> GEN_SHIFT,
+            ckey: ConsumerKey(ck),
+            pkey: ProviderKey(pw & PKEY_MASK),
+            endpoint: EndpointId((pw >> EP_SHIFT) as u32),
+            state: m2 & state::MASK,
+        })
+    }
+
+    /// Walks one chain for a live slot whose key (as `key_of` reads it)
+    /// is `k`. `Err` when a concurrent reuse spoiled the read.
+    #[inline]
+    fn walk(
+        &self,
+        head: &AtomicU32,
+        k: u128,
+        consumer: bool,
+    ) -> Result<Option<FlowView>, ()> {
+        let key_of = |s: &FlowSlot| if consumer { load128(&s.ckey) } else { load128(&s.pkey) & PKEY_MASK };
+        let next = |s: &FlowSlot| if consumer { s.cnext.load(Ordering::Acquire) } else { s.pnext.load(Ordering::Acquire) };
+        let mut cur = head.load(Ordering::Acquire);
         for _ in 0..MAX_CHAIN {
             if cur == NONE {
-                return None;
+                return Ok(None);
             }
-            let s = &self.slots[(cur - 1) as usize];
-            if load128(&s.ckey) == k.0 {
-                return Some(cur - 1);
+            let i = cur - 1;
+            let s = &self.slots[i as usize];
+            let m1 = s.meta.load(Ordering::Acquire);
+            if m1 & state::LIVE != 0 && key_of(s) == k {
+                // Both keys are read again inside the validated read.
+                let v = self.read(i, m1).ok_or(())?;
+                let key = if consumer { v.ckey.0 } else { v.pkey.0 };
+                return if key == k { Ok(Some(v)) } else { Err(()) };
             }
-            cur = s.cnext.load(Ordering::Acquire);
+            cur = next(s);
+        }
+        Err(())
+    }
+
+    /// The live flow with this consumer key.
+    #[inline]
+    pub fn find_consumer(&self, k: ConsumerKey) -> Option<FlowView> {
+        let head = &self.cidx.heads[self.bucket(k.0, &self.cidx)];
+        for _ in 0..MAX_RETRIES {
+            if let Ok(found) = self.walk(head, k.0, true) {
+                return found;
+            }
         }
         None
     }
 
-    /// The slot of the flow with this provider key.
+    /// The live flow with this provider key.
     #[inline]
-    pub fn find_provider(&self, k: ProviderKey) -> Option<u32> {
-        let b = self.bucket(k.0, &self.pidx);
-        let mut cur = self.pidx.heads[b].load(Ordering::Acquire);
-        for _ in 0..MAX_CHAIN {
-            if cur == NONE {
-                return None;
+    pub fn find_provider(&self, k: ProviderKey) -> Option<FlowView> {
+        let head = &self.pidx.heads[self.bucket(k.0, &self.pidx)];
+        for _ in 0..MAX_RETRIES {
+            if let Ok(found) = self.walk(head, k.0, false) {
+                return found;
             }
+        }
+        None
+    }
+
+    /// Under the provider stripe of `k`: whether any linked slot (live or
+    /// being set up) holds `k`.
+    fn provider_linked(&self, bucket: usize, k: ProviderKey) -> bool {
+        let mut cur = self.pidx.heads[bucket].load(Ordering::Acquire);
+        while cur != NONE {
             let s = &self.slots[(cur - 1) as usize];
-            if load128(&s.pkey) == k.0 {
-                return Some(cur - 1);
+            if load128(&s.pkey) & PKEY_MASK == k.0 {
+                return true;
             }
             cur = s.pnext.load(Ordering::Acquire);
         }
-        None
+        false
     }
 
     fn take_slot(&self) -> Option<u32> {
         let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
-        if (f.freed.len() < REUSE_DELAY || f.fresh == 0) && (f.fresh as usize) < self.slots.len() {
-            let i = f.fresh;
-            f.fresh += 1;
-            self.high_water.fetch_max(f.fresh, Ordering::Relaxed);
-            return Some(i);
+        let in_use = f.fresh - f.freed.len() as u32;
+        if in_use >= self.max_flows {
+            return None;
         }
-        f.freed.pop_front()
+        // With `max_flows + reuse_delay` slots and fewer than `max_flows`
+        // in use, more than `reuse_delay` wait once the fresh ones are gone.
+        if f.freed.len() as u32 > self.reuse_delay || f.fresh as usize == self.slots.len() {
+            return f.freed.pop_front();
+        }
+        let i = f.fresh;
+        f.fresh += 1;
+        self.high_water.fetch_max(f.fresh, Ordering::Relaxed);
+        Some(i)
     }
 
     fn give_slot(&self, i: u32) {
         self.free.lock().unwrap_or_else(|e| e.into_inner()).freed.push_back(i);
     }
 
-    /// Creates the flow `ck` unless it exists. Under the consumer key's
-    /// stripe, `setup(slot, claim)` picks the provider side; it must call
-    /// `claim(pkey)` (possibly several times) until one returns true, which
-    /// links the slot under that provider key if no live flow holds it.
-    /// `setup` returns `(endpoint, pool, state bits)` or `None` to give up.
+    /// Creates the flow `ck` of endpoint `ep` unless it exists. Under the
+    /// consumer key's stripe, `setup(claim)` picks the provider side; it
+    /// must call `claim(pkey)` (possibly several times) until one returns
+    /// true, which links the slot under that provider key if no flow holds
+    /// it. `setup` returns `(pool, state bits)` or `None` to give up.
     pub fn insert(
         &self,
         ck: ConsumerKey,
+        ep: EndpointId,
         now: Now,
-        setup: impl FnOnce(&mut dyn FnMut(ProviderKey) -> bool) -> Option<(EndpointId, PoolId, u32)>,
+        setup: impl FnOnce(&mut dyn FnMut(ProviderKey) -> bool) -> Option<(PoolId, u32)>,
     ) -> Result<Inserted, InsertError> {
         let cb = self.bucket(ck.0, &self.cidx);
         let _g = self.cidx.lock(cb);
-        if let Some(i) = self.find_consumer(ck) {
-            return Ok(Inserted::Existing(i));
+        if let Some(v) = self.find_consumer(ck) {
+            return Ok(Inserted::Existing(v));
         }
         let Some(i) = self.take_slot() else { return Err(InsertError::Full) };
+        // Pairs with a reader's acquire fence: a reader that sees any key
+        // written below also sees the removal that bumped the generation.
+        fence(Ordering::Release);
         let slot = &self.slots[i as usize];
+        let ep_bits = u128::from(ep.0 & MAX_ENDPOINT_ID) << EP_SHIFT;
         let mut linked = false;
         let mut claim = |pk: ProviderKey| -> bool {
             if linked {
                 return false;
             }
-            linked = self.link_provider(i, pk);
+            linked = self.link_provider(i, pk, ep_bits);
             linked
         };
-        let Some((ep, pool, bits)) = setup(&mut claim) else {
+        let Some((pool, bits)) = setup(&mut claim) else {
             if linked {
                 self.unlink_provider(i);
             }
@@ -481,21 +608,30 @@ impl FlowTable {
         slot.bytes_in.store(0, Ordering::Relaxed);
         slot.bytes_out.store(0, Ordering::Relaxed);
         slot.cnext.store(self.cidx.heads[cb].load(Ordering::Relaxed), Ordering::Relaxed);
-        let meta = (ep.0 & MAX_ENDPOINT_ID) | ((bits | state::LIVE) << state::SHIFT);
-        slot.meta.store(meta, Ordering::Release);
+        let gen = slot.meta.load(Ordering::Relaxed) & !state::MASK;
+        let bits = (bits | state::LIVE) & state::MASK;
+        slot.meta.store(gen | bits, Ordering::Release);
         self.cidx.heads[cb].store(i + 1, Ordering::Release);
         self.live.fetch_add(1, Ordering::Relaxed);
-        Ok(Inserted::New(i))
+        let pw = load128(&slot.pkey);
+        Ok(Inserted::New(FlowView {
+            slot: i,
+            gen: gen >> GEN_SHIFT,
+            ckey: ck,
+            pkey: ProviderKey(pw & PKEY_MASK),
+            endpoint: EndpointId(ep.0 & MAX_ENDPOINT_ID),
+            state: bits,
+        }))
     }
 
-    fn link_provider(&self, i: u32, pk: ProviderKey) -> bool {
+    fn link_provider(&self, i: u32, pk: ProviderKey, ep_bits: u128) -> bool {
         let pb = self.bucket(pk.0, &self.pidx);
         let _g = self.pidx.lock(pb);
-        if self.find_provider(pk).is_some() {
+        if self.provider_linked(pb, pk) {
             return false;
         }
         let slot = &self.slots[i as usize];
-        store128(&slot.pkey, pk.0);
+        store128(&slot.pkey, pk.0 | ep_bits);
         slot.pnext.store(self.pidx.heads[pb].load(Ordering::Relaxed), Ordering::Relaxed);
         self.pidx.heads[pb].store(i + 1, Ordering::Release);
         true
@@ -509,6 +645,8 @@ impl FlowTable {
                 return;
             }
             if cur == i + 1 {
+                // The removed slot keeps its own link, so a reader standing
+                // on it walks on.
                 let after = next(&slots[i as usize]).load(Ordering::Relaxed);
                 link.store(after, Ordering::Release);
                 return;
@@ -518,29 +656,88 @@ impl FlowTable {
     }
 
     fn unlink_provider(&self, i: u32) {
-        let pk = load128(&self.slots[i as usize].pkey);
+        let pk = load128(&self.slots[i as usize].pkey) & PKEY_MASK;
         let pb = self.bucket(pk, &self.pidx);
         let _g = self.pidx.lock(pb);
         Self::unlink(&self.pidx, pb, i, |s| &s.pnext, &self.slots);
     }
 
-    /// Removes the flow in slot `i` if it is live; returns its final state
-    /// bits, or `None` when another caller removed it first.
-    pub fn remove(&self, i: u32) -> Option<u32> {
-        let slot = &self.slots[i as usize];
-        let live = state::LIVE << state::SHIFT;
-        let mut cur = slot.meta.load(Ordering::Acquire);
+    /// Adds TCP state bits to the flow `v`, unless it has ended (its slot
+    /// may be another flow's by now). Returns whether the flow is still live.
+    #[inline]
+    pub fn add_state(&self, v: &FlowView, bits: u32) -> bool {
+        let meta = &self.slots[v.slot as usize].meta;
+        let mut cur = meta.load(Ordering::Relaxed);
         loop {
-            if cur & live == 0 {
-                return None;
+            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 {
+                return false;
             }
-            match slot.meta.compare_exchange(cur, cur & !live, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => break,
-                Err(v) => cur = v,
+            if cur & bits == bits {
+                return true;
+            }
+            match meta.compare_exchange_weak(cur, cur | bits, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
             }
         }
-        let ck = load128(&slot.ckey);
-        let cb = self.bucket(ck, &self.cidx);
+    }
+
+    /// Starts the closed TCP flow `v` over (its consumer sent a new SYN on
+    /// the same 5-tuple): state back to "consumer SYN seen". A flow that has
+    /// ended stays ended.
+    pub fn reopen(&self, v: &FlowView) -> bool {
+        let meta = &self.slots[v.slot as usize].meta;
+        let mut cur = meta.load(Ordering::Acquire);
+        loop {
+            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 {
+                return false;
+            }
+            let fresh = (cur & !state::MASK) | state::LIVE | state::C_SYN;
+            match meta.compare_exchange_weak(cur, fresh, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Refreshes the flow's idle timer; writes only when the second changed.
+    #[inline]
+    pub fn touch(&self, v: &FlowView, now: Now) {
+        let t = &self.slots[v.slot as usize].last_seen;
+        if t.load(Ordering::Relaxed) != now.0 {
+            t.store(now.0, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts bytes for the flow listing (`inbound`: consumer -> provider).
+    #[inline]
+    pub fn add_bytes(&self, v: &FlowView, inbound: bool, n: u64) {
+        let s = &self.slots[v.slot as usize];
+        let c = if inbound { &s.bytes_in } else { &s.bytes_out };
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// Ends the flow `v` if it is still live; returns its final state bits,
+    /// or `None` when it had already ended (another caller removed it).
+    /// Exactly one caller gets `Some` for a flow, so exactly one frees its
+    /// port.
+    pub fn remove(&self, v: &FlowView) -> Option<u32> {
+        let i = v.slot;
+        let slot = &self.slots[i as usize];
+        let mut cur = slot.meta.load(Ordering::Acquire);
+        loop {
+            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 {
+                return None;
+            }
+            let ended = (cur & !state::MASK).wrapping_add(GEN_ONE);
+            match slot.meta.compare_exchange(cur, ended, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        // The keys cannot change now: only the inserter that takes this slot
+        // from the free list writes them, after the unlinks below.
+        let cb = self.bucket(v.ckey.0, &self.cidx);
         {
             let _g = self.cidx.lock(cb);
             Self::unlink(&self.cidx, cb, i, |s| &s.cnext, &self.slots);
@@ -548,22 +745,48 @@ impl FlowTable {
         self.unlink_provider(i);
         self.live.fetch_sub(1, Ordering::Relaxed);
         self.give_slot(i);
-        Some(cur >> state::SHIFT)
+        Some(cur & state::MASK)
     }
 
-    /// Calls `f(slot index, slot)` for every live flow.
-    pub fn for_each_live(&self, mut f: impl FnMut(u32, &FlowSlot)) {
-        let hw = self.high_water.load(Ordering::Relaxed) as usize;
-        for (i, s) in self.slots[..hw].iter().enumerate() {
-            if s.is_live() {
-                f(i as u32, s);
+    /// Slot `i` as a [`FlowRecord`], if it holds a live flow.
+    pub fn record(&self, i: u32) -> Option<FlowRecord> {
+        let s = self.slots.get(i as usize)?;
+        let m1 = s.meta.load(Ordering::Acquire);
+        if m1 & state::LIVE == 0 {
+            return None;
+        }
+        let c = &self.cold[i as usize];
+        let (pool, created) = (c.pool.load(Ordering::Relaxed), c.created.load(Ordering::Relaxed));
+        let view = self.read(i, m1)?;
+        Some(FlowRecord {
+            view,
+            pool: PoolId(pool),
+            created: Now(created),
+            last_seen: Now(s.last_seen.load(Ordering::Relaxed)),
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Calls `f` with every live flow.
+    pub fn for_each_live(&self, mut f: impl FnMut(&FlowRecord)) {
+        let hw = self.high_water.load(Ordering::Relaxed);
+        for i in 0..hw {
+            if let Some(r) = self.record(i) {
+                f(&r);
             }
         }
     }
 }
 
+#[cfg(loom)]
+fn huge_array<T: Default>(n: usize) -> Box<[T]> {
+    (0..n).map(|_| T::default()).collect()
+}
+
 /// A zeroed array of `n` atomics-only values (all-zero is their default),
 /// backed by transparent huge pages when it is large.
+#[cfg(not(loom))]
 fn huge_array<T: Default>(n: usize) -> Box<[T]> {
     let mut v: Vec<T> = Vec::with_capacity(n);
     let bytes = n * std::mem::size_of::<T>();
@@ -584,7 +807,10 @@ fn huge_array<T: Default>(n: usize) -> Box<[T]> {
     v.into_boxed_slice()
 }
 
-#[cfg(test)]
+#[cfg(all(test, loom))]
+mod loom_model;
+
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use std::collections::HashSet;
@@ -598,7 +824,14 @@ mod tests {
     }
 
     fn add(t: &FlowTable, c: ConsumerKey, p: ProviderKey) -> Result<Inserted, InsertError> {
-        t.insert(c, Now(0), |claim| claim(p).then_some((EndpointId(1), PoolId(2), 0)))
+        t.insert(c, EndpointId(1), Now(0), |claim| claim(p).then_some((PoolId(2), 0)))
+    }
+
+    fn slot_of(r: Result<Inserted, InsertError>) -> FlowView {
+        match r {
+            Ok(Inserted::New(v)) => v,
+            other => panic!("expected a new flow, got {other:?}"),
+        }
     }
 
     #[test]
@@ -610,27 +843,43 @@ mod tests {
         );
         let p = ProviderKey::new(6, 0xc0a8_6404, 40000, 0xc0a8_320a, 5432);
         assert_eq!(
-            (p.nat_addr(), p.nat_port(), p.backend_addr(), p.backend_port()),
-            (0xc0a8_6404, 40000, 0xc0a8_320a, 5432)
+            (p.proto(), p.nat_addr(), p.nat_port(), p.backend_addr(), p.backend_port()),
+            (6, 0xc0a8_6404, 40000, 0xc0a8_320a, 5432)
         );
     }
 
     #[test]
     fn insert_find_remove_both_directions() {
         let t = FlowTable::new(100);
-        let Ok(Inserted::New(i)) = add(&t, ck(1000), pk(2000)) else { panic!("insert") };
-        assert_eq!(t.find_consumer(ck(1000)), Some(i));
-        assert_eq!(t.find_provider(pk(2000)), Some(i));
-        assert_eq!(t.slot(i).endpoint(), EndpointId(1));
-        assert_eq!(t.pool_of(i), PoolId(2));
-        assert_eq!(t.slot(i).protocol(), Protocol::Tcp);
-        assert_eq!(add(&t, ck(1000), pk(2001)), Ok(Inserted::Existing(i)));
+        let v = slot_of(add(&t, ck(1000), pk(2000)));
+        assert_eq!(t.find_consumer(ck(1000)), Some(v));
+        assert_eq!(t.find_provider(pk(2000)), Some(v));
+        assert_eq!(v.endpoint, EndpointId(1));
+        assert_eq!((v.ckey, v.pkey), (ck(1000), pk(2000)));
+        assert_eq!(v.protocol(), Protocol::Tcp);
+        assert_eq!(t.record(v.slot).map(|r| r.pool), Some(PoolId(2)));
+        assert_eq!(add(&t, ck(1000), pk(2001)), Ok(Inserted::Existing(v)));
         assert_eq!(t.len(), 1);
-        assert!(t.remove(i).is_some());
-        assert!(t.remove(i).is_none(), "second remove is a no-op");
+        assert!(t.remove(&v).is_some());
+        assert!(t.remove(&v).is_none(), "second remove is a no-op");
         assert_eq!(t.find_consumer(ck(1000)), None);
         assert_eq!(t.find_provider(pk(2000)), None);
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn a_stale_view_cannot_touch_the_flow_that_reuses_its_slot() {
+        let t = FlowTable::with_reuse_delay(1, 0);
+        let old = slot_of(add(&t, ck(1), pk(1)));
+        assert!(t.remove(&old).is_some());
+        let new = slot_of(add(&t, ck(2), pk(2)));
+        assert_eq!(old.slot, new.slot, "the only slot is reused at once");
+        assert!(!t.add_state(&old, state::RST), "a stale view sets no state");
+        assert!(!t.reopen(&old));
+        assert!(t.remove(&old).is_none(), "a stale view removes nothing");
+        assert_eq!(t.find_consumer(ck(2)).map(|v| v.state), Some(state::LIVE));
+        assert!(t.add_state(&new, state::C_FIN));
+        assert_eq!(t.find_consumer(ck(2)).map(|v| v.state), Some(state::LIVE | state::C_FIN));
     }
 
     #[test]
@@ -649,29 +898,50 @@ mod tests {
             assert!(matches!(add(&t, ck(p), pk(p)), Ok(Inserted::New(_))));
         }
         assert_eq!(add(&t, ck(3), pk(3)), Err(InsertError::Full));
-        let i = t.find_consumer(ck(1)).expect("live");
-        t.remove(i);
+        let v = t.find_consumer(ck(1)).expect("live");
+        t.remove(&v);
         assert!(matches!(add(&t, ck(3), pk(3)), Ok(Inserted::New(_))));
+        assert_eq!(add(&t, ck(4), pk(4)), Err(InsertError::Full));
+    }
+
+    #[test]
+    fn a_full_table_reuses_a_slot_only_after_reuse_delay_later_frees() {
+        // As the module docs say: full or not, a freed slot waits behind
+        // REUSE_DELAY later frees.
+        let t = FlowTable::with_reuse_delay(4, 3);
+        let mut live: Vec<FlowView> = (0..4).map(|p| slot_of(add(&t, ck(p), pk(p)))).collect();
+        let mut freed_at: std::collections::HashMap<u32, usize> = Default::default();
+        let mut frees = 0usize;
+        for p in 4..200u16 {
+            let v = live.remove(0);
+            t.remove(&v);
+            freed_at.insert(v.slot, frees);
+            frees += 1;
+            let n = slot_of(add(&t, ck(p), pk(p)));
+            if let Some(&at) = freed_at.get(&n.slot) {
+                assert!(frees - at > 3, "slot {} reused after {} later frees", n.slot, frees - at - 1);
+            }
+            live.push(n);
+        }
     }
 
     #[test]
     fn many_flows_with_collisions_stay_findable() {
         let t = FlowTable::new(20_000);
-        let mut slots = Vec::new();
+        let mut views = Vec::new();
         for p in 0..20_000u16 {
-            let Ok(Inserted::New(i)) = add(&t, ck(p), pk(p)) else { panic!("insert {p}") };
-            slots.push(i);
+            views.push(slot_of(add(&t, ck(p), pk(p))));
         }
         for p in (0..20_000u16).step_by(2) {
-            assert!(t.remove(slots[usize::from(p)]).is_some());
+            assert!(t.remove(&views[usize::from(p)]).is_some());
         }
         for p in 0..20_000u16 {
-            let want = (p % 2 == 1).then_some(slots[usize::from(p)]);
+            let want = (p % 2 == 1).then_some(views[usize::from(p)]);
             assert_eq!(t.find_consumer(ck(p)), want);
             assert_eq!(t.find_provider(pk(p)), want);
         }
         let mut n = 0;
-        t.for_each_live(|_, _| n += 1);
+        t.for_each_live(|_| n += 1);
         assert_eq!(n, 10_000);
     }
 
@@ -704,8 +974,8 @@ mod tests {
                     for p in 0..2_000u16 {
                         // Every thread races on the same keys; provider ports
                         // differ per thread so only the consumer lock decides.
-                        if let Ok(Inserted::New(i)) = add(&t, ck(p), pk(p.wrapping_mul(4) + w)) {
-                            news.push(i);
+                        if let Ok(Inserted::New(v)) = add(&t, ck(p), pk(p.wrapping_mul(4) + w)) {
+                            news.push(v.slot);
                         }
                     }
                     news

@@ -17,6 +17,7 @@ pub mod flow;
 pub mod frag;
 pub mod maglev;
 pub mod pool;
+mod sync;
 pub mod types;
 pub mod wire;
 pub mod worker;

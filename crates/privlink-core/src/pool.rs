@@ -82,15 +82,21 @@ impl PortPool {
         let mut g = self.lock();
         let inner = &mut *g;
         let mut got = None;
-        while !inner.free.is_empty() {
-            let i = inner.rng.random_range(0..inner.free.len());
-            let port = inner.free.swap_remove(i);
+        // Candidates are `free[..n]`. A free port whose claim fails (its
+        // tuple is held by a flow of a pool this one replaced on reload) is
+        // moved behind them: it stays free for a later allocation rather
+        // than being tried again now, or lost.
+        let mut n = inner.free.len();
+        while n > 0 {
+            let i = inner.rng.random_range(0..n);
+            let port = inner.free[i];
             if claim(port) {
+                inner.free.swap_remove(i);
                 got = Some(port);
                 break;
             }
-            // A free port's tuple cannot be live; if it is, something else
-            // holds it: leave it out of the free list rather than loop.
+            inner.free.swap(i, n - 1);
+            n -= 1;
         }
         if got.is_none() {
             for _ in 0..OVERLOAD_TRIES {
@@ -233,5 +239,25 @@ mod tests {
         p.free(80, Now(0), true);
         p.free(3000, Now(0), true);
         assert_eq!(p.available(), 2);
+    }
+
+    #[test]
+    fn a_port_whose_claim_fails_goes_back_to_the_pool() {
+        // A free port whose tuple something else still holds (a flow of
+        // the pool this one replaced on reload) is refused by the claim; it
+        // must stay in the pool, not vanish from it.
+        let p = PortPool::new(4000..=4003, 1);
+        let mut tried = Vec::new();
+        let got = p.allocate(Now(0), |port| {
+            tried.push(port);
+            tried.len() > 1
+        });
+        assert!(got.is_some());
+        assert_eq!(p.available(), 3, "refused port lost: {tried:?}");
+        p.free(got.expect("port"), Now(0), true);
+        assert_eq!(p.available(), p.capacity());
+        // And once every port is refused, none is lost either.
+        assert_eq!(p.allocate(Now(0), |_| false), None);
+        assert_eq!(p.available(), p.capacity());
     }
 }

@@ -10,7 +10,7 @@
 //! flow's packets take none.
 
 use crate::engine::{bump, EndpointView, Engine, Snapshot};
-use crate::flow::{state, ConsumerKey, InsertError, Inserted, ProviderKey, TcpPhase};
+use crate::flow::{state, ConsumerKey, FlowView, InsertError, Inserted, ProviderKey, TcpPhase};
 use crate::frag::{FragKey, Fragments, Later, Mapping};
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Source, Verdict};
 use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
@@ -342,31 +342,30 @@ impl Ctx<'_> {
         let flows = &self.engine.flows;
         let is_tcp = parsed.proto == Protocol::Tcp;
         let pure_syn = parsed.flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN;
-        let i = match flows.find_consumer(ck) {
-            Some(i) => i,
+        let v = match flows.find_consumer(ck) {
+            Some(v) => v,
             None if is_tcp && !pure_syn => return Verdict::Drop(DropReason::NoFlow),
             None => match self.create(ep, ck, &parsed) {
-                Ok(i) => i,
+                Ok(v) => v,
                 Err(InsertError::Full) => return Verdict::Drop(DropReason::FlowTableFull),
                 Err(InsertError::Refused) => {
                     return self.answer(buf, dst, icmp_type::DEST_UNREACHABLE, 13, 0, DropReason::PortsExhausted)
                 }
             },
         };
-        let slot = flows.slot(i);
         if is_tcp {
             let f = parsed.flags;
-            let s = slot.state();
+            let s = v.state;
             if pure_syn && TcpPhase::from_bits(s) == TcpPhase::Closed {
                 // The same 5-tuple opens again (client reuses its port).
-                slot.reopen();
+                flows.reopen(&v);
             } else if f & (tcp_flags::FIN | tcp_flags::RST) != 0 {
-                slot.add_state(if f & tcp_flags::RST != 0 { state::RST } else { state::C_FIN });
+                flows.add_state(&v, if f & tcp_flags::RST != 0 { state::RST } else { state::C_FIN });
             } else if f & tcp_flags::ACK != 0 && s & (state::P_SYN | state::ESTABLISHED) == state::P_SYN {
-                slot.add_state(state::ESTABLISHED);
+                flows.add_state(&v, state::ESTABLISHED);
             }
         }
-        let pk = slot.provider_key();
+        let pk = v.pkey;
         let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
         let pseudo = pkt.forward_rewrite(pk.nat_addr(), pk.backend_addr());
         let l4 = pkt.payload_mut();
@@ -374,8 +373,8 @@ impl Ctx<'_> {
             Protocol::Icmp => wire::set_icmp_ident(l4, pk.nat_port()),
             p => wire::set_ports(p.number(), l4, pk.nat_port(), pk.backend_port(), pseudo, self.off.csum_partial),
         }
-        slot.touch(self.now);
-        slot.add_bytes(true, len as u64);
+        flows.touch(&v, self.now);
+        flows.add_bytes(&v, true, len as u64);
         ep.shared.counters.get(self.w).add(true, len, segments);
         if first_fragment {
             let m = Mapping {
@@ -395,7 +394,7 @@ impl Ctx<'_> {
 
     /// Sets up a new flow: NAT IP by consumer address (RFC 4787 REQ-2),
     /// backend by Maglev over the 5-tuple, a port from the pool.
-    fn create(&mut self, ep: &EndpointView, ck: ConsumerKey, p: &Parsed) -> Result<u32, InsertError> {
+    fn create(&mut self, ep: &EndpointView, ck: ConsumerKey, p: &Parsed) -> Result<FlowView, InsertError> {
         let svc = &self.snap.services[ep.service];
         let flows = &self.engine.flows;
         let nat_idx = nat_ip_index(ck.network(), ck.consumer_addr(), svc.nat_ips.len());
@@ -404,17 +403,17 @@ impl Ctx<'_> {
         let backend = svc.backends[svc.maglev.lookup(flows.flow_hash(ck))];
         let bits = if p.proto == Protocol::Tcp { state::C_SYN } else { 0 };
         let (proto, bport, now) = (p.proto.number(), p.backend_port, self.now);
-        let r = flows.insert(ck, now, |claim| {
+        let r = flows.insert(ck, ep.shared.id, now, |claim| {
             pool.pool.allocate(now, |port| claim(ProviderKey::new(proto, nat_ip, port, backend, bport)))?;
-            Some((ep.shared.id, pool.id, bits))
+            Some((pool.id, bits))
         })?;
         match r {
-            Inserted::Existing(i) => Ok(i),
-            Inserted::New(i) => {
+            Inserted::Existing(v) => Ok(v),
+            Inserted::New(v) => {
                 use std::sync::atomic::Ordering::Relaxed;
                 ep.shared.flows_active.fetch_add(1, Relaxed);
                 ep.shared.flows_created.fetch_add(1, Relaxed);
-                Ok(i)
+                Ok(v)
             }
         }
     }
@@ -448,10 +447,9 @@ impl Ctx<'_> {
             Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
         };
         let flows = &self.engine.flows;
-        let Some(i) = flows.find_provider(pk) else { return Verdict::Drop(DropReason::NoFlow) };
-        let slot = flows.slot(i);
-        let ck = slot.consumer_key();
-        let Some(ep) = snap.endpoint_by_id(slot.endpoint()) else { return Verdict::Drop(DropReason::NoFlow) };
+        let Some(v) = flows.find_provider(pk) else { return Verdict::Drop(DropReason::NoFlow) };
+        let ck = v.ckey;
+        let Some(ep) = snap.endpoint_by_id(v.endpoint) else { return Verdict::Drop(DropReason::NoFlow) };
         if !ep.shared.approved() {
             return Verdict::Drop(DropReason::NotApproved);
         }
@@ -477,7 +475,7 @@ impl Ctx<'_> {
             } else {
                 state::P_FIN
             };
-            slot.add_state(bit);
+            flows.add_state(&v, bit);
         }
         let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
         let pseudo = pkt.forward_rewrite(ck.endpoint_addr(), ck.consumer_addr());
@@ -488,8 +486,8 @@ impl Ctx<'_> {
         } else {
             wire::set_ports(proto, l4, ck.endpoint_port(), ck.consumer_port(), pseudo, self.off.csum_partial);
         }
-        slot.touch(self.now);
-        slot.add_bytes(false, len as u64);
+        flows.touch(&v, self.now);
+        flows.add_bytes(&v, false, len as u64);
         ep.shared.counters.get(self.w).add(false, len, segments);
         if first_fragment {
             let m = Mapping {
@@ -524,7 +522,7 @@ impl Ctx<'_> {
         } else {
             ConsumerKey::new(net.0, q.proto, q.dst, q.dport, q.src, q.sport)
         };
-        let Some(i) = self.engine.flows.find_consumer(ck) else { return Verdict::Drop(DropReason::NoFlow) };
+        let Some(v) = self.engine.flows.find_consumer(ck) else { return Verdict::Drop(DropReason::NoFlow) };
         if !ep.shared.approved() {
             return Verdict::Drop(DropReason::NotApproved);
         }
@@ -534,7 +532,7 @@ impl Ctx<'_> {
         if len > usize::from(self.snap.provider_mtu) {
             return Verdict::Drop(DropReason::TooBig);
         }
-        let pk = self.engine.flows.slot(i).provider_key();
+        let pk = v.pkey;
         let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
         pkt.forward_rewrite(pk.nat_addr(), pk.backend_addr());
         let quoted_src = (pk.backend_addr(), if q.proto == wire::proto::ICMP { 0 } else { pk.backend_port() });
@@ -559,10 +557,9 @@ impl Ctx<'_> {
         } else {
             ProviderKey::new(q.proto, q.src, q.sport, q.dst, q.dport)
         };
-        let Some(i) = self.engine.flows.find_provider(pk) else { return Verdict::Drop(DropReason::NoFlow) };
-        let slot = self.engine.flows.slot(i);
-        let ck = slot.consumer_key();
-        let Some(ep) = self.snap.endpoint_by_id(slot.endpoint()) else { return Verdict::Drop(DropReason::NoFlow) };
+        let Some(v) = self.engine.flows.find_provider(pk) else { return Verdict::Drop(DropReason::NoFlow) };
+        let ck = v.ckey;
+        let Some(ep) = self.snap.endpoint_by_id(v.endpoint) else { return Verdict::Drop(DropReason::NoFlow) };
         if !ep.shared.approved() {
             return Verdict::Drop(DropReason::NotApproved);
         }

@@ -1,0 +1,90 @@
+//! Model tests of the flow table's lookup-versus-reuse protocol with
+//! `loom`, which runs every interleaving of the threads (within a
+//! preemption bound). Run:
+//! `RUSTFLAGS="--cfg loom" cargo test -p privlink-core --release --lib flow::loom_model`.
+//!
+//! The table has one flow slot and no reuse delay, so a removal followed by
+//! an insert reuses the very slot a concurrent reader stands on: the worst
+//! case that the delay only makes rare.
+
+use super::*;
+use loom::sync::Arc;
+use loom::thread;
+
+fn ck(port: u16) -> ConsumerKey {
+    ConsumerKey::new(1, 17, 0x0a00_0001, port, 0x0a01_0005, 53)
+}
+fn pk(port: u16) -> ProviderKey {
+    ProviderKey::new(17, 0xc0a8_6404, port, 0xc0a8_320a, 53)
+}
+
+fn table_with_a() -> (Arc<FlowTable>, FlowView) {
+    let t = Arc::new(FlowTable::with_reuse_delay(1, 0));
+    let a = t.insert(ck(1), EndpointId(1), Now(0), |claim| claim(pk(1)).then_some((PoolId(1), 0)));
+    let Ok(Inserted::New(a)) = a else { panic!("insert a") };
+    (t, a)
+}
+
+/// Removes flow A and creates flow B (another tenant's endpoint) in the same
+/// slot.
+fn replace_a_with_b(t: &FlowTable, a: &FlowView) {
+    assert!(t.remove(a).is_some());
+    let b = t.insert(ck(2), EndpointId(2), Now(0), |claim| claim(pk(2)).then_some((PoolId(2), 0)));
+    assert!(matches!(b, Ok(Inserted::New(_))));
+}
+
+#[test]
+fn consumer_lookup_racing_reuse_sees_one_whole_flow() {
+    loom::model(|| {
+        let (t, a) = table_with_a();
+        let t2 = t.clone();
+        let w = thread::spawn(move || replace_a_with_b(&t2, &a));
+        if let Some(v) = t.find_consumer(ck(1)) {
+            assert_eq!((v.ckey, v.pkey, v.endpoint), (ck(1), pk(1), EndpointId(1)));
+        }
+        if let Some(v) = t.find_consumer(ck(2)) {
+            assert_eq!((v.ckey, v.pkey, v.endpoint), (ck(2), pk(2), EndpointId(2)));
+        }
+        w.join().expect("writer");
+    });
+}
+
+#[test]
+fn provider_lookup_racing_reuse_sees_one_whole_flow() {
+    loom::model(|| {
+        let (t, a) = table_with_a();
+        let t2 = t.clone();
+        let w = thread::spawn(move || replace_a_with_b(&t2, &a));
+        if let Some(v) = t.find_provider(pk(1)) {
+            assert_eq!((v.ckey, v.pkey, v.endpoint), (ck(1), pk(1), EndpointId(1)));
+        }
+        w.join().expect("writer");
+    });
+}
+
+#[test]
+fn a_stale_view_never_sets_state_on_the_next_flow() {
+    loom::model(|| {
+        let (t, a) = table_with_a();
+        let t2 = t.clone();
+        let w = thread::spawn(move || replace_a_with_b(&t2, &a));
+        // A packet of flow A that looked it up before the reuse.
+        t.add_state(&a, state::RST);
+        w.join().expect("writer");
+        let b = t.find_consumer(ck(2)).expect("b is live");
+        assert_eq!(b.state & state::RST, 0, "A's RST landed on B");
+    });
+}
+
+#[test]
+fn concurrent_removals_end_a_flow_once() {
+    loom::model(|| {
+        let (t, a) = table_with_a();
+        let t2 = t.clone();
+        let w = thread::spawn(move || t2.remove(&a).is_some());
+        let mine = t.remove(&a).is_some();
+        let theirs = w.join().expect("remover");
+        assert!(mine ^ theirs, "removed {} times", u8::from(mine) + u8::from(theirs));
+        assert_eq!(t.len(), 0);
+    });
+}
