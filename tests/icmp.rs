@@ -60,6 +60,67 @@ fn fragmented_udp_makes_a_round_trip() {
     assert!(answer.ends_with(&format!("data={payload}")), "the whole datagram made it both ways");
 }
 
+/// One IPv4 fragment of a UDP datagram `udp` (header and payload) from
+/// CLIENT to the endpoint: bytes `from..to` of it, at that offset.
+fn ip_fragment(udp: &[u8], from: usize, to: usize, id: u16) -> Vec<u8> {
+    let more = to < udp.len();
+    let total = (20 + to - from) as u16;
+    let frag = ((from / 8) as u16) | if more { 0x2000 } else { 0 };
+    let mut p = vec![0x45, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&frag.to_be_bytes());
+    p.extend_from_slice(&[64, 17, 0, 0]);
+    p.extend_from_slice(&CLIENT.octets());
+    p.extend_from_slice(&EP.octets());
+    let c = privlink_core::checksum::checksum(&p);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p.extend_from_slice(&udp[from..to]);
+    p
+}
+
+#[test]
+fn a_datagram_whose_small_first_fragment_arrives_last_is_delivered() {
+    // The later fragment is held until its first fragment comes; the first
+    // is small, so it is staged for a coalesced write. Releasing the held
+    // fragment must not wait for some other packet to reach that worker.
+    let Some(bed) = Bed::running("fraglast", Opts::default()) else { return };
+    let answer = within(&bed.a, || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let sock = std::net::UdpSocket::bind((CLIENT, 0))?;
+        sock.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let sport = sock.local_addr()?.port();
+        let payload: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let len = (8 + payload.len()) as u16;
+        let mut udp = Vec::new();
+        udp.extend_from_slice(&sport.to_be_bytes());
+        udp.extend_from_slice(&53u16.to_be_bytes());
+        udp.extend_from_slice(&len.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(&payload);
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&CLIENT.octets());
+        pseudo.extend_from_slice(&EP.octets());
+        pseudo.extend_from_slice(&[0, 17]);
+        pseudo.extend_from_slice(&len.to_be_bytes());
+        pseudo.extend_from_slice(&udp);
+        let c = privlink_core::checksum::checksum(&pseudo);
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
+        let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::UDP))?;
+        raw.set_header_included_v4(true)?;
+        let to = std::net::SocketAddr::from((EP, 0)).into();
+        raw.send_to(&ip_fragment(&udp, 200, udp.len(), 0x4242), &to)?;
+        std::thread::sleep(Duration::from_millis(50));
+        raw.send_to(&ip_fragment(&udp, 0, 200, 0x4242), &to)?;
+        let mut buf = vec![0u8; 4096];
+        let n = sock.recv(&mut buf)?;
+        Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), String::from_utf8_lossy(&payload).into_owned()))
+    })
+    .expect("the answer to a datagram sent as fragments, first fragment last");
+    let (answer, payload) = answer;
+    assert!(answer.ends_with(&format!("data={payload}")), "{}", &answer[..80.min(answer.len())]);
+}
+
 #[test]
 fn port_unreachable_from_the_provider_reaches_the_consumer_socket() {
     let Some(bed) = Bed::running("unreach", Opts::default()) else { return };

@@ -57,6 +57,8 @@ struct Entry {
 /// the arena.
 #[derive(Debug, Clone, Copy)]
 pub struct Ready {
+    /// The network the fragment came from (`u16::MAX`: the provider).
+    pub net: u16,
     pub mapping: Mapping,
     start: u32,
     len: u32,
@@ -157,7 +159,7 @@ impl Fragments {
         let spans = e.held;
         e.n_held = 0;
         for &(start, len) in &spans[..held] {
-            self.ready.push(Ready { mapping, start, len });
+            self.ready.push(Ready { net: key.net, mapping, start, len });
         }
     }
 
@@ -187,10 +189,10 @@ impl Fragments {
 
     /// Hands each released fragment (its bytes, to be rewritten by the
     /// caller) and empties the list.
-    pub fn take_ready(&mut self, mut f: impl FnMut(Mapping, &mut [u8])) {
+    pub fn take_ready(&mut self, mut f: impl FnMut(u16, Mapping, &mut [u8])) {
         for r in self.ready.drain(..) {
             let (s, l) = (r.start as usize, r.len as usize);
-            f(r.mapping, &mut self.arena[s..s + l]);
+            f(r.net, r.mapping, &mut self.arena[s..s + l]);
         }
     }
 

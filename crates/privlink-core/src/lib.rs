@@ -10,14 +10,22 @@
 //!
 //! See `docs/ARCHITECTURE.md` for a packet's walk through these modules.
 
+pub mod apply;
 pub mod checksum;
+pub mod counters;
 pub mod engine;
 pub mod error;
+pub mod expiry;
 pub mod flow;
 pub mod frag;
+pub mod listing;
 pub mod maglev;
+pub mod outbox;
 pub mod pool;
+pub mod snapshot;
+pub mod spec;
 mod sync;
+mod translate;
 pub mod types;
 pub mod wire;
 pub mod worker;
@@ -25,13 +33,12 @@ pub mod worker;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{
-    now_since, ApplyReport, Desired, EndpointShared, EndpointSpec, Engine, FlowInfo, NetworkShared, NetworkSpec,
-    PoolEntry, PortRule, ServiceSpec, Settings, Snapshot, Timeouts,
-};
+pub use apply::ApplyReport;
+pub use engine::Engine;
 pub use error::CoreError;
+pub use listing::FlowInfo;
+pub use outbox::{Out, Outbox};
+pub use snapshot::{EndpointShared, NetworkShared, PoolEntry, Snapshot};
+pub use spec::{Desired, EndpointSpec, NetworkSpec, PortRule, ServiceSpec, Settings, Timeouts, MAX_NAT_IPS};
 pub use types::*;
 pub use worker::Worker;
-
-/// Most NAT IPs one service may have.
-pub const MAX_NAT_IPS: usize = 8;

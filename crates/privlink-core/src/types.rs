@@ -25,7 +25,7 @@ pub struct PoolId(pub u32);
 pub struct NatPort(pub u16);
 
 /// The engine's clock: whole seconds since the engine's epoch. Callers turn an
-/// `Instant` into a `Now` once per batch with [`crate::Engine::now`]; tests
+/// `Instant` into a `Now` once per batch; tests
 /// build any `Now` they like, so timeouts are tested without sleeping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Now(pub u32);

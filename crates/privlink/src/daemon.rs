@@ -9,14 +9,14 @@
 //! in line. Provider-side changes need a restart and are refused.
 
 use crate::control::{reconcile, Control};
-use crate::dataplane::{Dataplane, DeviceSet};
+use crate::dataplane::{now_since, Dataplane, DeviceSet};
 use crate::device::Device;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use privlink_config::{Config, Network};
 use privlink_core::{
-    now_since, ConnectionState, Desired, EndpointSpec, Engine, NetworkId, NetworkSpec, PortRule, Protocol, ServiceSpec,
+    ConnectionState, Desired, EndpointSpec, Engine, NetworkId, NetworkSpec, PortRule, Protocol, ServiceSpec,
     Settings, Timeouts,
 };
 use std::collections::{BTreeSet, HashMap};

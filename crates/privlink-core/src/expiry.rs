@@ -1,0 +1,93 @@
+//! Ending flows: idle timeouts (a sweep about once a second), and flows
+//! the configuration no longer allows (after a reload or a change of
+//! connection state). Each flow is ended once, by whoever wins its removal
+//! in the flow table, and its port goes back to the pool it came from.
+
+use crate::engine::Engine;
+use crate::flow::{FlowRecord, TcpPhase};
+use crate::snapshot::Snapshot;
+use crate::types::{ConnectionState, Now, Protocol};
+use std::sync::atomic::Ordering;
+
+impl Engine {
+    /// Sets an endpoint's connection state; a state other than approved ends
+    /// its live flows. Returns false when no such endpoint is configured.
+    pub fn set_connection_state(&self, endpoint: &str, state: ConnectionState, now: Now) -> bool {
+        let snap = self.snap.load();
+        let Some(e) = snap.endpoint_by_name(endpoint) else { return false };
+        e.shared.conn.store(state as u8, Ordering::Release);
+        if state != ConnectionState::Approved {
+            self.sweep(now, false);
+        }
+        true
+    }
+
+    /// Ends idle flows and returns their ports; call about once a second.
+    /// Returns how many flows ended.
+    pub fn expire(&self, now: Now) -> usize {
+        self.sweep(now, true)
+    }
+
+    /// Ends every flow that is no longer allowed by the snapshot and, when
+    /// `idle` is set, every flow past its timeout.
+    pub(crate) fn sweep(&self, now: Now, idle: bool) -> usize {
+        let snap = self.snap.load_full();
+        let t = self.settings.timeouts;
+        let mut ended = 0;
+        self.flows.for_each_live(|r| {
+            let v = &r.view;
+            let phase = v.phase();
+            let timeout = match v.protocol() {
+                Protocol::Tcp => match phase {
+                    TcpPhase::Established => t.tcp_established,
+                    TcpPhase::Closed => t.tcp_closed,
+                    TcpPhase::Opening | TcpPhase::Closing => t.tcp_transitory,
+                },
+                Protocol::Udp => t.udp,
+                Protocol::Icmp => t.icmp,
+            };
+            let expired = idle && now.0.saturating_sub(r.last_seen.0) >= timeout;
+            if expired || !allowed(&snap, r) {
+                let closed = v.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
+                if self.end_flow(&snap, r, now, closed) {
+                    ended += 1;
+                }
+            }
+        });
+        for p in snap.pools.values() {
+            p.pool.release_quarantine(now);
+        }
+        ended
+    }
+
+    /// Ends the flow `r` (if no one else ended it first) and returns its
+    /// port to the pool it came from.
+    fn end_flow(&self, snap: &Snapshot, r: &FlowRecord, now: Now, closed: bool) -> bool {
+        if self.flows.remove(&r.view).is_none() {
+            return false;
+        }
+        if let Some(p) = snap.pools.get(&r.pool) {
+            p.pool.free(r.view.pkey.nat_port(), now, closed);
+        }
+        if let Some(e) = snap.endpoint_by_id(r.view.endpoint) {
+            e.shared.flows_active.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+}
+
+/// Whether a live flow is still allowed: its endpoint is configured and
+/// approved, its service still offers the port, has the backend and the pool.
+fn allowed(snap: &Snapshot, r: &FlowRecord) -> bool {
+    let v = &r.view;
+    let Some(e) = snap.endpoint_by_id(v.endpoint) else { return false };
+    if !e.shared.approved() || !snap.pools.contains_key(&r.pool) {
+        return false;
+    }
+    let svc = &snap.services[e.service];
+    let proto = v.protocol();
+    let rule_ok = proto == Protocol::Icmp || svc.rule(proto, v.ckey.endpoint_port()).is_some();
+    rule_ok && svc.backends.contains(&v.pkey.backend_addr())
+}
+

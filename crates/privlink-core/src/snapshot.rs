@@ -1,0 +1,138 @@
+//! The configuration as workers read it: an immutable [`Snapshot`] swapped
+//! atomically on reload (see [`crate::apply`]), and the state that outlives
+//! a snapshot while its thing is unchanged (an endpoint's counters and
+//! connection state, a NAT IP's port pool), kept in `Arc`s.
+
+use crate::counters::{DropCounters, EndpointCounters, PerWorker};
+use crate::maglev::Maglev;
+use crate::pool::PortPool;
+use crate::spec::PortRule;
+use crate::types::{ConnectionState, EndpointId, NetworkId, PoolId, Protocol};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+
+/// State of an endpoint that survives reloads while the endpoint is
+/// unchanged.
+#[derive(Debug)]
+pub struct EndpointShared {
+    pub id: EndpointId,
+    pub name: String,
+    pub network_name: String,
+    pub service_name: String,
+    pub ip: Ipv4Addr,
+    pub(crate) conn: AtomicU8,
+    pub counters: PerWorker<EndpointCounters>,
+    pub flows_active: AtomicU64,
+    pub flows_created: AtomicU64,
+}
+
+impl EndpointShared {
+    pub fn state(&self) -> ConnectionState {
+        ConnectionState::from_u8(self.conn.load(Ordering::Acquire))
+    }
+    #[inline]
+    pub(crate) fn approved(&self) -> bool {
+        self.conn.load(Ordering::Relaxed) == ConnectionState::Approved as u8
+    }
+    /// (bytes in, packets in, bytes out, packets out), summed over workers.
+    pub fn totals(&self) -> (u64, u64, u64, u64) {
+        let c = &self.counters;
+        (
+            c.sum(|w| w.bytes_in.load(Ordering::Relaxed)),
+            c.sum(|w| w.packets_in.load(Ordering::Relaxed)),
+            c.sum(|w| w.bytes_out.load(Ordering::Relaxed)),
+            c.sum(|w| w.packets_out.load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// An endpoint in a snapshot.
+#[derive(Debug, Clone)]
+pub struct EndpointView {
+    pub shared: Arc<EndpointShared>,
+    pub network: NetworkId,
+    pub ip: u32,
+    /// Index into [`Snapshot::services`].
+    pub service: usize,
+}
+
+/// A NAT port pool with what its metrics are labelled by.
+#[derive(Debug)]
+pub struct PoolEntry {
+    pub id: PoolId,
+    pub service: String,
+    pub nat_ip: Ipv4Addr,
+    pub protocol: Protocol,
+    pub range: RangeInclusive<u16>,
+    pub pool: PortPool,
+}
+
+/// A service in a snapshot.
+#[derive(Debug)]
+pub struct ServiceView {
+    pub name: String,
+    pub nat_ips: Vec<u32>,
+    pub backends: Vec<u32>,
+    pub maglev: Maglev,
+    pub rules: Vec<PortRule>,
+    /// `pools[nat ip index][protocol index]`.
+    pub pools: Vec<[Arc<PoolEntry>; 3]>,
+}
+
+impl ServiceView {
+    #[inline]
+    pub fn rule(&self, proto: Protocol, port: u16) -> Option<&PortRule> {
+        self.rules.iter().find(|r| r.protocol == proto && r.port == port)
+    }
+}
+
+/// A consumer network in a snapshot.
+#[derive(Debug)]
+pub struct NetworkShared {
+    pub id: NetworkId,
+    pub name: String,
+    pub drops: PerWorker<DropCounters>,
+}
+
+/// Everything configured, immutable once built.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub generation: u64,
+    pub provider_mtu: u16,
+    pub(crate) by_addr: HashMap<(u16, u32), usize, ahash::RandomState>,
+    pub endpoints: Vec<EndpointView>,
+    /// `EndpointId` -> index into `endpoints` + 1 (0: gone).
+    pub(crate) by_id: Vec<u32>,
+    pub services: Vec<ServiceView>,
+    /// Indexed by `NetworkId`.
+    pub(crate) networks: Vec<Option<(Arc<NetworkShared>, u16)>>,
+    pub pools: HashMap<PoolId, Arc<PoolEntry>>,
+}
+
+impl Snapshot {
+    #[inline]
+    pub(crate) fn endpoint_at(&self, network: u16, ip: u32) -> Option<&EndpointView> {
+        self.by_addr.get(&(network, ip)).map(|&i| &self.endpoints[i])
+    }
+    #[inline]
+    pub fn endpoint_by_id(&self, id: EndpointId) -> Option<&EndpointView> {
+        match self.by_id.get(id.0 as usize) {
+            Some(&i) if i != 0 => Some(&self.endpoints[(i - 1) as usize]),
+            _ => None,
+        }
+    }
+    pub fn endpoint_by_name(&self, name: &str) -> Option<&EndpointView> {
+        self.endpoints.iter().find(|e| e.shared.name == name)
+    }
+    #[inline]
+    pub(crate) fn network(&self, id: NetworkId) -> Option<&(Arc<NetworkShared>, u16)> {
+        self.networks.get(usize::from(id.0)).and_then(Option::as_ref)
+    }
+    pub fn network_list(&self) -> impl Iterator<Item = &Arc<NetworkShared>> {
+        self.networks.iter().flatten().map(|(n, _)| n)
+    }
+}
+

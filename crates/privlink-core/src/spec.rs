@@ -1,0 +1,100 @@
+//! What the engine is asked to run: the desired configuration
+//! ([`Desired`]) and the settings fixed for its life ([`Settings`]), with
+//! their defaults. The config crate produces these types; nothing else
+//! defines them again.
+
+use crate::types::{ConnectionState, NetworkId, Protocol};
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+
+/// Most NAT IPs one service may have.
+pub const MAX_NAT_IPS: usize = 8;
+
+/// Idle timeouts in seconds (SPEC "Timeouts").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_established: u32,
+    /// TCP opening or closing (SYN or one FIN seen).
+    pub tcp_transitory: u32,
+    /// After both FINs or a RST: how long the flow lingers before its port
+    /// returns (without quarantine). A SYN for the same 5-tuple meanwhile
+    /// reopens it with the same NAT port: 60 s covers Linux's TIME_WAIT, so
+    /// a backend that closed first sees the reopened connection on the same
+    /// 4-tuple, whose TCP timestamps keep increasing (Linux derives the
+    /// timestamp offset from the 4-tuple). A new port could land on another
+    /// consumer tuple's TIME_WAIT socket, whose PAWS check then refuses the
+    /// SYN about half the time: a one-second stall for the client.
+    pub tcp_closed: u32,
+    pub udp: u32,
+    pub icmp: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { tcp_established: 7440, tcp_transitory: 240, tcp_closed: 60, udp: 300, icmp: 60 }
+    }
+}
+
+/// Fixed for the engine's life.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Number of [`Worker`]s that will process packets (per-worker counters).
+    pub workers: usize,
+    pub max_flows: u32,
+    pub timeouts: Timeouts,
+    /// ICMP messages each worker may generate per second.
+    pub icmp_rate: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { workers: 1, max_flows: 1 << 20, timeouts: Timeouts::default(), icmp_rate: 100 }
+    }
+}
+
+/// A consumer network as the engine sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub id: NetworkId,
+    pub name: String,
+    pub mtu: u16,
+}
+
+/// One offered (protocol, port) and the backend port it maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRule {
+    pub protocol: Protocol,
+    pub port: u16,
+    pub backend_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub nat_ips: Vec<Ipv4Addr>,
+    pub nat_ports: RangeInclusive<u16>,
+    pub backends: Vec<Ipv4Addr>,
+    pub ports: Vec<PortRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub name: String,
+    /// Index into [`Desired::networks`].
+    pub network: usize,
+    pub ip: Ipv4Addr,
+    /// Index into [`Desired::services`].
+    pub service: usize,
+    /// The connection state to start with when the endpoint is new.
+    pub state: ConnectionState,
+}
+
+/// The whole desired configuration, as given to [`Engine::apply`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub provider_mtu: u16,
+    pub networks: Vec<NetworkSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub endpoints: Vec<EndpointSpec>,
+}
+

@@ -1,0 +1,573 @@
+//! One translation path for both directions. A packet goes through the same
+//! steps whichever way it crosses; what differs between the directions is
+//! data ([`Dir`]): which index finds its flow, which ends of the flow it is
+//! rewritten to, which TCP state bits it sets, where it leaves.
+//!
+//! The steps, in this order (docs/ARCHITECTURE.md has the table of which
+//! drop reason each gives):
+//!
+//! 1. validate the IPv4 header (`malformed`, `unsupported_protocol`);
+//! 2. address: on the consumer side, the destination must be an endpoint
+//!    of the network (`no_endpoint`);
+//! 3. reassemble: a later fragment takes its first fragment's translation,
+//!    or waits for it (`reassembly_timeout` when it never comes);
+//! 4. parse the transport header (`malformed`; ICMP errors go to
+//!    [`Ctx::translate_error`], other ICMP and protocols are
+//!    `unsupported_protocol`);
+//! 5. look up: the service's port rule (`port_not_allowed`) and the flow
+//!    (provider side: `no_flow`);
+//! 6. approve: the endpoint's connection must be approved (`not_approved`).
+//!    Before TTL, so nothing about a pending or rejected endpoint answers,
+//!    not even traceroute;
+//! 7. TTL (`ttl_expired`, answered with time exceeded);
+//! 8. MTU (`too_big`, answered with fragmentation needed when DF is set;
+//!    otherwise the packet leaves in fragments);
+//! 9. flow: the consumer side creates one for a new conversation (`no_flow`
+//!    for TCP other than a SYN, `flow_table_full`, `ports_exhausted`);
+//! 10. TCP state from the flags;
+//! 11. rewrite addresses, ports (or the echo identifier) and checksums;
+//! 12. count.
+
+use crate::engine::Engine;
+use crate::flow::{state, ConsumerKey, FlowView, InsertError, Inserted, ProviderKey, TcpPhase};
+use crate::frag::{FragKey, Fragments, Later, Mapping};
+use crate::snapshot::{EndpointView, Snapshot};
+use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Verdict};
+use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
+
+/// Largest ICMP error privlink builds: IP header, ICMP header, and the
+/// original IP header (up to 60 bytes) plus 8 bytes.
+pub const REPLY_MAX: usize = 96;
+
+/// Which way a packet crosses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dir {
+    /// Consumer -> provider, read from this network's device.
+    In(NetworkId),
+    /// Provider -> consumer, read from the provider device.
+    Out,
+}
+
+/// An address and port (or ICMP echo identifier).
+type End = (u32, u16);
+
+impl Dir {
+    /// Whether this is the consumer -> service direction of the counters.
+    #[inline]
+    fn inbound(self) -> bool {
+        matches!(self, Dir::In(_))
+    }
+
+    /// The network id fragments are kept under (`u16::MAX`: provider side).
+    #[inline]
+    fn frag_net(self) -> u16 {
+        match self {
+            Dir::In(n) => n.0,
+            Dir::Out => u16::MAX,
+        }
+    }
+
+    /// The ICMP echo message that travels this way.
+    #[inline]
+    fn echo(self) -> u8 {
+        match self {
+            Dir::In(_) => icmp_type::ECHO_REQUEST,
+            Dir::Out => icmp_type::ECHO_REPLY,
+        }
+    }
+
+    /// A packet's (source, destination) as (near, far): near is the side
+    /// the flow index of this direction is keyed by first (the consumer
+    /// going in, the NAT address coming out).
+    #[inline]
+    fn near_far(self, src: End, dst: End) -> (End, End) {
+        match self {
+            Dir::In(_) => (src, dst),
+            Dir::Out => (dst, src),
+        }
+    }
+
+    /// What a packet of flow `v` leaves with in this direction: (source,
+    /// destination).
+    #[inline]
+    fn ends(self, v: &FlowView) -> (End, End) {
+        let (c, p) = (v.ckey, v.pkey);
+        match self {
+            Dir::In(_) => ((p.nat_addr(), p.nat_port()), (p.backend_addr(), p.backend_port())),
+            Dir::Out => ((c.endpoint_addr(), c.endpoint_port()), (c.consumer_addr(), c.consumer_port())),
+        }
+    }
+
+    /// The ICMP echo identifier of a packet leaving with `ends`: the
+    /// source's on the way in, the destination's on the way out.
+    #[inline]
+    fn echo_ident(self, (src, dst): (End, End)) -> u16 {
+        match self {
+            Dir::In(_) => src.1,
+            Dir::Out => dst.1,
+        }
+    }
+
+    /// The state bits a TCP segment with `flags` sets on its flow, or a
+    /// reopen (a new SYN from the consumer on a closed 5-tuple).
+    #[inline]
+    fn tcp_update(self, flags: u8, v: &FlowView) -> TcpUpdate {
+        let (syn, fin, rst, ack) = (
+            flags & tcp_flags::SYN != 0,
+            flags & tcp_flags::FIN != 0,
+            flags & tcp_flags::RST != 0,
+            flags & tcp_flags::ACK != 0,
+        );
+        match self {
+            Dir::In(_) if pure_syn(flags) && v.phase() == TcpPhase::Closed => TcpUpdate::Reopen,
+            Dir::In(_) if rst => TcpUpdate::Add(state::RST),
+            Dir::In(_) if fin => TcpUpdate::Add(state::C_FIN),
+            Dir::In(_) if ack && v.state & (state::P_SYN | state::ESTABLISHED) == state::P_SYN => {
+                TcpUpdate::Add(state::ESTABLISHED)
+            }
+            Dir::Out if rst => TcpUpdate::Add(state::RST),
+            Dir::Out if syn => TcpUpdate::Add(state::P_SYN),
+            Dir::Out if fin => TcpUpdate::Add(state::P_FIN),
+            _ => TcpUpdate::None,
+        }
+    }
+}
+
+enum TcpUpdate {
+    None,
+    Add(u32),
+    Reopen,
+}
+
+#[inline]
+fn pure_syn(flags: u8) -> bool {
+    flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
+}
+
+/// Per-worker token bucket for generated ICMP (refilled each second).
+#[derive(Debug)]
+pub(crate) struct IcmpLimiter {
+    second: u32,
+    left: u32,
+    rate: u32,
+}
+
+impl IcmpLimiter {
+    pub(crate) fn new(rate: u32) -> IcmpLimiter {
+        IcmpLimiter { second: u32::MAX, left: 0, rate }
+    }
+
+    fn take(&mut self, now: Now) -> bool {
+        if now.0 != self.second {
+            self.second = now.0;
+            self.left = self.rate;
+        }
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+}
+
+/// Borrowed pieces of a worker for one packet.
+pub(crate) struct Ctx<'a> {
+    pub(crate) engine: &'a Engine,
+    pub(crate) w: usize,
+    pub(crate) snap: &'a Snapshot,
+    pub(crate) reply: &'a mut [u8; REPLY_MAX],
+    pub(crate) icmp: &'a mut IcmpLimiter,
+    pub(crate) frags: &'a mut Fragments,
+    pub(crate) now: Now,
+    pub(crate) off: Offload,
+}
+
+/// What step 4 read of the transport header.
+struct Segment {
+    proto: Protocol,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+    /// Transport header length (for GSO segment sizes).
+    l4_header: usize,
+}
+
+impl Ctx<'_> {
+    /// Translates `buf` in place (steps 1 to 12) and counts a drop.
+    pub(crate) fn translate(&mut self, buf: &mut [u8], dir: Dir) -> Verdict {
+        let v = self.steps(buf, dir);
+        if let Verdict::Drop(r) | Verdict::Reply { reason: r, .. } = v {
+            self.count_drop(dir, r);
+        }
+        v
+    }
+
+    fn steps(&mut self, buf: &mut [u8], dir: Dir) -> Verdict {
+        let snap = self.snap;
+        // 1. Validate.
+        let pkt = match Ipv4Packet::new_checked(&*buf) {
+            Ok(p) => p,
+            Err(e) => return Verdict::Drop(invalid(buf, e)),
+        };
+        let (src, dst, len, ttl, ihl) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len(), pkt.ttl(), pkt.header_len());
+        let (df, proto_num, ident) = (pkt.dont_frag(), pkt.protocol(), pkt.ident());
+        // 2. Address: a consumer reaches its network's endpoints, nothing else.
+        let at = match dir {
+            Dir::In(net) => match snap.endpoint_at(net.0, dst) {
+                Some(ep) => Some(ep),
+                None => return Verdict::Drop(DropReason::NoEndpoint),
+            },
+            Dir::Out => None,
+        };
+        // 3. Reassemble.
+        if pkt.is_later_fragment() {
+            return self.later_fragment(buf, dir);
+        }
+        let first_fragment = pkt.is_fragment();
+        // 4. Parse.
+        let Ok(tr) = Transport::parse_in(proto_num, pkt.payload(), !first_fragment) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let seg = match tr {
+            Transport::Tcp { src, dst, flags, header_len } => {
+                Segment { proto: Protocol::Tcp, sport: src, dport: dst, flags, l4_header: usize::from(header_len) }
+            }
+            Transport::Udp { src, dst } => {
+                Segment { proto: Protocol::Udp, sport: src, dport: dst, flags: 0, l4_header: wire::field::UDP_HEADER }
+            }
+            Transport::Icmp { kind, ident, .. } if kind == dir.echo() => Segment {
+                proto: Protocol::Icmp,
+                sport: ident,
+                dport: ident,
+                flags: 0,
+                l4_header: wire::field::ICMP_HEADER,
+            },
+            // ICMP errors never create, refresh or delete flows.
+            Transport::Icmp { kind, .. } if wire::is_icmp_error(kind) => return self.translate_error(buf, dir, at),
+            Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
+        };
+        // 5. Look up: the port rule (consumer side) and the flow.
+        let (near, far) = dir.near_far((src, seg.sport), (dst, seg.dport));
+        let found = self.find(dir, seg.proto, near, far);
+        let (ep, backend_port) = match at {
+            Some(ep) => {
+                let bport = match seg.proto {
+                    Protocol::Icmp => 0,
+                    p => match snap.services[ep.service].rule(p, seg.dport) {
+                        Some(r) => r.backend_port,
+                        None => return Verdict::Drop(DropReason::PortNotAllowed),
+                    },
+                };
+                (ep, bport)
+            }
+            None => match found.and_then(|v| snap.endpoint_by_id(v.endpoint)) {
+                Some(ep) => (ep, 0),
+                None => return Verdict::Drop(DropReason::NoFlow),
+            },
+        };
+        // 6. Approve.
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        // 7. TTL.
+        if ttl <= 1 {
+            return self.answer(buf, dst, icmp_type::TIME_EXCEEDED, 0, 0, DropReason::TtlExpired);
+        }
+        // 8. MTU.
+        let Some((egress, mtu)) = self.egress(dir, found.as_ref()) else { return Verdict::Drop(DropReason::NoFlow) };
+        let (wire_len, segments) = self.on_wire(len, ihl + seg.l4_header);
+        let mut split = None;
+        if wire_len > usize::from(mtu) {
+            if df || segments > 1 {
+                return self.too_big(buf, mtu, dst);
+            }
+            split = Some(mtu);
+        }
+        // 9. The flow: found, or created for a new conversation.
+        let v = match found {
+            Some(v) => v,
+            None if seg.proto == Protocol::Tcp && !pure_syn(seg.flags) => return Verdict::Drop(DropReason::NoFlow),
+            None => {
+                let Dir::In(net) = dir else { return Verdict::Drop(DropReason::NoFlow) };
+                let ck = consumer_key(net, seg.proto, near, far);
+                match self.create(ep, ck, seg.proto, backend_port) {
+                    Ok(v) => v,
+                    Err(InsertError::Full) => return Verdict::Drop(DropReason::FlowTableFull),
+                    Err(InsertError::Refused) => {
+                        return self.answer(buf, dst, icmp_type::DEST_UNREACHABLE, 13, 0, DropReason::PortsExhausted)
+                    }
+                }
+            }
+        };
+        // 10. TCP state.
+        let flows = &self.engine.flows;
+        if seg.proto == Protocol::Tcp {
+            match dir.tcp_update(seg.flags, &v) {
+                TcpUpdate::None => {}
+                TcpUpdate::Add(bits) => {
+                    flows.add_state(&v, bits);
+                }
+                TcpUpdate::Reopen => {
+                    flows.reopen(&v);
+                }
+            }
+        }
+        // 11. Rewrite.
+        let ends = dir.ends(&v);
+        let ((nsrc, nsport), (ndst, ndport)) = ends;
+        let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
+        let pseudo = pkt.forward_rewrite(nsrc, ndst);
+        let l4 = pkt.payload_mut();
+        match seg.proto {
+            Protocol::Icmp => wire::set_icmp_ident(l4, dir.echo_ident(ends)),
+            p => wire::set_ports(p.number(), l4, nsport, ndport, pseudo, self.off.csum_partial),
+        }
+        // 12. Count.
+        flows.touch(&v, self.now);
+        flows.add_bytes(&v, dir.inbound(), len as u64);
+        ep.shared.counters.get(self.w).add(dir.inbound(), len, segments);
+        if first_fragment {
+            let key = FragKey { net: dir.frag_net(), src, dst, proto: proto_num, id: ident };
+            let m = Mapping { src: nsrc, dst: ndst, egress, mtu, endpoint: ep.shared.id };
+            self.frags.first(key, m, self.now);
+        }
+        match split {
+            Some(mtu) => Verdict::Fragment { to: egress, mtu },
+            None => Verdict::Forward(egress),
+        }
+    }
+
+    /// The flow a packet belongs to, by the index of its direction.
+    #[inline]
+    fn find(&self, dir: Dir, proto: Protocol, near: End, far: End) -> Option<FlowView> {
+        let flows = &self.engine.flows;
+        match dir {
+            Dir::In(net) => flows.find_consumer(consumer_key(net, proto, near, far)),
+            Dir::Out => flows.find_provider(provider_key(proto, near, far)),
+        }
+    }
+
+    /// Where a packet of flow `found` leaves, and that device's MTU.
+    #[inline]
+    fn egress(&self, dir: Dir, found: Option<&FlowView>) -> Option<(Egress, u16)> {
+        match dir {
+            Dir::In(_) => Some((Egress::Provider, self.snap.provider_mtu)),
+            Dir::Out => {
+                let net = NetworkId(found?.ckey.network());
+                self.snap.network(net).map(|&(_, mtu)| (Egress::Network(net), mtu))
+            }
+        }
+    }
+
+    /// Sets up a new flow: NAT IP by consumer address (RFC 4787 REQ-2),
+    /// backend by Maglev over the 5-tuple, a port from the pool.
+    fn create(
+        &mut self,
+        ep: &EndpointView,
+        ck: ConsumerKey,
+        proto: Protocol,
+        bport: u16,
+    ) -> Result<FlowView, InsertError> {
+        let svc = &self.snap.services[ep.service];
+        let flows = &self.engine.flows;
+        let nat_idx = nat_ip_index(ck.network(), ck.consumer_addr(), svc.nat_ips.len());
+        let nat_ip = svc.nat_ips[nat_idx];
+        let pool = &svc.pools[nat_idx][proto.index()];
+        let backend = svc.backends[svc.maglev.lookup(flows.flow_hash(ck))];
+        let bits = if proto == Protocol::Tcp { state::C_SYN } else { 0 };
+        let (num, now) = (proto.number(), self.now);
+        let r = flows.insert(ck, ep.shared.id, now, |claim| {
+            pool.pool.allocate(now, |port| claim(ProviderKey::new(num, nat_ip, port, backend, bport)))?;
+            Some((pool.id, bits))
+        })?;
+        if let Inserted::New(_) = r {
+            use std::sync::atomic::Ordering::Relaxed;
+            ep.shared.flows_active.fetch_add(1, Relaxed);
+            ep.shared.flows_created.fetch_add(1, Relaxed);
+        }
+        Ok(r.view())
+    }
+
+    /// An ICMP error about a packet of a flow (RFC 5508), the same steps
+    /// for both directions: the quoted packet crossed the other way and
+    /// names the flow; the error is translated like a packet of it, outer
+    /// and quoted headers alike. No flow is created, refreshed or deleted,
+    /// and no ICMP is generated about it.
+    fn translate_error(&mut self, buf: &mut [u8], dir: Dir, at: Option<&EndpointView>) -> Verdict {
+        let pkt = Ipv4Packet::new_unchecked(&*buf);
+        let (ihl, len, dst, ttl) = (pkt.header_len(), pkt.total_len(), pkt.dst_addr(), pkt.ttl());
+        let Some(q) = wire::parse_icmp_error(&buf[ihl..]) else { return Verdict::Drop(DropReason::NoFlow) };
+        // Look up: the quoted packet must be one privlink sent this side.
+        let (near, far, ours) = match dir {
+            Dir::In(_) => ((q.dst, q.dport), (q.src, q.sport), at.is_some_and(|ep| ep.ip == q.src)),
+            Dir::Out => ((q.src, q.sport), (q.dst, q.dport), q.src == dst),
+        };
+        let found = Protocol::from_number(q.proto).filter(|_| ours).and_then(|p| self.find(dir, p, near, far));
+        let Some(v) = found else { return Verdict::Drop(DropReason::NoFlow) };
+        let Some(ep) = self.snap.endpoint_by_id(v.endpoint) else { return Verdict::Drop(DropReason::NoFlow) };
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        if ttl <= 1 {
+            return Verdict::Drop(DropReason::TtlExpired);
+        }
+        let Some((egress, mtu)) = self.egress(dir, Some(&v)) else { return Verdict::Drop(DropReason::NoFlow) };
+        if len > usize::from(mtu) {
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        let (from, to) = dir.ends(&v);
+        let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
+        pkt.forward_rewrite(from.0, to.0);
+        // The quoted packet went the other way: its ends are swapped.
+        wire::rewrite_quoted(pkt.payload_mut(), &q, to, from);
+        ep.shared.counters.get(self.w).add(dir.inbound(), len, 1);
+        Verdict::Forward(egress)
+    }
+
+    /// A fragment other than the first: translated like its datagram's first
+    /// fragment, or held until that one comes (then released through
+    /// [`release`]).
+    fn later_fragment(&mut self, buf: &mut [u8], dir: Dir) -> Verdict {
+        let pkt = Ipv4Packet::new_unchecked(&*buf);
+        let key = FragKey {
+            net: dir.frag_net(),
+            src: pkt.src_addr(),
+            dst: pkt.dst_addr(),
+            proto: pkt.protocol(),
+            id: pkt.ident(),
+        };
+        match self.frags.later(key, buf, self.now) {
+            Later::Held => Verdict::Held,
+            Later::Full => Verdict::Drop(DropReason::ReassemblyTimeout),
+            Later::Translate(m) => match fragment_steps(self.snap, self.w, buf, m) {
+                Ok(len) if len > usize::from(m.mtu) => Verdict::Fragment { to: m.egress, mtu: m.mtu },
+                Ok(_) => Verdict::Forward(m.egress),
+                Err(r) => Verdict::Drop(r),
+            },
+        }
+    }
+
+    pub(crate) fn count_drop(&self, dir: Dir, r: DropReason) {
+        count_drop(self.engine, self.snap, self.w, dir, r);
+    }
+
+    /// An ICMP error about `orig` from `src`, if one may be sent (RFC 1812
+    /// 4.3.2.7: never about an ICMP error, a later fragment or to a
+    /// non-unicast address; rate-limited per worker).
+    fn answer(&mut self, orig: &[u8], src: u32, kind: u8, code: u8, rest: u32, reason: DropReason) -> Verdict {
+        let p = Ipv4Packet::new_unchecked(orig);
+        let about_error = p.protocol() == wire::proto::ICMP
+            && (p.is_later_fragment() || p.payload().first().is_none_or(|&t| wire::is_icmp_error(t)));
+        if about_error || p.is_later_fragment() || !wire::is_unicast(p.src_addr()) || !self.icmp.take(self.now) {
+            return Verdict::Drop(reason);
+        }
+        let len = wire::build_icmp_error(&mut self.reply[..], orig, src, p.src_addr(), kind, code, rest);
+        Verdict::Reply { reason, len }
+    }
+
+    /// The largest IP packet this one puts on the wire, and how many: a GSO
+    /// super-packet leaves as segments of `headers + gso_size` bytes.
+    #[inline]
+    fn on_wire(&self, len: usize, headers: usize) -> (usize, u64) {
+        let gso = usize::from(self.off.gso_size);
+        if gso == 0 || len <= headers + gso {
+            return (len, 1);
+        }
+        (headers + gso, (len - headers).div_ceil(gso) as u64)
+    }
+
+    /// A packet too big for the egress that may not be fragmented: DF set
+    /// (answered with "fragmentation needed" and the MTU, RFC 1191), or a
+    /// GSO super-packet whose segments would not fit.
+    fn too_big(&mut self, buf: &[u8], mtu: u16, from: u32) -> Verdict {
+        let p = Ipv4Packet::new_unchecked(buf);
+        if p.dont_frag() {
+            self.answer(buf, from, icmp_type::DEST_UNREACHABLE, 4, u32::from(mtu), DropReason::TooBig)
+        } else {
+            Verdict::Drop(DropReason::TooBig)
+        }
+    }
+}
+
+/// Steps 6 to 12 for a later fragment whose first fragment was translated
+/// with `m` (held or not); returns its length.
+fn fragment_steps(snap: &Snapshot, w: usize, buf: &mut [u8], m: Mapping) -> Result<usize, DropReason> {
+    let Some(ep) = snap.endpoint_by_id(m.endpoint) else { return Err(DropReason::NoFlow) };
+    if !ep.shared.approved() {
+        return Err(DropReason::NotApproved);
+    }
+    let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
+    if pkt.ttl() <= 1 {
+        return Err(DropReason::TtlExpired);
+    }
+    let (len, df) = (pkt.total_len(), pkt.dont_frag());
+    if len > usize::from(m.mtu) && df {
+        return Err(DropReason::TooBig);
+    }
+    pkt.forward_rewrite(m.src, m.dst);
+    ep.shared.counters.get(w).add(m.egress == Egress::Provider, len, 1);
+    Ok(len)
+}
+
+/// Translates a held fragment released by its first fragment; counts it
+/// as a drop of network `net` (`u16::MAX`: provider) if it may not leave.
+pub(crate) fn release(engine: &Engine, snap: &Snapshot, w: usize, net: u16, m: Mapping, buf: &mut [u8]) -> bool {
+    match fragment_steps(snap, w, buf, m) {
+        Ok(_) => true,
+        Err(r) => {
+            let dir = if net == u16::MAX { Dir::Out } else { Dir::In(NetworkId(net)) };
+            count_drop(engine, snap, w, dir, r);
+            false
+        }
+    }
+}
+
+/// Counts a drop: consumer side by network, provider side apart.
+pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r: DropReason) {
+    let net = match dir {
+        Dir::In(n) => snap.network(n),
+        Dir::Out => None,
+    };
+    let counters = match net {
+        Some((n, _)) => n.drops.get(w),
+        // Provider side, or a network detached while its packet was in
+        // flight: counted on the provider side rather than lost.
+        None => engine.provider_drops.get(w),
+    };
+    crate::counters::bump(&counters.0[r.index()], 1);
+}
+
+/// A consumer-side flow key; an ICMP echo's endpoint side has no port.
+#[inline]
+fn consumer_key(net: NetworkId, proto: Protocol, consumer: End, endpoint: End) -> ConsumerKey {
+    let eport = if proto == Protocol::Icmp { 0 } else { endpoint.1 };
+    ConsumerKey::new(net.0, proto.number(), consumer.0, consumer.1, endpoint.0, eport)
+}
+
+/// A provider-side flow key; an ICMP echo's backend side has no port.
+#[inline]
+fn provider_key(proto: Protocol, nat: End, backend: End) -> ProviderKey {
+    let bport = if proto == Protocol::Icmp { 0 } else { backend.1 };
+    ProviderKey::new(proto.number(), nat.0, nat.1, backend.0, bport)
+}
+
+/// The drop reason for a buffer that is no valid IPv4 packet: a well-formed
+/// IPv6 packet is an unsupported protocol, anything else is malformed.
+fn invalid(buf: &[u8], e: wire::Malformed) -> DropReason {
+    if e == wire::Malformed::Version && buf.len() >= 40 && buf[0] >> 4 == 6 {
+        DropReason::UnsupportedProtocol
+    } else {
+        DropReason::Malformed
+    }
+}
+
+/// Which of `n` NAT IPs a consumer address uses: a fixed hash, so the same
+/// consumer always gets the same NAT IP (RFC 4787 REQ-2), in every run.
+#[inline]
+pub fn nat_ip_index(network: u16, consumer: u32, n: usize) -> usize {
+    if n <= 1 {
+        return 0;
+    }
+    let x = (u64::from(network) << 32 | u64::from(consumer)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((x >> 32) % n as u64) as usize
+}
