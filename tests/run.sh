@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command (README "Run the tests"; .ci/run calls exactly this).
 # Installs what the end-to-end tests need, then runs every test of the
-# workspace: unit and property tests of each crate, and the end-to-end tests
-# in tests/ (real namespaces, real TUN devices, the real daemon). Run as root.
+# workspace: unit and property tests of each crate, the end-to-end tests in
+# tests/ (real namespaces, real TUN devices, the real daemon), the flow
+# table's stress test in release mode and its loom model. Run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,8 +24,20 @@ fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
+status=0
+# Unit, property and end-to-end tests.
 cargo test --workspace --locked 2>&1 | tee "$log"
-status=${PIPESTATUS[0]}
+s=${PIPESTATUS[0]}; [ "$s" = 0 ] || status=$s
+# The flow table's isolation under concurrency, on real threads in release
+# mode for about 20 s: fails on a single packet sent with another flow's tuple.
+PRIVLINK_STRESS_SECS=${PRIVLINK_STRESS_SECS:-20} \
+  cargo test --release --locked -p privlink-core --test stress -- --nocapture 2>&1 | tee -a "$log"
+s=${PIPESTATUS[0]}; [ "$s" = 0 ] || status=$s
+# The same protocol model-checked with loom (every interleaving of lookup,
+# removal and reuse); its own target directory, as --cfg loom rebuilds all.
+RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+  cargo test --release --locked -p privlink-core --lib flow::loom_model 2>&1 | tee -a "$log"
+s=${PIPESTATUS[0]}; [ "$s" = 0 ] || status=$s
 set -e
 # One closing line for the whole run (cargo's last line is the doc-tests').
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }

@@ -14,8 +14,10 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-/// Most NAT IPs one service may have.
-pub const MAX_NAT_IPS: usize = 8;
+pub use privlink_core::{PortRule, Protocol, Timeouts, MAX_NAT_IPS};
+
+/// Where the control socket is when the config names none.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/privlink/control.sock";
 /// The `network` label privlink uses for provider-side drops; no network
 /// may take this name.
 pub const PROVIDER_LABEL: &str = "provider";
@@ -54,16 +56,6 @@ impl Error {
     }
 }
 
-/// Idle timeouts, seconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    pub tcp_established: u32,
-    pub tcp_transitory: u32,
-    pub tcp_closed: u32,
-    pub udp: u32,
-    pub icmp: u32,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataplane {
     /// 0 = one per core.
@@ -92,26 +84,13 @@ pub struct Network {
     pub address: Option<(Ipv4Addr, u8)>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortMap {
-    pub protocol: Protocol,
-    pub port: u16,
-    pub backend_port: u16,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
     pub nat_ips: Vec<Ipv4Addr>,
     pub nat_ports: RangeInclusive<u16>,
     pub backends: Vec<Ipv4Addr>,
-    pub ports: Vec<PortMap>,
+    pub ports: Vec<PortRule>,
     pub visibility: Vec<String>,
     pub auto_approve: Vec<String>,
 }
@@ -135,7 +114,9 @@ pub struct Endpoint {
     pub service: String,
 }
 
-/// A validated configuration.
+/// A validated configuration. Its timeouts and protocols are the core's
+/// own types (`privlink_core::spec`), defaults included: one definition of
+/// each.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub path: PathBuf,
@@ -362,8 +343,8 @@ impl Cx<'_> {
         self.int(v, 576..=65535, 1500, "mtu") as u16
     }
 
-    fn timeout(&mut self, v: &Option<S<i64>>, default: i64, what: &str) -> u32 {
-        self.int(v, 1..=i64::from(u32::MAX / 2), default, what) as u32
+    fn timeout(&mut self, v: &Option<S<i64>>, default: u32, what: &str) -> u32 {
+        self.int(v, 1..=i64::from(u32::MAX / 2), i64::from(default), what) as u32
     }
 
     fn validate(mut self, raw: Raw) -> Result<Config, Error> {
@@ -372,12 +353,15 @@ impl Cx<'_> {
             workers: self.int(&d.workers, 0..=256, 0, "workers") as u32,
             offload: d.offload.as_ref().is_none_or(|o| *o.get_ref()),
             max_flows: self.int(&d.max_flows, 1..=(1 << 31), 1 << 20, "max_flows") as u32,
-            timeouts: Timeouts {
-                tcp_established: self.timeout(&d.tcp_established_idle, 7440, "tcp_established_idle"),
-                tcp_transitory: self.timeout(&d.tcp_transitory_idle, 240, "tcp_transitory_idle"),
-                tcp_closed: self.timeout(&d.tcp_closed_idle, 60, "tcp_closed_idle"),
-                udp: self.timeout(&d.udp_idle, 300, "udp_idle"),
-                icmp: self.timeout(&d.icmp_idle, 60, "icmp_idle"),
+            timeouts: {
+                let t = Timeouts::default();
+                Timeouts {
+                    tcp_established: self.timeout(&d.tcp_established_idle, t.tcp_established, "tcp_established_idle"),
+                    tcp_transitory: self.timeout(&d.tcp_transitory_idle, t.tcp_transitory, "tcp_transitory_idle"),
+                    tcp_closed: self.timeout(&d.tcp_closed_idle, t.tcp_closed, "tcp_closed_idle"),
+                    udp: self.timeout(&d.udp_idle, t.udp, "udp_idle"),
+                    icmp: self.timeout(&d.icmp_idle, t.icmp, "icmp_idle"),
+                }
             },
         };
         let metrics_listen = match &raw.metrics.listen {
@@ -387,8 +371,7 @@ impl Cx<'_> {
                 SocketAddr::from(([127, 0, 0, 1], 9469))
             }),
         };
-        let control_socket =
-            PathBuf::from(raw.control.socket.as_ref().map_or("/run/privlink/control.sock", |s| s.get_ref()));
+        let control_socket = PathBuf::from(raw.control.socket.as_ref().map_or(DEFAULT_CONTROL_SOCKET, |s| s.get_ref()));
         let state_dir = PathBuf::from(raw.state.dir.as_ref().map_or("/var/lib/privlink", |s| s.get_ref()));
 
         let mut devices: HashSet<(Option<String>, String)> = HashSet::new();
@@ -532,7 +515,7 @@ impl Cx<'_> {
                         if !seen.insert((protocol, port)) {
                             self.err(pat, format!("ports: {port}/{protocol:?} is offered twice"));
                         }
-                        ports.push(PortMap { protocol, port, backend_port: backend_port as u16 });
+                        ports.push(PortRule { protocol, port, backend_port: backend_port as u16 });
                     }
                 }
             }
@@ -680,7 +663,7 @@ service = "orders-db"
         assert_eq!(c.networks[1].address, Some((Ipv4Addr::new(10, 0, 0, 1), 32)));
         let s = &c.services[0];
         assert_eq!(s.nat_ports, 2000..=2009);
-        assert_eq!(s.ports[0], PortMap { protocol: Protocol::Tcp, port: 5432, backend_port: 15432 });
+        assert_eq!(s.ports[0], PortRule { protocol: Protocol::Tcp, port: 5432, backend_port: 15432 });
         assert_eq!(s.ports[1].backend_port, 53);
         assert!(s.visible_to("anyone") && s.auto_approves("contoso") && !s.auto_approves("fabrikam"));
         assert_eq!(c.endpoints.len(), 2);

@@ -26,7 +26,6 @@ pub struct ApplyReport {
     pub flows_ended: usize,
 }
 
-
 impl Engine {
     /// Validates `desired` and makes it the running configuration: new
     /// endpoints and services attach, removed ones detach and their flows end
@@ -161,7 +160,6 @@ impl Engine {
         report.flows_ended = self.sweep(now, false);
         Ok(report)
     }
-
 }
 
 /// Checks what the engine itself relies on; the config crate reports the
@@ -195,4 +193,3 @@ fn validate(d: &Desired) -> Result<(), CoreError> {
     }
     Ok(())
 }
-

@@ -56,4 +56,3 @@ impl<T> PerWorker<T> {
         self.0.iter().map(|c| f(c)).fold(0, u64::wrapping_add)
     }
 }
-

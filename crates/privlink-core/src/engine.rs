@@ -79,5 +79,4 @@ impl Engine {
     pub fn network_drops(net: &NetworkShared) -> [u64; DropReason::COUNT] {
         std::array::from_fn(|r| net.drops.sum(|c| c.0[r].load(Ordering::Relaxed)))
     }
-
 }

@@ -74,7 +74,6 @@ impl Engine {
         }
         true
     }
-
 }
 
 /// Whether a live flow is still allowed: its endpoint is configured and
@@ -90,4 +89,3 @@ fn allowed(snap: &Snapshot, r: &FlowRecord) -> bool {
     let rule_ok = proto == Protocol::Icmp || svc.rule(proto, v.ckey.endpoint_port()).is_some();
     rule_ok && svc.backends.contains(&v.pkey.backend_addr())
 }
-

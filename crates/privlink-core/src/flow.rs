@@ -472,14 +472,10 @@ impl FlowTable {
     /// Walks one chain for a live slot whose key (as `key_of` reads it)
     /// is `k`. `Err` when a concurrent reuse spoiled the read.
     #[inline]
-    fn walk(
-        &self,
-        head: &AtomicU32,
-        k: u128,
-        consumer: bool,
-    ) -> Result<Option<FlowView>, ()> {
+    fn walk(&self, head: &AtomicU32, k: u128, consumer: bool) -> Result<Option<FlowView>, ()> {
         let key_of = |s: &FlowSlot| if consumer { load128(&s.ckey) } else { load128(&s.pkey) & PKEY_MASK };
-        let next = |s: &FlowSlot| if consumer { s.cnext.load(Ordering::Acquire) } else { s.pnext.load(Ordering::Acquire) };
+        let next =
+            |s: &FlowSlot| if consumer { s.cnext.load(Ordering::Acquire) } else { s.pnext.load(Ordering::Acquire) };
         let mut cur = head.load(Ordering::Acquire);
         for _ in 0..MAX_CHAIN {
             if cur == NONE {

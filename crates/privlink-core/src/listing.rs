@@ -21,7 +21,6 @@ pub struct FlowInfo {
     pub bytes_out: u64,
 }
 
-
 impl Engine {
     /// The live flows, optionally of one endpoint only.
     pub fn flow_list(&self, endpoint: Option<&str>, now: Now) -> Vec<FlowInfo> {
@@ -53,4 +52,3 @@ impl Engine {
         out
     }
 }
-

@@ -135,4 +135,3 @@ impl Snapshot {
         self.networks.iter().flatten().map(|(n, _)| n)
     }
 }
-

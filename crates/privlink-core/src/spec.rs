@@ -97,4 +97,3 @@ pub struct Desired {
     pub services: Vec<ServiceSpec>,
     pub endpoints: Vec<EndpointSpec>,
 }
-

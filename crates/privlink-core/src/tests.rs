@@ -1,6 +1,7 @@
 //! Engine-level tests: built packets through `Worker::process` with a fake
 //! clock, checked against etherparse's independent parsing and checksums.
 
+use crate::outbox::{Out, Outbox};
 use crate::*;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use proptest::prelude::*;
@@ -958,5 +959,277 @@ proptest! {
         let (s, _, d, dp, ok) = inspect(&p);
         prop_assert!(ok, "completed partial checksum differs from etherparse's recomputation");
         prop_assert_eq!((s, d, dp), (NAT_A, BACKEND_A, 8080));
+    }
+}
+
+// ---- The outbox: what one read batch makes the worker write. ----
+
+/// What the daemon would perform, as owned values.
+#[derive(Debug)]
+enum Sent {
+    One(Egress, Vec<u8>),
+    Coalesced(Egress, Vec<Vec<u8>>),
+}
+
+/// Reads `pkt` (behind a zeroed virtio-net header) into the outbox and
+/// hands it to the worker.
+fn handle(w: &mut Worker, out: &mut Outbox, pkt: &[u8], src: Source, now: Now) {
+    let hdr = out.header_len();
+    let buf = out.read_buf();
+    buf[..hdr].fill(0);
+    buf[hdr..hdr + pkt.len()].copy_from_slice(pkt);
+    w.handle(out, hdr + pkt.len(), src, now);
+}
+
+fn drain(out: &mut Outbox) -> Vec<Sent> {
+    let mut v = Vec::new();
+    out.drain(|o| match o {
+        Out::Write { to, bytes } => v.push(Sent::One(to, bytes.to_vec())),
+        Out::Coalesce { to, bufs } => v.push(Sent::Coalesced(to, bufs.iter().map(|b| b.to_vec()).collect())),
+    });
+    v
+}
+
+#[test]
+fn outbox_stages_small_packets_and_keeps_each_devices_order() {
+    let (_e, mut w) = engine();
+    let mut out = Outbox::new(true);
+    let a = Source::Network(NET_A);
+    handle(&mut w, &mut out, &udp(CLIENT, 1000, EP, 53, b"one"), a, Now(1));
+    handle(&mut w, &mut out, &udp(CLIENT, 1000, EP, 53, b"two"), a, Now(1));
+    assert!(out.is_empty(), "small packets wait for the end of the batch");
+    // A large packet to the same device: what waits goes first.
+    handle(&mut w, &mut out, &udp(CLIENT, 1000, EP, 53, &[7u8; 1200]), a, Now(1));
+    let sent = drain(&mut out);
+    let [Sent::Coalesced(Egress::Provider, staged), Sent::One(Egress::Provider, big)] = &sent[..] else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(staged.len(), 2);
+    for (b, text) in staged.iter().zip([&b"one"[..], b"two"]) {
+        assert_eq!(&b[..10], &[0u8; 10], "a zeroed virtio-net header");
+        let (s, _, d, dp, ok) = inspect(&b[10..]);
+        assert_eq!((s, d, dp, ok), (NAT_A, BACKEND_A, 5353, true));
+        assert!(b.ends_with(text));
+    }
+    assert!(inspect(&big[10..]).4, "checksums of the large packet");
+    // The end of the batch flushes what is staged, per device.
+    handle(&mut w, &mut out, &udp(CLIENT, 1001, EP, 53, b"three"), a, Now(1));
+    assert!(out.is_empty());
+    w.end_batch(&mut out);
+    let sent = drain(&mut out);
+    assert!(matches!(&sent[..], [Sent::Coalesced(Egress::Provider, b)] if b.len() == 1), "{sent:?}");
+    w.end_batch(&mut out);
+    assert!(drain(&mut out).is_empty(), "staged packets go out once");
+}
+
+#[test]
+fn outbox_answers_go_back_where_the_packet_came_from() {
+    let (_e, mut w) = engine();
+    let mut out = Outbox::new(true);
+    let mut p = udp(CLIENT, 1000, EP, 53, b"");
+    p[8] = 1;
+    fix_ip_checksum(&mut p);
+    handle(&mut w, &mut out, &p, Source::Network(NET_B), Now(1));
+    let sent = drain(&mut out);
+    let [Sent::One(Egress::Network(NET_B), reply)] = &sent[..] else { panic!("{sent:?}") };
+    let (s, _, d, _, ok) = inspect(&reply[10..]);
+    assert_eq!((s, d, ok), (Ipv4Addr::from(EP), Ipv4Addr::from(CLIENT), true));
+    assert_eq!(reply[10 + 20], wire::icmp_type::TIME_EXCEEDED);
+}
+
+#[test]
+fn outbox_fragments_a_packet_too_big_for_the_egress() {
+    let (_e, mut w) = engine();
+    let mut out = Outbox::new(true);
+    let mut big = udp(CLIENT, 1000, EP, 53, &[9u8; 3000]);
+    big[6] = 0; // no DF
+    fix_ip_checksum(&mut big);
+    handle(&mut w, &mut out, &big, Source::Network(NET_A), Now(1));
+    let frags: Vec<Vec<u8>> = drain(&mut out)
+        .into_iter()
+        .map(|s| match s {
+            Sent::One(Egress::Provider, b) => {
+                assert!(b.len() <= 10 + 1500);
+                b[10..].to_vec()
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(frags.len(), 3);
+    let whole = reassemble(&frags);
+    let (s, _, d, dp, ok) = inspect(&whole);
+    assert_eq!((s, d, dp, ok), (NAT_A, BACKEND_A, 5353, true));
+}
+
+#[test]
+fn outbox_releases_held_fragments_behind_a_staged_first_fragment() {
+    let (_e, mut w) = engine();
+    let mut out = Outbox::new(true);
+    let a = Source::Network(NET_A);
+    // A datagram whose first fragment is small (staged) and comes last.
+    let mut d = udp(CLIENT, 1000, EP, 53, &[5u8; 1000]);
+    d[6] = 0;
+    fix_ip_checksum(&mut d);
+    let frags = fragments_of(&d, 500);
+    assert_eq!(frags.len(), 3);
+    for f in &frags[1..] {
+        handle(&mut w, &mut out, f, a, Now(1));
+        assert!(out.is_empty(), "held");
+    }
+    handle(&mut w, &mut out, &frags[0], a, Now(1));
+    let sent = drain(&mut out);
+    // The staged first fragment goes out before the released ones, at once.
+    let [Sent::Coalesced(Egress::Provider, first), Sent::One(Egress::Provider, f2), Sent::One(Egress::Provider, f3)] =
+        &sent[..]
+    else {
+        panic!("{sent:?}")
+    };
+    let all = vec![first[0][10..].to_vec(), f2[10..].to_vec(), f3[10..].to_vec()];
+    let whole = reassemble(&all);
+    let (s, _, dst, dp, ok) = inspect(&whole);
+    assert_eq!((s, dst, dp, ok), (NAT_A, BACKEND_A, 5353, true));
+}
+
+// ---- One translation path: each step, each direction. ----
+
+/// The engine with pe-b in `b_state`, and a live UDP flow of each tenant
+/// (consumer port 1000): for the provider-side steps.
+fn with_flows(b_state: ConnectionState) -> (Arc<Engine>, Worker, Vec<u8>, Vec<u8>) {
+    let (e, mut w) = engine_with(small(), &desired(1024..=65535, ConnectionState::Approved));
+    let mut replies = Vec::new();
+    for net in [NET_A, NET_B] {
+        let mut p = udp(CLIENT, 1000, EP, 53, b"x");
+        assert_eq!(w.process(&mut p, Source::Network(net), Now(1)), Verdict::Forward(Egress::Provider));
+        swap(&mut p);
+        replies.push(p);
+    }
+    e.apply(&desired(1024..=65535, b_state), Now(1)).expect("config");
+    let b = replies.pop().expect("b");
+    (e, w, replies.pop().expect("a"), b)
+}
+
+fn ttl1(p: &mut [u8]) {
+    p[8] = 1;
+    fix_ip_checksum(p);
+}
+
+#[test]
+fn each_step_of_the_consumer_side_gives_its_reason() {
+    let (_e, mut w) = engine_with(small(), &desired(1024..=65535, ConnectionState::Pending));
+    let (a, b) = (Source::Network(NET_A), Source::Network(NET_B));
+    let run = |w: &mut Worker, mut p: Vec<u8>, s: Source| w.process(&mut p, s, Now(1));
+    // 1. validate
+    assert_eq!(run(&mut w, vec![0x45, 0, 0], a), Verdict::Drop(DropReason::Malformed));
+    // 2. address
+    assert_eq!(run(&mut w, udp(CLIENT, 1, [10, 1, 0, 6], 53, b""), a), Verdict::Drop(DropReason::NoEndpoint));
+    // 3. reassemble
+    let mut big = udp(CLIENT, 1, EP, 53, &[1u8; 2000]);
+    big[6] = 0;
+    fix_ip_checksum(&mut big);
+    assert_eq!(run(&mut w, fragments_of(&big, 1000).pop().expect("later"), a), Verdict::Held);
+    // 4. parse
+    let mut bad_tcp = tcp(CLIENT, 1, EP, 80, "S", b"");
+    bad_tcp[20 + 12] = 0x10; // data offset 4 bytes
+    assert_eq!(run(&mut w, bad_tcp, a), Verdict::Drop(DropReason::Malformed));
+    let mut gre = udp(CLIENT, 1, EP, 53, b"");
+    gre[9] = 47;
+    fix_ip_checksum(&mut gre);
+    assert_eq!(run(&mut w, gre, a), Verdict::Drop(DropReason::UnsupportedProtocol));
+    // 5. look up
+    assert_eq!(run(&mut w, udp(CLIENT, 1, EP, 54, b""), a), Verdict::Drop(DropReason::PortNotAllowed));
+    // 6. approve, before TTL: a pending endpoint answers nothing.
+    assert_eq!(run(&mut w, udp(CLIENT, 1, EP, 53, b""), b), Verdict::Drop(DropReason::NotApproved));
+    let mut p = udp(CLIENT, 1, EP, 53, b"");
+    ttl1(&mut p);
+    assert_eq!(run(&mut w, p.clone(), b), Verdict::Drop(DropReason::NotApproved), "no traceroute answer");
+    // 7. TTL
+    assert!(matches!(run(&mut w, p, a), Verdict::Reply { reason: DropReason::TtlExpired, .. }));
+    // 8. MTU (provider MTU 1500)
+    assert!(matches!(
+        run(&mut w, udp(CLIENT, 1, EP, 53, &[0u8; 1600]), a),
+        Verdict::Reply { reason: DropReason::TooBig, .. }
+    ));
+    // 9. flow
+    assert_eq!(run(&mut w, tcp(CLIENT, 1, EP, 80, "A", b""), a), Verdict::Drop(DropReason::NoFlow));
+    // 10 to 12. TCP state, rewrite, count
+    let mut syn = tcp(CLIENT, 2, EP, 80, "S", b"");
+    assert_eq!(w.process(&mut syn, a, Now(1)), Verdict::Forward(Egress::Provider));
+    let (s, _, d, dp, ok) = inspect(&syn);
+    assert_eq!((s, d, dp, ok), (NAT_A, BACKEND_A, 8080, true));
+    let snap = _e.snapshot();
+    let ep = snap.endpoint_by_name("pe-a").expect("pe-a");
+    assert_eq!(ep.shared.totals().1, 1, "one packet counted in");
+    let flows = _e.flow_list(Some("pe-a"), Now(1));
+    assert_eq!(flows.len(), 1);
+    assert_eq!(flows[0].state, "opening");
+}
+
+#[test]
+fn each_step_of_the_provider_side_gives_its_reason() {
+    let (e, mut w, a_reply, b_reply) = with_flows(ConnectionState::Approved);
+    let p = Source::Provider;
+    let run = |w: &mut Worker, mut pkt: Vec<u8>| w.process(&mut pkt, p, Now(1));
+    // 1. validate
+    assert_eq!(run(&mut w, vec![0x45, 0, 0]), Verdict::Drop(DropReason::Malformed));
+    // 3. reassemble
+    let mut big = udp(BACKEND_A.octets(), 5353, NAT_A.octets(), 1, &[1u8; 2000]);
+    big[6] = 0;
+    fix_ip_checksum(&mut big);
+    assert_eq!(run(&mut w, fragments_of(&big, 1000).pop().expect("later")), Verdict::Held);
+    // 4. parse
+    let mut gre = a_reply.clone();
+    gre[9] = 47;
+    fix_ip_checksum(&mut gre);
+    assert_eq!(run(&mut w, gre), Verdict::Drop(DropReason::UnsupportedProtocol));
+    // 5. look up
+    let stranger = udp(BACKEND_A.octets(), 5353, NAT_A.octets(), 1, b"");
+    assert_eq!(run(&mut w, stranger), Verdict::Drop(DropReason::NoFlow));
+    // 7. TTL
+    let mut t = a_reply.clone();
+    ttl1(&mut t);
+    assert!(matches!(run(&mut w, t.clone()), Verdict::Reply { reason: DropReason::TtlExpired, .. }));
+    // 8. MTU: vnet-b's MTU is 1400.
+    let mut long = udp(BACKEND_B.octets(), 5353, NAT_B.octets(), 0, &[0u8; 1450]);
+    long[20..22].copy_from_slice(&b_reply[20..22]);
+    long[22..24].copy_from_slice(&b_reply[22..24]);
+    long[26..28].copy_from_slice(&[0, 0]); // no UDP checksum
+    assert!(matches!(run(&mut w, long), Verdict::Reply { reason: DropReason::TooBig, .. }));
+    // 11, 12. rewrite, count: each reply reaches its own tenant.
+    let mut r = a_reply.clone();
+    assert_eq!(w.process(&mut r, p, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(inspect(&r), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 1000, true));
+    let mut r = b_reply.clone();
+    assert_eq!(w.process(&mut r, p, Now(1)), Verdict::Forward(Egress::Network(NET_B)));
+    // 6. approve, before TTL: a flow whose endpoint is no longer approved
+    // (caught between the state change and its sweep) answers nothing.
+    let snap = e.snapshot();
+    let ep = snap.endpoint_by_name("pe-a").expect("pe-a");
+    ep.shared.conn.store(ConnectionState::Rejected as u8, std::sync::atomic::Ordering::Release);
+    assert_eq!(run(&mut w, a_reply), Verdict::Drop(DropReason::NotApproved));
+    assert_eq!(run(&mut w, t), Verdict::Drop(DropReason::NotApproved), "no time exceeded");
+}
+
+#[test]
+fn a_reload_that_changes_nat_ports_under_live_flows_gives_every_port_back() {
+    let (e, mut w) = engine_with(small(), &desired(5000..=5009, ConnectionState::Approved));
+    let a = Source::Network(NET_A);
+    for port in 0..10 {
+        let mut p = tcp(CLIENT, 2000 + port, EP, 80, "S", b"");
+        assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Forward(Egress::Provider));
+    }
+    // The range grows under the live flows, which end with their old pool;
+    // new flows take ports of the new range, overlapping the old one.
+    e.apply(&desired(5000..=5019, ConnectionState::Approved), Now(2)).expect("config");
+    for port in 0..15 {
+        let mut p = tcp(CLIENT, 3000 + port, EP, 80, "S", b"");
+        assert_eq!(w.process(&mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
+    }
+    // Every flow ends; past the quarantine each pool is whole again.
+    e.apply(&desired(5000..=5019, ConnectionState::Approved), Now(3)).expect("config");
+    e.expire(Now(10_000));
+    e.expire(Now(20_000));
+    let snap = e.snapshot();
+    for p in snap.pools.values() {
+        assert_eq!(p.pool.available(), p.pool.capacity(), "{} {} {}", p.service, p.nat_ip, p.protocol);
     }
 }

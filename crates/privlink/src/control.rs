@@ -21,6 +21,7 @@
 //! | `GET /v1/audit?endpoint=NAME` | the audit trail |
 //! | `GET /v1/status` | version, uptime, config generation, counts |
 
+use crate::dataplane::now_since;
 use crate::store::{unix_now, AuditEntry, Connection, Store};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
@@ -30,7 +31,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use privlink_config::Config;
-use crate::dataplane::now_since;
 use privlink_core::{ConnectionState, Engine};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;

@@ -15,10 +15,7 @@ use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use privlink_config::{Config, Network};
-use privlink_core::{
-    ConnectionState, Desired, EndpointSpec, Engine, NetworkId, NetworkSpec, PortRule, Protocol, ServiceSpec,
-    Settings, Timeouts,
-};
+use privlink_core::{ConnectionState, Desired, EndpointSpec, Engine, NetworkId, NetworkSpec, ServiceSpec, Settings};
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -58,18 +55,7 @@ fn to_desired(
             nat_ips: s.nat_ips.clone(),
             nat_ports: s.nat_ports.clone(),
             backends: s.backends.clone(),
-            ports: s
-                .ports
-                .iter()
-                .map(|p| PortRule {
-                    protocol: match p.protocol {
-                        privlink_config::Protocol::Tcp => Protocol::Tcp,
-                        privlink_config::Protocol::Udp => Protocol::Udp,
-                    },
-                    port: p.port,
-                    backend_port: p.backend_port,
-                })
-                .collect(),
+            ports: s.ports.clone(),
         })
         .collect();
     let endpoints = config
@@ -95,17 +81,10 @@ impl Daemon {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         };
-        let t = config.dataplane.timeouts;
         let engine = Engine::new(Settings {
             workers,
             max_flows: config.dataplane.max_flows,
-            timeouts: Timeouts {
-                tcp_established: t.tcp_established,
-                tcp_transitory: t.tcp_transitory,
-                tcp_closed: t.tcp_closed,
-                udp: t.udp,
-                icmp: t.icmp,
-            },
+            timeouts: config.dataplane.timeouts,
             icmp_rate: 100,
         });
         let store = Store::open(&config.state_dir)?;

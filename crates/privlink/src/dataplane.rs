@@ -60,7 +60,11 @@ impl DeviceSet {
     /// Every device with where its packets come from.
     fn sources(&self) -> impl Iterator<Item = (Source, &Arc<Device>)> {
         let p = self.provider.iter().map(|d| (Source::Provider, d));
-        let n = self.networks.iter().enumerate().filter_map(|(i, d)| Some((Source::Network(NetworkId(i as u16)), d.as_ref()?)));
+        let n = self
+            .networks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, d)| Some((Source::Network(NetworkId(i as u16)), d.as_ref()?)));
         p.chain(n)
     }
 }
@@ -172,10 +176,11 @@ impl Polled {
 fn write(set: &DeviceSet, w: usize, o: Out<'_>, gro: &mut GROTable, errors: &IoErrors) {
     let r = match o {
         Out::Write { to, bytes } => set.egress(to).map(|d| d.queue(w).send(bytes).map(drop)),
-        Out::Coalesce { to, bufs } => set.egress(to).map(|d| d.queue(w).send_multiple(gro, bufs, VNET_HDR_LEN).map(drop)),
+        Out::Coalesce { to, bufs } => {
+            set.egress(to).map(|d| d.queue(w).send_multiple(gro, bufs, VNET_HDR_LEN).map(drop))
+        }
     };
     if let Some(Err(_)) = r {
         errors.writes.fetch_add(1, Ordering::Relaxed);
     }
 }
-

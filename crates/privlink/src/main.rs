@@ -102,7 +102,7 @@ impl Target {
             Some(c) => privlink_config::Config::load(c)
                 .map(|c| c.control_socket)
                 .map_err(|e| anyhow::anyhow!("{}", e.lines().join("\n"))),
-            None => Ok(PathBuf::from("/run/privlink/control.sock")),
+            None => Ok(PathBuf::from(privlink_config::DEFAULT_CONTROL_SOCKET)),
         }
     }
 }
