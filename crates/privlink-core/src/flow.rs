@@ -442,20 +442,18 @@ impl FlowTable {
         self.hasher.hash_one(k.0)
     }
 
-    #[inline]
+    #[inline(always)]
     fn bucket(&self, k: u128, idx: &Index) -> usize {
         (self.hasher.hash_one(k) as usize) & idx.mask
     }
 
-    /// Reads slot `i` as a [`FlowView`] if it holds a live flow, validated
-    /// against a concurrent removal or reuse (see the module docs).
-    #[inline]
-    fn read(&self, i: u32, m1: u32) -> Option<FlowView> {
-        let s = &self.slots[i as usize];
-        let ck = load128(&s.ckey);
-        let pw = load128(&s.pkey);
+    /// Completes the read of slot `i`, whose `meta` was `m1` (live) and
+    /// whose keys were `ck` and `pw` as read after it: validated against a
+    /// concurrent removal or reuse (see the module docs).
+    #[inline(always)]
+    fn validate(&self, i: u32, m1: u32, ck: u128, pw: u128) -> Option<FlowView> {
         fence(Ordering::Acquire);
-        let m2 = s.meta.load(Ordering::Relaxed);
+        let m2 = self.slots[i as usize].meta.load(Ordering::Relaxed);
         if !same_gen(m1, m2) || m2 & state::LIVE == 0 {
             return None;
         }
@@ -469,13 +467,17 @@ impl FlowTable {
         })
     }
 
-    /// Walks one chain for a live slot whose key (as `key_of` reads it)
-    /// is `k`. `Err` when a concurrent reuse spoiled the read.
+    /// Reads slot `i` as a [`FlowView`] if it holds a live flow.
     #[inline]
+    fn read(&self, i: u32, m1: u32) -> Option<FlowView> {
+        let s = &self.slots[i as usize];
+        self.validate(i, m1, load128(&s.ckey), load128(&s.pkey))
+    }
+
+    /// Walks one chain for a live slot whose consumer (or provider) key is
+    /// `k`. `Err` when a concurrent reuse spoiled the read.
+    #[inline(always)]
     fn walk(&self, head: &AtomicU32, k: u128, consumer: bool) -> Result<Option<FlowView>, ()> {
-        let key_of = |s: &FlowSlot| if consumer { load128(&s.ckey) } else { load128(&s.pkey) & PKEY_MASK };
-        let next =
-            |s: &FlowSlot| if consumer { s.cnext.load(Ordering::Acquire) } else { s.pnext.load(Ordering::Acquire) };
         let mut cur = head.load(Ordering::Acquire);
         for _ in 0..MAX_CHAIN {
             if cur == NONE {
@@ -484,19 +486,32 @@ impl FlowTable {
             let i = cur - 1;
             let s = &self.slots[i as usize];
             let m1 = s.meta.load(Ordering::Acquire);
-            if m1 & state::LIVE != 0 && key_of(s) == k {
-                // Both keys are read again inside the validated read.
-                let v = self.read(i, m1).ok_or(())?;
-                let key = if consumer { v.ckey.0 } else { v.pkey.0 };
-                return if key == k { Ok(Some(v)) } else { Err(()) };
+            if m1 & state::LIVE != 0 {
+                let (ck, pw) = if consumer {
+                    let ck = load128(&s.ckey);
+                    if ck != k {
+                        cur = s.cnext.load(Ordering::Acquire);
+                        continue;
+                    }
+                    (ck, load128(&s.pkey))
+                } else {
+                    let pw = load128(&s.pkey);
+                    if pw & PKEY_MASK != k {
+                        cur = s.pnext.load(Ordering::Acquire);
+                        continue;
+                    }
+                    (load128(&s.ckey), pw)
+                };
+                // Both keys were read after `m1`; the validation covers them.
+                return self.validate(i, m1, ck, pw).map(Some).ok_or(());
             }
-            cur = next(s);
+            cur = if consumer { s.cnext.load(Ordering::Acquire) } else { s.pnext.load(Ordering::Acquire) };
         }
         Err(())
     }
 
     /// The live flow with this consumer key.
-    #[inline]
+    #[inline(always)]
     pub fn find_consumer(&self, k: ConsumerKey) -> Option<FlowView> {
         let head = &self.cidx.heads[self.bucket(k.0, &self.cidx)];
         for _ in 0..MAX_RETRIES {
@@ -508,7 +523,7 @@ impl FlowTable {
     }
 
     /// The live flow with this provider key.
-    #[inline]
+    #[inline(always)]
     pub fn find_provider(&self, k: ProviderKey) -> Option<FlowView> {
         let head = &self.pidx.heads[self.bucket(k.0, &self.pidx)];
         for _ in 0..MAX_RETRIES {
@@ -696,19 +711,15 @@ impl FlowTable {
         }
     }
 
-    /// Refreshes the flow's idle timer; writes only when the second changed.
-    #[inline]
-    pub fn touch(&self, v: &FlowView, now: Now) {
-        let t = &self.slots[v.slot as usize].last_seen;
-        if t.load(Ordering::Relaxed) != now.0 {
-            t.store(now.0, Ordering::Relaxed);
-        }
-    }
-
-    /// Counts bytes for the flow listing (`inbound`: consumer -> provider).
-    #[inline]
-    pub fn add_bytes(&self, v: &FlowView, inbound: bool, n: u64) {
+    /// Counts a packet of `n` bytes of flow `v` (`inbound`: consumer ->
+    /// provider) and refreshes its idle timer, which is written only when
+    /// the second changed.
+    #[inline(always)]
+    pub fn note_packet(&self, v: &FlowView, now: Now, inbound: bool, n: u64) {
         let s = &self.slots[v.slot as usize];
+        if s.last_seen.load(Ordering::Relaxed) != now.0 {
+            s.last_seen.store(now.0, Ordering::Relaxed);
+        }
         let c = if inbound { &s.bytes_in } else { &s.bytes_out };
         c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
     }
