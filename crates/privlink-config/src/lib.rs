@@ -14,7 +14,14 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-pub use privlink_core::{PortRule, Protocol, Timeouts, MAX_NAT_IPS};
+pub use privlink_core::{PortRule, Protocol, Timeouts, MAX_BACKENDS, MAX_NAT_IPS};
+
+/// Largest config file read: anything bigger is refused before it is read
+/// whole (a path like /dev/zero would otherwise grow without bound).
+pub const MAX_FILE: u64 = 16 << 20;
+/// Longest name of a network, service, endpoint or tenant.
+pub const MAX_NAME: usize = 63;
+
 
 /// Where the control socket is when the config names none.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/privlink/control.sock";
@@ -114,6 +121,39 @@ pub struct Endpoint {
     pub service: String,
 }
 
+/// Reads at most [`MAX_FILE`] bytes of UTF-8 text.
+fn read_capped(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?.take(MAX_FILE + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::other(format!("larger than {} MiB: not a config file", MAX_FILE >> 20)));
+    }
+    Ok(text)
+}
+
+/// Whether `c` may appear in a name privlink writes into logs, metric labels
+/// and tables: nothing that could forge a line or an escape sequence.
+fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Whether an address can be an endpoint, a NAT IP or a backend: not
+/// "this network" (0/8), loopback, multicast, reserved or broadcast.
+fn unicast(a: Ipv4Addr) -> bool {
+    let o = a.octets()[0];
+    o != 0 && o != 127 && o < 224
+}
+
+/// A name cut short for an error message.
+fn shown(n: &str) -> String {
+    let mut s: String = n.chars().take(40).flat_map(char::escape_default).collect();
+    if n.chars().count() > 40 {
+        s.push('…');
+    }
+    s
+}
+
 /// A validated configuration. Its timeouts and protocols are the core's
 /// own types (`privlink_core::spec`), defaults included: one definition of
 /// each.
@@ -141,7 +181,7 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Error> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| Error::Read { file: file.clone(), source })?;
+        let text = read_capped(path).map_err(|source| Error::Read { file: file.clone(), source })?;
         let mut c = Config::parse(&text, &file)?;
         c.path = path.to_path_buf();
         Ok(c)
@@ -320,19 +360,54 @@ impl Cx<'_> {
 
     fn ifname(&mut self, s: &S<String>) -> String {
         let n = s.get_ref();
-        if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', '\t', ':']) || n == "." || n == ".." {
+        if n == "lo" {
+            self.err(s.span().start, "`lo` is the loopback device: privlink creates its own TUN devices");
+        } else if n.is_empty() || n.len() > 15 || !n.chars().all(name_char) || n == "." || n == ".." {
             self.err(
                 s.span().start,
-                format!("`{n}` is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)"),
+                format!(
+                    "`{}` is not a valid interface name (1 to 15 letters, digits, '-', '_' or '.')",
+                    shown(n)
+                ),
             );
         }
         n.clone()
     }
 
+    /// A network namespace name (a file under /run/netns): one path
+    /// component, no tricks.
+    fn netns(&mut self, s: &S<String>) -> String {
+        let n = s.get_ref();
+        if n.is_empty() || n.len() > MAX_NAME || !n.chars().all(name_char) || n == "." || n == ".." {
+            self.err(
+                s.span().start,
+                format!(
+                    "netns: `{}` is not a namespace name (1 to {MAX_NAME} letters, digits, '-', '_' or '.')",
+                    shown(n)
+                ),
+            );
+        }
+        n.clone()
+    }
+
+    /// An address that must be unicast.
+    fn unicast(&mut self, s: &S<String>, what: &str) -> Option<Ipv4Addr> {
+        let a = self.ipv4(s, what)?;
+        if !unicast(a) {
+            self.err(s.span().start, format!("{what}: {a} is not a unicast address"));
+        }
+        Some(a)
+    }
+
     fn name(&mut self, s: &S<String>, kind: &str, seen: &mut HashSet<String>) -> String {
         let n = s.get_ref();
-        if n.is_empty() || n.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            self.err(s.span().start, format!("{kind} name `{n}` must be non-empty, without spaces"));
+        if n.is_empty() || n.chars().count() > MAX_NAME {
+            self.err(s.span().start, format!("{kind} name `{}` must be 1 to {MAX_NAME} characters", shown(n)));
+        } else if !n.chars().all(name_char) {
+            self.err(
+                s.span().start,
+                format!("{kind} name `{}` may hold only letters, digits, '-', '_' and '.'", shown(n)),
+            );
         } else if !seen.insert(n.clone()) {
             self.err(s.span().start, format!("duplicate {kind} name `{n}`"));
         }
@@ -352,7 +427,8 @@ impl Cx<'_> {
         let dataplane = Dataplane {
             workers: self.int(&d.workers, 0..=256, 0, "workers") as u32,
             offload: d.offload.as_ref().is_none_or(|o| *o.get_ref()),
-            max_flows: self.int(&d.max_flows, 1..=(1 << 31), 1 << 20, "max_flows") as u32,
+            max_flows: self.int(&d.max_flows, 1..=(1 << 31), i64::from(privlink_core::Settings::default().max_flows), "max_flows")
+                as u32,
             timeouts: {
                 let t = Timeouts::default();
                 Timeouts {
@@ -384,7 +460,7 @@ impl Cx<'_> {
                 let at = p.span().start;
                 let p = p.get_ref();
                 let tun = self.need(&p.tun, at, "tun").map(|t| (self.ifname(t), t.span().start));
-                let netns = p.netns.as_ref().map(|n| n.get_ref().clone());
+                let netns = p.netns.as_ref().map(|n| self.netns(n));
                 if let Some((t, _)) = &tun {
                     devices.insert((netns.clone(), t.clone()));
                 }
@@ -403,8 +479,8 @@ impl Cx<'_> {
                 }
                 self.name(s, "network", &mut names)
             });
-            let tenant = self.need(&n.tenant, at, "tenant").map(|s| s.get_ref().clone());
-            let netns = n.netns.as_ref().map(|s| s.get_ref().clone());
+            let tenant = self.need(&n.tenant, at, "tenant").map(|s| self.name(s, "tenant", &mut HashSet::new()));
+            let netns = n.netns.as_ref().map(|s| self.netns(s));
             let tun = self.need(&n.tun, at, "tun").map(|s| {
                 let t = self.ifname(s);
                 if !devices.insert((netns.clone(), t.clone())) {
@@ -433,6 +509,7 @@ impl Cx<'_> {
         let mut nat_owner: HashMap<Ipv4Addr, String> = HashMap::new();
         let mut services = Vec::new();
         let mut backend_ips: HashSet<Ipv4Addr> = HashSet::new();
+        let mut backend_at: Vec<(Ipv4Addr, usize)> = Vec::new();
         for s in &raw.service {
             let at = s.span().start;
             let s = s.get_ref();
@@ -447,7 +524,7 @@ impl Cx<'_> {
                     );
                 }
                 for ip in list.get_ref() {
-                    if let Some(a) = self.ipv4(ip, "nat_ips") {
+                    if let Some(a) = self.unicast(ip, "nat_ips") {
                         match nat_owner.get(&a) {
                             Some(o) if *o == svc_name => {
                                 self.err(ip.span().start, format!("nat_ips: {a} is listed twice"))
@@ -483,11 +560,17 @@ impl Cx<'_> {
             if let Some(list) = self.need(&s.backends, at, "backends") {
                 if list.get_ref().is_empty() {
                     self.err(list.span().start, "backends: at least one backend is needed");
+                } else if list.get_ref().len() > MAX_BACKENDS {
+                    self.err(
+                        list.span().start,
+                        format!("backends: {} given, at most {MAX_BACKENDS}", list.get_ref().len()),
+                    );
                 }
-                for b in list.get_ref() {
-                    if let Some(a) = self.ipv4(b, "backends") {
+                for b in list.get_ref().iter().take(MAX_BACKENDS + 1) {
+                    if let Some(a) = self.unicast(b, "backends") {
                         backends.push(a);
                         backend_ips.insert(a);
+                        backend_at.push((a, b.span().start));
                     }
                 }
             }
@@ -542,6 +625,13 @@ impl Cx<'_> {
 
         let mut ep_names = HashSet::new();
         let mut ep_addrs = HashSet::new();
+        // A backend that is a NAT IP would loop translated packets back in.
+        for &(a, at) in &backend_at {
+            if let Some(owner) = nat_owner.get(&a) {
+                self.err(at, format!("backends: {a} is a NAT IP of service `{owner}`"));
+            }
+        }
+
         let mut endpoints = Vec::new();
         for e in &raw.endpoint {
             let at = e.span().start;
@@ -560,7 +650,7 @@ impl Cx<'_> {
                 n.get_ref().clone()
             });
             let ip = self.need(&e.ip, at, "ip").and_then(|s| {
-                let a = self.ipv4(s, "ip")?;
+                let a = self.unicast(s, "ip")?;
                 if let Some(net) = &network {
                     if !ep_addrs.insert((net.clone(), a)) {
                         self.err(s.span().start, format!("ip: {a} is already an endpoint in network `{net}`"));
@@ -739,4 +829,56 @@ service = "orders-db"
         assert!(errors(&bad).join("\n").contains("reserved"));
         assert!(errors("").join("\n").contains("missing table `[provider]`"));
     }
+
+    #[test]
+    fn nonsense_the_engine_would_choke_on_is_refused_with_positions() {
+        // Issue 12 item 3: a service with 65,535 backends reached an assert.
+        let many: Vec<String> = (0..65_535u32).map(|i| format!("\"10.{}.{}.{}\"", 200 + i / 65536, (i / 256) % 256, i % 256)).collect();
+        let bad = GOOD.replace("[\"192.168.50.10\", \"192.168.50.11\"]", &format!("[{}]", many.join(", ")));
+        let e = errors(&bad).join("\n");
+        assert!(e.contains(&format!("backends: 65535 given, at most {MAX_BACKENDS}")), "{e}");
+        assert!(e.starts_with("t.toml:"), "{e}");
+    }
+
+    #[test]
+    fn nonsense_names_and_addresses_are_refused() {
+        // Issue 12 item 12, each with its position.
+        let cases: &[(&str, &str, &str)] = &[
+            ("netns = \"tenant-a\"", "netns = \"\"", "netns: `` is not a namespace name"),
+            ("netns = \"tenant-a\"", "netns = \"..\"", "netns: `..` is not a namespace name"),
+            ("netns = \"tenant-a\"", "netns = \"a/../b\"", "netns: `a/../b` is not a namespace name"),
+            ("tun = \"plp0\"", "tun = \"x%d\"", "`x%d` is not a valid interface name"),
+            ("tun = \"plp0\"", "tun = \"lo\"", "`lo` is the loopback device"),
+            ("ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip = \"0.0.0.0\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip: 0.0.0.0 is not a unicast address"),
+            ("ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip = \"224.0.0.1\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip: 224.0.0.1 is not a unicast address"),
+            ("ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip = \"255.255.255.255\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip: 255.255.255.255 is not a unicast address"),
+            ("nat_ips = [\"192.168.100.4\"]", "nat_ips = [\"127.0.0.1\"]", "nat_ips: 127.0.0.1 is not a unicast address"),
+        ];
+        for (from, to, want) in cases {
+            let bad = GOOD.replacen(from, to, 1);
+            assert_ne!(bad, GOOD, "{from}");
+            let e = errors(&bad).join("\n");
+            assert!(e.contains(want), "{to}: missing {want:?} in\n{e}");
+            let line = bad.lines().position(|l| to.lines().next().is_some_and(|t| l.contains(t))).expect("line") + 1;
+            assert!(e.contains(&format!("t.toml:{line}:")), "{to}: no position in\n{e}");
+        }
+        // A backend that is another service's NAT IP.
+        let mut bad = GOOD.to_string();
+        bad.push_str("\n[[service]]\nname = \"other\"\nnat_ips = [\"192.168.100.9\"]\nbackends = [\"192.168.100.4\"]\nports = [{ protocol = \"tcp\", port = 1 }]\n");
+        let e = errors(&bad).join("\n");
+        assert!(e.contains("backends: 192.168.100.4 is a NAT IP of service `orders-db`"), "{e}");
+        // Names: bounded, printable.
+        let long = "n".repeat(10_000);
+        let e = errors(&GOOD.replace("name = \"pe-a\"", &format!("name = \"{long}\""))).join("\n");
+        assert!(e.contains("must be 1 to 63 characters"), "{}", &e[..200.min(e.len())]);
+        let e = errors(&GOOD.replace("name = \"pe-a\"", "name = \"pe\\u001b[2J\"")).join("\n");
+        assert!(e.contains("letters, digits"), "{e}");
+    }
+
+    #[test]
+    fn a_huge_file_is_refused_before_it_is_read_whole() {
+        let e = Config::load(Path::new("/dev/zero")).expect_err("not a config");
+        assert!(e.to_string().contains("larger than"), "{e}");
+    }
 }
+

@@ -175,6 +175,9 @@ fn validate(d: &Desired) -> Result<(), CoreError> {
         if s.backends.is_empty() {
             return Err(CoreError::NoBackends(s.name.clone()));
         }
+        if s.backends.len() > crate::spec::MAX_BACKENDS {
+            return Err(CoreError::TooManyBackends(s.name.clone(), s.backends.len()));
+        }
         if s.nat_ips.is_empty() || s.nat_ips.len() > crate::spec::MAX_NAT_IPS {
             return Err(CoreError::NatIpCount(s.name.clone(), s.nat_ips.len()));
         }

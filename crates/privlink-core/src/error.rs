@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 pub enum CoreError {
     #[error("service {0}: no backends")]
     NoBackends(String),
+    #[error("service {0}: {1} backends (at most {max})", max = crate::spec::MAX_BACKENDS)]
+    TooManyBackends(String, usize),
     #[error("service {0}: {1} NAT IPs (must be 1 to 8)")]
     NatIpCount(String, usize),
     #[error("service {0}: empty or invalid NAT port range")]

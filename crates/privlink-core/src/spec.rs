@@ -10,6 +10,10 @@ use std::ops::RangeInclusive;
 /// Most NAT IPs one service may have.
 pub const MAX_NAT_IPS: usize = 8;
 
+/// Most backends one service may have: Maglev's table (65,537 entries)
+/// spreads flows evenly while it holds well over 50 entries per backend.
+pub const MAX_BACKENDS: usize = 1024;
+
 /// Idle timeouts in seconds (SPEC "Timeouts").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
