@@ -11,7 +11,7 @@
 use crate::control::{reconcile, Control};
 use crate::dataplane::{now_since, Dataplane, DeviceSet};
 use crate::device::Device;
-use crate::store::Store;
+use crate::store::{StateLock, Store};
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use privlink_config::{Config, Network};
@@ -35,6 +35,8 @@ struct Daemon {
     next_network: u16,
     epoch: Instant,
     control: Arc<Control>,
+    /// Held for the daemon's life: one daemon per state directory.
+    _lock: StateLock,
 }
 
 fn to_desired(
@@ -87,6 +89,7 @@ impl Daemon {
             timeouts: config.dataplane.timeouts,
             icmp_rate: 100,
         });
+        let lock = StateLock::acquire(&config.state_dir)?;
         let store = Store::open(&config.state_dir)?;
         let epoch = Instant::now();
         let control = Arc::new(Control {
@@ -114,6 +117,7 @@ impl Daemon {
             next_network: 0,
             epoch,
             control,
+            _lock: lock,
         };
         d.converge(&config)?;
         Ok(d)

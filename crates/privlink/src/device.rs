@@ -56,6 +56,18 @@ impl Device {
     ) -> Result<Arc<Device>> {
         let (n, ns) = (name.to_string(), netns.map(str::to_string));
         let qs = in_netns(netns, move || {
+            // Multi-queue TUN lets anyone with the name attach more queues
+            // to a live device: refuse a name that exists rather than share
+            // another daemon's (or any program's) device.
+            let c_name = std::ffi::CString::new(n.as_str()).context("device name")?;
+            // SAFETY: if_nametoindex reads a NUL-terminated string.
+            if unsafe { libc::if_nametoindex(c_name.as_ptr()) } != 0 {
+                anyhow::bail!(
+                    "device `{n}` already exists in namespace `{}`: another privlink or program holds it \
+                     (privlink creates its own devices)",
+                    ns.as_deref().unwrap_or("(the daemon's own)")
+                );
+            }
             let mut b = DeviceBuilder::new()
                 .name(&n)
                 .mtu(mtu)
