@@ -6,12 +6,15 @@
 //! The steps, in this order (docs/ARCHITECTURE.md has the table of which
 //! drop reason each gives):
 //!
-//! 1. validate the IPv4 header (`malformed`, `unsupported_protocol`);
+//! 1. validate the IPv4 header (`malformed`, `unsupported_protocol`), drop
+//!    source-routed packets (`source_route`) and martian sources
+//!    (`martian_source`);
 //! 2. address: on the consumer side, the destination must be an endpoint
 //!    of the network (`no_endpoint`);
 //! 3. reassemble: a later fragment takes its first fragment's translation,
 //!    or waits for it (`reassembly_timeout` when it never comes);
-//! 4. parse the transport header (`malformed`; ICMP errors go to
+//! 4. parse the transport header (`malformed`; TCP flags no connection
+//!    sends, such as SYN+FIN, are `invalid_tcp_flags`; ICMP errors go to
 //!    [`Ctx::translate_error`], other ICMP and protocols are
 //!    `unsupported_protocol`);
 //! 5. look up: the service's port rule (`port_not_allowed`) and the flow
@@ -218,6 +221,16 @@ impl Ctx<'_> {
         };
         let (src, dst, len, ttl, ihl) = (pkt.src_addr(), pkt.dst_addr(), pkt.total_len(), pkt.ttl(), pkt.header_len());
         let (df, proto_num, ident) = (pkt.dont_frag(), pkt.protocol(), pkt.ident());
+        if ihl > wire::field::HEADER_MIN {
+            match wire::source_routed(&buf[..ihl]) {
+                Ok(false) => {}
+                Ok(true) => return Verdict::Drop(DropReason::SourceRoute),
+                Err(_) => return Verdict::Drop(DropReason::Malformed),
+            }
+        }
+        if wire::is_martian_source(src) {
+            return Verdict::Drop(DropReason::MartianSource);
+        }
         // 2. Address: a consumer reaches its network's endpoints, nothing else.
         let at = match dir {
             Dir::In(net) => match snap.endpoint_at(net.0, dst) {
@@ -236,6 +249,9 @@ impl Ctx<'_> {
             return Verdict::Drop(DropReason::Malformed);
         };
         let seg = match tr {
+            Transport::Tcp { flags, .. } if !tcp_flags::valid(flags) => {
+                return Verdict::Drop(DropReason::InvalidTcpFlags)
+            }
             Transport::Tcp { src, dst, flags, header_len } => {
                 Segment { proto: Protocol::Tcp, sport: src, dport: dst, flags, l4_header: usize::from(header_len) }
             }

@@ -98,8 +98,10 @@ impl fmt::Display for Protocol {
 }
 
 /// Why a packet was not forwarded. The label values are SPEC's, plus
-/// `flow_table_full` (SPEC's `max_flows` bound, which SPEC names no reason for)
-/// and `reassembly_timeout` (fragments whose first fragment never came).
+/// `flow_table_full` (SPEC's `max_flows` bound, which SPEC names no reason for),
+/// `reassembly_timeout` (fragments whose first fragment never came), and the
+/// reasons docs/NAT-BEHAVIOUR.md names for martian sources, invalid TCP flag
+/// combinations and source-routed packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     NoEndpoint,
@@ -113,10 +115,13 @@ pub enum DropReason {
     UnsupportedProtocol,
     FlowTableFull,
     ReassemblyTimeout,
+    MartianSource,
+    InvalidTcpFlags,
+    SourceRoute,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 14;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoEndpoint,
         DropReason::PortNotAllowed,
@@ -129,6 +134,9 @@ impl DropReason {
         DropReason::UnsupportedProtocol,
         DropReason::FlowTableFull,
         DropReason::ReassemblyTimeout,
+        DropReason::MartianSource,
+        DropReason::InvalidTcpFlags,
+        DropReason::SourceRoute,
     ];
 
     pub fn index(self) -> usize {
@@ -149,6 +157,9 @@ impl DropReason {
             DropReason::UnsupportedProtocol => "unsupported_protocol",
             DropReason::FlowTableFull => "flow_table_full",
             DropReason::ReassemblyTimeout => "reassembly_timeout",
+            DropReason::MartianSource => "martian_source",
+            DropReason::InvalidTcpFlags => "invalid_tcp_flags",
+            DropReason::SourceRoute => "source_route",
         }
     }
 }

@@ -52,7 +52,28 @@ pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
     pub const SYN: u8 = 0x02;
     pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
     pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+
+    /// Whether a segment's flags are a combination TCP ever sends: Linux
+    /// conntrack's table (`tcp_valid_flags`), PSH, ECE and CWR aside. SYN
+    /// with FIN or RST, FIN without ACK and no flags at all are scans or
+    /// attacks, never a connection.
+    #[inline]
+    pub fn valid(flags: u8) -> bool {
+        const VALID: [bool; 64] = {
+            let mut t = [false; 64];
+            let ok = [SYN, SYN | URG, SYN | ACK, RST, RST | ACK, FIN | ACK, FIN | ACK | URG, ACK, ACK | URG];
+            let mut i = 0;
+            while i < ok.len() {
+                t[ok[i] as usize] = true;
+                i += 1;
+            }
+            t
+        };
+        VALID[usize::from(flags & (FIN | SYN | RST | ACK | URG))]
+    }
 }
 
 /// ICMP message types used here.
@@ -73,6 +94,8 @@ pub enum Malformed {
     HeaderChecksum,
     TcpDataOffset,
     UdpLength,
+    /// An IP option whose length runs past the header.
+    Options,
 }
 
 #[inline]
@@ -556,6 +579,38 @@ pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: (u32, u16), dst: (u32, u
 /// True for addresses an ICMP error must never be sent to (RFC 1812 4.3.2.7):
 /// unspecified, limited broadcast, multicast, class E.
 #[inline]
+/// A source no router forwards from (RFC 1812 5.3.7): "this network"
+/// (0/8), loopback, multicast, reserved (240/4) and broadcast.
+#[inline]
+pub fn is_martian_source(addr: u32) -> bool {
+    let first = addr >> 24;
+    first == 0 || first == 127 || first >= 224
+}
+
+/// Whether an IPv4 header's options (`header[20..]`) hold a loose or strict
+/// source route, which privlink drops as routers do by default (Linux's
+/// `accept_source_route = 0`). `Err` when the option list is malformed.
+pub fn source_routed(header: &[u8]) -> Result<bool, Malformed> {
+    let mut opts = header.get(field::HEADER_MIN..).unwrap_or(&[]);
+    while let Some(&kind) = opts.first() {
+        match kind {
+            0 => return Ok(false),
+            1 => opts = &opts[1..],
+            _ => {
+                let len = usize::from(*opts.get(1).ok_or(Malformed::Options)?);
+                if len < 2 || len > opts.len() {
+                    return Err(Malformed::Options);
+                }
+                if kind == 0x83 || kind == 0x89 {
+                    return Ok(true);
+                }
+                opts = &opts[len..];
+            }
+        }
+    }
+    Ok(false)
+}
+
 pub fn is_unicast(addr: u32) -> bool {
     let a = Ipv4Addr::from(addr);
     !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || addr >> 28 == 0xf)
