@@ -60,3 +60,42 @@ fn a_second_daemon_for_the_same_state_or_devices_is_refused() {
     assert!(transfer_intact(&bed.a, 1024 * 1024).starts_with("svc=orders"));
     assert!(!bed.log().contains("panicked"));
 }
+
+/// CPU seconds (user + system) the daemon has used, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+#[test]
+fn a_tenant_deleting_its_device_neither_spins_nor_stays_gone() {
+    let Some(bed) = Bed::running("devdel", Opts::default()) else { return };
+    let pid = bed.pid();
+    assert!(transfer_intact(&bed.a, 64 * 1024).starts_with("svc=orders"));
+    // Tenant A deletes its own TUN device.
+    let out = Command::new("ip").args(["-n", &bed.a, "link", "del", "pla0"]).output().expect("ip");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The workers notice, log once and count it, and do not spin.
+    assert!(eventually(5, || bed.log().contains("device lost")), "{}", bed.log());
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 0.5, "the daemon used {used:.2} s of CPU in 2 s after the device went");
+    assert_eq!(bed.log().matches("device lost").count(), 1, "logged once:\n{}", bed.log());
+    assert!(bed.metric("privlink_devices_lost_total", &[("device", "pla0")]) >= 1.0);
+    // The other tenant is unaffected.
+    assert!(transfer_intact(&bed.b, 64 * 1024).starts_with("svc=billing"));
+    // The device comes back by itself (the daemon recreates it), with its
+    // route, and tenant A reaches its endpoint again.
+    assert!(
+        eventually(10, || within(&bed.a, || Ok(link_exists("pla0"))).unwrap_or(false)),
+        "{}",
+        bed.log()
+    );
+    assert!(eventually(10, || std::panic::catch_unwind(|| transfer_intact(&bed.a, 64 * 1024)).is_ok()), "{}", bed.log());
+}

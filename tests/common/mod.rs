@@ -245,6 +245,11 @@ service = "billing"
         panic!("privlink did not come up:\n{}", self.log());
     }
 
+    /// The daemon's pid.
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().expect("daemon").id()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
     }
@@ -332,6 +337,13 @@ pub fn transfer_intact(ns: &str, bytes: u32) -> String {
     s.shutdown(std::net::Shutdown::Write).expect("shutdown");
     assert_eq!(line(&mut s), want, "the backend got exactly what was sent");
     greeting
+}
+
+/// Whether a link named `name` exists in the calling thread's namespace.
+pub fn link_exists(name: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(name) else { return false };
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    unsafe { libc::if_nametoindex(c.as_ptr()) != 0 }
 }
 
 /// Runs `f` in namespace `ns`.

@@ -576,9 +576,6 @@ pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: (u32, u16), dst: (u32, u
     put16(icmp, field::ICMP_CHECKSUM, c);
 }
 
-/// True for addresses an ICMP error must never be sent to (RFC 1812 4.3.2.7):
-/// unspecified, limited broadcast, multicast, class E.
-#[inline]
 /// A source no router forwards from (RFC 1812 5.3.7): "this network"
 /// (0/8), loopback, multicast, reserved (240/4) and broadcast.
 #[inline]
@@ -611,6 +608,9 @@ pub fn source_routed(header: &[u8]) -> Result<bool, Malformed> {
     Ok(false)
 }
 
+/// True for addresses an ICMP error may be sent to (RFC 1812 4.3.2.7): not
+/// unspecified, limited broadcast, multicast or class E.
+#[inline]
 pub fn is_unicast(addr: u32) -> bool {
     let a = Ipv4Addr::from(addr);
     !(a.is_unspecified() || a.is_broadcast() || a.is_multicast() || addr >> 28 == 0xf)

@@ -19,6 +19,7 @@ use privlink_core::{ConnectionState, Desired, EndpointSpec, Engine, NetworkId, N
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
@@ -126,12 +127,17 @@ impl Daemon {
     /// Brings devices, engine and routes in line with `config`.
     fn converge(&mut self, config: &Config) -> Result<()> {
         // 1. Networks that went or changed: out of the workers' set, then closed.
+        let cur = self.devices.load_full();
+        let lost = |id: NetworkId| {
+            cur.networks.get(usize::from(id.0)).and_then(Option::as_ref).is_some_and(|d| d.lost.load(Ordering::Acquire))
+        };
         let stale: Vec<String> = self
             .made_from
             .iter()
-            .filter(|(name, (_, n))| config.network(name) != Some(n))
+            .filter(|(name, (id, n))| config.network(name) != Some(n) || lost(*id))
             .map(|(name, _)| name.clone())
             .collect();
+        drop(cur);
         if !stale.is_empty() {
             let mut gone = Vec::new();
             for name in &stale {
@@ -237,6 +243,21 @@ impl Daemon {
         Ok(())
     }
 
+    /// Recreates network devices someone deleted (the workers marked them
+    /// lost), with their routes; flows of other networks are untouched.
+    fn recreate_lost(&mut self) {
+        let set = self.devices.load();
+        if !set.networks.iter().flatten().any(|d| d.lost.load(Ordering::Acquire)) {
+            return;
+        }
+        drop(set);
+        let config = self.config.clone();
+        match self.converge(&config) {
+            Ok(()) => tracing::info!("lost devices recreated"),
+            Err(e) => tracing::error!("cannot recreate a lost device (retrying in 1 s): {e:#}"),
+        }
+    }
+
     fn reload(&mut self) {
         let new = match Config::load(&self.path) {
             Ok(c) => c,
@@ -303,6 +324,7 @@ pub fn run(path: &Path) -> Result<()> {
                 _ = tick.tick() => {
                     let ended = daemon.engine.expire(now_since(daemon.epoch));
                     if ended > 0 { tracing::debug!(flows = ended, "expired"); }
+                    daemon.recreate_lost();
                 }
             }
         }

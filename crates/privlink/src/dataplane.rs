@@ -69,10 +69,30 @@ impl DeviceSet {
     }
 }
 
-/// Write failures per worker (rare: a device going away mid-reload).
+/// Write failures per worker (rare: a device going away mid-reload), and
+/// devices lost under the daemon.
 #[derive(Debug, Default)]
 pub struct IoErrors {
     pub writes: AtomicU64,
+    /// Times each device (by name) was found gone. Written only when that
+    /// happens, never per packet.
+    pub devices_lost: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl IoErrors {
+    /// Marks `dev` lost; logs and counts it once, whichever worker saw it
+    /// first.
+    fn lose(&self, dev: &Device, why: &str) {
+        if !dev.lost.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                device = %dev.name,
+                netns = dev.netns.as_deref().unwrap_or("-"),
+                "device lost ({why}): its queues are no longer polled; recreating it"
+            );
+            let mut m = self.devices_lost.lock().unwrap_or_else(|e| e.into_inner());
+            *m.entry(dev.name.clone()).or_default() += 1;
+        }
+    }
 }
 
 /// Running packet threads.
@@ -137,7 +157,12 @@ fn run_worker(
             continue;
         }
         let now = now_since(epoch);
-        for (pfd, (src, dev)) in polled.fds.iter().zip(&polled.srcs) {
+        for (pfd, (src, dev)) in polled.fds.iter_mut().zip(&polled.srcs) {
+            if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                pfd.fd = -1; // poll(2) skips negative descriptors
+                errors.lose(dev, "poll error");
+                continue;
+            }
             if pfd.revents == 0 {
                 continue;
             }
@@ -146,7 +171,8 @@ fn run_worker(
                     Ok(len) => worker.handle(&mut out, len, *src, now),
                     Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => break,
                     Err(e) => {
-                        tracing::debug!(device = %dev.name, "read failed: {e}");
+                        pfd.fd = -1;
+                        errors.lose(dev, &e.to_string());
                         break;
                     }
                 }

@@ -31,6 +31,10 @@ pub struct Device {
     queues: Vec<SyncDevice>,
     /// /32 routes this daemon added through the device.
     routes: Mutex<BTreeSet<Ipv4Addr>>,
+    /// The device went away under the daemon (someone deleted it): its
+    /// queues report errors; workers stop polling them and the control
+    /// thread recreates the device.
+    pub lost: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Device {
@@ -105,6 +109,7 @@ impl Device {
             mtu,
             queues: qs,
             routes: Mutex::new(BTreeSet::new()),
+            lost: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 

@@ -38,6 +38,7 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_gauge!("privlink_flows_active", "Live flows in the flow table.");
     describe_gauge!("privlink_connection_state", "1 for an endpoint connection's current state, 0 for the others.");
     describe_counter!("privlink_tun_write_errors_total", "Packets a TUN device refused to take.");
+    describe_counter!("privlink_devices_lost_total", "Times a TUN device was found deleted under the daemon (it is recreated).");
     Ok(handle)
 }
 
@@ -120,6 +121,9 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
     }
     gauge!("privlink_flows_active").set(f64::from(engine.flows().len()));
     counter!("privlink_tun_write_errors_total").absolute(io.writes.load(Ordering::Relaxed));
+    for (device, n) in io.devices_lost.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        counter!("privlink_devices_lost_total", "device" => device.clone()).absolute(*n);
+    }
 }
 
 /// Serves `GET /metrics` (anything else: 404) until the task is dropped.
