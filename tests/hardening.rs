@@ -99,3 +99,27 @@ fn a_tenant_deleting_its_device_neither_spins_nor_stays_gone() {
     );
     assert!(eventually(10, || std::panic::catch_unwind(|| transfer_intact(&bed.a, 64 * 1024)).is_ok()), "{}", bed.log());
 }
+
+#[test]
+fn the_control_socket_path_holding_a_file_is_refused_and_left_alone() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("sockfile", Opts::default());
+    let path = bed.dir.join("control.sock");
+    std::fs::write(&path, "operator notes").expect("write");
+    let (code, err) = second_daemon(&bed.config);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("exists and is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&path).expect("still there"), "operator notes");
+    // A stale socket (its daemon gone) is replaced; on stop the daemon
+    // removes its own socket, mode 0600 from the start.
+    std::fs::remove_file(&path).expect("rm");
+    drop(std::os::unix::net::UnixListener::bind(&path).expect("stale socket"));
+    bed.start();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).expect("socket").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    bed.stop_daemon();
+    assert!(!path.exists(), "the daemon removed its socket on stop");
+}

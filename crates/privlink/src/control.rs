@@ -295,19 +295,58 @@ pub fn router(c: Arc<Control>) -> Router {
         .with_state(c)
 }
 
-/// Binds the control socket (replacing a stale one), mode 0600.
-pub fn bind(path: &Path) -> Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+/// Which file the control socket is, so that the daemon removes its own
+/// socket on stop and nothing else.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: std::path::PathBuf,
+    /// (device, inode) of the socket file this daemon created.
+    id: (u64, u64),
+}
+
+impl SocketFile {
+    /// Removes the socket file if it is still the one this daemon made.
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds the control socket, mode 0600 from the moment it exists (bound
+/// under a umask of 0177, never chmod'ed after), replacing only a stale
+/// socket: a live one means another daemon, anything that is not a socket
+/// is left alone and refused.
+pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        anyhow::bail!("another privlink is already serving {}", path.display());
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            anyhow::bail!("{} exists and is not a socket; refusing to replace it", path.display())
+        }
+        Ok(_) => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                anyhow::bail!("another privlink is already serving {}", path.display());
+            }
+            // A stale socket of a daemon that did not stop cleanly.
+            std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        }
+        Err(_) => {}
     }
-    let _ = std::fs::remove_file(path);
-    let l = tokio::net::UnixListener::bind(path).with_context(|| format!("cannot bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    // SAFETY: umask(2) only swaps the process's file mode mask; this runs
+    // on the control thread before anything else creates files.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("cannot bind {}", path.display()))?;
+    let m = std::fs::symlink_metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    Ok((listener, SocketFile { path: path.to_path_buf(), id: (m.dev(), m.ino()) }))
 }
 
 #[cfg(test)]

@@ -301,7 +301,7 @@ pub fn run(path: &Path) -> Result<()> {
         tracing::info!(listen = %daemon.config.metrics_listen, "serving /metrics");
         let server = tokio::spawn(crate::metrics::serve(listener, handle, daemon.engine.clone(), io));
         let socket = daemon.config.control_socket.clone();
-        let control = crate::control::bind(&socket)?;
+        let (control, control_socket) = crate::control::bind(&socket)?;
         tracing::info!(socket = %socket.display(), "serving the control API");
         let api = tokio::spawn(async move {
             let router = crate::control::router(daemon_control);
@@ -330,7 +330,7 @@ pub fn run(path: &Path) -> Result<()> {
         }
         server.abort();
         api.abort();
-        let _ = std::fs::remove_file(&socket);
+        control_socket.remove();
         anyhow::Ok(())
     });
     dataplane.stop();
