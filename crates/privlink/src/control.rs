@@ -59,6 +59,10 @@ fn desired_state(config: &Config, ep: &privlink_config::Endpoint, stored: Option
         return ConnectionState::Rejected;
     }
     match stored {
+        // A pending connection of a tenant that auto-approval now covers is
+        // approved, as Azure approves pending connections when a
+        // subscription is added to auto-approval.
+        Some(c) if c.state == "pending" && svc.auto_approves(&net.tenant) => ConnectionState::Approved,
         // The operator's word stands while the endpoint is the same link
         // (a rejection the config made for visibility is re-evaluated).
         Some(c)
@@ -412,6 +416,32 @@ service = "s"
         assert_eq!(s.get("eb").expect("get").map(|c| c.state), Some("disconnected".into()));
         let trail: Vec<String> = s.audit(Some("eb")).expect("audit").into_iter().map(|e| e.to).collect();
         assert_eq!(trail, ["pending", "approved", "rejected", "pending", "disconnected"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn widening_auto_approve_approves_pending_connections_but_not_rejected_ones() {
+        let (s, dir) = store("widen");
+        let st = reconcile(&s, &cfg(r#"["*"]"#, true)).expect("reconcile");
+        assert_eq!(st["eb"], ConnectionState::Pending);
+        let widened = || {
+            let text = BASE
+                .replace("VIS", r#"["*"]"#)
+                .replace(r#"auto_approve = ["contoso"]"#, r#"auto_approve = ["contoso", "fabrikam"]"#)
+                + EB;
+            Config::parse(&text, "t.toml").expect("valid")
+        };
+        // As Azure does when a subscription joins auto-approval: pending
+        // connections of that tenant are approved.
+        let st = reconcile(&s, &widened()).expect("reconcile");
+        assert_eq!(st["eb"], ConnectionState::Approved);
+        assert_eq!(s.get("eb").expect("get").map(|c| c.state), Some("approved".into()));
+        // An operator's rejection stands.
+        let mut b = s.get("eb").expect("get").expect("eb");
+        b.state = "rejected".into();
+        b.decided_by = "operator".into();
+        s.put(&b, Some("approved"), Some("no"), "operator").expect("put");
+        assert_eq!(reconcile(&s, &widened()).expect("r")["eb"], ConnectionState::Rejected);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
