@@ -123,3 +123,45 @@ fn the_control_socket_path_holding_a_file_is_refused_and_left_alone() {
     bed.stop_daemon();
     assert!(!path.exists(), "the daemon removed its socket on stop");
 }
+
+/// Sends `n` UDP datagrams from tenant A to the endpoint and waits for
+/// each answer.
+fn udp_exchanges(ns: &str, n: usize) {
+    within(ns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.connect((EP, 53))?;
+        let mut buf = [0u8; 512];
+        for i in 0..n {
+            s.send(format!("ping {i}").as_bytes())?;
+            s.recv(&mut buf)?;
+        }
+        Ok(())
+    })
+    .expect("UDP exchanges through the endpoint");
+}
+
+#[test]
+fn endpoint_counters_stay_monotonic_across_removal_and_return() {
+    let Some(bed) = Bed::running("mono", Opts::default()) else { return };
+    let packets_in = || {
+        bed.metric(
+            "privlink_endpoint_packets_total",
+            &[("endpoint", "pe-a"), ("network", "vnet-a"), ("service", "orders"), ("direction", "in")],
+        )
+    };
+    udp_exchanges(&bed.a, 30);
+    assert_eq!(packets_in(), 30.0);
+    let full = bed.config_text(&Opts::default(), "");
+    let block = format!("[[endpoint]]\nname = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\n");
+    assert!(full.contains(&block), "the pe-a block");
+    std::fs::write(&bed.config, full.replace(&block, "")).expect("write");
+    bed.signal(libc::SIGHUP);
+    assert!(eventually(5, || bed.log().matches("configuration reloaded").count() >= 1), "{}", bed.log());
+    std::fs::write(&bed.config, &full).expect("write");
+    bed.signal(libc::SIGHUP);
+    assert!(eventually(5, || bed.log().matches("configuration reloaded").count() >= 2), "{}", bed.log());
+    udp_exchanges(&bed.a, 45);
+    assert_eq!(packets_in(), 75.0, "30 before the removal, 45 after the return");
+    assert!(bed.metric("privlink_service_bytes_total", &[("service", "orders"), ("direction", "in")]) > 0.0);
+}

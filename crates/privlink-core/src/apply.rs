@@ -7,7 +7,8 @@ use crate::engine::{ApplyState, Engine};
 use crate::error::CoreError;
 use crate::maglev::Maglev;
 use crate::pool::PortPool;
-use crate::snapshot::{EndpointShared, EndpointView, NetworkShared, PoolEntry, ServiceView, Snapshot};
+use crate::snapshot::{EndpointShared, EndpointView, NetworkShared, PoolEntry, ServiceView, Snapshot, Tally};
+use crate::types::DropReason;
 use crate::spec::Desired;
 use crate::types::{EndpointId, Now, PoolId, Protocol};
 use std::collections::HashMap;
@@ -26,7 +27,29 @@ pub struct ApplyReport {
     pub flows_ended: usize,
 }
 
+/// What left the config, by metric labels (see `ApplyState::retired`).
+/// Counts that reach the old objects after they were retired (a worker
+/// finishing a packet on the previous snapshot) are not carried over: a
+/// series may miss those, it never goes down.
+#[derive(Debug, Default)]
+pub(crate) struct Retired {
+    /// (endpoint, network, service) -> counts.
+    endpoints: HashMap<(String, String, String), Tally>,
+    /// network -> drops by reason.
+    networks: HashMap<String, [u64; DropReason::COUNT]>,
+    /// (service, NAT IP, protocol) -> exhaustion count.
+    pools: HashMap<(String, Ipv4Addr, Protocol), u64>,
+}
+
 impl Engine {
+    /// Counts of endpoints that left the config and have not come back:
+    /// ((endpoint, network, service), counts). Sums over a service (its
+    /// bytes metric) include them, so they never go down.
+    pub fn retired_endpoints(&self) -> Vec<((String, String, String), Tally)> {
+        let st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.retired.endpoints.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
     /// Validates `desired` and makes it the running configuration: new
     /// endpoints and services attach, removed ones detach and their flows end
     /// (ports returned), and flows of unchanged endpoints are untouched.
@@ -43,15 +66,24 @@ impl Engine {
             if networks.len() <= idx {
                 networks.resize(idx + 1, None);
             }
-            let shared = match old.network(n.id) {
-                Some((s, _)) if s.name == n.name => s.clone(),
-                _ => Arc::new(NetworkShared {
-                    id: n.id,
-                    name: n.name.clone(),
-                    drops: PerWorker::new(self.settings.workers),
-                }),
+            let shared = match old.network_list().find(|s| s.name == n.name) {
+                Some(s) => s.clone(),
+                None => {
+                    let drops = PerWorker::<crate::counters::DropCounters>::new(self.settings.workers);
+                    if let Some(base) = st.retired.networks.remove(&n.name) {
+                        for (r, v) in base.iter().enumerate() {
+                            crate::counters::bump(&drops.get(0).0[r], *v);
+                        }
+                    }
+                    Arc::new(NetworkShared { name: n.name.clone(), drops })
+                }
             };
             networks[idx] = Some((shared, n.mtu));
+        }
+        for gone in old.network_list() {
+            if !networks.iter().flatten().any(|(s, _)| Arc::ptr_eq(s, gone)) {
+                st.retired.networks.insert(gone.name.clone(), Engine::network_drops(gone));
+            }
         }
 
         // Services: pools survive when (service, NAT IP, protocol, range) do.
@@ -65,19 +97,25 @@ impl Engine {
             let mut per_ip = Vec::with_capacity(s.nat_ips.len());
             for &ip in &s.nat_ips {
                 let entry = |proto: Protocol, st: &mut ApplyState| -> Arc<PoolEntry> {
-                    match old_pools.get(&(s.name.clone(), ip, proto)) {
+                    let key = (s.name.clone(), ip, proto);
+                    match old_pools.get(&key) {
                         Some(p) if p.range == s.nat_ports => p.clone(),
-                        _ => {
+                        replaced => {
                             st.next_pool += 1;
                             let id = PoolId(st.next_pool);
                             let seed = rand::random::<u64>();
+                            let pool = PortPool::new(s.nat_ports.clone(), seed);
+                            // The exhaustion series goes on from the pool this
+                            // one replaces, or from one that left earlier.
+                            let base = replaced.map(|p| p.pool.exhausted()).or_else(|| st.retired.pools.remove(&key));
+                            pool.count_exhausted(base.unwrap_or(0));
                             Arc::new(PoolEntry {
                                 id,
                                 service: s.name.clone(),
                                 nat_ip: ip,
                                 protocol: proto,
                                 range: s.nat_ports.clone(),
-                                pool: PortPool::new(s.nat_ports.clone(), seed),
+                                pool,
                             })
                         }
                     }
@@ -97,6 +135,12 @@ impl Engine {
                 rules: s.ports.clone(),
                 pools: per_ip,
             });
+        }
+
+        for (key, p) in &old_pools {
+            if !pools.values().any(|n: &Arc<PoolEntry>| (&n.service, n.nat_ip, n.protocol) == (&key.0, key.1, key.2)) {
+                st.retired.pools.insert(key.clone(), p.pool.exhausted());
+            }
         }
 
         // Endpoints: kept when name, network, address and service name match.
@@ -120,6 +164,19 @@ impl Engine {
                     report.endpoints_added.push(e.name.clone());
                     let id = EndpointId(st.next_endpoint);
                     st.next_endpoint += 1;
+                    // The series of these labels go on: from the endpoint
+                    // this one replaces (another address), or from one that
+                    // left the config earlier.
+                    let labels = (e.name.clone(), net.name.clone(), svc.name.clone());
+                    let base = old
+                        .endpoint_by_name(&e.name)
+                        .filter(|o| o.shared.network_name == net.name && o.shared.service_name == svc.name)
+                        .map(|o| o.shared.tally())
+                        .or_else(|| st.retired.endpoints.remove(&labels))
+                        .unwrap_or_default();
+                    let counters = PerWorker::<crate::counters::EndpointCounters>::new(self.settings.workers);
+                    counters.get(0).add(true, base.bytes_in as usize, base.packets_in);
+                    counters.get(0).add(false, base.bytes_out as usize, base.packets_out);
                     Arc::new(EndpointShared {
                         id,
                         name: e.name.clone(),
@@ -127,18 +184,29 @@ impl Engine {
                         service_name: svc.name.clone(),
                         ip: e.ip,
                         conn: AtomicU8::new(e.state as u8),
-                        counters: PerWorker::new(self.settings.workers),
+                        counters,
                         flows_active: AtomicU64::new(0),
-                        flows_created: AtomicU64::new(0),
+                        flows_created: AtomicU64::new(base.flows_created),
                     })
                 }
             };
             by_addr.insert((net.id.0, u32::from(e.ip)), endpoints.len());
             endpoints.push(EndpointView { shared, network: net.id, ip: u32::from(e.ip), service: e.service });
         }
+        let live: std::collections::HashSet<*const EndpointShared> =
+            endpoints.iter().map(|n| Arc::as_ptr(&n.shared)).collect();
+        let labelled: std::collections::HashSet<(&str, &str, &str)> = endpoints
+            .iter()
+            .map(|n| (n.shared.name.as_str(), n.shared.network_name.as_str(), n.shared.service_name.as_str()))
+            .collect();
         for o in &old.endpoints {
-            if !endpoints.iter().any(|n| Arc::ptr_eq(&n.shared, &o.shared)) {
+            if !live.contains(&Arc::as_ptr(&o.shared)) {
                 report.endpoints_removed.push(o.shared.name.clone());
+                let o = &o.shared;
+                if !labelled.contains(&(o.name.as_str(), o.network_name.as_str(), o.service_name.as_str())) {
+                    let labels = (o.name.clone(), o.network_name.clone(), o.service_name.clone());
+                    st.retired.endpoints.insert(labels, o.tally());
+                }
             }
         }
         let mut by_id = vec![0u32; st.next_endpoint as usize];

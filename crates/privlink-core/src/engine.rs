@@ -34,6 +34,10 @@ pub struct Engine {
 pub(crate) struct ApplyState {
     pub(crate) next_endpoint: u32,
     pub(crate) next_pool: u32,
+    /// Counts of endpoints, networks and pools that left the config, by
+    /// their metric labels, taken up again by whatever comes back under the
+    /// same labels: metric series stay monotonic.
+    pub(crate) retired: crate::apply::Retired,
 }
 
 impl Engine {

@@ -165,6 +165,12 @@ impl PortPool {
         self.capacity
     }
 
+    /// Adds `n` to the exhaustion count (the count of a pool this one
+    /// replaces, so the metric series never goes down).
+    pub(crate) fn count_exhausted(&self, n: u64) {
+        self.exhausted.fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Allocations that failed for want of a port.
     pub fn exhausted(&self) -> u64 {
         self.exhausted.load(Ordering::Relaxed)

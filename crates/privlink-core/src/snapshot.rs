@@ -37,6 +37,15 @@ impl EndpointShared {
     pub(crate) fn approved(&self) -> bool {
         self.conn.load(Ordering::Relaxed) == ConnectionState::Approved as u8
     }
+    /// What the endpoint's metric series have counted: packets and bytes
+    /// both ways and flows created. Carried over to the next endpoint with
+    /// the same labels (name, network, service), so that a series never
+    /// goes down when an endpoint leaves the config and comes back.
+    pub fn tally(&self) -> Tally {
+        let (bytes_in, packets_in, bytes_out, packets_out) = self.totals();
+        Tally { bytes_in, packets_in, bytes_out, packets_out, flows_created: self.flows_created.load(Ordering::Relaxed) }
+    }
+
     /// (bytes in, packets in, bytes out, packets out), summed over workers.
     pub fn totals(&self) -> (u64, u64, u64, u64) {
         let c = &self.counters;
@@ -47,6 +56,16 @@ impl EndpointShared {
             c.sum(|w| w.packets_out.load(Ordering::Relaxed)),
         )
     }
+}
+
+/// An endpoint's counts, as [`EndpointShared::tally`] reads them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub bytes_in: u64,
+    pub packets_in: u64,
+    pub bytes_out: u64,
+    pub packets_out: u64,
+    pub flows_created: u64,
 }
 
 /// An endpoint in a snapshot.
@@ -92,7 +111,6 @@ impl ServiceView {
 /// A consumer network in a snapshot.
 #[derive(Debug)]
 pub struct NetworkShared {
-    pub id: NetworkId,
     pub name: String,
     pub drops: PerWorker<DropCounters>,
 }
@@ -130,6 +148,10 @@ impl Snapshot {
     #[inline]
     pub(crate) fn network(&self, id: NetworkId) -> Option<&(Arc<NetworkShared>, u16)> {
         self.networks.get(usize::from(id.0)).and_then(Option::as_ref)
+    }
+    /// Every network with the id the daemon gave it.
+    pub fn networks_by_id(&self) -> impl Iterator<Item = (NetworkId, &Arc<NetworkShared>)> {
+        self.networks.iter().enumerate().filter_map(|(i, n)| n.as_ref().map(|(n, _)| (NetworkId(i as u16), n)))
     }
     pub fn network_list(&self) -> impl Iterator<Item = &Arc<NetworkShared>> {
         self.networks.iter().flatten().map(|(n, _)| n)

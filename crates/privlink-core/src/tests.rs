@@ -1319,3 +1319,38 @@ fn source_routed_packets_are_dropped_and_harmless_options_pass() {
     let mut p = with_ip_options(&udp(CLIENT, 1000, EP, 53, b"x"), &[0x83, 9, 4, 0]);
     assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Drop(DropReason::Malformed));
 }
+
+#[test]
+fn counters_stay_monotonic_when_an_endpoint_or_network_leaves_and_returns() {
+    // Issue 12 item 10: 30 packets, removal, re-adding, 45 more: 75.
+    let full = desired(1024..=65535, ConnectionState::Approved);
+    let (e, mut w) = engine_with(small(), &full);
+    let a = Source::Network(NET_A);
+    let send = |w: &mut Worker, n: u16, now: u32| {
+        for i in 0..n {
+            let mut p = udp(CLIENT, 3000 + i, EP, 53, b"x");
+            assert_eq!(w.process(&mut p, a, Now(now)), Verdict::Forward(Egress::Provider));
+        }
+    };
+    send(&mut w, 30, 1);
+    let mut bad = udp(CLIENT, 1, [10, 1, 0, 99], 53, b"");
+    assert_eq!(w.process(&mut bad, a, Now(1)), Verdict::Drop(DropReason::NoEndpoint));
+    // pe-a and its network vnet-a leave the config, then come back.
+    let mut without = full.clone();
+    without.endpoints.retain(|x| x.name != "pe-a");
+    without.networks.retain(|n| n.name != "vnet-a");
+    for x in &mut without.endpoints {
+        x.network -= 1;
+    }
+    e.apply(&without, Now(2)).expect("config");
+    e.apply(&full, Now(3)).expect("config");
+    send(&mut w, 45, 4);
+    let mut bad = udp(CLIENT, 1, [10, 1, 0, 99], 53, b"");
+    assert_eq!(w.process(&mut bad, a, Now(4)), Verdict::Drop(DropReason::NoEndpoint));
+    let snap = e.snapshot();
+    let ep = snap.endpoint_by_name("pe-a").expect("pe-a is back");
+    assert_eq!(ep.shared.totals().1, 75, "packets in over both lives of pe-a");
+    assert_eq!(ep.shared.flows_created.load(std::sync::atomic::Ordering::Relaxed), 75);
+    assert_eq!(ep.shared.flows_active.load(std::sync::atomic::Ordering::Relaxed), 45, "only the live flows");
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::NoEndpoint), 2, "drops over both lives of vnet-a");
+}

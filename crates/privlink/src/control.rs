@@ -238,7 +238,7 @@ async fn reject(
 
 async fn flows(State(c): State<Arc<Control>>, Query(q): Query<EndpointFilter>) -> Json<Vec<FlowView>> {
     let snap = c.engine.snapshot();
-    let names: HashMap<u16, String> = snap.network_list().map(|n| (n.id.0, n.name.clone())).collect();
+    let names: HashMap<u16, String> = snap.networks_by_id().map(|(id, n)| (id.0, n.name.clone())).collect();
     let list = c.engine.flow_list(q.endpoint.as_deref(), now_since(c.epoch));
     Json(
         list.into_iter()

@@ -66,7 +66,12 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
         seen.insert(e.shared.name.clone(), e.shared.service_name.clone());
     }
     drop(seen);
-    let mut service_bytes: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    let mut service_bytes: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for ((_, _, service), t) in engine.retired_endpoints() {
+        let s = service_bytes.entry(service).or_default();
+        s.0 += t.bytes_in;
+        s.1 += t.bytes_out;
+    }
     for e in &snap.endpoints {
         let s = &e.shared;
         let (bi, pi, bo, po) = s.totals();
@@ -91,13 +96,13 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
             gauge!("privlink_connection_state", "endpoint" => s.name.clone(), "service" => s.service_name.clone(), "state" => st.as_str())
                 .set(if st == state { 1.0 } else { 0.0 });
         }
-        let t = service_bytes.entry(s.service_name.as_str()).or_default();
+        let t = service_bytes.entry(s.service_name.clone()).or_default();
         t.0 += bi;
         t.1 += bo;
     }
     for (svc, (bi, bo)) in service_bytes {
-        counter!("privlink_service_bytes_total", "service" => svc.to_string(), "direction" => "in").absolute(bi);
-        counter!("privlink_service_bytes_total", "service" => svc.to_string(), "direction" => "out").absolute(bo);
+        counter!("privlink_service_bytes_total", "service" => svc.clone(), "direction" => "in").absolute(bi);
+        counter!("privlink_service_bytes_total", "service" => svc, "direction" => "out").absolute(bo);
     }
     for p in snap.pools.values() {
         let labels = [
