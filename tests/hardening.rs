@@ -43,10 +43,9 @@ fn a_second_daemon_for_the_same_state_or_devices_is_refused() {
     // Another state directory, control socket and metrics port, the same
     // TUN devices: refused before it touches them.
     let metrics = privlink::testbed::free_port().expect("port");
-    let other = bed.config_text(&Opts::default(), "").replace(
-        &format!("listen = \"{}\"", bed.metrics),
-        &format!("listen = \"{metrics}\""),
-    );
+    let other = bed
+        .config_text(&Opts::default(), "")
+        .replace(&format!("listen = \"{}\"", bed.metrics), &format!("listen = \"{metrics}\""));
     let other = other
         .replace(&format!("{}/control.sock", bed.dir.display()), &format!("{}/control2.sock", bed.dir.display()))
         .replace(&format!("{}/state\"", bed.dir.display()), &format!("{}/state2\"", bed.dir.display()));
@@ -92,12 +91,12 @@ fn a_tenant_deleting_its_device_neither_spins_nor_stays_gone() {
     assert!(transfer_intact(&bed.b, 64 * 1024).starts_with("svc=billing"));
     // The device comes back by itself (the daemon recreates it), with its
     // route, and tenant A reaches its endpoint again.
+    assert!(eventually(10, || within(&bed.a, || Ok(link_exists("pla0"))).unwrap_or(false)), "{}", bed.log());
     assert!(
-        eventually(10, || within(&bed.a, || Ok(link_exists("pla0"))).unwrap_or(false)),
+        eventually(10, || std::panic::catch_unwind(|| transfer_intact(&bed.a, 64 * 1024)).is_ok()),
         "{}",
         bed.log()
     );
-    assert!(eventually(10, || std::panic::catch_unwind(|| transfer_intact(&bed.a, 64 * 1024)).is_ok()), "{}", bed.log());
 }
 
 #[test]

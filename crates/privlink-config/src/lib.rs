@@ -22,7 +22,6 @@ pub const MAX_FILE: u64 = 16 << 20;
 /// Longest name of a network, service, endpoint or tenant.
 pub const MAX_NAME: usize = 63;
 
-
 /// Where the control socket is when the config names none.
 pub const DEFAULT_CONTROL_SOCKET: &str = "/run/privlink/control.sock";
 /// The `network` label privlink uses for provider-side drops; no network
@@ -365,10 +364,7 @@ impl Cx<'_> {
         } else if n.is_empty() || n.len() > 15 || !n.chars().all(name_char) || n == "." || n == ".." {
             self.err(
                 s.span().start,
-                format!(
-                    "`{}` is not a valid interface name (1 to 15 letters, digits, '-', '_' or '.')",
-                    shown(n)
-                ),
+                format!("`{}` is not a valid interface name (1 to 15 letters, digits, '-', '_' or '.')", shown(n)),
             );
         }
         n.clone()
@@ -427,8 +423,12 @@ impl Cx<'_> {
         let dataplane = Dataplane {
             workers: self.int(&d.workers, 0..=256, 0, "workers") as u32,
             offload: d.offload.as_ref().is_none_or(|o| *o.get_ref()),
-            max_flows: self.int(&d.max_flows, 1..=(1 << 31), i64::from(privlink_core::Settings::default().max_flows), "max_flows")
-                as u32,
+            max_flows: self.int(
+                &d.max_flows,
+                1..=(1 << 31),
+                i64::from(privlink_core::Settings::default().max_flows),
+                "max_flows",
+            ) as u32,
             timeouts: {
                 let t = Timeouts::default();
                 Timeouts {
@@ -833,7 +833,8 @@ service = "orders-db"
     #[test]
     fn nonsense_the_engine_would_choke_on_is_refused_with_positions() {
         // Issue 12 item 3: a service with 65,535 backends reached an assert.
-        let many: Vec<String> = (0..65_535u32).map(|i| format!("\"10.{}.{}.{}\"", 200 + i / 65536, (i / 256) % 256, i % 256)).collect();
+        let many: Vec<String> =
+            (0..65_535u32).map(|i| format!("\"10.{}.{}.{}\"", 200 + i / 65536, (i / 256) % 256, i % 256)).collect();
         let bad = GOOD.replace("[\"192.168.50.10\", \"192.168.50.11\"]", &format!("[{}]", many.join(", ")));
         let e = errors(&bad).join("\n");
         assert!(e.contains(&format!("backends: 65535 given, at most {MAX_BACKENDS}")), "{e}");
@@ -849,10 +850,26 @@ service = "orders-db"
             ("netns = \"tenant-a\"", "netns = \"a/../b\"", "netns: `a/../b` is not a namespace name"),
             ("tun = \"plp0\"", "tun = \"x%d\"", "`x%d` is not a valid interface name"),
             ("tun = \"plp0\"", "tun = \"lo\"", "`lo` is the loopback device"),
-            ("ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip = \"0.0.0.0\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip: 0.0.0.0 is not a unicast address"),
-            ("ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip = \"224.0.0.1\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip: 224.0.0.1 is not a unicast address"),
-            ("ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip = \"255.255.255.255\"\nservice = \"orders-db\"\n\n[[endpoint]]", "ip: 255.255.255.255 is not a unicast address"),
-            ("nat_ips = [\"192.168.100.4\"]", "nat_ips = [\"127.0.0.1\"]", "nat_ips: 127.0.0.1 is not a unicast address"),
+            (
+                "ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]",
+                "ip = \"0.0.0.0\"\nservice = \"orders-db\"\n\n[[endpoint]]",
+                "ip: 0.0.0.0 is not a unicast address",
+            ),
+            (
+                "ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]",
+                "ip = \"224.0.0.1\"\nservice = \"orders-db\"\n\n[[endpoint]]",
+                "ip: 224.0.0.1 is not a unicast address",
+            ),
+            (
+                "ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]",
+                "ip = \"255.255.255.255\"\nservice = \"orders-db\"\n\n[[endpoint]]",
+                "ip: 255.255.255.255 is not a unicast address",
+            ),
+            (
+                "nat_ips = [\"192.168.100.4\"]",
+                "nat_ips = [\"127.0.0.1\"]",
+                "nat_ips: 127.0.0.1 is not a unicast address",
+            ),
         ];
         for (from, to, want) in cases {
             let bad = GOOD.replacen(from, to, 1);
@@ -881,4 +898,3 @@ service = "orders-db"
         assert!(e.to_string().contains("larger than"), "{e}");
     }
 }
-

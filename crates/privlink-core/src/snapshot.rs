@@ -43,7 +43,13 @@ impl EndpointShared {
     /// goes down when an endpoint leaves the config and comes back.
     pub fn tally(&self) -> Tally {
         let (bytes_in, packets_in, bytes_out, packets_out) = self.totals();
-        Tally { bytes_in, packets_in, bytes_out, packets_out, flows_created: self.flows_created.load(Ordering::Relaxed) }
+        Tally {
+            bytes_in,
+            packets_in,
+            bytes_out,
+            packets_out,
+            flows_created: self.flows_created.load(Ordering::Relaxed),
+        }
     }
 
     /// (bytes in, packets in, bytes out, packets out), summed over workers.

@@ -1252,8 +1252,15 @@ fn with_ip_options(p: &[u8], opts: &[u8]) -> Vec<u8> {
 fn martian_sources_never_make_a_flow() {
     let (e, mut w) = engine();
     let a = Source::Network(NET_A);
-    for src in [[0, 0, 0, 0], [0, 1, 2, 3], [127, 0, 0, 1], [224, 0, 0, 1], [239, 1, 1, 1], [255, 255, 255, 255], [240, 0, 0, 1]]
-    {
+    for src in [
+        [0, 0, 0, 0],
+        [0, 1, 2, 3],
+        [127, 0, 0, 1],
+        [224, 0, 0, 1],
+        [239, 1, 1, 1],
+        [255, 255, 255, 255],
+        [240, 0, 0, 1],
+    ] {
         let mut p = udp(src, 1000, EP, 53, b"x");
         assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src:?}");
         let mut s = tcp(src, 1000, EP, 80, "S", b"");

@@ -81,7 +81,7 @@ pub fn connections_table(json: &str) -> Result<String> {
                 c.tenant.clone(),
                 c.state.clone(),
                 when(c.updated),
-                c.response_message.clone().unwrap_or_default(),
+                printable(c.response_message.as_deref().unwrap_or_default()),
             ]
         })
         .collect();
@@ -90,7 +90,7 @@ pub fn connections_table(json: &str) -> Result<String> {
 
 pub fn connection_line(json: &str) -> Result<String> {
     let c: Connection = serde_json::from_str(json).context("unexpected answer")?;
-    Ok(format!("{}: {} ({})", c.endpoint, c.state, c.response_message.unwrap_or_default()))
+    Ok(format!("{}: {} ({})", c.endpoint, c.state, printable(c.response_message.as_deref().unwrap_or_default())))
 }
 
 pub fn flows_table(json: &str) -> Result<String> {
@@ -129,6 +129,13 @@ pub fn encode(v: &str) -> String {
         .collect()
 }
 
+/// Operator text as a table cell: control characters (newlines, escape
+/// sequences) shown escaped, so a message cannot forge lines or repaint
+/// the terminal.
+fn printable(s: &str) -> String {
+    s.chars().flat_map(|c| if c.is_control() { c.escape_default().collect::<Vec<_>>() } else { vec![c] }).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +156,11 @@ mod tests {
     fn not_running_is_one_clear_line() {
         let e = call(Path::new("/nonexistent/privlink.sock"), "GET", "/v1/status", None).expect_err("no daemon");
         assert_eq!(e.to_string(), "privlink is not running (no control socket at /nonexistent/privlink.sock)");
+    }
+
+    #[test]
+    fn operator_text_cannot_forge_lines_or_escape_sequences() {
+        assert_eq!(printable("ok\nprivlink: forged\u{1b}[2J"), "ok\\nprivlink: forged\\u{1b}[2J");
+        assert_eq!(printable("plain text, ünïcode"), "plain text, ünïcode");
     }
 }

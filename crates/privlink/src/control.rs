@@ -216,7 +216,10 @@ fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Resu
     // Durable first, then the dataplane: what we answer is what a restart sees.
     c.store.put(&updated, Some(&stored.state), decision.message.as_deref(), "operator")?;
     c.engine.set_connection_state(endpoint, to, now_since(c.epoch));
-    tracing::info!(endpoint, from = %stored.state, to = %to, message = decision.message.as_deref().unwrap_or(""), "connection changed by operator");
+    // Operator text goes into the log escaped: a newline or an escape
+    // sequence in a message cannot forge a log line.
+    let message: String = decision.message.as_deref().unwrap_or("").escape_default().collect();
+    tracing::info!(endpoint, from = %stored.state, to = %to, message = %message, "connection changed by operator");
     Ok(updated)
 }
 

@@ -38,7 +38,10 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_gauge!("privlink_flows_active", "Live flows in the flow table.");
     describe_gauge!("privlink_connection_state", "1 for an endpoint connection's current state, 0 for the others.");
     describe_counter!("privlink_tun_write_errors_total", "Packets a TUN device refused to take.");
-    describe_counter!("privlink_devices_lost_total", "Times a TUN device was found deleted under the daemon (it is recreated).");
+    describe_counter!(
+        "privlink_devices_lost_total",
+        "Times a TUN device was found deleted under the daemon (it is recreated)."
+    );
     Ok(handle)
 }
 
