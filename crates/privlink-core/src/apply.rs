@@ -216,6 +216,7 @@ impl Engine {
         let snap = Snapshot {
             generation: report.generation,
             provider_mtu: desired.provider_mtu,
+            flow_share: flow_share(self.settings.max_flows, desired.networks.len()),
             by_addr,
             endpoints,
             by_id,
@@ -228,6 +229,14 @@ impl Engine {
         report.flows_ended = self.sweep(now, false);
         Ok(report)
     }
+}
+
+/// Most flows one of `networks` networks may hold (see
+/// [`Snapshot::flow_share`]).
+pub fn flow_share(max_flows: u32, networks: usize) -> u32 {
+    let n = networks.max(1) as u64;
+    let reserve = u64::from(max_flows) / (2 * n);
+    (u64::from(max_flows) - (n - 1) * reserve) as u32
 }
 
 /// Checks what the engine itself relies on; the config crate reports the

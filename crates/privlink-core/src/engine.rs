@@ -26,6 +26,9 @@ pub struct Engine {
     pub(crate) settings: Settings,
     pub(crate) snap: Arc<ArcSwap<Snapshot>>,
     pub(crate) flows: FlowTable,
+    /// Live flows per network id (ids are never reused), against the
+    /// snapshot's `flow_share`.
+    pub(crate) net_flows: Box<[std::sync::atomic::AtomicU32]>,
     pub(crate) provider_drops: PerWorker<DropCounters>,
     pub(crate) apply_lock: Mutex<ApplyState>,
 }
@@ -45,6 +48,7 @@ impl Engine {
         let empty = Snapshot {
             generation: 0,
             provider_mtu: 1500,
+            flow_share: settings.max_flows,
             by_addr: HashMap::default(),
             endpoints: Vec::new(),
             by_id: Vec::new(),
@@ -54,6 +58,7 @@ impl Engine {
         };
         Arc::new(Engine {
             flows: FlowTable::new(settings.max_flows),
+            net_flows: (0..=u16::MAX).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
             provider_drops: PerWorker::new(settings.workers),
             snap: Arc::new(ArcSwap::from_pointee(empty)),
             apply_lock: Mutex::new(ApplyState::default()),

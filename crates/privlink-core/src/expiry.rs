@@ -66,6 +66,7 @@ impl Engine {
         if self.flows.remove(&r.view).is_none() {
             return false;
         }
+        self.net_flows[usize::from(r.view.ckey.network())].fetch_sub(1, Ordering::Relaxed);
         if let Some(p) = snap.pools.get(&r.pool) {
             p.pool.free(r.view.pkey.nat_port(), now, closed);
         }

@@ -126,6 +126,10 @@ pub struct NetworkShared {
 pub struct Snapshot {
     pub generation: u64,
     pub provider_mtu: u16,
+    /// Most flows one network may hold: `max_flows` less a reserve of
+    /// `max_flows / (2 x networks)` kept for each other network, so that no
+    /// tenant can take the whole table (docs/NAT-BEHAVIOUR.md).
+    pub flow_share: u32,
     pub(crate) by_addr: HashMap<(u16, u32), usize, ahash::RandomState>,
     pub endpoints: Vec<EndpointView>,
     /// `EndpointId` -> index into `endpoints` + 1 (0: gone).

@@ -1361,3 +1361,31 @@ fn counters_stay_monotonic_when_an_endpoint_or_network_leaves_and_returns() {
     assert_eq!(ep.shared.flows_active.load(std::sync::atomic::Ordering::Relaxed), 45, "only the live flows");
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::NoEndpoint), 2, "drops over both lives of vnet-a");
 }
+
+#[test]
+fn one_network_cannot_take_the_whole_flow_table() {
+    // Issue 12 item 8: max_flows 1000, tenant A floods with 1,500 flows;
+    // tenant B still connects.
+    let settings = Settings { max_flows: 1000, ..Settings::default() };
+    let (e, mut w) = engine_with(settings, &desired(1024..=65535, ConnectionState::Approved));
+    let mut a_made = 0;
+    for port in 0..1500u16 {
+        let mut p = udp(CLIENT, 10_000 + port, EP, 53, b"x");
+        match w.process(&mut p, Source::Network(NET_A), Now(1)) {
+            Verdict::Forward(Egress::Provider) => a_made += 1,
+            Verdict::Drop(DropReason::FlowTableFull) => {}
+            v => panic!("{v:?}"),
+        }
+    }
+    // Two networks: each keeps a reserve of max_flows / 4 = 250 the other
+    // cannot take.
+    assert_eq!(a_made, 750, "A's share");
+    for port in 0..20u16 {
+        let mut p = udp(CLIENT, 20_000 + port, EP, 53, b"x");
+        assert_eq!(w.process(&mut p, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider), "B {port}");
+    }
+    // A's flows end: its share is free again.
+    e.expire(Now(10_000));
+    let mut p = udp(CLIENT, 30_000, EP, 53, b"x");
+    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(10_000)), Verdict::Forward(Egress::Provider));
+}

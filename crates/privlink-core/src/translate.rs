@@ -398,10 +398,21 @@ impl Ctx<'_> {
         let backend = svc.backends[svc.maglev.lookup(flows.flow_hash(ck))];
         let bits = if proto == Protocol::Tcp { state::C_SYN } else { 0 };
         let (num, now) = (proto.number(), self.now);
+        // The network's share of the table (reserved first, so concurrent
+        // creators cannot overshoot it; given back unless a flow was made).
+        let share = &self.engine.net_flows[usize::from(ck.network())];
+        if share.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= self.snap.flow_share {
+            share.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(InsertError::Full);
+        }
         let r = flows.insert(ck, ep.shared.id, now, |claim| {
             pool.pool.allocate(now, |port| claim(ProviderKey::new(num, nat_ip, port, backend, bport)))?;
             Some((pool.id, bits))
-        })?;
+        });
+        if !matches!(r, Ok(Inserted::New(_))) {
+            share.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let r = r?;
         if let Inserted::New(_) = r {
             use std::sync::atomic::Ordering::Relaxed;
             ep.shared.flows_active.fetch_add(1, Relaxed);
