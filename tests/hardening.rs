@@ -164,3 +164,39 @@ fn endpoint_counters_stay_monotonic_across_removal_and_return() {
     assert_eq!(packets_in(), 75.0, "30 before the removal, 45 after the return");
     assert!(bed.metric("privlink_service_bytes_total", &[("service", "orders"), ("direction", "in")]) > 0.0);
 }
+
+fn network_block(name: &str, tun: &str, ns: &str) -> String {
+    format!("\n[[network]]\nname = \"{name}\"\ntenant = \"contoso\"\ntun = \"{tun}\"\nnetns = \"{ns}\"\naddress = \"{CLIENT}/32\"\n")
+}
+
+fn endpoint_block(name: &str, network: &str) -> String {
+    format!("\n[[endpoint]]\nname = \"{name}\"\nnetwork = \"{network}\"\nip = \"{EP}\"\nservice = \"orders\"\n")
+}
+
+#[test]
+fn a_reload_applies_completely_or_not_at_all() {
+    let Some(bed) = Bed::running("atomic", Opts::default()) else { return };
+    let c = format!("{}c", bed.prov);
+    let d = format!("{}d", bed.prov);
+    let ns = privlink::testbed::Namespaces::create(std::slice::from_ref(&c)).expect("namespace c");
+    // Two new networks; the second's namespace does not exist.
+    let more = network_block("vnet-c", "plc0", &c)
+        + &network_block("vnet-d", "pld0", &d)
+        + &endpoint_block("pe-c", "vnet-c")
+        + &endpoint_block("pe-d", "vnet-d");
+    bed.write_config(&Opts::default(), &more);
+    bed.signal(libc::SIGHUP);
+    assert!(eventually(10, || bed.log().contains("reload refused")), "{}", bed.log());
+    // Nothing of it was applied: vnet-c has no device, and what ran goes on.
+    assert!(!within(&c, || Ok(link_exists("plc0"))).expect("ns c"), "half applied:\n{}", bed.log());
+    assert!(transfer_intact(&bed.a, 64 * 1024).starts_with("svc=orders"));
+    // With the namespace there, the same reload applies whole.
+    let ns_d = privlink::testbed::Namespaces::create(std::slice::from_ref(&d)).expect("namespace d");
+    bed.signal(libc::SIGHUP);
+    assert!(eventually(10, || bed.log().contains("configuration reloaded")), "{}", bed.log());
+    for n in [&c, &d] {
+        assert!(transfer_intact(n, 64 * 1024).starts_with("svc=orders"), "through {n}");
+    }
+    assert!(transfer_intact(&bed.a, 64 * 1024).starts_with("svc=orders"));
+    drop((ns, ns_d));
+}

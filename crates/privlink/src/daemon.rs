@@ -275,10 +275,51 @@ impl Daemon {
         if new.dataplane != self.config.dataplane || new.metrics_listen != self.config.metrics_listen {
             tracing::warn!("[dataplane] and [metrics] changes take effect at the next restart");
         }
+        if let Err(e) = self.precheck(&new) {
+            tracing::error!("reload refused: {e:#}; the running configuration stays");
+            return;
+        }
         match self.converge(&new) {
             Ok(()) => tracing::info!(generation = self.engine.snapshot().generation, "configuration reloaded"),
-            Err(e) => tracing::error!("reload failed part way: {e:#}"),
+            Err(e) => {
+                // Something the check could not foresee (the kernel refused a
+                // device or a route): go back to the running configuration.
+                let old = self.config.clone();
+                match self.converge(&old) {
+                    Ok(()) => tracing::error!("reload refused: {e:#}; the running configuration was restored"),
+                    Err(e2) => {
+                        tracing::error!("reload refused: {e:#}; restoring the running configuration failed too: {e2:#}")
+                    }
+                }
+            }
         }
+    }
+
+    /// What a reload needs from the host, checked before anything changes:
+    /// each namespace of a network to create exists, and its device name
+    /// is free there (or is the device of the network it replaces).
+    fn precheck(&self, config: &Config) -> Result<()> {
+        for n in &config.networks {
+            let old = self.made_from.get(&n.name).map(|(_, o)| o);
+            if old == Some(n) {
+                continue;
+            }
+            if let Some(ns) = &n.netns {
+                if !crate::netns::netns_path(ns).exists() {
+                    bail!("network {}: namespace `{ns}` does not exist (create it with `ip netns add {ns}`)", n.name);
+                }
+            }
+            let ours = self.made_from.values().any(|(_, o)| o.netns == n.netns && o.tun == n.tun);
+            if !ours && crate::device::name_taken(n.netns.as_deref(), &n.tun)? {
+                bail!(
+                    "network {}: device `{}` already exists in namespace `{}`",
+                    n.name,
+                    n.tun,
+                    n.netns.as_deref().unwrap_or("(the daemon's own)")
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -287,45 +328,44 @@ pub fn run(path: &Path) -> Result<()> {
     if !crate::netns::is_root() {
         bail!("privlink run needs root (or CAP_NET_ADMIN) to create TUN devices");
     }
-    let mut daemon = Daemon::start(path)?;
+    let daemon = Daemon::start(path)?;
     let handle = crate::metrics::install()?;
     let dataplane = Dataplane::start(&daemon.engine, &daemon.devices, daemon.epoch).context("cannot start workers")?;
     tracing::info!(workers = daemon.workers, config = %path.display(), "privlink running");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
     let io = dataplane.errors.clone();
-    let daemon_control = daemon.control.clone();
+    let (engine, control) = (daemon.engine.clone(), daemon.control.clone());
+    let (listen, socket) = (daemon.config.metrics_listen, daemon.config.control_socket.clone());
+    // The reconfiguration thread owns the daemon: reloads (which create
+    // devices and wait for workers), lost-device recreation and expiry run
+    // there, never on the runtime that serves /metrics and the API.
+    let (tx, rx) = std::sync::mpsc::channel::<Cmd>();
+    let ctl = std::thread::Builder::new()
+        .name("privlink-ctl".into())
+        .spawn(move || reconfigure(daemon, rx))
+        .context("cannot start the reconfiguration thread")?;
     let result = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind(daemon.config.metrics_listen)
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| format!("cannot listen for metrics on {}", daemon.config.metrics_listen))?;
-        tracing::info!(listen = %daemon.config.metrics_listen, "serving /metrics");
-        let server = tokio::spawn(crate::metrics::serve(listener, handle, daemon.engine.clone(), io));
-        let socket = daemon.config.control_socket.clone();
-        let (control, control_socket) = crate::control::bind(&socket)?;
+            .with_context(|| format!("cannot listen for metrics on {listen}"))?;
+        tracing::info!(listen = %listen, "serving /metrics");
+        let server = tokio::spawn(crate::metrics::serve(listener, handle, engine, io));
+        let (api_listener, control_socket) = crate::control::bind(&socket)?;
         tracing::info!(socket = %socket.display(), "serving the control API");
         let api = tokio::spawn(async move {
-            let router = crate::control::router(daemon_control);
-            if let Err(e) = axum::serve(control, router).await {
+            let router = crate::control::router(control);
+            if let Err(e) = axum::serve(api_listener, router).await {
                 tracing::error!("control API stopped: {e}");
             }
         });
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = hup.recv() => {
-                    tracing::info!("SIGHUP: reloading {}", daemon.path.display());
-                    daemon.reload();
-                }
+                _ = hup.recv() => { let _ = tx.send(Cmd::Reload); }
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
-                _ = tick.tick() => {
-                    let ended = daemon.engine.expire(now_since(daemon.epoch));
-                    if ended > 0 { tracing::debug!(flows = ended, "expired"); }
-                    daemon.recreate_lost();
-                }
             }
         }
         server.abort();
@@ -333,10 +373,42 @@ pub fn run(path: &Path) -> Result<()> {
         control_socket.remove();
         anyhow::Ok(())
     });
+    drop(tx);
+    let daemon = ctl.join().map_err(|_| anyhow::anyhow!("the reconfiguration thread panicked"))?;
     dataplane.stop();
     // Dropping the devices closes every queue: the kernel removes the
     // devices, their addresses and routes.
     drop(daemon);
     tracing::info!("stopped");
     result
+}
+
+/// What the runtime asks of the reconfiguration thread.
+enum Cmd {
+    Reload,
+}
+
+/// The reconfiguration thread: reloads on request, and once a second
+/// expires flows and recreates lost devices. Returns the daemon when the
+/// runtime hangs up (stop).
+fn reconfigure(mut daemon: Daemon, rx: std::sync::mpsc::Receiver<Cmd>) -> Daemon {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut next_tick = Instant::now();
+    loop {
+        match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
+            Ok(Cmd::Reload) => {
+                tracing::info!("SIGHUP: reloading {}", daemon.path.display());
+                daemon.reload();
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                next_tick += Duration::from_secs(1);
+                let ended = daemon.engine.expire(now_since(daemon.epoch));
+                if ended > 0 {
+                    tracing::debug!(flows = ended, "expired");
+                }
+                daemon.recreate_lost();
+            }
+            Err(RecvTimeoutError::Disconnected) => return daemon,
+        }
+    }
 }

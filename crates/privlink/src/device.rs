@@ -23,6 +23,13 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 /// TCP senders on the host are held back by TCP small queues regardless.
 const TX_QUEUE_LEN: u32 = 4096;
 
+/// Whether a link named `name` exists in namespace `netns`.
+pub fn name_taken(netns: Option<&str>, name: &str) -> Result<bool> {
+    let c_name = std::ffi::CString::new(name).context("device name")?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    in_netns(netns, move || Ok(unsafe { libc::if_nametoindex(c_name.as_ptr()) } != 0))
+}
+
 /// One TUN device and its queues.
 pub struct Device {
     pub name: String,
