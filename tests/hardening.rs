@@ -200,3 +200,85 @@ fn a_reload_applies_completely_or_not_at_all() {
     assert!(transfer_intact(&bed.a, 64 * 1024).starts_with("svc=orders"));
     drop((ns, ns_d));
 }
+
+/// One raw HTTP/1.1 exchange on the control socket: (status, body).
+fn raw_http(socket: &std::path::Path, method: &str, target: &[u8], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut req = Vec::new();
+    req.extend_from_slice(method.as_bytes());
+    req.push(b' ');
+    req.extend_from_slice(target);
+    req.extend_from_slice(
+        format!(" HTTP/1.1\r\nHost: privlink\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+            .as_bytes(),
+    );
+    req.extend_from_slice(body);
+    let _ = s.write_all(&req);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    (status, body)
+}
+
+fn json_error(body: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(body.trim()).unwrap_or_else(|_| panic!("not JSON: {body:?}"));
+    v["error"].as_str().unwrap_or_else(|| panic!("no error field: {body}")).to_string()
+}
+
+#[test]
+fn the_control_api_bounds_its_inputs_and_answers_every_error_as_json() {
+    let Some(bed) = Bed::running("api", Opts::default()) else { return };
+    let socket = bed.dir.join("control.sock");
+    let audit_len = || {
+        let (st, body) = raw_http(&socket, "GET", b"/v1/audit?limit=1000", b"");
+        assert_eq!(st, 200, "{body}");
+        serde_json::from_str::<serde_json::Value>(&body).expect("json").as_array().expect("array").len()
+    };
+    let before = audit_len();
+    // A 2 MB message is refused, and so is any body over 8 KiB.
+    let big = format!("{{\"message\": \"{}\"}}", "x".repeat(2 << 20));
+    let (st, body) = raw_http(&socket, "POST", b"/v1/connections/pe-a/reject", big.as_bytes());
+    assert_eq!(st, 413, "{body}");
+    json_error(&body);
+    let long = format!("{{\"message\": \"{}\"}}", "x".repeat(2000));
+    let (st, body) = raw_http(&socket, "POST", b"/v1/connections/pe-a/reject", long.as_bytes());
+    assert_eq!(st, 400, "{body}");
+    assert!(json_error(&body).contains("message longer than"), "{body}");
+    // Approving what is approved, 50 times, writes nothing.
+    for _ in 0..50 {
+        let (st, body) = raw_http(&socket, "POST", b"/v1/connections/pe-a/approve", b"{\"message\": \"again\"}");
+        assert_eq!(st, 200, "{body}");
+    }
+    assert_eq!(audit_len(), before, "no-op transitions are not audited");
+    // The audit comes a page at a time.
+    let (st, body) = raw_http(&socket, "GET", b"/v1/audit?limit=1", b"");
+    assert_eq!(st, 200);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).expect("json").as_array().map(Vec::len), Some(1));
+    // Every error is JSON.
+    let long_uri = format!("/v1/flows?endpoint={}", "a".repeat(5000));
+    for (method, target, want) in [
+        ("GET", b"/v1/nothing-here".to_vec(), 404),
+        ("DELETE", b"/v1/connections".to_vec(), 405),
+        ("POST", b"/v1/connections/%FF%FE/approve".to_vec(), 400),
+        ("GET", long_uri.into_bytes(), 414),
+        ("POST", b"/v1/connections/pe-a/approve".to_vec(), 400),
+    ] {
+        let body: &[u8] = if want == 400 && target.ends_with(b"pe-a/approve") { b"{not json" } else { b"" };
+        let (st, text) = raw_http(&socket, method, &target, body);
+        assert_eq!(st, want, "{method} {}: {text}", String::from_utf8_lossy(&target[..40.min(target.len())]));
+        json_error(&text);
+    }
+    // A connection that never sends a request is closed.
+    let idle = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    use std::io::Read;
+    let n = (&idle).read(&mut buf).unwrap_or(0);
+    assert!(t.elapsed() < Duration::from_secs(10), "held for {:?}", t.elapsed());
+    let _ = n;
+}

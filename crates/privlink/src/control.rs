@@ -18,8 +18,16 @@
 //! | `POST /v1/connections/{endpoint}/approve` | body `{"message": "..."}` (optional) |
 //! | `POST /v1/connections/{endpoint}/reject` | likewise |
 //! | `GET /v1/flows?endpoint=NAME` | live flows, optionally of one endpoint |
-//! | `GET /v1/audit?endpoint=NAME` | the audit trail |
+//! | `GET /v1/audit?endpoint=NAME&after=SEQ&limit=N` | the audit trail, a page at a time (entries after `SEQ`, at most `N`: default 100, at most 1,000) |
 //! | `GET /v1/status` | version, uptime, config generation, counts |
+//!
+//! Bounded inputs: request bodies of at most 8 KiB, messages of at most
+//! 1 KiB, URIs of at most 2 KiB; a connection that does not send a whole
+//! request header within 5 s, or takes more than 30 s for an exchange, is
+//! closed. A decision that changes nothing (approving what is approved) is
+//! answered with the record as it is and not written again. Every error,
+//! whatever produced it (a handler, a rejected extractor, an unknown path or
+//! method, an oversized body), is answered as `{"error": "..."}`.
 
 use crate::dataplane::now_since;
 use crate::store::{unix_now, AuditEntry, Connection, Store};
@@ -155,6 +163,24 @@ struct Decision {
     message: Option<String>,
 }
 
+/// Longest decision message kept.
+pub const MAX_MESSAGE: usize = 1024;
+/// Largest request body read.
+const MAX_BODY: usize = 8 * 1024;
+/// Longest request URI served.
+const MAX_URI: usize = 2048;
+/// How long a connection may take to send a request's header.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long one connection may last.
+const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Debug, Deserialize)]
+struct AuditQuery {
+    endpoint: Option<String>,
+    after: Option<u64>,
+    limit: Option<usize>,
+}
+
 #[derive(Debug, Deserialize)]
 struct EndpointFilter {
     endpoint: Option<String>,
@@ -189,6 +215,9 @@ fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Resu
     } else {
         serde_json::from_slice(body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?
     };
+    if decision.message.as_ref().is_some_and(|m| m.len() > MAX_MESSAGE) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("message longer than {MAX_MESSAGE} bytes")));
+    }
     let config = c.config.load();
     let Some(ep) = config.endpoints.iter().find(|e| e.name == endpoint) else {
         return Err(ApiError(StatusCode::NOT_FOUND, format!("no endpoint `{endpoint}` in the running config")));
@@ -205,6 +234,10 @@ fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Resu
                 stored.tenant, ep.service
             ),
         ));
+    }
+    if stored.state == to.as_str() {
+        // Nothing changes: nothing is written (the audit records changes).
+        return Ok(stored);
     }
     let updated = Connection {
         state: to.as_str().to_string(),
@@ -263,11 +296,9 @@ async fn flows(State(c): State<Arc<Control>>, Query(q): Query<EndpointFilter>) -
     )
 }
 
-async fn audit(
-    State(c): State<Arc<Control>>,
-    Query(q): Query<EndpointFilter>,
-) -> Result<Json<Vec<AuditEntry>>, ApiError> {
-    Ok(Json(c.store.audit(q.endpoint.as_deref())?))
+async fn audit(State(c): State<Arc<Control>>, Query(q): Query<AuditQuery>) -> Result<Json<Vec<AuditEntry>>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(Json(c.store.audit_page(q.endpoint.as_deref(), q.after.unwrap_or(0), limit)?))
 }
 
 async fn status(State(c): State<Arc<Control>>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -299,7 +330,69 @@ pub fn router(c: Arc<Control>) -> Router {
         .route("/v1/flows", get(flows))
         .route("/v1/audit", get(audit))
         .route("/v1/status", get(status))
+        .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this path".into())
+        })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_request(limit_uri))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(c)
+}
+
+/// Refuses a URI longer than [`MAX_URI`].
+async fn limit_uri(req: axum::extract::Request) -> Result<axum::extract::Request, ApiError> {
+    let len = req.uri().path().len() + req.uri().query().map_or(0, str::len);
+    if len > MAX_URI {
+        return Err(ApiError(StatusCode::URI_TOO_LONG, format!("request URI longer than {MAX_URI} bytes")));
+    }
+    Ok(req)
+}
+
+/// Turns every error response that is not JSON already (axum's extractor
+/// rejections, an oversized body) into `{"error": "..."}`.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || json {
+        return res;
+    }
+    let body = axum::body::to_bytes(res.into_body(), MAX_BODY).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&body);
+    let message = match text.trim() {
+        "" => status.canonical_reason().unwrap_or("error").to_string(),
+        t => t.to_string(),
+    };
+    ApiError(status, message).into_response()
+}
+
+/// Serves the API on `listener`: HTTP/1 with a header read timeout, each
+/// connection bounded in time, so half-open or idle clients cannot pile up.
+pub async fn serve(listener: tokio::net::UnixListener, router: Router) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // Out of descriptors, say: wait rather than spin.
+                tracing::warn!("control API: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let svc = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn).await;
+        });
+    }
 }
 
 /// Which file the control socket is, so that the daemon removes its own

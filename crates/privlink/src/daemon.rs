@@ -352,12 +352,7 @@ pub fn run(path: &Path) -> Result<()> {
         let server = tokio::spawn(crate::metrics::serve(listener, handle, engine, io));
         let (api_listener, control_socket) = crate::control::bind(&socket)?;
         tracing::info!(socket = %socket.display(), "serving the control API");
-        let api = tokio::spawn(async move {
-            let router = crate::control::router(control);
-            if let Err(e) = axum::serve(api_listener, router).await {
-                tracing::error!("control API stopped: {e}");
-            }
-        });
+        let api = tokio::spawn(crate::control::serve(api_listener, crate::control::router(control)));
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;

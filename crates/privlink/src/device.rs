@@ -9,7 +9,8 @@
 //! sets MTU/up/address by ioctl, and has the `IFF_VNET_HDR` offload support
 //! the throughput work builds on (see docs/ARCHITECTURE.md).
 
-use crate::netns::{in_netns, ip};
+use crate::netlink::{self, Change};
+use crate::netns::in_netns;
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -130,18 +131,20 @@ impl Device {
         self.queue(w).as_raw_fd()
     }
 
-    /// Makes the /32 routes through this device exactly `want`.
+    /// Makes the /32 routes through this device exactly `want`, by netlink
+    /// in the device's namespace, in batches (see [`crate::netlink`]).
     pub fn set_routes(&self, want: &BTreeSet<Ipv4Addr>) -> Result<()> {
         let mut have = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        for a in have.difference(want) {
-            // The route may be gone with a namespace change; not fatal.
-            if let Err(e) = ip(self.netns.as_deref(), &["route", "del", &format!("{a}/32"), "dev", &self.name]) {
-                tracing::warn!("{e:#}");
-            }
+        let mut changes: Vec<Change> = have.difference(want).map(|&a| Change::Delete(a)).collect();
+        changes.extend(want.difference(&have).map(|&a| Change::Replace(a)));
+        if changes.is_empty() {
+            return Ok(());
         }
-        for a in want.difference(&have) {
-            ip(self.netns.as_deref(), &["route", "replace", &format!("{a}/32"), "dev", &self.name])?;
-        }
+        let name = self.name.clone();
+        in_netns(self.netns.as_deref(), move || {
+            let index = netlink::ifindex(&name)?;
+            netlink::apply(index, &changes).with_context(|| format!("routes through `{name}`"))
+        })?;
         *have = want.clone();
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod device;
 pub mod metrics;
+pub mod netlink;
 pub mod netns;
 pub mod store;
 pub mod testbed;

@@ -164,6 +164,25 @@ impl Store {
     }
 
     /// The audit trail, oldest first; of one endpoint when given.
+    /// At most `limit` audit entries after sequence number `after`,
+    /// optionally of one endpoint, oldest first.
+    pub fn audit_page(&self, endpoint: Option<&str>, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(AUDIT)?;
+        let mut out = Vec::new();
+        for row in t.range(after.saturating_add(1)..)? {
+            let (_, v) = row?;
+            let e: AuditEntry = serde_json::from_slice(v.value()).context("corrupt audit record")?;
+            if endpoint.is_none_or(|n| n == e.endpoint) {
+                out.push(e);
+                if out.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub fn audit(&self, endpoint: Option<&str>) -> Result<Vec<AuditEntry>> {
         let tx = self.db.begin_read()?;
         let t = tx.open_table(AUDIT)?;
