@@ -218,6 +218,7 @@ impl Engine {
             provider_mtu: desired.provider_mtu,
             flow_share: flow_share(self.settings.max_flows, desired.networks.len()),
             by_addr,
+            by_name: endpoints.iter().enumerate().map(|(i, e)| (e.shared.name.clone(), i)).collect(),
             endpoints,
             by_id,
             services,

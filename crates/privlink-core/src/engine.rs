@@ -50,6 +50,7 @@ impl Engine {
             provider_mtu: 1500,
             flow_share: settings.max_flows,
             by_addr: HashMap::default(),
+            by_name: HashMap::default(),
             endpoints: Vec::new(),
             by_id: Vec::new(),
             services: Vec::new(),

@@ -131,6 +131,8 @@ pub struct Snapshot {
     /// tenant can take the whole table (docs/NAT-BEHAVIOUR.md).
     pub flow_share: u32,
     pub(crate) by_addr: HashMap<(u16, u32), usize, ahash::RandomState>,
+    /// Endpoint name -> index into `endpoints`.
+    pub(crate) by_name: HashMap<String, usize, ahash::RandomState>,
     pub endpoints: Vec<EndpointView>,
     /// `EndpointId` -> index into `endpoints` + 1 (0: gone).
     pub(crate) by_id: Vec<u32>,
@@ -153,7 +155,7 @@ impl Snapshot {
         }
     }
     pub fn endpoint_by_name(&self, name: &str) -> Option<&EndpointView> {
-        self.endpoints.iter().find(|e| e.shared.name == name)
+        self.by_name.get(name).map(|&i| &self.endpoints[i])
     }
     #[inline]
     pub(crate) fn network(&self, id: NetworkId) -> Option<&(Arc<NetworkShared>, u16)> {

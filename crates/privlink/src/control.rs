@@ -30,7 +30,7 @@
 //! method, an oversized body), is answered as `{"error": "..."}`.
 
 use crate::dataplane::now_since;
-use crate::store::{unix_now, AuditEntry, Connection, Store};
+use crate::store::{unix_now, AuditEntry, Change, Connection, Store};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -91,8 +91,10 @@ fn desired_state(config: &Config, ep: &privlink_config::Endpoint, stored: Option
 pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, ConnectionState>> {
     let now = unix_now();
     let mut states = HashMap::new();
+    let mut all: HashMap<String, Connection> = store.all()?.into_iter().map(|c| (c.endpoint.clone(), c)).collect();
+    let mut changes = Vec::new();
     for ep in &config.endpoints {
-        let stored = store.get(&ep.name)?;
+        let stored = all.remove(&ep.name);
         let state = desired_state(config, ep, stored.as_ref());
         let tenant = config.network(&ep.network).map(|n| n.tenant.clone()).unwrap_or_default();
         let same = stored.as_ref().is_some_and(|c| {
@@ -121,11 +123,17 @@ pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, Conne
                 updated: now,
                 decided_by: "config".into(),
             };
-            store.put(&c, stored.as_ref().map(|c| c.state.as_str()), Some(&why), "config")?;
+            changes.push(Change {
+                conn: c,
+                from: stored.as_ref().map(|c| c.state.clone()),
+                message: Some(why),
+                by: "config".into(),
+            });
         }
         states.insert(ep.name.clone(), state);
     }
-    for c in store.all()? {
+    // What is left of the store is no longer configured.
+    for c in all.into_values() {
         if c.state != "disconnected" && !states.contains_key(&c.endpoint) {
             let why = "endpoint or service removed from the config";
             let gone = Connection {
@@ -135,10 +143,11 @@ pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, Conne
                 decided_by: "config".into(),
                 ..c.clone()
             };
-            store.put(&gone, Some(&c.state), Some(why), "config")?;
             tracing::info!(endpoint = %c.endpoint, "connection disconnected");
+            changes.push(Change { conn: gone, from: Some(c.state), message: Some(why.into()), by: "config".into() });
         }
     }
+    store.put_all(&changes)?;
     Ok(states)
 }
 

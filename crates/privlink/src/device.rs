@@ -100,6 +100,9 @@ impl Device {
             // (router and multicast listener messages) off the device. Not
             // fatal where IPv6 is absent.
             let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6"), "1");
+            // Before the link goes up, so the kernel never builds the
+            // default per-queue qdiscs (see `netlink::set_noqueue`).
+            crate::netlink::set_noqueue(crate::netlink::ifindex(&n)?).with_context(|| format!("device `{n}`"))?;
             first.enabled(true).with_context(|| format!("cannot set `{n}` up"))?;
             let mut qs = Vec::with_capacity(queues);
             for _ in 1..queues.max(1) {

@@ -17,6 +17,7 @@ use netlink_packet_core::{
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
+use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use std::net::Ipv4Addr;
@@ -56,12 +57,58 @@ fn message(change: Change, ifindex: u32, seq: u32) -> NetlinkMessage<RouteNetlin
     msg
 }
 
-/// Applies `changes` to routes through interface `ifindex`, in the calling
-/// thread's namespace. Stops at the first refusal, naming it.
-pub fn apply(ifindex: u32, changes: &[Change]) -> Result<()> {
+fn socket() -> Result<Socket> {
     let mut socket = Socket::new(NETLINK_ROUTE).context("cannot open a netlink socket")?;
     socket.bind_auto().context("cannot bind a netlink socket")?;
     socket.connect(&SocketAddr::new(0, 0)).context("cannot connect a netlink socket")?;
+    Ok(socket)
+}
+
+/// Sends one request and waits for its acknowledgement.
+fn request(socket: &Socket, mut msg: NetlinkMessage<RouteNetlinkMessage>) -> Result<()> {
+    msg.header.flags |= NLM_F_REQUEST | NLM_F_ACK;
+    msg.header.sequence_number = 1;
+    msg.finalize();
+    let mut out = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut out);
+    socket.send(&out, 0).context("netlink send")?;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        let n = socket.recv(&mut &mut buf[..], 0).context("netlink receive")?;
+        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[..n])
+            .map_err(|e| anyhow::anyhow!("bad netlink reply: {e}"))?;
+        if let NetlinkPayload::Error(e) = reply.payload {
+            return match e.code {
+                None => Ok(()),
+                Some(code) => Err(std::io::Error::from_raw_os_error(-code.get()).into()),
+            };
+        }
+    }
+}
+
+/// Makes `noqueue` the root qdisc of interface `ifindex` (call it before
+/// the link goes up). A multi-queue TUN device has 256 transmit queues, and
+/// the default `mq` root gives each a `pfifo_fast` with three rings of
+/// `txqueuelen` entries: about 25 MB of kernel memory per device at
+/// txqueuelen 4096, measured. With `noqueue` a device costs about 0.26 MB;
+/// packets wait in the TUN queue's own ring (also `txqueuelen` long) for
+/// the worker instead.
+pub fn set_noqueue(ifindex: u32) -> Result<()> {
+    let mut tc = TcMessage::default();
+    tc.header.family = AddressFamily::Unspec;
+    tc.header.index = ifindex as i32;
+    tc.header.parent = TcHandle::ROOT;
+    tc.attributes = vec![TcAttribute::Kind("noqueue".into())];
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_CREATE | NLM_F_REPLACE;
+    request(&socket()?, NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::NewQueueDiscipline(tc))))
+        .context("cannot set the noqueue qdisc")
+}
+
+/// Applies `changes` to routes through interface `ifindex`, in the calling
+/// thread's namespace. Stops at the first refusal, naming it.
+pub fn apply(ifindex: u32, changes: &[Change]) -> Result<()> {
+    let socket = socket()?;
     let mut out = vec![0u8; 256];
     let mut buf = vec![0u8; 64 * 1024];
     for (w, window) in changes.chunks(WINDOW).enumerate() {
