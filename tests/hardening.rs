@@ -282,3 +282,47 @@ fn the_control_api_bounds_its_inputs_and_answers_every_error_as_json() {
     assert!(t.elapsed() < Duration::from_secs(10), "held for {:?}", t.elapsed());
     let _ = n;
 }
+
+#[test]
+fn a_reload_with_a_device_name_check_refuses_changes_nothing() {
+    let Some(bed) = Bed::running("badname", Opts::default()) else { return };
+    // Names `check` accepted before and a reload then half applied.
+    for (from, to) in [
+        ("tun = \"pla0\"", "tun = \"lo\""),
+        ("tun = \"pla0\"", "tun = \"x%d\""),
+        (&format!("netns = \"{}\"", bed.a)[..], "netns = \"a/../b\""),
+    ] {
+        let text = bed.config_text(&Opts::default(), "").replacen(from, to, 1);
+        std::fs::write(&bed.config, text).expect("write");
+        let refused = bed.log().matches("reload refused").count();
+        bed.signal(libc::SIGHUP);
+        assert!(eventually(5, || bed.log().matches("reload refused").count() > refused), "{to}:\n{}", bed.log());
+        assert!(transfer_intact(&bed.a, 64 * 1024).starts_with("svc=orders"), "after {to}");
+    }
+    // The devices carry the noqueue qdisc (a few hundred KB of kernel
+    // memory each instead of 25 MB).
+    let out = Command::new("tc").args(["-n", &bed.a, "qdisc", "show", "dev", "pla0"]).output().expect("tc");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("noqueue") && !text.contains("pfifo_fast"), "{text}");
+}
+
+#[test]
+fn a_reload_changing_nat_ports_under_live_flows_gives_every_port_back() {
+    let opts = Opts { orders_nat_ports: "5000-5009", ..Opts::default() };
+    let Some(bed) = Bed::running("natports", opts) else { return };
+    let available = || bed.metric("privlink_nat_ports_available", &[("service", "orders"), ("protocol", "tcp")]);
+    let capacity = || bed.metric("privlink_nat_ports_capacity", &[("service", "orders"), ("protocol", "tcp")]);
+    let held: Vec<_> = (0..8).map(|_| connect(&bed.a, EP, 80, Duration::from_secs(3)).expect("connect")).collect();
+    assert_eq!(available(), 2.0);
+    // The range grows under the live connections.
+    let opts = Opts { orders_nat_ports: "5000-5019", ..Opts::default() };
+    bed.write_config(&opts, "");
+    bed.signal(libc::SIGHUP);
+    assert!(eventually(5, || bed.log().contains("configuration reloaded")), "{}", bed.log());
+    assert_eq!(capacity(), 20.0);
+    let more: Vec<_> = (0..15).map(|_| connect(&bed.a, EP, 80, Duration::from_secs(3)).expect("connect")).collect();
+    drop(held);
+    drop(more);
+    // Closed flows linger tcp_closed_idle (1 s here), then every port is back.
+    assert!(eventually(15, || available() == 20.0), "available {} of {}", available(), capacity());
+}
