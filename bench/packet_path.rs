@@ -30,6 +30,7 @@ fn desired() -> Desired {
             ip: Ipv4Addr::from(EP),
             service: 0,
             state: ConnectionState::Approved,
+            limits: EndpointLimits::default(),
         }],
     }
 }

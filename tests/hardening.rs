@@ -326,3 +326,79 @@ fn a_reload_changing_nat_ports_under_live_flows_gives_every_port_back() {
     // Closed flows linger tcp_closed_idle (1 s here), then every port is back.
     assert!(eventually(15, || available() == 20.0), "available {} of {}", available(), capacity());
 }
+
+// ---- Issue 13: per-endpoint limits and source rules. ----
+
+#[test]
+fn an_endpoint_with_max_flows_gets_that_many_and_its_neighbour_still_connects() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("epmax", Opts::default());
+    let neighbour = std::net::Ipv4Addr::new(10, 1, 0, 6);
+    let text = bed.config_text(&Opts::default(), "").replace(
+        &format!("name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\n"),
+        &format!("name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\nmax_flows = 20\n\n[[endpoint]]\nname = \"pe-a2\"\nnetwork = \"vnet-a\"\nip = \"{neighbour}\"\nservice = \"orders\"\n"),
+    );
+    std::fs::write(&bed.config, text).expect("write");
+    bed.start();
+    let held: Vec<_> = (0..25).filter_map(|_| connect(&bed.a, EP, 80, Duration::from_millis(700)).ok()).collect();
+    assert_eq!(held.len(), 20, "the endpoint holds 20 connections and no more");
+    assert!(connect(&bed.a, neighbour, 80, Duration::from_secs(3)).is_ok(), "the neighbour still connects");
+    assert_eq!(bed.metric("privlink_endpoint_nat_ports_in_use", &[("endpoint", "pe-a"), ("service", "orders")]), 20.0);
+    assert!(
+        bed.metric("privlink_packets_dropped_total", &[("reason", "endpoint_flow_limit"), ("network", "vnet-a")])
+            >= 5.0
+    );
+}
+
+#[test]
+fn source_rules_admit_one_client_refuse_another_and_a_reload_ends_a_disallowed_connection() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("allow", Opts::default());
+    let other = std::net::Ipv4Addr::new(10, 1, 0, 11);
+    let base = bed.config_text(&Opts::default(), "");
+    let with_rule = |prefix: &str| {
+        base.replace(
+            &format!("name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\n"),
+            &format!("name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\nallow_sources = [\"{prefix}\"]\n"),
+        )
+    };
+    std::fs::write(&bed.config, with_rule(&format!("{CLIENT}/32"))).expect("write");
+    bed.start();
+    // A second client address in the same consumer network.
+    let out = Command::new("ip")
+        .args(["-n", &bed.a, "addr", "add", &format!("{other}/32"), "dev", "pla0"])
+        .output()
+        .expect("ip");
+    assert!(out.status.success());
+    let from = |addr: std::net::Ipv4Addr| {
+        within(&bed.a, move || {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            s.bind(&std::net::SocketAddr::from((addr, 0)).into())?;
+            s.connect_timeout(&std::net::SocketAddr::from((EP, 7)).into(), Duration::from_millis(1500))?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            Ok(std::net::TcpStream::from(s))
+        })
+    };
+    let mut allowed = from(CLIENT).expect("the allowed client connects");
+    assert!(from(other).is_err(), "the other client is refused");
+    assert!(
+        bed.metric("privlink_packets_dropped_total", &[("reason", "source_not_allowed"), ("network", "vnet-a")]) >= 1.0
+    );
+    use std::io::{Read, Write};
+    let echo = |s: &mut std::net::TcpStream| -> bool {
+        let mut b = [0u8; 4];
+        s.write_all(b"ping").is_ok() && s.read_exact(&mut b).is_ok() && &b == b"ping"
+    };
+    assert!(echo(&mut allowed), "echo through the allowed connection");
+    // The reload moves the rule to the other client: the live connection ends.
+    std::fs::write(&bed.config, with_rule(&format!("{other}/32"))).expect("write");
+    bed.signal(libc::SIGHUP);
+    assert!(eventually(5, || bed.log().contains("configuration reloaded")), "{}", bed.log());
+    assert!(!echo(&mut allowed), "the disallowed connection no longer carries anything");
+    assert!(from(other).is_ok(), "the newly allowed client connects");
+}

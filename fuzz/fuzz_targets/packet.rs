@@ -30,6 +30,7 @@ fn desired() -> Desired {
             ip: Ipv4Addr::new(10, 1, 0, 5),
             service: 0,
             state: ConnectionState::Approved,
+            limits: EndpointLimits::default(),
         }],
     }
 }

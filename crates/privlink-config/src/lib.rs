@@ -99,6 +99,8 @@ pub struct Service {
     pub ports: Vec<PortRule>,
     pub visibility: Vec<String>,
     pub auto_approve: Vec<String>,
+    /// The default of its endpoints' `max_flows`.
+    pub max_flows_per_endpoint: Option<u32>,
 }
 
 impl Service {
@@ -118,6 +120,10 @@ pub struct Endpoint {
     pub network: String,
     pub ip: Ipv4Addr,
     pub service: String,
+    /// Most flows at once (else the service's `max_flows_per_endpoint`).
+    pub max_flows: Option<u32>,
+    /// Allowed consumer sources (address, prefix length); empty: any.
+    pub allow_sources: Vec<(Ipv4Addr, u8)>,
 }
 
 /// Reads at most [`MAX_FILE`] bytes of UTF-8 text.
@@ -285,6 +291,7 @@ struct RawService {
     visibility: Option<S<Vec<S<String>>>>,
     auto_approve: Option<S<Vec<S<String>>>>,
     proxy_protocol: Option<S<bool>>,
+    max_flows_per_endpoint: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +309,8 @@ struct RawEndpoint {
     network: Option<S<String>>,
     ip: Option<S<String>>,
     service: Option<S<String>>,
+    max_flows: Option<S<i64>>,
+    allow_sources: Option<S<Vec<S<String>>>>,
 }
 
 // ---- validation -----------------------------------------------------------
@@ -384,6 +393,29 @@ impl Cx<'_> {
             );
         }
         n.clone()
+    }
+
+    /// `ADDRESS/PREFIX` (or a bare address: /32) without host bits set.
+    fn prefix(&mut self, s: &S<String>, what: &str) -> Option<(Ipv4Addr, u8)> {
+        let text = s.get_ref();
+        let (a, len) = text.split_once('/').unwrap_or((text, "32"));
+        let parsed = a.parse::<Ipv4Addr>().ok().zip(len.parse::<u8>().ok().filter(|l| *l <= 32));
+        let Some((addr, len)) = parsed else {
+            self.err(s.span().start, format!("{what}: `{}` is not ADDRESS/PREFIX", shown(text)));
+            return None;
+        };
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+        if u32::from(addr) & !mask != 0 {
+            self.err(
+                s.span().start,
+                format!(
+                    "{what}: `{text}` has host bits set (did you mean {}/{len}?)",
+                    Ipv4Addr::from(u32::from(addr) & mask)
+                ),
+            );
+            return None;
+        }
+        Some((addr, len))
     }
 
     /// An address that must be unicast.
@@ -619,6 +651,9 @@ impl Cx<'_> {
                     ports,
                     visibility: list(&s.visibility),
                     auto_approve: list(&s.auto_approve),
+                    max_flows_per_endpoint: s.max_flows_per_endpoint.as_ref().map(|_| {
+                        self.int(&s.max_flows_per_endpoint, 1..=(1 << 31), 1, "max_flows_per_endpoint") as u32
+                    }),
                 });
             }
         }
@@ -663,8 +698,15 @@ impl Cx<'_> {
                 }
                 Some(a)
             });
+            let max_flows = e.max_flows.as_ref().map(|_| self.int(&e.max_flows, 1..=(1 << 31), 1, "max_flows") as u32);
+            let mut allow_sources = Vec::new();
+            for p in e.allow_sources.as_ref().map(|l| l.get_ref().as_slice()).unwrap_or_default() {
+                if let Some(prefix) = self.prefix(p, "allow_sources") {
+                    allow_sources.push(prefix);
+                }
+            }
             if let (Some(name), Some(network), Some(ip), Some(service)) = (name, network, ip, service) {
-                endpoints.push(Endpoint { name, network, ip, service });
+                endpoints.push(Endpoint { name, network, ip, service, max_flows, allow_sources });
             }
         }
 
@@ -896,5 +938,29 @@ service = "orders-db"
     fn a_huge_file_is_refused_before_it_is_read_whole() {
         let e = Config::load(Path::new("/dev/zero")).expect_err("not a config");
         assert!(e.to_string().contains("larger than"), "{e}");
+    }
+
+    #[test]
+    fn endpoint_limits_and_source_rules_parse_and_bad_ones_have_positions() {
+        let text = GOOD
+            .replace("auto_approve = [\"contoso\"]", "auto_approve = [\"contoso\"]\nmax_flows_per_endpoint = 500")
+            .replace(
+                "name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.5\"\nservice = \"orders-db\"",
+                "name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.5\"\nservice = \"orders-db\"\nmax_flows = 20\nallow_sources = [\"10.0.0.0/24\", \"10.9.9.9\"]",
+            );
+        let c = Config::parse(&text, "t.toml").expect("valid");
+        assert_eq!(c.services[0].max_flows_per_endpoint, Some(500));
+        let a = &c.endpoints[0];
+        assert_eq!(a.max_flows, Some(20));
+        assert_eq!(a.allow_sources, vec![(Ipv4Addr::new(10, 0, 0, 0), 24), (Ipv4Addr::new(10, 9, 9, 9), 32)]);
+        assert_eq!((c.endpoints[1].max_flows, c.endpoints[1].allow_sources.len()), (None, 0));
+        let bad = text.replace("max_flows = 20", "max_flows = 0").replace("\"10.0.0.0/24\"", "\"10.0.0.1/33\"");
+        let e = errors(&bad).join("\n");
+        assert!(e.contains("max_flows must be 1 to"), "{e}");
+        assert!(e.contains("allow_sources: `10.0.0.1/33` is not ADDRESS/PREFIX"), "{e}");
+        let bad = text.replace("max_flows_per_endpoint = 500", "max_flows_per_endpoint = 0");
+        assert!(errors(&bad).join("\n").contains("max_flows_per_endpoint must be 1 to"));
+        let bad = text.replace("\"10.9.9.9\"", "\"10.9.9.9/24\"");
+        assert!(errors(&bad).join("\n").contains("host bits set"), "a prefix with host bits is a typo");
     }
 }

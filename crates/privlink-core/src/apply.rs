@@ -191,7 +191,23 @@ impl Engine {
                 }
             };
             by_addr.insert((net.id.0, u32::from(e.ip)), endpoints.len());
-            endpoints.push(EndpointView { shared, network: net.id, ip: u32::from(e.ip), service: e.service });
+            let allow: Arc<[(u32, u32)]> = e
+                .limits
+                .allow_sources
+                .iter()
+                .map(|&(a, len)| {
+                    let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
+                    (u32::from(a) & mask, mask)
+                })
+                .collect();
+            endpoints.push(EndpointView {
+                shared,
+                network: net.id,
+                ip: u32::from(e.ip),
+                service: e.service,
+                max_flows: e.limits.max_flows.unwrap_or(u32::MAX),
+                allow,
+            });
         }
         let live: std::collections::HashSet<*const EndpointShared> =
             endpoints.iter().map(|n| Arc::as_ptr(&n.shared)).collect();

@@ -78,11 +78,12 @@ impl Engine {
 }
 
 /// Whether a live flow is still allowed: its endpoint is configured and
-/// approved, its service still offers the port, has the backend and the pool.
+/// approved and still allows its source, its service still offers the
+/// port, has the backend and the pool.
 fn allowed(snap: &Snapshot, r: &FlowRecord) -> bool {
     let v = &r.view;
     let Some(e) = snap.endpoint_by_id(v.endpoint) else { return false };
-    if !e.shared.approved() || !snap.pools.contains_key(&r.pool) {
+    if !e.shared.approved() || !snap.pools.contains_key(&r.pool) || !e.allows(v.ckey.consumer_addr()) {
         return false;
     }
     let svc = &snap.services[e.service];

@@ -324,6 +324,9 @@ pub enum InsertError {
     Full,
     /// The setup callback refused (no NAT port).
     Refused,
+    /// The endpoint holds its `max_flows` (decided before the table is
+    /// asked).
+    Limit,
 }
 
 /// What [`FlowTable::insert`] found or made.

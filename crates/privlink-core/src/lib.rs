@@ -40,7 +40,8 @@ pub use listing::FlowInfo;
 pub use outbox::{Out, Outbox};
 pub use snapshot::{EndpointShared, NetworkShared, PoolEntry, Snapshot, Tally};
 pub use spec::{
-    Desired, EndpointSpec, NetworkSpec, PortRule, ServiceSpec, Settings, Timeouts, MAX_BACKENDS, MAX_NAT_IPS,
+    Desired, EndpointLimits, EndpointSpec, NetworkSpec, PortRule, ServiceSpec, Settings, Timeouts, MAX_BACKENDS,
+    MAX_NAT_IPS,
 };
 pub use types::*;
 pub use worker::Worker;

@@ -82,6 +82,18 @@ pub struct EndpointView {
     pub ip: u32,
     /// Index into [`Snapshot::services`].
     pub service: usize,
+    /// Most flows at once (`u32::MAX`: no bound of its own).
+    pub max_flows: u32,
+    /// Allowed consumer sources as (network, mask); empty: any.
+    pub allow: Arc<[(u32, u32)]>,
+}
+
+impl EndpointView {
+    /// Whether consumer address `src` may use this endpoint.
+    #[inline]
+    pub fn allows(&self, src: u32) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|&(net, mask)| src & mask == net)
+    }
 }
 
 /// A NAT port pool with what its metrics are labelled by.

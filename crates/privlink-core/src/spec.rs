@@ -91,6 +91,19 @@ pub struct EndpointSpec {
     pub service: usize,
     /// The connection state to start with when the endpoint is new.
     pub state: ConnectionState,
+    pub limits: EndpointLimits,
+}
+
+/// What an endpoint lets through beyond its service's ports, like a
+/// network security group on an Azure private endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointLimits {
+    /// Most flows the endpoint may hold at once (`None`: no bound but the
+    /// table's); past it new flows drop as `endpoint_flow_limit`.
+    pub max_flows: Option<u32>,
+    /// Consumer sources allowed, as (address, prefix length); empty: any
+    /// address of the network. Others drop as `source_not_allowed`.
+    pub allow_sources: Vec<(Ipv4Addr, u8)>,
 }
 
 /// The whole desired configuration, as given to [`Engine::apply`].

@@ -35,6 +35,7 @@ fn desired(nat_ports: std::ops::RangeInclusive<u16>, b_state: ConnectionState) -
         ip: Ipv4Addr::from(EP),
         service,
         state,
+        limits: EndpointLimits::default(),
     };
     Desired {
         provider_mtu: 1500,
@@ -522,6 +523,7 @@ fn reload_keeps_unchanged_flows_and_ends_removed_ones() {
         ip: Ipv4Addr::new(10, 1, 0, 6),
         service: 1,
         state: ConnectionState::Approved,
+        limits: EndpointLimits::default(),
     });
     let report = e.apply(&d, Now(1)).expect("apply");
     assert_eq!(report.endpoints_kept, vec!["pe-a".to_string()]);
@@ -1388,4 +1390,65 @@ fn one_network_cannot_take_the_whole_flow_table() {
     e.expire(Now(10_000));
     let mut p = udp(CLIENT, 30_000, EP, 53, b"x");
     assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(10_000)), Verdict::Forward(Egress::Provider));
+}
+
+// ---- Per-endpoint limits and source rules (issue 13). ----
+
+#[test]
+fn an_endpoint_holds_at_most_its_max_flows_and_others_still_connect() {
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.endpoints[0].limits.max_flows = Some(20);
+    // A second endpoint of the same service in the same network.
+    d.endpoints.push(EndpointSpec {
+        name: "pe-a2".into(),
+        network: 0,
+        ip: Ipv4Addr::new(10, 1, 0, 6),
+        service: 0,
+        state: ConnectionState::Approved,
+        limits: EndpointLimits::default(),
+    });
+    let (e, mut w) = engine_with(small(), &d);
+    let a = Source::Network(NET_A);
+    let mut made = 0;
+    for port in 0..30u16 {
+        let mut p = tcp(CLIENT, 5000 + port, EP, 80, "S", b"");
+        match w.process(&mut p, a, Now(1)) {
+            Verdict::Forward(_) => made += 1,
+            Verdict::Drop(DropReason::EndpointFlowLimit) => {}
+            v => panic!("{v:?}"),
+        }
+    }
+    assert_eq!(made, 20);
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::EndpointFlowLimit), 10);
+    let mut p = tcp(CLIENT, 6000, [10, 1, 0, 6], 80, "S", b"");
+    assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Forward(Egress::Provider), "the other endpoint connects");
+    let snap = e.snapshot();
+    let pe = snap.endpoint_by_name("pe-a").expect("pe-a");
+    assert_eq!(pe.shared.flows_active.load(std::sync::atomic::Ordering::Relaxed), 20);
+    // Packets of existing flows are not limited.
+    let mut again = tcp(CLIENT, 5000, EP, 80, "A", b"data");
+    assert_eq!(w.process(&mut again, a, Now(1)), Verdict::Forward(Egress::Provider));
+}
+
+#[test]
+fn source_rules_admit_only_allowed_consumers_and_a_reload_ends_disallowed_flows() {
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.endpoints[0].limits.allow_sources = vec![(Ipv4Addr::new(10, 1, 0, 8), 30)]; // .8 to .11
+    let (e, mut w) = engine_with(small(), &d);
+    let a = Source::Network(NET_A);
+    let mut ok = udp(CLIENT, 1000, EP, 53, b"x"); // 10.1.0.10
+    assert_eq!(w.process(&mut ok, a, Now(1)), Verdict::Forward(Egress::Provider));
+    let mut no = udp([10, 1, 0, 20], 1000, EP, 53, b"x");
+    assert_eq!(w.process(&mut no, a, Now(1)), Verdict::Drop(DropReason::SourceNotAllowed));
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::SourceNotAllowed), 1);
+    assert_eq!(e.flows().len(), 1);
+    // The reload narrows the rule: the allowed flow of .10 ends, its packets drop.
+    d.endpoints[0].limits.allow_sources = vec![(Ipv4Addr::new(10, 1, 0, 20), 32)];
+    let report = e.apply(&d, Now(2)).expect("config");
+    assert_eq!(report.flows_ended, 1);
+    assert_eq!(report.endpoints_kept, vec!["pe-a".to_string(), "pe-b".to_string()]);
+    let mut ok = udp(CLIENT, 1000, EP, 53, b"x");
+    assert_eq!(w.process(&mut ok, a, Now(2)), Verdict::Drop(DropReason::SourceNotAllowed));
+    let mut now_ok = udp([10, 1, 0, 20], 1000, EP, 53, b"x");
+    assert_eq!(w.process(&mut now_ok, a, Now(2)), Verdict::Forward(Egress::Provider));
 }

@@ -17,8 +17,9 @@
 //!    sends, such as SYN+FIN, are `invalid_tcp_flags`; ICMP errors go to
 //!    [`Ctx::translate_error`], other ICMP and protocols are
 //!    `unsupported_protocol`);
-//! 5. look up: the service's port rule (`port_not_allowed`) and the flow
-//!    (provider side: `no_flow`);
+//! 5. look up: the service's port rule (`port_not_allowed`), the
+//!    endpoint's source rules (`source_not_allowed`) and the flow (provider
+//!    side: `no_flow`);
 //! 6. approve: the endpoint's connection must be approved (`not_approved`).
 //!    Before TTL, so nothing about a pending or rejected endpoint answers,
 //!    not even traceroute;
@@ -26,7 +27,8 @@
 //! 8. MTU (`too_big`, answered with fragmentation needed when DF is set;
 //!    otherwise the packet leaves in fragments);
 //! 9. flow: the consumer side creates one for a new conversation (`no_flow`
-//!    for TCP other than a SYN, `flow_table_full`, `ports_exhausted`);
+//!    for TCP other than a SYN, `endpoint_flow_limit`, `flow_table_full`,
+//!    `ports_exhausted`);
 //! 10. TCP state from the flags;
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;
 //! 12. count.
@@ -281,6 +283,9 @@ impl Ctx<'_> {
                         None => return Verdict::Drop(DropReason::PortNotAllowed),
                     },
                 };
+                if !ep.allows(src) {
+                    return Verdict::Drop(DropReason::SourceNotAllowed);
+                }
                 (ep, bport)
             }
             None => match found.and_then(|v| snap.endpoint_by_id(v.endpoint)) {
@@ -316,6 +321,7 @@ impl Ctx<'_> {
                 match self.create(ep, ck, seg.proto, backend_port) {
                     Ok(v) => v,
                     Err(InsertError::Full) => return Verdict::Drop(DropReason::FlowTableFull),
+                    Err(InsertError::Limit) => return Verdict::Drop(DropReason::EndpointFlowLimit),
                     Err(InsertError::Refused) => {
                         return self.answer(buf, dst, icmp_type::DEST_UNREACHABLE, 13, 0, DropReason::PortsExhausted)
                     }
@@ -398,11 +404,19 @@ impl Ctx<'_> {
         let backend = svc.backends[svc.maglev.lookup(flows.flow_hash(ck))];
         let bits = if proto == Protocol::Tcp { state::C_SYN } else { 0 };
         let (num, now) = (proto.number(), self.now);
-        // The network's share of the table (reserved first, so concurrent
-        // creators cannot overshoot it; given back unless a flow was made).
+        use std::sync::atomic::Ordering::Relaxed;
+        // The endpoint's own bound and the network's share of the table,
+        // each reserved first (so concurrent creators cannot overshoot
+        // them) and given back unless a flow was made.
+        let active = &ep.shared.flows_active;
+        if active.fetch_add(1, Relaxed) >= u64::from(ep.max_flows) {
+            active.fetch_sub(1, Relaxed);
+            return Err(InsertError::Limit);
+        }
         let share = &self.engine.net_flows[usize::from(ck.network())];
-        if share.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= self.snap.flow_share {
-            share.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        if share.fetch_add(1, Relaxed) >= self.snap.flow_share {
+            share.fetch_sub(1, Relaxed);
+            active.fetch_sub(1, Relaxed);
             return Err(InsertError::Full);
         }
         let r = flows.insert(ck, ep.shared.id, now, |claim| {
@@ -410,12 +424,11 @@ impl Ctx<'_> {
             Some((pool.id, bits))
         });
         if !matches!(r, Ok(Inserted::New(_))) {
-            share.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            share.fetch_sub(1, Relaxed);
+            active.fetch_sub(1, Relaxed);
         }
         let r = r?;
         if let Inserted::New(_) = r {
-            use std::sync::atomic::Ordering::Relaxed;
-            ep.shared.flows_active.fetch_add(1, Relaxed);
             ep.shared.flows_created.fetch_add(1, Relaxed);
         }
         Ok(r.view())

@@ -118,10 +118,12 @@ pub enum DropReason {
     MartianSource,
     InvalidTcpFlags,
     SourceRoute,
+    EndpointFlowLimit,
+    SourceNotAllowed,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 16;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoEndpoint,
         DropReason::PortNotAllowed,
@@ -137,6 +139,8 @@ impl DropReason {
         DropReason::MartianSource,
         DropReason::InvalidTcpFlags,
         DropReason::SourceRoute,
+        DropReason::EndpointFlowLimit,
+        DropReason::SourceNotAllowed,
     ];
 
     pub fn index(self) -> usize {
@@ -160,6 +164,8 @@ impl DropReason {
             DropReason::MartianSource => "martian_source",
             DropReason::InvalidTcpFlags => "invalid_tcp_flags",
             DropReason::SourceRoute => "source_route",
+            DropReason::EndpointFlowLimit => "endpoint_flow_limit",
+            DropReason::SourceNotAllowed => "source_not_allowed",
         }
     }
 }

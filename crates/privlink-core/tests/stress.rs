@@ -48,8 +48,22 @@ fn desired(a: ConnectionState, b: ConnectionState) -> Desired {
             ports,
         }],
         endpoints: vec![
-            EndpointSpec { name: "pe-a".into(), network: 0, ip: Ipv4Addr::from(EP), service: 0, state: a },
-            EndpointSpec { name: "pe-b".into(), network: 1, ip: Ipv4Addr::from(EP), service: 0, state: b },
+            EndpointSpec {
+                name: "pe-a".into(),
+                network: 0,
+                ip: Ipv4Addr::from(EP),
+                service: 0,
+                state: a,
+                limits: EndpointLimits::default(),
+            },
+            EndpointSpec {
+                name: "pe-b".into(),
+                network: 1,
+                ip: Ipv4Addr::from(EP),
+                service: 0,
+                state: b,
+                limits: EndpointLimits::default(),
+            },
         ],
     }
 }

@@ -15,7 +15,9 @@ use crate::store::{StateLock, Store};
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use privlink_config::{Config, Network};
-use privlink_core::{ConnectionState, Desired, EndpointSpec, Engine, NetworkId, NetworkSpec, ServiceSpec, Settings};
+use privlink_core::{
+    ConnectionState, Desired, EndpointLimits, EndpointSpec, Engine, NetworkId, NetworkSpec, ServiceSpec, Settings,
+};
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,10 @@ fn to_desired(
                 ip: e.ip,
                 service: services.iter().position(|s| s.name == e.service)?,
                 state: states.get(&e.name).copied().unwrap_or(ConnectionState::Pending),
+                limits: EndpointLimits {
+                    max_flows: e.max_flows.or_else(|| config.service(&e.service)?.max_flows_per_endpoint),
+                    allow_sources: e.allow_sources.clone(),
+                },
             })
         })
         .collect();

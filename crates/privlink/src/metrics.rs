@@ -26,6 +26,10 @@ pub fn install() -> Result<PrometheusHandle> {
     );
     describe_counter!("privlink_endpoint_packets_total", "Packets through an endpoint, by direction.");
     describe_gauge!("privlink_endpoint_flows_active", "Live flows of an endpoint.");
+    describe_gauge!(
+        "privlink_endpoint_nat_ports_in_use",
+        "NAT ports an endpoint holds from its service's pools (one per live flow): who is eating a pool."
+    );
     describe_counter!("privlink_endpoint_flows_created_total", "Flows an endpoint has created.");
     describe_counter!("privlink_service_bytes_total", "IP bytes through all endpoints of a service, by direction.");
     describe_gauge!("privlink_nat_ports_available", "NAT ports neither in use nor quarantined, per pool.");
@@ -58,6 +62,8 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
     for (name, service) in seen.iter() {
         if snap.endpoint_by_name(name).is_none() {
             gauge!("privlink_endpoint_flows_active", "endpoint" => name.clone()).set(0.0);
+            gauge!("privlink_endpoint_nat_ports_in_use", "endpoint" => name.clone(), "service" => service.clone())
+                .set(0.0);
             for st in ConnectionState::ALL {
                 let v = if st == ConnectionState::Disconnected { 1.0 } else { 0.0 };
                 gauge!("privlink_connection_state", "endpoint" => name.clone(), "service" => service.clone(), "state" => st.as_str()).set(v);
@@ -91,6 +97,8 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
         counter!("privlink_endpoint_packets_total", &labels("in")).absolute(pi);
         counter!("privlink_endpoint_packets_total", &labels("out")).absolute(po);
         gauge!("privlink_endpoint_flows_active", "endpoint" => s.name.clone())
+            .set(s.flows_active.load(Ordering::Relaxed) as f64);
+        gauge!("privlink_endpoint_nat_ports_in_use", "endpoint" => s.name.clone(), "service" => s.service_name.clone())
             .set(s.flows_active.load(Ordering::Relaxed) as f64);
         counter!("privlink_endpoint_flows_created_total", "endpoint" => s.name.clone())
             .absolute(s.flows_created.load(Ordering::Relaxed));
