@@ -402,3 +402,127 @@ fn source_rules_admit_one_client_refuse_another_and_a_reload_ends_a_disallowed_c
     assert!(!echo(&mut allowed), "the disallowed connection no longer carries anything");
     assert!(from(other).is_ok(), "the newly allowed client connects");
 }
+
+// ---- Issue 13: backend health. ----
+
+const DUO_EP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 1, 0, 7);
+
+/// A service `duo` over both test backends, with `health`, and its endpoint
+/// in vnet-a at DUO_EP.
+fn duo(health: &str) -> String {
+    format!(
+        "\n[[service]]\nname = \"duo\"\nnat_ips = [\"192.168.100.12\"]\nbackends = [\"{BACKEND_ORDERS}\", \"{BACKEND_BILLING}\"]\n\
+         ports = [{{ protocol = \"tcp\", port = 80, backend_port = 8080 }}, {{ protocol = \"udp\", port = 53, backend_port = 5353 }}]\n\
+         visibility = [\"*\"]\nauto_approve = [\"*\"]\nhealth = {health}\n\
+         \n[[endpoint]]\nname = \"pe-duo\"\nnetwork = \"vnet-a\"\nip = \"{DUO_EP}\"\nservice = \"duo\"\n"
+    )
+}
+
+/// Which backends `n` new connections to DUO_EP reached (by their greeting).
+fn spread(bed: &Bed, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        let mut s = connect(&bed.a, DUO_EP, 80, Duration::from_secs(3)).expect("connect");
+        let greeting = line(&mut s);
+        let svc = greeting.split_whitespace().next().unwrap_or("").to_string();
+        *m.entry(svc).or_default() += 1;
+    }
+    m
+}
+
+fn backend_up(bed: &Bed, backend: std::net::Ipv4Addr) -> f64 {
+    bed.metric("privlink_backend_up", &[("service", "duo"), ("backend", &backend.to_string())])
+}
+
+#[test]
+fn a_dead_backend_leaves_new_flows_within_its_probe_budget_and_comes_back() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("health", Opts::default());
+    // interval 200 ms, down after 3 failures, up after 2 successes.
+    let health = "{ protocol = \"tcp\", port = 8080, interval = \"200ms\", timeout = \"100ms\", healthy_after = 2, unhealthy_after = 3 }";
+    bed.write_config(&Opts::default(), &duo(health));
+    bed.start();
+    let both = spread(&bed, 100);
+    assert_eq!(both.len(), 2, "both backends take new connections: {both:?}");
+    // A connection held on the backend that survives.
+    let mut held = connect(&bed.a, DUO_EP, 80, Duration::from_secs(3)).expect("connect");
+    while !line(&mut held).starts_with("svc=billing") {
+        held = connect(&bed.a, DUO_EP, 80, Duration::from_secs(3)).expect("connect");
+    }
+    // Stop one backend: within interval x unhealthy_after + interval it is out.
+    bed.stop_backend(BACKEND_ORDERS);
+    let t = Instant::now();
+    assert!(eventually(3, || backend_up(&bed, BACKEND_ORDERS) == 0.0), "backend_up never fell");
+    assert!(t.elapsed() <= Duration::from_millis(800 + 300 + 500), "took {:?}", t.elapsed());
+    assert_eq!(spread(&bed, 100).get("svc=billing"), Some(&100), "every new connection reaches the survivor");
+    // Back: after healthy_after probes it takes new flows again.
+    bed.start_backend(BACKEND_ORDERS);
+    assert!(eventually(3, || backend_up(&bed, BACKEND_ORDERS) == 1.0), "backend_up never rose");
+    assert_eq!(spread(&bed, 100).len(), 2, "the restarted backend gets new connections again");
+    // Both down: a new connection is refused at once, not left to time out.
+    bed.stop_backend(BACKEND_ORDERS);
+    bed.stop_backend(BACKEND_BILLING);
+    assert!(eventually(3, || backend_up(&bed, BACKEND_BILLING) == 0.0 && backend_up(&bed, BACKEND_ORDERS) == 0.0));
+    let t = Instant::now();
+    let err = connect(&bed.a, DUO_EP, 80, Duration::from_secs(3)).expect_err("refused");
+    assert!(t.elapsed() < Duration::from_millis(100), "refused in {:?} ({err})", t.elapsed());
+    assert!(err.to_string().to_lowercase().contains("refused"), "{err}");
+    assert!(
+        bed.metric("privlink_packets_dropped_total", &[("reason", "no_healthy_backend"), ("network", "vnet-a")]) >= 1.0
+    );
+    // The held connection on the (now stopped) survivor was untouched all along.
+    use std::io::Write;
+    held.write_all(b"hello").expect("write");
+    held.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    assert!(line(&mut held).starts_with("len=5 "), "the held connection still works");
+    // privlink status shows it too.
+    let (code, out, _) = bed.cli(&["status"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("duo") && out.contains("down"), "{out}");
+}
+
+/// An HTTP server on `addr:8090` in the provider namespace answering
+/// `/healthz` with the status in `code`.
+fn http_health(ns: &str, addr: std::net::Ipv4Addr, code: std::sync::Arc<std::sync::atomic::AtomicU16>) {
+    let l = within(ns, move || Ok(std::net::TcpListener::bind((addr, 8090))?)).expect("bind");
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for c in l.incoming().flatten() {
+            let mut c = c;
+            let mut buf = [0u8; 512];
+            let _ = c.read(&mut buf);
+            let status = code.load(std::sync::atomic::Ordering::Relaxed);
+            let _ = c.write_all(format!("HTTP/1.0 {status} X\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        }
+    });
+}
+
+#[test]
+fn an_http_probe_answering_500_takes_its_backend_out() {
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("httphealth", Opts::default());
+    let health = "{ protocol = \"http\", port = 8090, path = \"/healthz\", interval = \"200ms\", timeout = \"100ms\", healthy_after = 2, unhealthy_after = 3 }";
+    bed.write_config(&Opts::default(), &duo(health));
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let orders = std::sync::Arc::new(AtomicU16::new(200));
+    http_health(&bed.prov, BACKEND_ORDERS, orders.clone());
+    http_health(&bed.prov, BACKEND_BILLING, std::sync::Arc::new(AtomicU16::new(204)));
+    bed.start();
+    assert!(eventually(3, || backend_up(&bed, BACKEND_ORDERS) == 1.0 && backend_up(&bed, BACKEND_BILLING) == 1.0));
+    assert_eq!(spread(&bed, 60).len(), 2);
+    orders.store(500, Ordering::Relaxed);
+    assert!(eventually(3, || backend_up(&bed, BACKEND_ORDERS) == 0.0), "a 500 takes the backend out");
+    assert_eq!(spread(&bed, 60).get("svc=billing"), Some(&60));
+    orders.store(200, Ordering::Relaxed);
+    assert!(eventually(3, || backend_up(&bed, BACKEND_ORDERS) == 1.0), "a 200 brings it back");
+    assert!(
+        bed.metric(
+            "privlink_backend_flows_created_total",
+            &[("service", "duo"), ("backend", &BACKEND_ORDERS.to_string())]
+        ) >= 1.0
+    );
+}

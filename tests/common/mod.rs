@@ -43,7 +43,8 @@ pub struct Bed {
     pub config: PathBuf,
     pub metrics: SocketAddr,
     daemon: Option<Child>,
-    _backends: Vec<Backend>,
+    /// (address, service name, its servers while they run).
+    backends: Vec<(Ipv4Addr, &'static str, Option<Backend>)>,
     // Dropped last: the namespaces go after the daemon stopped.
     _ns: Namespaces,
 }
@@ -93,20 +94,18 @@ impl Bed {
         }
         let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: Some(8081) };
         let backends = vec![
-            Backend::start(&prov, "orders", BACKEND_ORDERS, ports).expect("orders backend"),
-            Backend::start(&prov, "billing", BACKEND_BILLING, ports).expect("billing backend"),
+            (
+                BACKEND_ORDERS,
+                "orders",
+                Some(Backend::start(&prov, "orders", BACKEND_ORDERS, ports).expect("orders backend")),
+            ),
+            (
+                BACKEND_BILLING,
+                "billing",
+                Some(Backend::start(&prov, "billing", BACKEND_BILLING, ports).expect("billing backend")),
+            ),
         ];
-        let bed = Bed {
-            prov,
-            a,
-            b,
-            config: dir.join("privlink.toml"),
-            dir,
-            metrics,
-            daemon: None,
-            _backends: backends,
-            _ns: ns,
-        };
+        let bed = Bed { prov, a, b, config: dir.join("privlink.toml"), dir, metrics, daemon: None, backends, _ns: ns };
         bed.write_config(&opts, "");
         bed
     }
@@ -243,6 +242,24 @@ service = "billing"
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("privlink did not come up:\n{}", self.log());
+    }
+
+    /// Stops the servers of the backend at `addr` (its port refuses).
+    pub fn stop_backend(&mut self, addr: Ipv4Addr) {
+        for b in self.backends.iter_mut().filter(|b| b.0 == addr) {
+            b.2 = None;
+        }
+        // The accept loops notice within their poll interval.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Starts the servers of the backend at `addr` again.
+    pub fn start_backend(&mut self, addr: Ipv4Addr) {
+        let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: Some(8081) };
+        let prov = self.prov.clone();
+        for b in self.backends.iter_mut().filter(|b| b.0 == addr) {
+            b.2 = Some(Backend::start(&prov, b.1, addr, ports).expect("backend"));
+        }
     }
 
     /// The daemon's pid.

@@ -101,6 +101,32 @@ pub struct Service {
     pub auto_approve: Vec<String>,
     /// The default of its endpoints' `max_flows`.
     pub max_flows_per_endpoint: Option<u32>,
+    /// How its backends are probed; `None`: never, all count as healthy.
+    pub health: Option<Health>,
+}
+
+/// A service's backend health probe (`health = { ... }`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub kind: HealthKind,
+    /// The backend port probed.
+    pub port: u16,
+    pub interval: std::time::Duration,
+    /// How long one probe may take.
+    pub timeout: std::time::Duration,
+    /// Consecutive successes that bring a down backend back.
+    pub healthy_after: u32,
+    /// Consecutive failures that take an up backend out.
+    pub unhealthy_after: u32,
+}
+
+/// What a probe does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// `GET path` answers 2xx.
+    Http { path: String },
 }
 
 impl Service {
@@ -292,6 +318,19 @@ struct RawService {
     auto_approve: Option<S<Vec<S<String>>>>,
     proxy_protocol: Option<S<bool>>,
     max_flows_per_endpoint: Option<S<i64>>,
+    health: Option<S<RawHealth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    protocol: Option<S<String>>,
+    port: Option<S<i64>>,
+    path: Option<S<String>>,
+    interval: Option<S<String>>,
+    timeout: Option<S<String>>,
+    healthy_after: Option<S<i64>>,
+    unhealthy_after: Option<S<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -416,6 +455,67 @@ impl Cx<'_> {
             return None;
         }
         Some((addr, len))
+    }
+
+    /// A duration like `2s` or `500ms`, from 1 ms to 1 h.
+    fn duration(&mut self, v: &Option<S<String>>, default: std::time::Duration, what: &str) -> std::time::Duration {
+        let Some(s) = v else { return default };
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(d) if d >= std::time::Duration::from_millis(1) && d <= std::time::Duration::from_secs(3600) => d,
+            _ => {
+                self.err(
+                    s.span().start,
+                    format!("{what}: `{}` is not a duration from 1ms to 1h (like \"2s\")", shown(s.get_ref())),
+                );
+                default
+            }
+        }
+    }
+
+    /// A service's `health` table.
+    fn health(&mut self, h: &S<RawHealth>, ports: &[PortRule]) -> Option<Health> {
+        let at = h.span().start;
+        let h = h.get_ref();
+        let kind = match self.need(&h.protocol, at, "protocol").map(|p| p.get_ref().as_str()) {
+            Some("tcp") => HealthKind::Tcp,
+            Some("http") => match self.need(&h.path, at, "path") {
+                Some(p)
+                    if p.get_ref().starts_with('/')
+                        && p.get_ref().len() <= 1024
+                        && !p.get_ref().chars().any(|c| c.is_control() || c == ' ') =>
+                {
+                    HealthKind::Http { path: p.get_ref().clone() }
+                }
+                Some(p) => {
+                    self.err(p.span().start, format!("path: `{}` is not an absolute URL path", shown(p.get_ref())));
+                    return None;
+                }
+                None => return None,
+            },
+            Some(other) => {
+                let other = other.to_string();
+                if let Some(p) = &h.protocol {
+                    self.err(p.span().start, format!("protocol: `{}` is not `tcp` or `http`", shown(&other)));
+                }
+                return None;
+            }
+            None => return None,
+        };
+        let default_port = ports.iter().find(|p| p.protocol == Protocol::Tcp).map_or(1, |p| i64::from(p.backend_port));
+        if h.port.is_none() && !ports.iter().any(|p| p.protocol == Protocol::Tcp) {
+            self.err(at, "health: `port` is needed (the service offers no TCP port to default to)");
+        }
+        let port = self.int(&h.port, 1..=65535, default_port, "port") as u16;
+        let interval = self.duration(&h.interval, std::time::Duration::from_secs(2), "interval");
+        let timeout = self.duration(&h.timeout, std::time::Duration::from_secs(1), "timeout");
+        if timeout > interval {
+            if let Some(t) = &h.timeout {
+                self.err(t.span().start, "timeout: longer than the interval");
+            }
+        }
+        let healthy_after = self.int(&h.healthy_after, 1..=100, 2, "healthy_after") as u32;
+        let unhealthy_after = self.int(&h.unhealthy_after, 1..=100, 3, "unhealthy_after") as u32;
+        Some(Health { kind, port, interval, timeout, healthy_after, unhealthy_after })
     }
 
     /// An address that must be unicast.
@@ -642,6 +742,7 @@ impl Cx<'_> {
                     self.err(pp.span().start, "proxy_protocol = true is not supported yet");
                 }
             }
+            let health = s.health.as_ref().and_then(|h| self.health(h, &ports));
             if let Some(name) = name {
                 services.push(Service {
                     name,
@@ -654,6 +755,7 @@ impl Cx<'_> {
                     max_flows_per_endpoint: s.max_flows_per_endpoint.as_ref().map(|_| {
                         self.int(&s.max_flows_per_endpoint, 1..=(1 << 31), 1, "max_flows_per_endpoint") as u32
                     }),
+                    health,
                 });
             }
         }
@@ -962,5 +1064,41 @@ service = "orders-db"
         assert!(errors(&bad).join("\n").contains("max_flows_per_endpoint must be 1 to"));
         let bad = text.replace("\"10.9.9.9\"", "\"10.9.9.9/24\"");
         assert!(errors(&bad).join("\n").contains("host bits set"), "a prefix with host bits is a typo");
+    }
+
+    #[test]
+    fn health_probes_parse_and_nonsense_has_positions() {
+        let with = |h: &str| {
+            GOOD.replace("auto_approve = [\"contoso\"]", &format!("auto_approve = [\"contoso\"]\nhealth = {h}"))
+        };
+        let c = Config::parse(&with("{ protocol = \"tcp\", port = 8080, interval = \"2s\", timeout = \"1s\", healthy_after = 2, unhealthy_after = 3 }"), "t.toml").expect("valid");
+        let h = c.services[0].health.clone().expect("health");
+        assert_eq!(
+            (h.kind, h.port, h.interval.as_millis(), h.timeout.as_millis(), h.healthy_after, h.unhealthy_after),
+            (HealthKind::Tcp, 8080, 2000, 1000, 2, 3)
+        );
+        let c = Config::parse(
+            &with("{ protocol = \"http\", path = \"/healthz\", interval = \"500ms\", timeout = \"200ms\" }"),
+            "t.toml",
+        )
+        .expect("valid");
+        let h = c.services[0].health.clone().expect("health");
+        assert_eq!(
+            (h.kind, h.port),
+            (HealthKind::Http { path: "/healthz".into() }, 15432),
+            "port defaults to the first TCP backend port"
+        );
+        for (bad, want) in [
+            ("{ protocol = \"tcp\", interval = \"soon\" }", "interval: `soon` is not a duration"),
+            ("{ protocol = \"tcp\", healthy_after = 0 }", "healthy_after must be 1 to 100"),
+            ("{ protocol = \"tcp\", unhealthy_after = 0 }", "unhealthy_after must be 1 to 100"),
+            ("{ protocol = \"http\" }", "missing"),
+            ("{ protocol = \"http\", path = \"healthz\" }", "path: `healthz` is not an absolute URL path"),
+            ("{ protocol = \"icmp\" }", "protocol: `icmp` is not `tcp` or `http`"),
+            ("{ protocol = \"tcp\", interval = \"1s\", timeout = \"2s\" }", "timeout: longer than the interval"),
+        ] {
+            let e = errors(&with(bad)).join("\n");
+            assert!(e.contains(want) && e.starts_with("t.toml:"), "{bad}: missing {want:?} in\n{e}");
+        }
     }
 }

@@ -5,9 +5,8 @@
 use crate::counters::PerWorker;
 use crate::engine::{ApplyState, Engine};
 use crate::error::CoreError;
-use crate::maglev::Maglev;
 use crate::pool::PortPool;
-use crate::snapshot::{EndpointShared, EndpointView, NetworkShared, PoolEntry, ServiceView, Snapshot, Tally};
+use crate::snapshot::{EndpointShared, EndpointView, NetworkShared, Picker, PoolEntry, ServiceView, Snapshot, Tally};
 use crate::spec::Desired;
 use crate::types::DropReason;
 use crate::types::{EndpointId, Now, PoolId, Protocol};
@@ -41,7 +40,53 @@ pub(crate) struct Retired {
     pools: HashMap<(String, Ipv4Addr, Protocol), u64>,
 }
 
+/// One backend's health, as the engine holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendState {
+    pub service: String,
+    pub backend: Ipv4Addr,
+    /// Takes new flows.
+    pub up: bool,
+    /// Flows created on it, ever.
+    pub flows_created: u64,
+}
+
 impl Engine {
+    /// Marks a backend of a service up or down for new flows (a health
+    /// probe's verdict). Flows already on it keep it. Returns whether that
+    /// changed anything; kept across reloads.
+    pub fn set_backend_up(&self, service: &str, backend: Ipv4Addr, up: bool) -> bool {
+        let mut st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (service.to_string(), backend);
+        let changed = if up { st.down.remove(&key) } else { st.down.insert(key) };
+        if changed {
+            let snap = self.snap.load();
+            if let Some(svc) = snap.services.iter().find(|s| s.name == service) {
+                let all: Vec<Ipv4Addr> = svc.backends.iter().map(|&b| Ipv4Addr::from(b)).collect();
+                svc.picker.store(Arc::new(Picker::new(&all, |b| !st.down.contains(&(service.to_string(), b)))));
+            }
+        }
+        changed
+    }
+
+    /// Every configured backend with its health and flow count.
+    pub fn backends(&self) -> Vec<BackendState> {
+        let snap = self.snap.load();
+        let mut out = Vec::new();
+        for s in &snap.services {
+            let picker = s.picker.load();
+            for (i, &b) in s.backends.iter().enumerate() {
+                out.push(BackendState {
+                    service: s.name.clone(),
+                    backend: Ipv4Addr::from(b),
+                    up: picker.is_up(i),
+                    flows_created: s.created[i].load(std::sync::atomic::Ordering::Relaxed),
+                });
+            }
+        }
+        out
+    }
+
     /// Counts of endpoints that left the config and have not come back:
     /// ((endpoint, network, service), counts). Sums over a service (its
     /// bytes metric) include them, so they never go down.
@@ -131,7 +176,14 @@ impl Engine {
                 name: s.name.clone(),
                 nat_ips: s.nat_ips.iter().map(|&a| u32::from(a)).collect(),
                 backends: s.backends.iter().map(|&a| u32::from(a)).collect(),
-                maglev: Maglev::new(&s.backends),
+                picker: arc_swap::ArcSwap::from_pointee(Picker::new(&s.backends, |b| {
+                    !st.down.contains(&(s.name.clone(), b))
+                })),
+                created: s
+                    .backends
+                    .iter()
+                    .map(|&b| st.backend_created.entry((s.name.clone(), b)).or_default().clone())
+                    .collect(),
                 rules: s.ports.clone(),
                 pools: per_ip,
             });

@@ -41,6 +41,10 @@ pub(crate) struct ApplyState {
     /// their metric labels, taken up again by whatever comes back under the
     /// same labels: metric series stay monotonic.
     pub(crate) retired: crate::apply::Retired,
+    /// (service, backend) a health probe took out of new flows.
+    pub(crate) down: std::collections::HashSet<(String, std::net::Ipv4Addr)>,
+    /// Flows created per (service, backend), kept across reloads.
+    pub(crate) backend_created: HashMap<(String, std::net::Ipv4Addr), Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Engine {

@@ -327,6 +327,8 @@ pub enum InsertError {
     /// The endpoint holds its `max_flows` (decided before the table is
     /// asked).
     Limit,
+    /// The service has no healthy backend.
+    NoBackend,
 }
 
 /// What [`FlowTable::insert`] found or made.

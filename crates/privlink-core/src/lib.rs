@@ -33,12 +33,12 @@ pub mod worker;
 #[cfg(test)]
 mod tests;
 
-pub use apply::ApplyReport;
+pub use apply::{ApplyReport, BackendState};
 pub use engine::Engine;
 pub use error::CoreError;
 pub use listing::FlowInfo;
 pub use outbox::{Out, Outbox};
-pub use snapshot::{EndpointShared, NetworkShared, PoolEntry, Snapshot, Tally};
+pub use snapshot::{EndpointShared, NetworkShared, Picker, PoolEntry, Snapshot, Tally};
 pub use spec::{
     Desired, EndpointLimits, EndpointSpec, NetworkSpec, PortRule, ServiceSpec, Settings, Timeouts, MAX_BACKENDS,
     MAX_NAT_IPS,

@@ -112,11 +112,48 @@ pub struct PoolEntry {
 pub struct ServiceView {
     pub name: String,
     pub nat_ips: Vec<u32>,
+    /// Every configured backend (flows on any of them stay allowed).
     pub backends: Vec<u32>,
-    pub maglev: Maglev,
+    /// Where new flows go: the healthy backends (swapped when a probe
+    /// changes a backend's health, without a reload).
+    pub picker: arc_swap::ArcSwap<Picker>,
+    /// Flows created per backend (index as in `backends`), carried across
+    /// reloads by (service, backend).
+    pub created: Vec<Arc<AtomicU64>>,
     pub rules: Vec<PortRule>,
     /// `pools[nat ip index][protocol index]`.
     pub pools: Vec<[Arc<PoolEntry>; 3]>,
+}
+
+/// Maglev over a service's healthy backends. Existing flows never consult
+/// it: the flow table pins their backend.
+#[derive(Debug)]
+pub struct Picker {
+    /// Indexes into [`ServiceView::backends`] of the healthy backends.
+    healthy: Vec<usize>,
+    maglev: Option<Maglev>,
+}
+
+impl Picker {
+    /// A picker over the backends of `all` for which `up` holds.
+    pub fn new(all: &[Ipv4Addr], up: impl Fn(Ipv4Addr) -> bool) -> Picker {
+        let healthy: Vec<usize> = (0..all.len()).filter(|&i| up(all[i])).collect();
+        let addrs: Vec<Ipv4Addr> = healthy.iter().map(|&i| all[i]).collect();
+        let maglev = (!addrs.is_empty()).then(|| Maglev::new(&addrs));
+        Picker { healthy, maglev }
+    }
+
+    /// The backend (index into [`ServiceView::backends`]) for a new flow
+    /// with this hash; `None` when no backend is healthy.
+    #[inline]
+    pub fn pick(&self, flow_hash: u64) -> Option<usize> {
+        Some(self.healthy[self.maglev.as_ref()?.lookup(flow_hash)])
+    }
+
+    /// Whether the backend at index `i` takes new flows.
+    pub fn is_up(&self, i: usize) -> bool {
+        self.healthy.contains(&i)
+    }
 }
 
 impl ServiceView {

@@ -322,6 +322,9 @@ impl Ctx<'_> {
                     Ok(v) => v,
                     Err(InsertError::Full) => return Verdict::Drop(DropReason::FlowTableFull),
                     Err(InsertError::Limit) => return Verdict::Drop(DropReason::EndpointFlowLimit),
+                    // Refused at once rather than left to time out: a TCP
+                    // RST, for UDP port unreachable (rate-limited, as ICMP).
+                    Err(InsertError::NoBackend) => return self.refuse(buf, seg.proto, dst),
                     Err(InsertError::Refused) => {
                         return self.answer(buf, dst, icmp_type::DEST_UNREACHABLE, 13, 0, DropReason::PortsExhausted)
                     }
@@ -401,7 +404,8 @@ impl Ctx<'_> {
         let nat_idx = nat_ip_index(ck.network(), ck.consumer_addr(), svc.nat_ips.len());
         let nat_ip = svc.nat_ips[nat_idx];
         let pool = &svc.pools[nat_idx][proto.index()];
-        let backend = svc.backends[svc.maglev.lookup(flows.flow_hash(ck))];
+        let Some(bi) = svc.picker.load().pick(flows.flow_hash(ck)) else { return Err(InsertError::NoBackend) };
+        let backend = svc.backends[bi];
         let bits = if proto == Protocol::Tcp { state::C_SYN } else { 0 };
         let (num, now) = (proto.number(), self.now);
         use std::sync::atomic::Ordering::Relaxed;
@@ -430,6 +434,7 @@ impl Ctx<'_> {
         let r = r?;
         if let Inserted::New(_) = r {
             ep.shared.flows_created.fetch_add(1, Relaxed);
+            svc.created[bi].fetch_add(1, Relaxed);
         }
         Ok(r.view())
     }
@@ -509,6 +514,29 @@ impl Ctx<'_> {
         }
         let len = wire::build_icmp_error(&mut self.reply[..], orig, src, p.src_addr(), kind, code, rest);
         Verdict::Reply { reason, len }
+    }
+
+    /// A new flow to a service with no healthy backend: answered at once so
+    /// the client does not wait for its own timeout (a TCP SYN with a RST
+    /// from the endpoint, UDP with ICMP port unreachable), rate-limited with
+    /// the generated ICMP and never to a non-unicast source.
+    fn refuse(&mut self, buf: &[u8], proto: Protocol, from: u32) -> Verdict {
+        let reason = DropReason::NoHealthyBackend;
+        match proto {
+            Protocol::Udp => self.answer(buf, from, icmp_type::DEST_UNREACHABLE, 3, 0, reason),
+            Protocol::Tcp => {
+                let p = Ipv4Packet::new_unchecked(buf);
+                if p.is_fragment() || !wire::is_unicast(p.src_addr()) || !self.icmp.take(self.now) {
+                    return Verdict::Drop(reason);
+                }
+                let len = wire::build_tcp_rst(&mut self.reply[..], buf);
+                if len == 0 {
+                    return Verdict::Drop(reason);
+                }
+                Verdict::Reply { reason, len }
+            }
+            Protocol::Icmp => Verdict::Drop(reason),
+        }
     }
 
     /// The largest IP packet this one puts on the wire, and how many: a GSO

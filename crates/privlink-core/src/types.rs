@@ -120,10 +120,11 @@ pub enum DropReason {
     SourceRoute,
     EndpointFlowLimit,
     SourceNotAllowed,
+    NoHealthyBackend,
 }
 
 impl DropReason {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 17;
     pub const ALL: [DropReason; Self::COUNT] = [
         DropReason::NoEndpoint,
         DropReason::PortNotAllowed,
@@ -141,6 +142,7 @@ impl DropReason {
         DropReason::SourceRoute,
         DropReason::EndpointFlowLimit,
         DropReason::SourceNotAllowed,
+        DropReason::NoHealthyBackend,
     ];
 
     pub fn index(self) -> usize {
@@ -166,6 +168,7 @@ impl DropReason {
             DropReason::SourceRoute => "source_route",
             DropReason::EndpointFlowLimit => "endpoint_flow_limit",
             DropReason::SourceNotAllowed => "source_not_allowed",
+            DropReason::NoHealthyBackend => "no_healthy_backend",
         }
     }
 }

@@ -576,6 +576,61 @@ pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: (u32, u16), dst: (u32, u
     put16(icmp, field::ICMP_CHECKSUM, c);
 }
 
+/// Writes into `out` a TCP RST answering the segment `orig` (an IPv4
+/// packet) as its destination would (RFC 793 "Reset Generation"): to an
+/// ACK, `seq = its ack`; otherwise `ack = its seq + its length` with ACK
+/// set. Returns the RST's length (40), or 0 when `orig` is too short.
+pub fn build_tcp_rst(out: &mut [u8], orig: &[u8]) -> usize {
+    let Some(ihl) = orig.first().map(|b| usize::from(b & 0x0f) * 4) else { return 0 };
+    if orig.len() < ihl + field::TCP_HEADER_MIN || out.len() < 40 {
+        return 0;
+    }
+    let (src, dst) = (be32(orig, field::SRC), be32(orig, field::DST));
+    let t = &orig[ihl..];
+    let (sport, dport) = (be16(t, field::SRC_PORT), be16(t, field::DST_PORT));
+    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+    let flags = t[field::TCP_FLAGS];
+    let off = usize::from(t[field::TCP_DATA_OFF] >> 4) * 4;
+    let total = usize::from(be16(orig, field::LENGTH));
+    let payload = total.saturating_sub(ihl + off) as u32;
+    let seg_len = payload + u32::from(flags & tcp_flags::SYN != 0) + u32::from(flags & tcp_flags::FIN != 0);
+    let (rseq, rack, rflags) = if flags & tcp_flags::ACK != 0 {
+        (ack, 0, tcp_flags::RST)
+    } else {
+        (0, seq.wrapping_add(seg_len), tcp_flags::RST | tcp_flags::ACK)
+    };
+    let o = &mut out[..40];
+    o.fill(0);
+    o[0] = 0x45;
+    o[2..4].copy_from_slice(&40u16.to_be_bytes());
+    o[6] = 0x40; // DF
+    o[8] = 64;
+    o[9] = proto::TCP;
+    o[12..16].copy_from_slice(&dst.to_be_bytes());
+    o[16..20].copy_from_slice(&src.to_be_bytes());
+    let c = crate::checksum::checksum(&o[..20]);
+    o[10..12].copy_from_slice(&c.to_be_bytes());
+    {
+        let r = &mut o[20..40];
+        r[0..2].copy_from_slice(&dport.to_be_bytes());
+        r[2..4].copy_from_slice(&sport.to_be_bytes());
+        r[4..8].copy_from_slice(&rseq.to_be_bytes());
+        r[8..12].copy_from_slice(&rack.to_be_bytes());
+        r[12] = 5 << 4;
+        r[13] = rflags;
+    }
+    let mut pseudo = [0u8; 32];
+    pseudo[..4].copy_from_slice(&dst.to_be_bytes());
+    pseudo[4..8].copy_from_slice(&src.to_be_bytes());
+    pseudo[9] = proto::TCP;
+    pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
+    pseudo[12..32].copy_from_slice(&o[20..40]);
+    let c = crate::checksum::checksum(&pseudo);
+    o[36..38].copy_from_slice(&c.to_be_bytes());
+    40
+}
+
 /// A source no router forwards from (RFC 1812 5.3.7): "this network"
 /// (0/8), loopback, multicast, reserved (240/4) and broadcast.
 #[inline]

@@ -120,6 +120,30 @@ pub fn flows_table(json: &str) -> Result<String> {
 
 /// Percent-encodes a query or path value (endpoint names are plain, but a
 /// user may type anything).
+/// `GET /v1/status` as text: the counts, then one line per backend.
+pub fn status_table(json: &str) -> Result<String> {
+    let v: serde_json::Value = serde_json::from_str(json).context("bad status")?;
+    let mut out = format!(
+        "privlink {}  up {}s  config generation {}  flows {} of {}\n\n",
+        v["version"].as_str().unwrap_or("?"),
+        v["uptime_secs"],
+        v["config_generation"],
+        v["flows_active"],
+        v["max_flows"]
+    );
+    out.push_str(&format!("{:<20} {:<16} {:<6} {}\n", "SERVICE", "BACKEND", "STATE", "FLOWS-CREATED"));
+    for b in v["backends"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "{:<20} {:<16} {:<6} {}\n",
+            printable(b["service"].as_str().unwrap_or("")),
+            b["backend"].as_str().unwrap_or(""),
+            if b["up"].as_bool().unwrap_or(false) { "up" } else { "down" },
+            b["flows_created"]
+        ));
+    }
+    Ok(out.trim_end().to_string())
+}
+
 pub fn encode(v: &str) -> String {
     v.bytes()
         .map(|b| match b {

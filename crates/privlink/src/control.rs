@@ -328,6 +328,12 @@ async fn status(State(c): State<Arc<Control>>) -> Result<Json<serde_json::Value>
         "flows_active": c.engine.flows().len(),
         "max_flows": c.engine.flows().capacity(),
         "connections": by_state,
+        "backends": c.engine.backends().iter().map(|b| serde_json::json!({
+            "service": b.service,
+            "backend": b.backend.to_string(),
+            "up": b.up,
+            "flows_created": b.flows_created,
+        })).collect::<Vec<_>>(),
     })))
 }
 

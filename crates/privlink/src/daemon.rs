@@ -40,6 +40,8 @@ struct Daemon {
     control: Arc<Control>,
     /// Held for the daemon's life: one daemon per state directory.
     _lock: StateLock,
+    /// The backend health probes of the running config.
+    prober: Option<crate::health::Prober>,
 }
 
 fn to_desired(
@@ -125,8 +127,10 @@ impl Daemon {
             epoch,
             control,
             _lock: lock,
+            prober: None,
         };
         d.converge(&config)?;
+        d.prober = crate::health::Prober::start(&d.engine, &config)?;
         Ok(d)
     }
 
@@ -286,7 +290,15 @@ impl Daemon {
             return;
         }
         match self.converge(&new) {
-            Ok(()) => tracing::info!(generation = self.engine.snapshot().generation, "configuration reloaded"),
+            Ok(()) => {
+                // Probes follow the new config (their backends' states carry over).
+                self.prober = None;
+                match crate::health::Prober::start(&self.engine, &new) {
+                    Ok(p) => self.prober = p,
+                    Err(e) => tracing::error!("health probes not running: {e:#}"),
+                }
+                tracing::info!(generation = self.engine.snapshot().generation, "configuration reloaded")
+            }
             Err(e) => {
                 // Something the check could not foresee (the kernel refused a
                 // device or a route): go back to the running configuration.

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod device;
+pub mod health;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;

@@ -49,6 +49,14 @@ enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// The daemon's status and each backend's health (via the control API).
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Dump the live flow table (like `conntrack -L`).
     Flows {
         /// Only the flows of this endpoint.
@@ -148,6 +156,16 @@ fn flows(endpoint: Option<String>, target: &Target, json: bool) -> anyhow::Resul
     Ok(())
 }
 
+fn status(target: &Target, json: bool) -> anyhow::Result<()> {
+    let out = privlink::client::call(&target.socket()?, "GET", "/v1/status", None)?;
+    if json {
+        println!("{out}");
+    } else {
+        println!("{}", privlink::client::status_table(&out)?);
+    }
+    Ok(())
+}
+
 fn init_logs(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
@@ -185,6 +203,7 @@ fn main() -> ExitCode {
         Command::Demo => privlink::demo::run(),
         Command::Connections { action, target, json } => connections(action, &target, json),
         Command::Flows { endpoint, target, json } => flows(endpoint, &target, json),
+        Command::Status { target, json } => status(&target, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -42,6 +42,11 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_gauge!("privlink_flows_active", "Live flows in the flow table.");
     describe_gauge!("privlink_connection_state", "1 for an endpoint connection's current state, 0 for the others.");
     describe_counter!("privlink_tun_write_errors_total", "Packets a TUN device refused to take.");
+    describe_gauge!(
+        "privlink_backend_up",
+        "1 while a backend takes new flows (healthy, or its service has no probe), else 0."
+    );
+    describe_counter!("privlink_backend_flows_created_total", "Flows created on a backend.");
     describe_counter!(
         "privlink_devices_lost_total",
         "Times a TUN device was found deleted under the daemon (it is recreated)."
@@ -134,6 +139,11 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
     drops(PROVIDER.to_string(), engine.provider_drops());
     for n in snap.network_list() {
         drops(n.name.clone(), Engine::network_drops(n));
+    }
+    for b in engine.backends() {
+        let labels = [("service", b.service.clone()), ("backend", b.backend.to_string())];
+        gauge!("privlink_backend_up", &labels).set(if b.up { 1.0 } else { 0.0 });
+        counter!("privlink_backend_flows_created_total", &labels).absolute(b.flows_created);
     }
     gauge!("privlink_flows_active").set(f64::from(engine.flows().len()));
     counter!("privlink_tun_write_errors_total").absolute(io.writes.load(Ordering::Relaxed));
