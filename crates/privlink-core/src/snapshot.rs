@@ -192,11 +192,11 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn endpoint_at(&self, network: u16, ip: u32) -> Option<&EndpointView> {
         self.by_addr.get(&(network, ip)).map(|&i| &self.endpoints[i])
     }
-    #[inline]
+    #[inline(always)]
     pub fn endpoint_by_id(&self, id: EndpointId) -> Option<&EndpointView> {
         match self.by_id.get(id.0 as usize) {
             Some(&i) if i != 0 => Some(&self.endpoints[(i - 1) as usize]),

@@ -409,30 +409,27 @@ impl Ctx<'_> {
         let bits = if proto == Protocol::Tcp { state::C_SYN } else { 0 };
         let (num, now) = (proto.number(), self.now);
         use std::sync::atomic::Ordering::Relaxed;
-        // The endpoint's own bound and the network's share of the table,
-        // each reserved first (so concurrent creators cannot overshoot
-        // them) and given back unless a flow was made.
+        // The endpoint's own bound and the network's share of the table:
+        // checked, then counted once the flow exists. Workers creating flows
+        // of one endpoint at the same instant may each pass the check, so a
+        // bound can be exceeded by at most one flow per worker; checking
+        // with a plain load keeps two atomic read-modify-writes (and their
+        // undo) off every new flow.
         let active = &ep.shared.flows_active;
-        if active.fetch_add(1, Relaxed) >= u64::from(ep.max_flows) {
-            active.fetch_sub(1, Relaxed);
+        if active.load(Relaxed) >= u64::from(ep.max_flows) {
             return Err(InsertError::Limit);
         }
         let share = &self.engine.net_flows[usize::from(ck.network())];
-        if share.fetch_add(1, Relaxed) >= self.snap.flow_share {
-            share.fetch_sub(1, Relaxed);
-            active.fetch_sub(1, Relaxed);
+        if share.load(Relaxed) >= self.snap.flow_share {
             return Err(InsertError::Full);
         }
         let r = flows.insert(ck, ep.shared.id, now, |claim| {
             pool.pool.allocate(now, |port| claim(ProviderKey::new(num, nat_ip, port, backend, bport)))?;
             Some((pool.id, bits))
-        });
-        if !matches!(r, Ok(Inserted::New(_))) {
-            share.fetch_sub(1, Relaxed);
-            active.fetch_sub(1, Relaxed);
-        }
-        let r = r?;
+        })?;
         if let Inserted::New(_) = r {
+            active.fetch_add(1, Relaxed);
+            share.fetch_add(1, Relaxed);
             ep.shared.flows_created.fetch_add(1, Relaxed);
             svc.created[bi].fetch_add(1, Relaxed);
         }

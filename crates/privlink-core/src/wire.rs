@@ -201,7 +201,7 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     pub fn checksum(&self) -> u16 {
         be16(self.b(), field::CHECKSUM)
     }
-    #[inline]
+    #[inline(always)]
     pub fn payload(&self) -> &[u8] {
         &self.b()[self.header_len()..]
     }
@@ -261,7 +261,7 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv4Packet<T> {
         put16(b, field::CHECKSUM, c);
         pseudo
     }
-    #[inline]
+    #[inline(always)]
     pub fn payload_mut(&mut self) -> &mut [u8] {
         let h = self.header_len();
         &mut self.bm()[h..]
@@ -302,6 +302,7 @@ impl Transport {
     /// As [`parse`](Self::parse) for the first fragment of a datagram
     /// (`whole` false): the UDP length covers the whole datagram, so it may
     /// exceed what this fragment carries.
+    #[inline(always)]
     pub fn parse_in(protocol: u8, l4: &[u8], whole: bool) -> Result<Transport, Malformed> {
         match protocol {
             proto::TCP => {

@@ -95,6 +95,7 @@ impl Worker {
         v
     }
 
+    #[inline(always)]
     fn ctx(&mut self, now: Now, off: Offload) -> Ctx<'_> {
         let Worker { engine, index, cache, reply, icmp, frags } = self;
         let snap: &Snapshot = cache.load();
