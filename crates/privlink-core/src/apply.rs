@@ -60,10 +60,12 @@ impl Engine {
         let key = (service.to_string(), backend);
         let changed = if up { st.down.remove(&key) } else { st.down.insert(key) };
         if changed {
-            let snap = self.snap.load();
-            if let Some(svc) = snap.services.iter().find(|s| s.name == service) {
-                let all: Vec<Ipv4Addr> = svc.backends.iter().map(|&b| Ipv4Addr::from(b)).collect();
-                svc.picker.store(Arc::new(Picker::new(&all, |b| !st.down.contains(&(service.to_string(), b)))));
+            let old = self.snap.load_full();
+            if let Some(i) = old.services.iter().position(|s| s.name == service) {
+                let mut snap = Snapshot::clone(&old);
+                let all: Vec<Ipv4Addr> = snap.services[i].backends.iter().map(|&b| Ipv4Addr::from(b)).collect();
+                snap.services[i].picker = Arc::new(Picker::new(&all, |b| !st.down.contains(&(service.to_string(), b))));
+                self.snap.store(Arc::new(snap));
             }
         }
         changed
@@ -74,7 +76,7 @@ impl Engine {
         let snap = self.snap.load();
         let mut out = Vec::new();
         for s in &snap.services {
-            let picker = s.picker.load();
+            let picker = &s.picker;
             for (i, &b) in s.backends.iter().enumerate() {
                 out.push(BackendState {
                     service: s.name.clone(),
@@ -176,9 +178,7 @@ impl Engine {
                 name: s.name.clone(),
                 nat_ips: s.nat_ips.iter().map(|&a| u32::from(a)).collect(),
                 backends: s.backends.iter().map(|&a| u32::from(a)).collect(),
-                picker: arc_swap::ArcSwap::from_pointee(Picker::new(&s.backends, |b| {
-                    !st.down.contains(&(s.name.clone(), b))
-                })),
+                picker: Arc::new(Picker::new(&s.backends, |b| !st.down.contains(&(s.name.clone(), b)))),
                 created: s
                     .backends
                     .iter()

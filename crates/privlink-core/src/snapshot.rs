@@ -108,15 +108,16 @@ pub struct PoolEntry {
 }
 
 /// A service in a snapshot.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ServiceView {
     pub name: String,
     pub nat_ips: Vec<u32>,
     /// Every configured backend (flows on any of them stay allowed).
     pub backends: Vec<u32>,
-    /// Where new flows go: the healthy backends (swapped when a probe
-    /// changes a backend's health, without a reload).
-    pub picker: arc_swap::ArcSwap<Picker>,
+    /// Where new flows go: the healthy backends. A probe's verdict swaps
+    /// in a snapshot with a new picker (no reload), so a new flow reads it
+    /// through the snapshot the worker already holds.
+    pub picker: Arc<Picker>,
     /// Flows created per backend (index as in `backends`), carried across
     /// reloads by (service, backend).
     pub created: Vec<Arc<AtomicU64>>,
@@ -170,8 +171,9 @@ pub struct NetworkShared {
     pub drops: PerWorker<DropCounters>,
 }
 
-/// Everything configured, immutable once built.
-#[derive(Debug)]
+/// Everything configured, immutable once built (a health change builds a
+/// copy with one service's [`Picker`] replaced).
+#[derive(Debug, Clone)]
 pub struct Snapshot {
     pub generation: u64,
     pub provider_mtu: u16,

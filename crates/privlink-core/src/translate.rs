@@ -404,7 +404,7 @@ impl Ctx<'_> {
         let nat_idx = nat_ip_index(ck.network(), ck.consumer_addr(), svc.nat_ips.len());
         let nat_ip = svc.nat_ips[nat_idx];
         let pool = &svc.pools[nat_idx][proto.index()];
-        let Some(bi) = svc.picker.load().pick(flows.flow_hash(ck)) else { return Err(InsertError::NoBackend) };
+        let Some(bi) = svc.picker.pick(flows.flow_hash(ck)) else { return Err(InsertError::NoBackend) };
         let backend = svc.backends[bi];
         let bits = if proto == Protocol::Tcp { state::C_SYN } else { 0 };
         let (num, now) = (proto.number(), self.now);
