@@ -11,6 +11,9 @@
 //! a translated packet whose backend port, network or consumer port is not
 //! its own flow's was rewritten with another flow's tuple.
 //!
+//! A second test races creators against an endpoint's `max_flows`, which
+//! may be exceeded by at most one flow per worker.
+//!
 //! Meant for release mode: `cargo test --release -p privlink-core --test
 //! stress`. `PRIVLINK_STRESS_SECS` sets how long it runs (default 2 s; the
 //! test command runs it for 20 s).
@@ -226,4 +229,31 @@ fn concurrent_reuse_never_sends_a_packet_with_another_flows_tuple() {
     assert!(fwd > 0, "nothing was forwarded: the test checked nothing");
     assert!(churned.load(Ordering::Relaxed) > 0, "no flow was churned: the test raced nothing");
     assert_eq!(bad, 0, "{bad} packets left with another flow's tuple ({cross} across tenants)");
+}
+
+#[test]
+fn concurrent_creators_exceed_an_endpoints_bound_by_at_most_one_flow_each() {
+    // The endpoint's max_flows is checked with a plain load and counted once
+    // the flow exists (translate.rs): racing creators may each pass the
+    // check, so the bound may be exceeded by at most one flow per worker.
+    const THREADS: usize = 4;
+    let mut d = desired(ConnectionState::Approved, ConnectionState::Approved);
+    d.endpoints[0].limits.max_flows = Some(20);
+    for round in 0..50u32 {
+        let engine = Engine::new(Settings { workers: THREADS, max_flows: 10_000, ..Settings::default() });
+        engine.apply(&d, Now(0)).expect("config");
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let mut w = engine.worker(t);
+                s.spawn(move || {
+                    for i in 0..200u16 {
+                        let mut p = udp(CLIENT, 1 + t as u16 * 1000 + i, EP, 1);
+                        let _ = w.process(&mut p, Source::Network(NetworkId(0)), Now(1));
+                    }
+                });
+            }
+        });
+        let live = engine.flow_list(Some("pe-a"), Now(1)).len();
+        assert!((20..=20 + THREADS).contains(&live), "round {round}: {live} flows for a bound of 20");
+    }
 }
