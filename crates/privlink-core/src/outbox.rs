@@ -206,47 +206,26 @@ impl Outbox {
     /// Queues a packet the core made, behind a zeroed header.
     pub(crate) fn write_made(&mut self, to: Egress, pkt: &[u8]) {
         self.flush(to);
-        let start = self.arena.len();
-        self.arena.resize(start + self.hdr, 0);
-        self.arena.extend_from_slice(pkt);
-        self.queue.push(Entry { to, body: Body::Arena(start, self.arena.len()) });
+        push_made(&mut self.arena, &mut self.queue, self.hdr, to, pkt);
     }
 
     /// Queues `pkt` in fragments of at most `mtu` bytes (whole when it
     /// fits), each behind a zeroed header.
     pub(crate) fn write_fragments(&mut self, to: Egress, pkt: &[u8], mtu: u16) {
-        if pkt.len() <= usize::from(mtu) {
-            return self.write_made(to, pkt);
-        }
         self.flush(to);
-        let Some(mut f) = Fragmenter::new(pkt, usize::from(mtu)) else { return };
-        loop {
-            let start = self.arena.len();
-            self.arena.resize(start + self.hdr + usize::from(mtu), 0);
-            match f.next_into(&mut self.arena[start + self.hdr..]) {
-                Some(n) => {
-                    self.arena.truncate(start + self.hdr + n);
-                    self.queue.push(Entry { to, body: Body::Arena(start, self.arena.len()) });
-                }
-                None => {
-                    self.arena.truncate(start);
-                    return;
-                }
-            }
-        }
+        push_fragments(&mut self.arena, &mut self.queue, self.hdr, to, pkt, mtu);
     }
 
     /// Queues the packet just read (`len` bytes with its header) in
     /// fragments of at most `mtu` bytes, completing a partial checksum
     /// first (fragments carry no offload).
     pub(crate) fn fragment_read(&mut self, to: Egress, len: usize, mtu: u16, csum_partial: bool) {
+        self.flush(to);
         let (hdr, at) = (self.hdr, self.read_at);
-        let mut backing = std::mem::take(&mut self.backing);
         if csum_partial {
-            complete_checksum(&mut backing[at..at + len]);
+            complete_checksum(&mut self.backing[at..at + len]);
         }
-        self.write_fragments(to, &backing[at + hdr..at + len], mtu);
-        self.backing = backing;
+        push_fragments(&mut self.arena, &mut self.queue, hdr, to, &self.backing[at + hdr..at + len], mtu);
     }
 
     /// Whether anything waits to be written.
@@ -268,6 +247,38 @@ impl Outbox {
             }
         }
         self.arena.clear();
+    }
+}
+
+/// Copies `pkt` into the arena behind a zeroed header of `hdr` bytes and
+/// queues it for `to`.
+fn push_made(arena: &mut Vec<u8>, queue: &mut Vec<Entry>, hdr: usize, to: Egress, pkt: &[u8]) {
+    let start = arena.len();
+    arena.resize(start + hdr, 0);
+    arena.extend_from_slice(pkt);
+    queue.push(Entry { to, body: Body::Arena(start, arena.len()) });
+}
+
+/// Queues `pkt` for `to` in fragments of at most `mtu` bytes (whole when it
+/// fits), each behind a zeroed header of `hdr` bytes in the arena.
+fn push_fragments(arena: &mut Vec<u8>, queue: &mut Vec<Entry>, hdr: usize, to: Egress, pkt: &[u8], mtu: u16) {
+    if pkt.len() <= usize::from(mtu) {
+        return push_made(arena, queue, hdr, to, pkt);
+    }
+    let Some(mut f) = Fragmenter::new(pkt, usize::from(mtu)) else { return };
+    loop {
+        let start = arena.len();
+        arena.resize(start + hdr + usize::from(mtu), 0);
+        match f.next_into(&mut arena[start + hdr..]) {
+            Some(n) => {
+                arena.truncate(start + hdr + n);
+                queue.push(Entry { to, body: Body::Arena(start, arena.len()) });
+            }
+            None => {
+                arena.truncate(start);
+                return;
+            }
+        }
     }
 }
 
@@ -294,4 +305,50 @@ pub fn complete_checksum(whole: &mut [u8]) {
     }
     pkt[at..at + 2].copy_from_slice(&c.to_be_bytes());
     whole[0] &= !VIRTIO_NET_HDR_F_NEEDS_CSUM;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_buffer_puts_the_common_payload_on_a_page_and_fits_its_backing() {
+        for base in [0usize, 1, 16, 62, 63, 64, 4034, 4095, 4096, 0x7f00_1234_5678] {
+            let at = payload_page_offset(base);
+            assert_eq!((base + at + COMMON_HEADERS) % PAGE, 0, "base {base:#x}");
+            assert!(at + READ_BUF <= READ_BUF + 2 * PAGE, "base {base:#x}: offset {at}");
+        }
+    }
+
+    #[test]
+    fn complete_checksum_matches_a_full_recomputation() {
+        // A UDP packet whose checksum field holds the pseudo-header sum, as
+        // a sender with checksum offload hands it over.
+        let payload = b"privlink";
+        let (src, dst) = ([10, 1, 0, 10], [10, 1, 0, 5]);
+        let udp_len = (8 + payload.len()) as u16;
+        let mut whole = vec![0u8; VNET_HDR_LEN];
+        whole[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        whole[6..8].copy_from_slice(&20u16.to_le_bytes()); // csum_start
+        whole[8..10].copy_from_slice(&6u16.to_le_bytes()); // csum_offset
+        let total = 20 + udp_len;
+        whole.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+        whole.extend_from_slice(&src);
+        whole.extend_from_slice(&dst);
+        whole.extend_from_slice(&[0x30, 0x39, 0x14, 0x51]);
+        whole.extend_from_slice(&udp_len.to_be_bytes());
+        let mut pseudo = [0u8; 12];
+        pseudo[..4].copy_from_slice(&src);
+        pseudo[4..8].copy_from_slice(&dst);
+        pseudo[9] = 17;
+        pseudo[10..].copy_from_slice(&udp_len.to_be_bytes());
+        let partial = crate::checksum::fold(crate::checksum::sum(&pseudo));
+        whole.extend_from_slice(&partial.to_be_bytes());
+        whole.extend_from_slice(payload);
+        complete_checksum(&mut whole);
+        assert_eq!(whole[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM, 0);
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&whole[VNET_HDR_LEN..]).expect("IPv4 header").to_header();
+        let udp = etherparse::UdpHeaderSlice::from_slice(&whole[VNET_HDR_LEN + 20..]).expect("UDP header").to_header();
+        assert_eq!(udp.checksum, udp.calc_checksum_ipv4(&ip, payload).expect("checksum"));
+    }
 }

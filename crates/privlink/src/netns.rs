@@ -4,8 +4,9 @@
 //! `/dev/net/tun`, and a socket to the namespace of the thread that created
 //! it; the fd then works from any thread. So anything that must live in a
 //! namespace is made by [`in_netns`] on a short-lived thread that entered it
-//! with `setns(2)`. Links, addresses and routes are set with iproute2's `ip`
-//! (`ip -n NAME ...`), which every host that has namespaces has.
+//! with `setns(2)`. The daemon sets routes and qdiscs by netlink
+//! (`crate::netlink`) from such threads; [`ip`] (iproute2) remains for the
+//! demo's and the tests' own topology.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::File;
