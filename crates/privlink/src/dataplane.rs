@@ -151,28 +151,21 @@ fn run_worker(
             set = cache.load().clone();
             polled = Polled::new(&set, w);
         }
-        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
-        let n = unsafe { libc::poll(polled.fds.as_mut_ptr(), polled.fds.len() as libc::nfds_t, POLL_MS) };
-        if n <= 0 {
+        if !polled.wait() {
             continue;
         }
         let now = now_since(epoch);
-        for (pfd, (src, dev)) in polled.fds.iter_mut().zip(&polled.srcs) {
-            if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                pfd.fd = -1; // poll(2) skips negative descriptors
-                errors.lose(dev, "poll error");
+        for i in 0..polled.fds.len() {
+            if !polled.readable(i, &errors) {
                 continue;
             }
-            if pfd.revents == 0 {
-                continue;
-            }
+            let (src, dev) = (polled.srcs[i].0, polled.srcs[i].1.clone());
             for _ in 0..BATCH {
                 match dev.queue(w).recv(out.read_buf()) {
-                    Ok(len) => worker.handle(&mut out, len, *src, now),
+                    Ok(len) => worker.handle(&mut out, len, src, now),
                     Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => break,
                     Err(e) => {
-                        pfd.fd = -1;
-                        errors.lose(dev, &e.to_string());
+                        polled.lose(i, &errors, &e.to_string());
                         break;
                     }
                 }
@@ -195,6 +188,30 @@ impl Polled {
         let srcs: Vec<(Source, Arc<Device>)> = set.sources().map(|(s, d)| (s, d.clone())).collect();
         let fds = srcs.iter().map(|(_, d)| libc::pollfd { fd: d.fd(w), events: libc::POLLIN, revents: 0 }).collect();
         Polled { fds, srcs }
+    }
+
+    /// `poll(2)` for at most [`POLL_MS`]; whether any queue is ready.
+    fn wait(&mut self) -> bool {
+        // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
+        unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, POLL_MS) > 0 }
+    }
+
+    /// Whether queue `i` has packets; a queue reporting an error (its
+    /// device deleted) is marked lost instead.
+    fn readable(&mut self, i: usize, errors: &IoErrors) -> bool {
+        let r = self.fds[i].revents;
+        if r & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            self.lose(i, errors, "poll error");
+            return false;
+        }
+        r != 0
+    }
+
+    /// Stops polling queue `i` (poll(2) skips negative descriptors) and
+    /// reports its device lost.
+    fn lose(&mut self, i: usize, errors: &IoErrors, why: &str) {
+        self.fds[i].fd = -1;
+        errors.lose(&self.srcs[i].1, why);
     }
 }
 
