@@ -148,8 +148,11 @@ impl Engine {
                     match old_pools.get(&key) {
                         Some(p) if p.range == s.nat_ports => p.clone(),
                         replaced => {
-                            st.next_pool += 1;
-                            let id = PoolId(st.next_pool);
+                            let seed_key = (s.name.clone(), ip, proto, *s.nat_ports.start(), *s.nat_ports.end());
+                            let id = st.seeds.pools.remove(&seed_key).unwrap_or_else(|| {
+                                st.next_pool += 1;
+                                PoolId(st.next_pool)
+                            });
                             let seed = rand::random::<u64>();
                             let pool = PortPool::new(s.nat_ports.clone(), seed);
                             // The exhaustion series goes on from the pool this
@@ -214,8 +217,11 @@ impl Engine {
                         return Err(CoreError::TooManyEndpoints);
                     }
                     report.endpoints_added.push(e.name.clone());
-                    let id = EndpointId(st.next_endpoint);
-                    st.next_endpoint += 1;
+                    let seed_key = (e.name.clone(), net.name.clone(), e.ip, svc.name.clone());
+                    let id = st.seeds.endpoints.remove(&seed_key).unwrap_or_else(|| {
+                        st.next_endpoint += 1;
+                        EndpointId(st.next_endpoint - 1)
+                    });
                     // The series of these labels go on: from the endpoint
                     // this one replaces (another address), or from one that
                     // left the config earlier.
@@ -294,8 +300,11 @@ impl Engine {
             pools,
         };
         self.snap.store(Arc::new(snap));
+        let adopting = st.adopting;
         drop(st);
-        report.flows_ended = self.sweep(now, false);
+        if !adopting {
+            report.flows_ended = self.sweep(now, false);
+        }
         Ok(report)
     }
 }

@@ -43,12 +43,23 @@ pub(crate) struct ApplyState {
     pub(crate) retired: crate::apply::Retired,
     /// (service, backend) a health probe took out of new flows.
     pub(crate) down: std::collections::HashSet<(String, std::net::Ipv4Addr)>,
+    /// The table holds flows of another process not yet adopted
+    /// ([`Engine::adopt_flows`]): applying must not end any of them before
+    /// their ports and counts are taken back.
+    pub(crate) adopting: bool,
+    /// Ids to give again (a restart: see [`crate::restart`]).
+    pub(crate) seeds: crate::restart::Seeds,
     /// Flows created per (service, backend), kept across reloads.
     pub(crate) backend_created: HashMap<(String, std::net::Ipv4Addr), Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Engine {
     pub fn new(settings: Settings) -> Arc<Engine> {
+        let flows = FlowTable::new(settings.max_flows);
+        Engine::build(settings, flows)
+    }
+
+    pub(crate) fn build(settings: Settings, flows: FlowTable) -> Arc<Engine> {
         let empty = Snapshot {
             generation: 0,
             provider_mtu: 1500,
@@ -62,7 +73,7 @@ impl Engine {
             pools: HashMap::new(),
         };
         Arc::new(Engine {
-            flows: FlowTable::new(settings.max_flows),
+            flows,
             net_flows: (0..=u16::MAX).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
             provider_drops: PerWorker::new(settings.workers),
             snap: Arc::new(ArcSwap::from_pointee(empty)),

@@ -31,6 +31,10 @@ impl Engine {
     /// Ends every flow that is no longer allowed by the snapshot and, when
     /// `idle` is set, every flow past its timeout.
     pub(crate) fn sweep(&self, now: Now, idle: bool) -> usize {
+        // Handing the table over: the successor removes from now on.
+        if self.flows.is_frozen() {
+            return 0;
+        }
         let snap = self.snap.load_full();
         let t = self.settings.timeouts;
         let mut ended = 0;

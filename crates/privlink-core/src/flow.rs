@@ -62,7 +62,11 @@
 
 use crate::sync::{fence, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crate::types::{EndpointId, Now, PoolId, Protocol};
+use mem::Arr;
 use std::collections::VecDeque;
+
+mod mem;
+pub use mem::{AttachError, Header, Layout, Region, HEADER_BYTES};
 
 /// Longest chain a reader walks before calling it a miss. Chains average
 /// under one entry; this only bounds a reader caught in a concurrent reuse.
@@ -249,16 +253,22 @@ impl Default for FlowSlot {
     }
 }
 
-/// What only flow setup, teardown and listings read.
+/// What only flow setup, teardown, listings and a restart read.
 #[derive(Debug)]
+#[repr(C)]
 struct Cold {
     pool: AtomicU32,
     created: AtomicU32,
+    /// A keyed hash of the flow's keys, endpoint, pool and creation time,
+    /// written before the flow is published: a slot that was being written
+    /// when the process died, or bytes that are not a slot, do not match it
+    /// and are not forwarded after a restart.
+    check: AtomicU64,
 }
 
 impl Default for Cold {
     fn default() -> Self {
-        Cold { pool: AtomicU32::new(0), created: AtomicU32::new(0) }
+        Cold { pool: AtomicU32::new(0), created: AtomicU32::new(0), check: AtomicU64::new(0) }
     }
 }
 
@@ -349,14 +359,15 @@ impl Inserted {
 
 #[derive(Debug)]
 struct Index {
-    heads: Box<[AtomicU32]>,
+    heads: Arr<AtomicU32>,
     stripes: Box<[Mutex<()>]>,
     mask: usize,
 }
 
 impl Index {
-    fn new(buckets: usize) -> Index {
-        Index { heads: huge_array(buckets), stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), mask: buckets - 1 }
+    fn new(heads: Arr<AtomicU32>) -> Index {
+        let mask = heads.len() - 1;
+        Index { heads, stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(), mask }
     }
     fn lock(&self, bucket: usize) -> MutexGuard<'_, ()> {
         // The guarded data is `()`: a poisoned stripe is still consistent.
@@ -374,17 +385,64 @@ struct FreeSlots {
 /// The concurrent flow table. See the module docs.
 #[derive(Debug)]
 pub struct FlowTable {
-    slots: Box<[FlowSlot]>,
-    cold: Box<[Cold]>,
+    slots: Arr<FlowSlot>,
+    cold: Arr<Cold>,
     cidx: Index,
     pidx: Index,
     free: Mutex<FreeSlots>,
     max_flows: u32,
     reuse_delay: u32,
-    /// Slots ever handed out: the sweeper scans `0..high_water`.
-    high_water: AtomicU32,
+    /// Slots ever handed out: the sweeper scans `0..high_water`. In a
+    /// region it lives in the header page, so a restart scans no further.
+    high_water: Arr<AtomicU32>,
     live: AtomicU32,
-    hasher: ahash::RandomState,
+    /// The index hash's keys (random per table, kept in a region's header).
+    keys: [u64; 2],
+    /// Set while this process hands the table to another: no flow is
+    /// created or removed here (checked under the insert's stripe lock).
+    frozen: AtomicU32,
+}
+
+/// Where the high-water mark sits in a region's header page (after the
+/// checksummed [`Header`]).
+const HIGH_WATER_AT: usize = 2048;
+
+/// What attaching a region found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Attached {
+    /// Live flows taken over.
+    pub flows: u32,
+    /// Slots that claimed to be live but did not validate (a write cut short
+    /// by a crash, a duplicate key): ended, never forwarded.
+    pub torn: u32,
+}
+
+/// How [`FlowTable::attach`] treats the region's indexes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachMode {
+    /// The process that wrote the region died: its indexes may be cut
+    /// short mid-update, so they are rebuilt from the slots that validate.
+    Recover,
+    /// The process that wrote the region is alive, has stopped writing
+    /// ([`FlowTable::freeze`]) and still reads: the indexes are used as
+    /// they are.
+    Share,
+}
+
+/// Folded multiply: the high and low halves of a 64x64 product, xored.
+#[inline(always)]
+fn fold(a: u64, b: u64) -> u64 {
+    let p = u128::from(a) * u128::from(b);
+    (p as u64) ^ ((p >> 64) as u64)
+}
+
+/// The table's keyed hash of a 128-bit key (the index hash, also used for
+/// the per-flow backend choice). Written here rather than taken from a hash
+/// crate because every process attached to a region must hash alike,
+/// whatever version of that crate it was built with.
+#[inline(always)]
+fn keyed_hash(keys: &[u64; 2], k: u128) -> u64 {
+    fold(fold((k as u64) ^ keys[0], ((k >> 64) as u64) ^ keys[1]), 0x9e37_79b9_7f4a_7c15)
 }
 
 impl FlowTable {
@@ -396,28 +454,197 @@ impl FlowTable {
     /// As [`new`](Self::new), with `reuse_delay` spare slots (0: a freed
     /// slot may be reused by the very next insert; the model test uses it).
     pub fn with_reuse_delay(max_flows: u32, reuse_delay: u32) -> FlowTable {
-        let max_flows = max_flows.clamp(1, 1 << 31);
-        let slots = max_flows as usize + reuse_delay as usize;
-        // Twice as many buckets as flows: chains stay short (a hit visits 1.25
-        // slots on average), and every extra slot visited is a cache miss.
-        let buckets = (max_flows as usize).next_power_of_two().max(16) * 2;
+        let l = Layout::new(max_flows, reuse_delay);
         #[cfg(not(loom))]
-        let hasher = ahash::RandomState::new();
+        let keys = [rand::random::<u64>(), rand::random::<u64>()];
         // loom replays executions: the layout must not change between them.
         #[cfg(loom)]
-        let hasher = ahash::RandomState::with_seeds(1, 2, 3, 4);
+        let keys = [1, 2];
+        FlowTable::assemble(
+            l,
+            Arr::heap(huge_array(l.slots)),
+            Arr::heap(huge_array(l.slots)),
+            Arr::heap(huge_array(l.buckets)),
+            Arr::heap(huge_array(l.buckets)),
+            Arr::heap(huge_array(1)),
+            keys,
+        )
+    }
+
+    fn assemble(
+        l: Layout,
+        slots: Arr<FlowSlot>,
+        cold: Arr<Cold>,
+        cheads: Arr<AtomicU32>,
+        pheads: Arr<AtomicU32>,
+        high_water: Arr<AtomicU32>,
+        keys: [u64; 2],
+    ) -> FlowTable {
         FlowTable {
-            slots: huge_array(slots),
-            cold: huge_array(slots),
-            cidx: Index::new(buckets),
-            pidx: Index::new(buckets),
+            slots,
+            cold,
+            cidx: Index::new(cheads),
+            pidx: Index::new(pheads),
             free: Mutex::new(FreeSlots { fresh: 0, freed: VecDeque::new() }),
-            max_flows,
-            reuse_delay,
-            high_water: AtomicU32::new(0),
+            max_flows: l.max_flows,
+            reuse_delay: l.reuse_delay,
+            high_water,
             live: AtomicU32::new(0),
-            hasher,
+            keys,
+            frozen: AtomicU32::new(0),
         }
+    }
+
+    /// The table's arrays in `region`, laid out by `l`.
+    #[cfg(not(loom))]
+    fn in_region(region: &std::sync::Arc<dyn Region>, l: Layout, keys: [u64; 2]) -> FlowTable {
+        // SAFETY: `Layout` places each array inside `l.bytes()` (checked by
+        // the callers against the region's length), 64-byte aligned from a
+        // page-aligned base; every type is atomics only, valid when zeroed.
+        unsafe {
+            FlowTable::assemble(
+                l,
+                Arr::in_region(region, l.slots_at(), l.slots),
+                Arr::in_region(region, l.cold_at(), l.slots),
+                Arr::in_region(region, l.cidx_at(), l.buckets),
+                Arr::in_region(region, l.pidx_at(), l.buckets),
+                Arr::in_region(region, HIGH_WATER_AT, 1),
+                keys,
+            )
+        }
+    }
+
+    /// A new, empty table in `region` (zeroed, at least
+    /// `Layout::new(max_flows, REUSE_DELAY).bytes()` long): writes the
+    /// header.
+    #[cfg(not(loom))]
+    pub fn create_in(region: std::sync::Arc<dyn Region>, max_flows: u32) -> Result<FlowTable, AttachError> {
+        let l = Layout::new(max_flows, REUSE_DELAY);
+        if region.len() < l.bytes() {
+            return Err(AttachError::Size { have: region.len(), need: l.bytes() });
+        }
+        let keys = [rand::random::<u64>(), rand::random::<u64>()];
+        let h = l.header(keys);
+        // SAFETY: the region is at least a header page long and page-aligned.
+        unsafe { std::ptr::write_volatile(region.base() as *mut Header, h) };
+        Ok(FlowTable::in_region(&region, l, keys))
+    }
+
+    /// The table another process left in `region`, for `max_flows` flows:
+    /// the header must match this build and layout. Live slots are checked
+    /// (see [`Cold::check`]) and the free list rebuilt from them; `mode`
+    /// says what to do with the indexes. The caller then gives the flows'
+    /// ports and counts back to its pools ([`Engine::adopt_flows`](crate::Engine::adopt_flows)).
+    #[cfg(not(loom))]
+    pub fn attach(
+        region: std::sync::Arc<dyn Region>,
+        max_flows: u32,
+        mode: AttachMode,
+    ) -> Result<(FlowTable, Attached), AttachError> {
+        let l = Layout::new(max_flows, REUSE_DELAY);
+        if region.len() < HEADER_BYTES {
+            return Err(AttachError::Size { have: region.len(), need: l.bytes() });
+        }
+        // SAFETY: the region holds at least a header page; any bytes are a
+        // valid `Header` (plain integers).
+        let h: Header = unsafe { std::ptr::read_volatile(region.base() as *const Header) };
+        if h.magic != mem::MAGIC || h.check != h.sum() {
+            return Err(AttachError::NotATable);
+        }
+        if h.version != mem::VERSION {
+            return Err(AttachError::Version(h.version));
+        }
+        if h != l.header(h.keys) {
+            return Err(AttachError::Layout { have: h.max_flows, slot: h.slot_size, want: l.max_flows });
+        }
+        if region.len() < l.bytes() {
+            return Err(AttachError::Size { have: region.len(), need: l.bytes() });
+        }
+        let t = FlowTable::in_region(&region, l, h.keys);
+        let found = t.rebuild(mode);
+        Ok((t, found))
+    }
+
+    /// Takes over the slots of a region: checks each live one, relinks it
+    /// (in [`AttachMode::Recover`]), and rebuilds the free list.
+    #[cfg(not(loom))]
+    fn rebuild(&self, mode: AttachMode) -> Attached {
+        let hw = (self.high_water[0].load(Ordering::Acquire) as usize).min(self.slots.len());
+        if mode == AttachMode::Recover {
+            for h in self.cidx.heads.iter().chain(self.pidx.heads.iter()) {
+                h.store(NONE, Ordering::Relaxed);
+            }
+        }
+        let mut found = Attached::default();
+        let mut live = vec![false; hw];
+        for (i, is_live) in live.iter_mut().enumerate() {
+            let s = &self.slots[i];
+            let m = s.meta.load(Ordering::Acquire);
+            if m & state::LIVE == 0 {
+                continue;
+            }
+            let (ck, pw) = (load128(&s.ckey), load128(&s.pkey));
+            let c = &self.cold[i];
+            let sum = self.slot_sum(ck, pw, c.pool.load(Ordering::Relaxed), c.created.load(Ordering::Relaxed));
+            let mut ok = c.check.load(Ordering::Relaxed) == sum;
+            if ok && mode == AttachMode::Recover {
+                // A duplicate key can only come from corruption: the first
+                // slot keeps it.
+                ok = self.find_consumer(ConsumerKey(ck)).is_none()
+                    && !self.provider_linked(self.bucket(pw & PKEY_MASK, &self.pidx), ProviderKey(pw & PKEY_MASK));
+                if ok {
+                    let (cb, pb) = (self.bucket(ck, &self.cidx), self.bucket(pw & PKEY_MASK, &self.pidx));
+                    s.cnext.store(self.cidx.heads[cb].load(Ordering::Relaxed), Ordering::Relaxed);
+                    s.pnext.store(self.pidx.heads[pb].load(Ordering::Relaxed), Ordering::Relaxed);
+                    self.cidx.heads[cb].store(i as u32 + 1, Ordering::Release);
+                    self.pidx.heads[pb].store(i as u32 + 1, Ordering::Release);
+                }
+            }
+            if !ok {
+                found.torn += 1;
+                if mode == AttachMode::Recover {
+                    s.meta.store((m & !state::MASK).wrapping_add(GEN_ONE), Ordering::Release);
+                }
+                continue;
+            }
+            *is_live = true;
+            found.flows += 1;
+        }
+        let fresh = live.iter().rposition(|&l| l).map_or(0, |i| i + 1);
+        let mut f = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        f.fresh = fresh as u32;
+        f.freed = (0..fresh as u32).filter(|&i| !live[i as usize]).collect();
+        self.high_water[0].store(hw.max(fresh) as u32, Ordering::Release);
+        self.live.store(found.flows, Ordering::Relaxed);
+        found
+    }
+
+    /// The check value of a slot (see [`Cold::check`]).
+    fn slot_sum(&self, ck: u128, pw: u128, pool: u32, created: u32) -> u64 {
+        let a = keyed_hash(&self.keys, ck);
+        let b = keyed_hash(&self.keys, pw ^ (u128::from(pool) << 32 | u128::from(created)));
+        fold(a ^ 0x5bd1_e995, b | 1)
+    }
+
+    /// Stops flow creation and removal here (another process is taking the
+    /// table over): an insert in progress finishes first, later ones fail
+    /// as `Full`. Lookups and state bits go on.
+    pub fn freeze(&self) {
+        self.frozen.store(1, Ordering::SeqCst);
+        // Every insert checks the flag under its consumer stripe: once each
+        // stripe has been taken after the store, none is half done.
+        for s in self.cidx.stripes.iter() {
+            drop(s.lock().unwrap_or_else(|e| e.into_inner()));
+        }
+    }
+
+    /// Undoes [`freeze`](Self::freeze) (the hand-over failed).
+    pub fn thaw(&self) {
+        self.frozen.store(0, Ordering::SeqCst);
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::Relaxed) != 0
     }
 
     pub fn capacity(&self) -> u32 {
@@ -444,12 +671,12 @@ impl FlowTable {
     /// A stable hash of a consumer key for per-flow choices (backend).
     #[inline]
     pub fn flow_hash(&self, k: ConsumerKey) -> u64 {
-        self.hasher.hash_one(k.0)
+        keyed_hash(&self.keys, k.0)
     }
 
     #[inline(always)]
     fn bucket(&self, k: u128, idx: &Index) -> usize {
-        (self.hasher.hash_one(k) as usize) & idx.mask
+        (keyed_hash(&self.keys, k) as usize) & idx.mask
     }
 
     /// Completes the read of slot `i`, whose `meta` was `m1` (live) and
@@ -566,7 +793,7 @@ impl FlowTable {
         }
         let i = f.fresh;
         f.fresh += 1;
-        self.high_water.fetch_max(f.fresh, Ordering::Relaxed);
+        self.high_water[0].fetch_max(f.fresh, Ordering::Release);
         Some(i)
     }
 
@@ -590,6 +817,9 @@ impl FlowTable {
         let _g = self.cidx.lock(cb);
         if let Some(v) = self.find_consumer(ck) {
             return Ok(Inserted::Existing(v));
+        }
+        if self.frozen.load(Ordering::Relaxed) != 0 {
+            return Err(InsertError::Full);
         }
         let Some(i) = self.take_slot() else { return Err(InsertError::Full) };
         // Pairs with a reader's acquire fence: a reader that sees any key
@@ -620,6 +850,7 @@ impl FlowTable {
         let cold = &self.cold[i as usize];
         cold.pool.store(pool.0, Ordering::Relaxed);
         cold.created.store(now.0, Ordering::Relaxed);
+        cold.check.store(self.slot_sum(ck.0, load128(&slot.pkey), pool.0, now.0), Ordering::Relaxed);
         slot.last_seen.store(now.0, Ordering::Relaxed);
         slot.bytes_in.store(0, Ordering::Relaxed);
         slot.bytes_out.store(0, Ordering::Relaxed);
@@ -782,7 +1013,7 @@ impl FlowTable {
 
     /// Calls `f` with every live flow.
     pub fn for_each_live(&self, mut f: impl FnMut(&FlowRecord)) {
-        let hw = self.high_water.load(Ordering::Relaxed);
+        let hw = self.high_water[0].load(Ordering::Relaxed);
         for i in 0..hw {
             if let Some(r) = self.record(i) {
                 f(&r);

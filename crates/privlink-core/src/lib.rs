@@ -22,6 +22,7 @@ pub mod listing;
 pub mod maglev;
 pub mod outbox;
 pub mod pool;
+pub mod restart;
 pub mod snapshot;
 pub mod spec;
 mod sync;
@@ -38,6 +39,7 @@ pub use engine::Engine;
 pub use error::CoreError;
 pub use listing::FlowInfo;
 pub use outbox::{Out, Outbox};
+pub use restart::{Adopted, EndpointIdEntry, Ids, PoolIdEntry};
 pub use snapshot::{EndpointShared, NetworkShared, Picker, PoolEntry, Snapshot, Tally};
 pub use spec::{
     Desired, EndpointLimits, EndpointSpec, NetworkSpec, PortRule, ServiceSpec, Settings, Timeouts, MAX_BACKENDS,

@@ -179,12 +179,48 @@ impl PortPool {
     pub fn contains(&self, port: u16) -> bool {
         port >= self.first && u32::from(port - self.first) < self.capacity
     }
+
+    /// Takes the ports of flows another process created (one entry per
+    /// flow; a port shared by several flows appears once for each) out of
+    /// a fresh pool. Ports outside the range are ignored.
+    pub fn adopt(&self, ports: &[u16]) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        let mut any = false;
+        for &p in ports {
+            if self.contains(p) {
+                inner.users[usize::from(p - self.first)] += 1;
+                any = true;
+            }
+        }
+        if any {
+            let (first, users) = (self.first, &inner.users);
+            inner.free.retain(|&p| users[usize::from(p - first)] == 0);
+            inner.quarantine.retain(|&(p, _)| users[usize::from(p - first)] == 0);
+        }
+        self.available.store(inner.free.len() as u32, Ordering::Relaxed);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn adopted_ports_are_in_use_until_each_of_their_flows_frees_them() {
+        let p = PortPool::new(1000..=1003, 1);
+        p.adopt(&[1001, 1001, 1003, 4000]);
+        assert_eq!(p.available(), 2);
+        let mut got: Vec<u16> = (0..2).filter_map(|_| p.allocate(Now(0), |_| true)).collect();
+        got.sort();
+        assert_eq!(got, vec![1000, 1002]);
+        p.free(1001, Now(0), true);
+        assert_eq!(p.available(), 0, "1001 still has a flow");
+        p.free(1001, Now(0), true);
+        p.free(1003, Now(0), true);
+        assert_eq!(p.available(), 2);
+    }
 
     #[test]
     fn hands_out_every_port_once_then_exhausts() {

@@ -1,0 +1,162 @@
+//! What a restarted or succeeding process needs from the engine to carry
+//! on the flows of the one before it (see docs/OPERATIONS.md).
+//!
+//! The flow table itself can live in a shared mapping
+//! ([`FlowTable::create_in`](crate::flow::FlowTable::create_in),
+//! [`attach`](crate::flow::FlowTable::attach)); its slots name endpoints and
+//! pools by id. [`Ids`] is the dictionary from those ids to what they stand
+//! for; the daemon keeps it beside the mapping, and a new engine seeded with
+//! it ([`Engine::seed_ids`]) gives the same things the same ids, so the
+//! slots mean the same to both processes. What is process-local (the pools'
+//! free lists, per-endpoint and per-network flow counts) is rebuilt from the
+//! slots by [`Engine::adopt_flows`], which then ends whatever the new
+//! configuration no longer allows.
+
+use crate::engine::Engine;
+use crate::flow::FlowTable;
+use crate::spec::Settings;
+use crate::types::{EndpointId, Now, PoolId, Protocol};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// An endpoint id and what it was given to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointIdEntry {
+    pub id: EndpointId,
+    pub name: String,
+    pub network: String,
+    pub ip: Ipv4Addr,
+    pub service: String,
+}
+
+/// A pool id and what it was given to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolIdEntry {
+    pub id: PoolId,
+    pub service: String,
+    pub nat_ip: Ipv4Addr,
+    pub protocol: Protocol,
+    pub first: u16,
+    pub last: u16,
+}
+
+/// The ids a running engine has given out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ids {
+    /// Ids at or above these were never given out.
+    pub next_endpoint: u32,
+    pub next_pool: u32,
+    pub endpoints: Vec<EndpointIdEntry>,
+    pub pools: Vec<PoolIdEntry>,
+}
+
+/// Key of a seeded endpoint id: name, network, address, service.
+pub(crate) type EndpointSeedKey = (String, String, Ipv4Addr, String);
+/// Key of a seeded pool id: service, NAT IP, protocol, port range.
+pub(crate) type PoolSeedKey = (String, Ipv4Addr, Protocol, u16, u16);
+
+/// Ids a new engine gives again when the same thing is configured.
+#[derive(Debug, Default)]
+pub(crate) struct Seeds {
+    pub(crate) endpoints: HashMap<EndpointSeedKey, EndpointId>,
+    pub(crate) pools: HashMap<PoolSeedKey, PoolId>,
+}
+
+/// What [`Engine::adopt_flows`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Adopted {
+    /// Flows carried on.
+    pub flows: usize,
+    /// Flows the new configuration does not allow, ended.
+    pub ended: usize,
+}
+
+impl Engine {
+    /// An engine over an existing flow table (one in a shared mapping).
+    /// Its flows are not ended by configuration until
+    /// [`adopt_flows`](Engine::adopt_flows) has counted them.
+    pub fn with_flows(settings: Settings, flows: FlowTable) -> Arc<Engine> {
+        let adopting = !flows.is_empty();
+        let e = Engine::build(settings, flows);
+        e.apply_lock.lock().unwrap_or_else(|e| e.into_inner()).adopting = adopting;
+        e
+    }
+
+    /// The ids this engine has given out.
+    pub fn ids(&self) -> Ids {
+        let st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let snap = self.snap.load();
+        let mut ids = Ids { next_endpoint: st.next_endpoint, next_pool: st.next_pool, ..Ids::default() };
+        for e in &snap.endpoints {
+            let s = &e.shared;
+            ids.endpoints.push(EndpointIdEntry {
+                id: s.id,
+                name: s.name.clone(),
+                network: s.network_name.clone(),
+                ip: s.ip,
+                service: s.service_name.clone(),
+            });
+        }
+        for p in snap.pools.values() {
+            ids.pools.push(PoolIdEntry {
+                id: p.id,
+                service: p.service.clone(),
+                nat_ip: p.nat_ip,
+                protocol: p.protocol,
+                first: *p.range.start(),
+                last: *p.range.end(),
+            });
+        }
+        ids.pools.sort_by_key(|p| p.id.0);
+        ids
+    }
+
+    /// Before the first [`apply`](Engine::apply): give the things of `ids`
+    /// the same ids when they are configured again unchanged, and never
+    /// give out an id `ids` may still name.
+    pub fn seed_ids(&self, ids: &Ids) {
+        let mut st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.next_endpoint = st.next_endpoint.max(ids.next_endpoint);
+        st.next_pool = st.next_pool.max(ids.next_pool);
+        for e in &ids.endpoints {
+            st.seeds.endpoints.insert((e.name.clone(), e.network.clone(), e.ip, e.service.clone()), e.id);
+            st.next_endpoint = st.next_endpoint.max(e.id.0 + 1);
+        }
+        for p in &ids.pools {
+            st.seeds.pools.insert((p.service.clone(), p.nat_ip, p.protocol, p.first, p.last), p.id);
+            st.next_pool = st.next_pool.max(p.id.0);
+        }
+    }
+
+    /// After the first [`apply`](Engine::apply) over an attached table:
+    /// counts every live flow against its endpoint and network, takes its
+    /// port out of its pool, then ends the flows the configuration does not
+    /// allow (their endpoint, pool, port rule or backend went).
+    pub fn adopt_flows(&self, now: Now) -> Adopted {
+        let mut st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !std::mem::take(&mut st.adopting) {
+            return Adopted::default();
+        }
+        drop(st);
+        let snap = self.snap.load_full();
+        let mut ports: HashMap<PoolId, Vec<u16>> = HashMap::new();
+        let mut flows = 0;
+        self.flows.for_each_live(|r| {
+            flows += 1;
+            self.net_flows[usize::from(r.view.ckey.network())].fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = snap.endpoint_by_id(r.view.endpoint) {
+                e.shared.flows_active.fetch_add(1, Ordering::Relaxed);
+            }
+            if snap.pools.contains_key(&r.pool) {
+                ports.entry(r.pool).or_default().push(r.view.pkey.nat_port());
+            }
+        });
+        for (id, ports) in &ports {
+            snap.pools[id].pool.adopt(ports);
+        }
+        let ended = self.sweep(now, false);
+        Adopted { flows: flows - ended, ended }
+    }
+}
