@@ -221,16 +221,7 @@ service = "billing"
 
     /// Starts the daemon and waits until it serves metrics.
     pub fn start(&mut self) {
-        let log = std::fs::File::create(self.dir.join("daemon.log")).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_privlink"))
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn privlink");
-        self.daemon = Some(child);
+        self.daemon = Some(self.spawn(false));
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(st) = self.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -242,6 +233,43 @@ service = "billing"
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!("privlink did not come up:\n{}", self.log());
+    }
+
+    /// A daemon process on this bed's config (`--takeover` when asked),
+    /// logging to the bed's log after whatever earlier daemons wrote.
+    fn spawn(&self, takeover: bool) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .expect("log file");
+        let mut c = Command::new(env!("CARGO_BIN_EXE_privlink"));
+        c.args(["run", "--config"]).arg(&self.config);
+        if takeover {
+            c.arg("--takeover");
+        }
+        c.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().expect("spawn privlink")
+    }
+
+    /// Hands over to a new daemon (`privlink run --takeover`): returns when
+    /// the old one has exited and the new one serves metrics.
+    pub fn take_over(&mut self) {
+        let mut old = self.daemon.take().expect("a running daemon");
+        self.daemon = Some(self.spawn(true));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while old.try_wait().ok().flatten().is_none() {
+            if let Some(st) = self.daemon.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("the successor exited ({st}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "the old daemon did not let go:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let st = old.wait().expect("old daemon status");
+        assert!(st.success(), "the old daemon exited with {st}:\n{}", self.log());
+        while self.scrape_opt().is_none() {
+            assert!(Instant::now() < deadline, "the successor does not serve metrics:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops the servers of the backend at `addr` (its port refuses).
@@ -317,6 +345,24 @@ service = "billing"
         t.elapsed()
     }
 
+    /// Whether the daemon serves metrics now.
+    pub fn scrape_ok(&self) -> bool {
+        self.scrape_opt().is_some()
+    }
+
+    /// Runs a daemon in the foreground until it exits (for one that must
+    /// refuse to start); returns exit code, stdout, stderr.
+    pub fn run_once(&self) -> (i32, String, String) {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_privlink"));
+        c.args(["run", "--config"]).arg(&self.config);
+        let out = c.output().expect("run privlink");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     fn scrape_opt(&self) -> Option<String> {
         privlink::testbed::scrape(self.metrics)
     }
@@ -336,6 +382,10 @@ impl Drop for Bed {
         self.stop_daemon();
         if std::thread::panicking() {
             eprintln!("--- daemon log ({}) ---\n{}", self.dir.display(), self.log());
+        }
+        // What a killed daemon left in /dev/shm (a clean stop removes it).
+        if let Ok(r) = privlink::state::RunDir::for_state_dir(&self.dir.join("state")) {
+            r.remove();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }

@@ -7,14 +7,23 @@
 //! are created, the engine gets the new [`Desired`] (ending flows of removed
 //! endpoints, keeping every flow of an unchanged one), and routes are brought
 //! in line. Provider-side changes need a restart and are refused.
+//!
+//! Restart and hand-over (docs/OPERATIONS.md): the flow table lives in a
+//! shared mapping ([`crate::state`]), devices are persistent, and a daemon
+//! starting where another ran carries on its flows: after a crash by
+//! attaching and checking the table, during a hand-over
+//! ([`crate::handover`]) by sharing it with the running daemon.
 
 use crate::control::{reconcile, Control};
 use crate::dataplane::{now_since, Dataplane, DeviceSet};
 use crate::device::Device;
+use crate::handover::{Predecessor, Successor};
+use crate::state::{DeviceRec, Manifest, Opened, RunDir, Sidecar};
 use crate::store::{StateLock, Store};
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use privlink_config::{Config, Network};
+use privlink_core::flow::AttachMode;
 use privlink_core::{
     ConnectionState, Desired, EndpointLimits, EndpointSpec, Engine, NetworkId, NetworkSpec, ServiceSpec, Settings,
 };
@@ -37,11 +46,60 @@ struct Daemon {
     made_from: HashMap<String, (NetworkId, Network)>,
     next_network: u16,
     epoch: Instant,
+    /// `epoch` as a `CLOCK_MONOTONIC` reading (kept in the sidecar).
+    epoch_mono: u64,
     control: Arc<Control>,
     /// Held for the daemon's life: one daemon per state directory.
-    _lock: StateLock,
+    lock: StateLock,
     /// The backend health probes of the running config.
     prober: Option<crate::health::Prober>,
+    /// Where the flow table and its sidecar live.
+    run_dir: RunDir,
+    /// Persistent devices this daemon (or the one before it) made.
+    manifest: Manifest,
+    /// Network ids the previous daemon gave (its flows name them).
+    net_seeds: HashMap<String, u16>,
+    /// Whether the sidecar and manifest are this daemon's to write (not
+    /// yet during a hand-over: the old daemon may still carry on).
+    owns_state: bool,
+}
+
+/// What a device is made from: a device found with another recipe is made
+/// again.
+fn recipe(netns: Option<&str>, mtu: u16, address: Option<(Ipv4Addr, u8)>) -> String {
+    format!("netns={netns:?} mtu={mtu} address={address:?}")
+}
+
+/// Opens a device: attaches to the one a previous daemon left when the
+/// manifest says it is ours and made from the same recipe; a left-over
+/// device of another recipe is deleted and made again.
+fn open_device(
+    manifest: &Manifest,
+    name: &str,
+    netns: Option<&str>,
+    mtu: u16,
+    address: Option<(Ipv4Addr, u8)>,
+    queues: usize,
+    offload: bool,
+    sharing: bool,
+) -> Result<Arc<Device>> {
+    let want = recipe(netns, mtu, address);
+    let rec = manifest.devices.iter().find(|d| d.name == name && d.netns.as_deref() == netns);
+    let present = crate::device::ifindex_of(netns, name)?;
+    if let Some(r) = rec.filter(|r| present == Some(r.ifindex) && r.recipe != want) {
+        if sharing {
+            bail!("device `{name}` of the running daemon was made from another definition; hand over with the same definition, then reload");
+        }
+        tracing::info!(device = %name, "left-over device made from another definition: making it again");
+        Device::delete_left_over(name, netns, offload)?;
+        crate::device::wait_gone(netns, name, r.ifindex)?;
+    }
+    let ours = |idx: u32| rec.is_some_and(|r| r.ifindex == idx && r.recipe == want);
+    let (dev, attached) = Device::open(name, netns, mtu, address, queues, offload, &ours)?;
+    if attached {
+        tracing::info!(device = %name, netns = netns.unwrap_or("-"), "device re-attached");
+    }
+    Ok(dev)
 }
 
 fn to_desired(
@@ -86,31 +144,69 @@ fn to_desired(
 }
 
 impl Daemon {
-    fn start(path: &Path) -> Result<Daemon> {
+    /// Starts on `path`'s config: fresh, after a crash (carrying on what
+    /// the table and devices hold), or taking over from a running daemon.
+    fn start(path: &Path, takeover: bool) -> Result<(Daemon, Option<Successor>)> {
         let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
         let workers = match config.dataplane.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
         };
-        let engine = Engine::new(Settings {
+        let settings = Settings {
             workers,
             max_flows: config.dataplane.max_flows,
             timeouts: config.dataplane.timeouts,
             icmp_rate: 100,
-        });
-        let lock = StateLock::acquire(&config.state_dir)?;
+        };
+        let (lock, successor) = if takeover {
+            let (s, fd) = Successor::request(&config.state_dir)?;
+            tracing::info!("the running daemon froze its flow table and passed its state lock");
+            (StateLock::adopt(fd)?, Some(s))
+        } else {
+            (StateLock::acquire(&config.state_dir)?, None)
+        };
         let store = Store::open(&config.state_dir)?;
-        let epoch = Instant::now();
+        let run_dir = RunDir::for_state_dir(&config.state_dir)?;
+        let sidecar = run_dir.read_sidecar();
+        let mode = if takeover { AttachMode::Share } else { AttachMode::Recover };
+        let (table, opened) =
+            run_dir.open_table(config.dataplane.max_flows, sidecar.as_ref().map_err(String::as_str), mode)?;
+        let sidecar = match opened {
+            Opened::Attached(found) => {
+                tracing::info!(
+                    flows = found.flows,
+                    torn = found.torn,
+                    table = %run_dir.flows_path().display(),
+                    "flow table taken over{}",
+                    if takeover { " (shared with the running daemon)" } else { "" }
+                );
+                sidecar.ok()
+            }
+            Opened::Fresh => None,
+        };
+        let epoch_mono = sidecar.as_ref().map_or_else(crate::state::mono_ns, |s| s.epoch_mono_ns);
+        let epoch = crate::state::instant_of(epoch_mono);
+        let engine = Engine::with_flows(settings, table);
+        let mut net_seeds = HashMap::new();
+        let mut next_network = 0;
+        if let Some(s) = &sidecar {
+            engine.seed_ids(&s.ids());
+            net_seeds = s.networks.iter().cloned().collect();
+            next_network = s.next_network;
+        }
+        let manifest = Manifest::read(&config.state_dir);
+        let previous = manifest.clone();
         let control = Arc::new(Control {
             engine: engine.clone(),
             store,
             config: ArcSwap::from_pointee(config.clone()),
-            started: epoch,
+            started: Instant::now(),
             epoch,
         });
         let p = &config.provider;
         let offload = config.dataplane.offload;
-        let provider = Device::create(&p.tun, p.netns.as_deref(), p.mtu, None, workers, offload)?;
+        let provider =
+            open_device(&manifest, &p.tun, p.netns.as_deref(), p.mtu, None, workers, offload, takeover)?;
         let devices = Arc::new(ArcSwap::from_pointee(DeviceSet {
             provider: Some(provider),
             networks: Vec::new(),
@@ -123,15 +219,119 @@ impl Daemon {
             workers,
             devices,
             made_from: HashMap::new(),
-            next_network: 0,
+            next_network,
             epoch,
+            epoch_mono,
             control,
-            _lock: lock,
+            lock,
             prober: None,
+            run_dir,
+            manifest,
+            net_seeds,
+            owns_state: !takeover,
         };
         d.converge(&config)?;
+        let adopted = d.engine.adopt_flows(now_since(epoch));
+        if adopted.flows + adopted.ended > 0 {
+            tracing::info!(flows = adopted.flows, ended = adopted.ended, "flows carried over (ended: no longer allowed by the configuration)");
+        }
+        d.delete_left_overs(&previous);
+        if d.owns_state {
+            d.persist_state();
+        }
         d.prober = crate::health::Prober::start(&d.engine, &config)?;
-        Ok(d)
+        Ok((d, successor))
+    }
+
+    /// Devices of the manifest this daemon did not open: their networks
+    /// left the config while no daemon ran (or during a hand-over).
+    fn delete_left_overs(&mut self, previous: &Manifest) {
+        let set = self.devices.load();
+        let open: Vec<(String, Option<String>)> =
+            set.provider.iter().chain(set.networks.iter().flatten()).map(|d| (d.name.clone(), d.netns.clone())).collect();
+        for r in &previous.devices {
+            if open.contains(&(r.name.clone(), r.netns.clone())) {
+                continue;
+            }
+            if let Ok(Some(idx)) = crate::device::ifindex_of(r.netns.as_deref(), &r.name) {
+                if idx == r.ifindex {
+                    match Device::delete_left_over(&r.name, r.netns.as_deref(), self.config.dataplane.offload) {
+                        Ok(()) => tracing::info!(device = %r.name, "left-over device of a removed network deleted"),
+                        Err(e) => tracing::warn!(device = %r.name, "cannot delete a left-over device: {e:#}"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes what a successor needs: the device manifest and the flow
+    /// table's sidecar.
+    fn persist_state(&mut self) {
+        let set = self.devices.load_full();
+        let mut devices = Vec::new();
+        if let Some(p) = &set.provider {
+            let c = &self.config.provider;
+            devices.push(DeviceRec {
+                name: p.name.clone(),
+                netns: p.netns.clone(),
+                ifindex: p.ifindex,
+                recipe: recipe(c.netns.as_deref(), c.mtu, None),
+            });
+        }
+        for (name, (id, n)) in &self.made_from {
+            if let Some(Some(d)) = set.networks.get(usize::from(id.0)) {
+                let _ = name;
+                devices.push(DeviceRec {
+                    name: d.name.clone(),
+                    netns: d.netns.clone(),
+                    ifindex: d.ifindex,
+                    recipe: recipe(n.netns.as_deref(), n.mtu, n.address),
+                });
+            }
+        }
+        self.manifest = Manifest { devices };
+        if let Err(e) = self.manifest.write(&self.config.state_dir) {
+            tracing::error!("cannot write the device manifest: {e:#}");
+        }
+        let networks = self.made_from.iter().map(|(name, (id, _))| (name.clone(), id.0)).collect();
+        let sc = Sidecar::new(
+            self.epoch_mono,
+            self.config.dataplane.max_flows,
+            networks,
+            self.next_network,
+            &self.engine.ids(),
+        );
+        if let Err(e) = self.run_dir.write_sidecar(&sc) {
+            tracing::error!("cannot write the flow table's sidecar: {e:#}");
+        }
+    }
+
+    /// A clean stop: devices deleted, the flow table and its sidecar
+    /// removed; nothing is left behind.
+    fn clean_up(self) {
+        let set = self.devices.load_full();
+        for d in set.provider.iter().chain(set.networks.iter().flatten()) {
+            d.unpersist();
+        }
+        self.run_dir.remove();
+        let _ = std::fs::remove_file(self.config.state_dir.join("devices.json"));
+    }
+
+    /// Answers a successor: freeze, pass the lock, wait until it forwards.
+    fn hand_over(&mut self, stream: std::os::unix::net::UnixStream) -> Result<Predecessor> {
+        let mut p = Predecessor::accept(stream)?;
+        self.engine.flows().freeze();
+        self.control.store.close();
+        self.persist_state();
+        let r = p.frozen(self.lock.fd()).and_then(|()| p.wait_forwarding());
+        if let Err(e) = r {
+            self.engine.flows().thaw();
+            if let Err(e2) = self.control.store.reopen() {
+                tracing::error!("{e2:#}; approvals cannot change until a restart");
+            }
+            return Err(e);
+        }
+        Ok(p)
     }
 
     /// Brings devices, engine and routes in line with `config`.
@@ -175,6 +375,7 @@ impl Daemon {
                 std::thread::sleep(Duration::from_millis(20));
             }
             for d in &closing {
+                d.unpersist();
                 tracing::info!(device = %d.name, "network device removed");
             }
         }
@@ -184,16 +385,23 @@ impl Daemon {
             if self.made_from.contains_key(&n.name) {
                 continue;
             }
-            let dev = Device::create(
+            let dev = open_device(
+                &self.manifest,
                 &n.tun,
                 n.netns.as_deref(),
                 n.mtu,
                 n.address,
                 self.workers,
                 self.config.dataplane.offload,
+                !self.owns_state,
             )?;
-            let id = NetworkId(self.next_network);
-            self.next_network += 1;
+            let id = match self.net_seeds.remove(&n.name) {
+                Some(id) => NetworkId(id),
+                None => {
+                    self.next_network += 1;
+                    NetworkId(self.next_network - 1)
+                }
+            };
             tracing::info!(network = %n.name, device = %n.tun, netns = n.netns.as_deref().unwrap_or("-"), "network attached");
             created.push((id, dev));
             self.made_from.insert(n.name.clone(), (id, n.clone()));
@@ -250,6 +458,9 @@ impl Daemon {
         self.devices.store(Arc::new(set));
         self.config = config.clone();
         self.control.config.store(Arc::new(config.clone()));
+        if self.owns_state {
+            self.persist_state();
+        }
         Ok(())
     }
 
@@ -341,26 +552,44 @@ impl Daemon {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub fn run(path: &Path) -> Result<()> {
+/// Runs the daemon until SIGTERM or SIGINT (a clean stop: devices and
+/// state removed), or until a successor took over (SIGUSR2 starts one).
+pub fn run(path: &Path, takeover: bool) -> Result<()> {
     if !crate::netns::is_root() {
         bail!("privlink run needs root (or CAP_NET_ADMIN) to create TUN devices");
     }
-    let daemon = Daemon::start(path)?;
+    let exec = *crate::dataplane::STARTED.get_or_init(Instant::now);
+    let (mut daemon, successor) = Daemon::start(path, takeover)?;
     let handle = crate::metrics::install()?;
     let dataplane = Dataplane::start(&daemon.engine, &daemon.devices, daemon.epoch).context("cannot start workers")?;
+    if let Some(s) = successor {
+        // Both daemons forward now; the old one lets go.
+        tracing::info!(after_ms = exec.elapsed().as_millis() as u64, "forwarding; the previous daemon is letting go");
+        s.forwarding()?;
+        daemon.owns_state = true;
+        daemon.persist_state();
+        tracing::info!(after_ms = exec.elapsed().as_millis() as u64, "hand-over complete");
+    }
     tracing::info!(workers = daemon.workers, config = %path.display(), "privlink running");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
     let io = dataplane.errors.clone();
     let (engine, control) = (daemon.engine.clone(), daemon.control.clone());
     let (listen, socket) = (daemon.config.metrics_listen, daemon.config.control_socket.clone());
+    let state_dir = daemon.config.state_dir.clone();
     // The reconfiguration thread owns the daemon: reloads (which create
-    // devices and wait for workers), lost-device recreation and expiry run
-    // there, never on the runtime that serves /metrics and the API.
+    // devices and wait for workers), lost-device recreation, expiry and
+    // hand-overs run there, never on the runtime that serves /metrics and
+    // the API.
     let (tx, rx) = std::sync::mpsc::channel::<Cmd>();
+    let handed = Arc::new(tokio::sync::Notify::new());
+    let tx2 = std::sync::Mutex::new(tx.clone());
+    crate::handover::listen(&state_dir, move |s| {
+        let _ = tx2.lock().unwrap_or_else(|e| e.into_inner()).send(Cmd::HandOver(s));
+    })?;
+    let h2 = handed.clone();
     let ctl = std::thread::Builder::new()
         .name("privlink-ctl".into())
-        .spawn(move || reconfigure(daemon, rx))
+        .spawn(move || reconfigure(daemon, rx, h2))
         .context("cannot start the reconfiguration thread")?;
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
@@ -374,9 +603,12 @@ pub fn run(path: &Path) -> Result<()> {
         let mut hup = signal(SignalKind::hangup())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
         loop {
             tokio::select! {
                 _ = hup.recv() => { let _ = tx.send(Cmd::Reload); }
+                _ = usr2.recv() => spawn_successor(),
+                _ = handed.notified() => { tracing::info!("handed over: letting go"); break; }
                 _ = term.recv() => { tracing::info!("SIGTERM: stopping"); break; }
                 _ = int.recv() => { tracing::info!("SIGINT: stopping"); break; }
             }
@@ -386,25 +618,70 @@ pub fn run(path: &Path) -> Result<()> {
         control_socket.remove();
         anyhow::Ok(())
     });
+    // (The hand-over listener holds a sender too: say it.)
+    let _ = tx.send(Cmd::Stop);
     drop(tx);
-    let daemon = ctl.join().map_err(|_| anyhow::anyhow!("the reconfiguration thread panicked"))?;
+    // Closes the metrics listener (and whatever else the runtime held).
+    drop(rt);
+    let (daemon, predecessor) = ctl.join().map_err(|_| anyhow::anyhow!("the reconfiguration thread panicked"))?;
     dataplane.stop();
-    // Dropping the devices closes every queue: the kernel removes the
-    // devices, their addresses and routes.
-    drop(daemon);
-    tracing::info!("stopped");
+    match predecessor {
+        Some(p) => {
+            // The successor forwards and owns the devices and the table:
+            // closing our queues leaves both as they are.
+            drop(daemon);
+            p.bye();
+            tracing::info!("stopped after the hand-over");
+        }
+        None => {
+            daemon.clean_up();
+            tracing::info!("stopped");
+        }
+    }
     result
+}
+
+/// SIGUSR2: starts this binary again (the file at its path now: a newer
+/// one after an upgrade) with the same arguments and `--takeover`.
+fn spawn_successor() {
+    let exe = match std::env::current_exe() {
+        Ok(p) => {
+            // After an upgrade replaced the file, /proc/self/exe reads
+            // "<path> (deleted)": the path holds the new binary.
+            let s = p.to_string_lossy().to_string();
+            PathBuf::from(s.strip_suffix(" (deleted)").unwrap_or(&s))
+        }
+        Err(e) => {
+            tracing::error!("SIGUSR2: cannot find this binary: {e}");
+            return;
+        }
+    };
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if !args.iter().any(|a| a == "--takeover") {
+        args.push("--takeover".into());
+    }
+    match std::process::Command::new(&exe).args(&args).spawn() {
+        Ok(c) => tracing::info!(pid = c.id(), exe = %exe.display(), "SIGUSR2: successor started"),
+        Err(e) => tracing::error!("SIGUSR2: cannot start {}: {e}", exe.display()),
+    }
 }
 
 /// What the runtime asks of the reconfiguration thread.
 enum Cmd {
     Reload,
+    HandOver(std::os::unix::net::UnixStream),
+    Stop,
 }
 
 /// The reconfiguration thread: reloads on request, and once a second
 /// expires flows and recreates lost devices. Returns the daemon when the
-/// runtime hangs up (stop).
-fn reconfigure(mut daemon: Daemon, rx: std::sync::mpsc::Receiver<Cmd>) -> Daemon {
+/// runtime hangs up (stop), or when a successor has taken over (with the
+/// hand-over to finish).
+fn reconfigure(
+    mut daemon: Daemon,
+    rx: std::sync::mpsc::Receiver<Cmd>,
+    handed: Arc<tokio::sync::Notify>,
+) -> (Daemon, Option<Predecessor>) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut next_tick = Instant::now();
     loop {
@@ -412,6 +689,16 @@ fn reconfigure(mut daemon: Daemon, rx: std::sync::mpsc::Receiver<Cmd>) -> Daemon
             Ok(Cmd::Reload) => {
                 tracing::info!("SIGHUP: reloading {}", daemon.path.display());
                 daemon.reload();
+            }
+            Ok(Cmd::HandOver(stream)) => {
+                tracing::info!("a successor asks to take over");
+                match daemon.hand_over(stream) {
+                    Ok(p) => {
+                        handed.notify_one();
+                        return (daemon, Some(p));
+                    }
+                    Err(e) => tracing::error!("hand-over abandoned, carrying on: {e:#}"),
+                }
             }
             Err(RecvTimeoutError::Timeout) => {
                 next_tick += Duration::from_secs(1);
@@ -421,7 +708,7 @@ fn reconfigure(mut daemon: Daemon, rx: std::sync::mpsc::Receiver<Cmd>) -> Daemon
                 }
                 daemon.recreate_lost();
             }
-            Err(RecvTimeoutError::Disconnected) => return daemon,
+            Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => return (daemon, None),
         }
     }
 }

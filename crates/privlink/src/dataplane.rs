@@ -33,6 +33,11 @@ const POLL_MS: i32 = 100;
 
 pub use privlink_core::outbox::VNET_HDR_LEN;
 
+/// When this process's `run` began: the first packet a worker forwards is
+/// logged against it (how long a restart or hand-over leaves traffic to
+/// the other daemon or to the kernel's queues).
+pub static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
 /// The engine's clock: whole seconds since the daemon's `epoch`.
 pub fn now_since(epoch: Instant) -> Now {
     Now(u32::try_from(epoch.elapsed().as_secs()).unwrap_or(u32::MAX))
@@ -146,6 +151,7 @@ fn run_worker(
     let mut out = Outbox::new(set.vnet_hdr);
     let mut gro = GROTable::new();
     let mut polled = Polled::new(&set, w);
+    let mut first = true;
     while !stop.load(Ordering::Relaxed) {
         if !Arc::ptr_eq(cache.load(), &set) {
             set = cache.load().clone();
@@ -162,7 +168,14 @@ fn run_worker(
             let (src, dev) = (polled.srcs[i].0, polled.srcs[i].1.clone());
             for _ in 0..BATCH {
                 match dev.queue(w).recv(out.read_buf()) {
-                    Ok(len) => worker.handle(&mut out, len, src, now),
+                    Ok(len) => {
+                        if first {
+                            first = false;
+                            let ms = STARTED.get().map_or(0, |t| t.elapsed().as_millis() as u64);
+                            tracing::info!(worker = w, since_start_ms = ms, "first packet");
+                        }
+                        worker.handle(&mut out, len, src, now)
+                    }
                     Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => break,
                     Err(e) => {
                         polled.lose(i, &errors, &e.to_string());

@@ -1,9 +1,17 @@
 //! TUN devices: one for the provider side and one per consumer network, each
 //! made inside its namespace with one queue per worker (`IFF_MULTI_QUEUE`),
 //! so the kernel spreads flows over workers and each worker owns its queue
-//! of every device. Closing the last queue destroys a (non-persistent)
-//! device, and with it its address and routes: that is how the daemon
-//! cleans up, even when it is killed.
+//! of every device.
+//!
+//! Devices are persistent (`TUNSETPERSIST`): when the daemon dies, they stay
+//! with their addresses and routes, carrier off, and the next daemon
+//! attaches its queues to them (see docs/OPERATIONS.md). During a hand-over
+//! the old and the new daemon each have queues on the same device, and the
+//! kernel spreads packets over both. Which devices are this daemon's is in
+//! its manifest ([`crate::state::Manifest`]): a device with a configured
+//! name that is not in it (or has another interface index) is somebody
+//! else's and is refused, as before. A clean stop, a reload that removes a
+//! network, and a restart whose config dropped one delete the device.
 //!
 //! The crate is tun-rs rather than tun-tap: it creates multi-queue devices,
 //! sets MTU/up/address by ioctl, and has the `IFF_VNET_HDR` offload support
@@ -31,11 +39,32 @@ pub fn name_taken(netns: Option<&str>, name: &str) -> Result<bool> {
     in_netns(netns, move || Ok(unsafe { libc::if_nametoindex(c_name.as_ptr()) } != 0))
 }
 
+/// The interface index of `name` in `netns`, if it exists.
+pub fn ifindex_of(netns: Option<&str>, name: &str) -> Result<Option<u32>> {
+    let c_name = std::ffi::CString::new(name).context("device name")?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string.
+    in_netns(netns, move || Ok(Some(unsafe { libc::if_nametoindex(c_name.as_ptr()) }).filter(|&i| i != 0)))
+}
+
+/// Waits (up to 2 s) until the device `name` with index `ifindex` is gone.
+pub fn wait_gone(netns: Option<&str>, name: &str, ifindex: u32) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while ifindex_of(netns, name)? == Some(ifindex) {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("device `{name}` is still held by another process");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 /// One TUN device and its queues.
 pub struct Device {
     pub name: String,
     pub netns: Option<String>,
     pub mtu: u16,
+    /// Interface index in its namespace (for the manifest).
+    pub ifindex: u32,
     queues: Vec<SyncDevice>,
     /// /32 routes this daemon added through the device.
     routes: Mutex<BTreeSet<Ipv4Addr>>,
@@ -56,30 +85,37 @@ impl std::fmt::Debug for Device {
 }
 
 impl Device {
-    /// Creates `name` in `netns` with `queues` queues, MTU `mtu`, link up,
-    /// and `address` when given.
-    pub fn create(
+    /// Opens `name` in `netns` with `queues` queues, MTU `mtu`, link up and
+    /// `address` when given: creates it, or attaches to it when it exists
+    /// and `ours` says it is this daemon's (interface index given).
+    /// Returns the device and whether it was attached rather than made.
+    pub fn open(
         name: &str,
         netns: Option<&str>,
         mtu: u16,
         address: Option<(Ipv4Addr, u8)>,
         queues: usize,
         offload: bool,
-    ) -> Result<Arc<Device>> {
+        ours: &dyn Fn(u32) -> bool,
+    ) -> Result<(Arc<Device>, bool)> {
         let (n, ns) = (name.to_string(), netns.map(str::to_string));
-        let qs = in_netns(netns, move || {
+        let found = ifindex_of(netns, name)?;
+        let is_ours = found.is_some_and(ours);
+        let (qs, ifindex, attached) = in_netns(netns, move || {
             // Multi-queue TUN lets anyone with the name attach more queues
-            // to a live device: refuse a name that exists rather than share
-            // another daemon's (or any program's) device.
+            // to a live device: refuse a name that exists and is not ours
+            // rather than share another daemon's (or any program's) device.
             let c_name = std::ffi::CString::new(n.as_str()).context("device name")?;
             // SAFETY: if_nametoindex reads a NUL-terminated string.
-            if unsafe { libc::if_nametoindex(c_name.as_ptr()) } != 0 {
+            let existing = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+            if existing != 0 && (!is_ours || Some(existing) != found) {
                 anyhow::bail!(
                     "device `{n}` already exists in namespace `{}`: another privlink or program holds it \
                      (privlink creates its own devices)",
                     ns.as_deref().unwrap_or("(the daemon's own)")
                 );
             }
+            let attach = existing != 0;
             let mut b = DeviceBuilder::new()
                 .name(&n)
                 .mtu(mtu)
@@ -87,22 +123,33 @@ impl Device {
                 .multi_queue(true)
                 .offload(offload)
                 .tx_queue_len(TX_QUEUE_LEN);
-            if let Some((a, len)) = address {
-                b = b.ipv4(a, len, None);
+            if attach {
+                // Up, addressed and routed already: bringing it down would
+                // flush its routes.
+                b = b.inherit_enable_state();
+            } else {
+                if let Some((a, len)) = address {
+                    b = b.ipv4(a, len, None);
+                }
+                b = b.enable(false);
             }
-            let first = b.enable(false).build_sync().with_context(|| {
+            let first = b.build_sync().with_context(|| {
                 format!(
-                    "cannot create TUN device `{n}`{}",
+                    "cannot {} TUN device `{n}`{}",
+                    if attach { "attach to" } else { "create" },
                     ns.as_deref().map(|s| format!(" in namespace `{s}`")).unwrap_or_default()
                 )
             })?;
-            // privlink forwards IPv4 only: keep the kernel's IPv6 chatter
-            // (router and multicast listener messages) off the device. Not
-            // fatal where IPv6 is absent.
-            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6"), "1");
-            // Before the link goes up, so the kernel never builds the
-            // default per-queue qdiscs (see `netlink::set_noqueue`).
-            crate::netlink::set_noqueue(crate::netlink::ifindex(&n)?).with_context(|| format!("device `{n}`"))?;
+            first.persist().with_context(|| format!("cannot make `{n}` persistent"))?;
+            if !attach {
+                // privlink forwards IPv4 only: keep the kernel's IPv6 chatter
+                // (router and multicast listener messages) off the device.
+                // Not fatal where IPv6 is absent.
+                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6"), "1");
+                // Before the link goes up, so the kernel never builds the
+                // default per-queue qdiscs (see `netlink::set_noqueue`).
+                crate::netlink::set_noqueue(crate::netlink::ifindex(&n)?).with_context(|| format!("device `{n}`"))?;
+            }
             first.enabled(true).with_context(|| format!("cannot set `{n}` up"))?;
             let mut qs = Vec::with_capacity(queues);
             for _ in 1..queues.max(1) {
@@ -112,16 +159,38 @@ impl Device {
             for q in &qs {
                 q.set_nonblocking(true).context("cannot make a TUN queue non-blocking")?;
             }
-            Ok(qs)
+            Ok((qs, crate::netlink::ifindex(&n)?, attach))
         })?;
-        Ok(Arc::new(Device {
-            name: name.to_string(),
-            netns: netns.map(str::to_string),
-            mtu,
-            queues: qs,
-            routes: Mutex::new(BTreeSet::new()),
-            lost: std::sync::atomic::AtomicBool::new(false),
-        }))
+        Ok((
+            Arc::new(Device {
+                name: name.to_string(),
+                netns: netns.map(str::to_string),
+                mtu,
+                ifindex,
+                queues: qs,
+                routes: Mutex::new(BTreeSet::new()),
+                lost: std::sync::atomic::AtomicBool::new(false),
+            }),
+            attached,
+        ))
+    }
+
+    /// Makes the device go away once its last queue closes (this daemon's
+    /// and, during a hand-over, the other one's).
+    pub fn unpersist(&self) {
+        let fd = self.queue(0).as_raw_fd();
+        // SAFETY: TUNSETPERSIST with 0 on a TUN descriptor this device owns.
+        if unsafe { libc::ioctl(fd, libc::TUNSETPERSIST as _, 0 as libc::c_ulong) } != 0 {
+            tracing::warn!(device = %self.name, "cannot clear persistence: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// Deletes the persistent device `name` in `netns` that a previous
+    /// daemon left (attach, clear persistence, close).
+    pub fn delete_left_over(name: &str, netns: Option<&str>, offload: bool) -> Result<()> {
+        let (dev, _) = Device::open(name, netns, 1500, None, 1, offload, &|_| true)?;
+        dev.unpersist();
+        Ok(())
     }
 
     /// The queue of worker `w`.

@@ -30,6 +30,11 @@ enum Command {
         /// The config file (TOML).
         #[arg(long, short)]
         config: PathBuf,
+        /// Take over from the daemon running on the same state directory
+        /// without a gap in forwarding (see docs/OPERATIONS.md); SIGUSR2
+        /// to the running daemon does this with its own binary.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Validate a config file; print every error as FILE:LINE:COL: message.
     Check {
@@ -181,7 +186,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logs(cli.log_format, &cli.log_level);
     let result = match cli.command {
-        Command::Run { config } => privlink::daemon::run(&config),
+        Command::Run { config, takeover } => privlink::daemon::run(&config, takeover),
         Command::Check { config } => match privlink_config::Config::load(&config) {
             Ok(c) => {
                 println!(

@@ -12,7 +12,7 @@
 use anyhow::{Context, Result};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const CONNECTIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("connections");
@@ -100,6 +100,22 @@ impl StateLock {
         writeln!(file, "{}", std::process::id())?;
         Ok(StateLock { _file: file })
     }
+
+    /// The lock a running daemon passed over the hand-over socket: the same
+    /// open file, so the lock was never free. Records this process's pid.
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> Result<StateLock> {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::File::from(fd);
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(StateLock { _file: file })
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._file.as_fd()
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -108,7 +124,9 @@ pub fn unix_now() -> u64 {
 
 #[derive(Debug)]
 pub struct Store {
-    db: Database,
+    /// `None` while handed to a successor (redb allows one process per file).
+    db: std::sync::RwLock<Option<Database>>,
+    path: PathBuf,
 }
 
 impl Store {
@@ -125,11 +143,33 @@ impl Store {
         tx.open_table(CONNECTIONS)?;
         tx.open_table(AUDIT)?;
         tx.commit()?;
-        Ok(Store { db })
+        Ok(Store { db: std::sync::RwLock::new(Some(db)), path })
+    }
+
+    fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>> {
+        let g = self.db.read().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            anyhow::bail!("the state store is being handed to another privlink");
+        }
+        Ok(g)
+    }
+
+    /// Lets go of the file (a successor opens it); see [`reopen`](Self::reopen).
+    pub fn close(&self) {
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Opens the file again after a hand-over that did not happen.
+    pub fn reopen(&self) -> Result<()> {
+        let db = Database::create(&self.path)
+            .with_context(|| format!("cannot open state store {}", self.path.display()))?;
+        *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db);
+        Ok(())
     }
 
     pub fn get(&self, endpoint: &str) -> Result<Option<Connection>> {
-        let tx = self.db.begin_read()?;
+        let g = self.db()?;
+        let tx = g.as_ref().context("state store")?.begin_read()?;
         let t = tx.open_table(CONNECTIONS)?;
         match t.get(endpoint)? {
             Some(v) => Ok(Some(serde_json::from_slice(v.value()).context("corrupt connection record")?)),
@@ -138,7 +178,8 @@ impl Store {
     }
 
     pub fn all(&self) -> Result<Vec<Connection>> {
-        let tx = self.db.begin_read()?;
+        let g = self.db()?;
+        let tx = g.as_ref().context("state store")?.begin_read()?;
         let t = tx.open_table(CONNECTIONS)?;
         let mut out = Vec::new();
         for row in t.iter()? {
@@ -165,7 +206,8 @@ impl Store {
         if changes.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write()?;
+        let g = self.db()?;
+        let tx = g.as_ref().context("state store")?.begin_write()?;
         {
             let mut audit = tx.open_table(AUDIT)?;
             let first = audit.last()?.map_or(1, |(k, _)| k.value() + 1);
@@ -191,7 +233,8 @@ impl Store {
     /// At most `limit` audit entries after sequence number `after`,
     /// optionally of one endpoint, oldest first.
     pub fn audit_page(&self, endpoint: Option<&str>, after: u64, limit: usize) -> Result<Vec<AuditEntry>> {
-        let tx = self.db.begin_read()?;
+        let g = self.db()?;
+        let tx = g.as_ref().context("state store")?.begin_read()?;
         let t = tx.open_table(AUDIT)?;
         let mut out = Vec::new();
         for row in t.range(after.saturating_add(1)..)? {
@@ -209,7 +252,8 @@ impl Store {
 
     /// The audit trail, oldest first; of one endpoint when given.
     pub fn audit(&self, endpoint: Option<&str>) -> Result<Vec<AuditEntry>> {
-        let tx = self.db.begin_read()?;
+        let g = self.db()?;
+        let tx = g.as_ref().context("state store")?.begin_read()?;
         let t = tx.open_table(AUDIT)?;
         let mut out = Vec::new();
         for row in t.iter()? {
