@@ -222,7 +222,8 @@ fn sigusr2_starts_a_successor_that_takes_over() {
     // The old daemon exits; the new one holds the state lock and serves.
     assert!(eventually(10, || std::fs::read_to_string(bed.dir.join("state/privlink.lock"))
         .is_ok_and(|p| p.trim().parse::<u32>().is_ok_and(|p| p != old))));
-    let new: i32 = std::fs::read_to_string(bed.dir.join("state/privlink.lock")).expect("lock").trim().parse().expect("pid");
+    let new: i32 =
+        std::fs::read_to_string(bed.dir.join("state/privlink.lock")).expect("lock").trim().parse().expect("pid");
     assert!(eventually(10, || bed.scrape_ok()));
     all_answer(&mut held, "after SIGUSR2");
     // The successor is not our child: stop it by its pid.
@@ -280,9 +281,7 @@ fn sigkill_and_restart_keep_connections_transfers_and_approvals() {
     let states = |t: &str| -> Vec<(String, String)> {
         let v: serde_json::Value = serde_json::from_str(t).unwrap_or_default();
         v.as_array()
-            .map(|a| {
-                a.iter().map(|c| (c["endpoint"].to_string(), c["state"].to_string())).collect::<Vec<_>>()
-            })
+            .map(|a| a.iter().map(|c| (c["endpoint"].to_string(), c["state"].to_string())).collect::<Vec<_>>())
             .unwrap_or_default()
     };
     assert!(!states(&before).is_empty(), "{before}");

@@ -238,11 +238,8 @@ service = "billing"
     /// A daemon process on this bed's config (`--takeover` when asked),
     /// logging to the bed's log after whatever earlier daemons wrote.
     fn spawn(&self, takeover: bool) -> Child {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("daemon.log"))
-            .expect("log file");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).expect("log file");
         let mut c = Command::new(env!("CARGO_BIN_EXE_privlink"));
         c.args(["run", "--config"]).arg(&self.config);
         if takeover {

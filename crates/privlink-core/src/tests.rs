@@ -1534,9 +1534,11 @@ impl TestRegion {
         assert!(!ptr.is_null());
         Arc::new(TestRegion { ptr, len })
     }
-    fn bytes(&self) -> &mut [u8] {
-        // SAFETY: the test owns the region; no table writes while a test edits it.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    /// Rewrites byte `at` (as a crash or another program might).
+    fn poke(&self, at: usize, f: impl Fn(u8) -> u8) {
+        assert!(at < self.len);
+        // SAFETY: inside the allocation; no table writes while a test edits it.
+        unsafe { *self.ptr.add(at) = f(*self.ptr.add(at)) };
     }
 }
 impl Drop for TestRegion {
@@ -1633,8 +1635,7 @@ fn a_slot_cut_short_by_a_crash_is_never_forwarded() {
     // Flow 0 sits in slot 0; change its provider key as a torn write would
     // leave it (the NAT port's bytes, which the check covers).
     let slot0 = flow::HEADER_BYTES;
-    let b = r.bytes();
-    b[slot0 + 16 + 8 + 6] ^= 0x5a;
+    r.poke(slot0 + 16 + 8 + 6, |b| b ^ 0x5a);
     let (new, found) = engine_on(&r, Some(flow::AttachMode::Recover), &ids);
     assert_eq!(found, flow::Attached { flows: 19, torn: 1 });
     new.adopt_flows(Now(6));
@@ -1656,8 +1657,8 @@ fn a_region_that_is_not_this_table_is_refused() {
     drop(flow::FlowTable::create_in(region.clone(), s.max_flows).expect("fresh"));
     let err = flow::FlowTable::attach(region.clone(), s.max_flows / 2, flow::AttachMode::Recover).err();
     assert!(matches!(err, Some(flow::AttachError::Layout { .. })), "{err:?}");
-    for (i, b) in r.bytes()[..64].iter_mut().enumerate() {
-        *b = (i as u8).wrapping_mul(151);
+    for i in 0..64 {
+        r.poke(i, |_| (i as u8).wrapping_mul(151));
     }
     let err = flow::FlowTable::attach(region, s.max_flows, flow::AttachMode::Recover).err();
     assert_eq!(err, Some(flow::AttachError::NotATable), "garbage");

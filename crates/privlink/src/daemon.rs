@@ -70,19 +70,26 @@ fn recipe(netns: Option<&str>, mtu: u16, address: Option<(Ipv4Addr, u8)>) -> Str
     format!("netns={netns:?} mtu={mtu} address={address:?}")
 }
 
-/// Opens a device: attaches to the one a previous daemon left when the
-/// manifest says it is ours and made from the same recipe; a left-over
-/// device of another recipe is deleted and made again.
-fn open_device(
-    manifest: &Manifest,
-    name: &str,
-    netns: Option<&str>,
+/// What one device is: name, namespace, MTU, address.
+struct DeviceDef<'a> {
+    name: &'a str,
+    netns: Option<&'a str>,
     mtu: u16,
     address: Option<(Ipv4Addr, u8)>,
+}
+
+/// Opens a device: attaches to the one a previous daemon left when the
+/// manifest says it is ours and made from the same recipe; a left-over
+/// device of another recipe is deleted and made again (refused while
+/// `sharing` with a running daemon, which still uses it).
+fn open_device(
+    manifest: &Manifest,
+    d: DeviceDef<'_>,
     queues: usize,
     offload: bool,
     sharing: bool,
 ) -> Result<Arc<Device>> {
+    let DeviceDef { name, netns, mtu, address } = d;
     let want = recipe(netns, mtu, address);
     let rec = manifest.devices.iter().find(|d| d.name == name && d.netns.as_deref() == netns);
     let present = crate::device::ifindex_of(netns, name)?;
@@ -205,8 +212,8 @@ impl Daemon {
         });
         let p = &config.provider;
         let offload = config.dataplane.offload;
-        let provider =
-            open_device(&manifest, &p.tun, p.netns.as_deref(), p.mtu, None, workers, offload, takeover)?;
+        let def = DeviceDef { name: &p.tun, netns: p.netns.as_deref(), mtu: p.mtu, address: None };
+        let provider = open_device(&manifest, def, workers, offload, takeover)?;
         let devices = Arc::new(ArcSwap::from_pointee(DeviceSet {
             provider: Some(provider),
             networks: Vec::new(),
@@ -233,7 +240,11 @@ impl Daemon {
         d.converge(&config)?;
         let adopted = d.engine.adopt_flows(now_since(epoch));
         if adopted.flows + adopted.ended > 0 {
-            tracing::info!(flows = adopted.flows, ended = adopted.ended, "flows carried over (ended: no longer allowed by the configuration)");
+            tracing::info!(
+                flows = adopted.flows,
+                ended = adopted.ended,
+                "flows carried over (ended: no longer allowed by the configuration)"
+            );
         }
         d.delete_left_overs(&previous);
         if d.owns_state {
@@ -247,8 +258,12 @@ impl Daemon {
     /// left the config while no daemon ran (or during a hand-over).
     fn delete_left_overs(&mut self, previous: &Manifest) {
         let set = self.devices.load();
-        let open: Vec<(String, Option<String>)> =
-            set.provider.iter().chain(set.networks.iter().flatten()).map(|d| (d.name.clone(), d.netns.clone())).collect();
+        let open: Vec<(String, Option<String>)> = set
+            .provider
+            .iter()
+            .chain(set.networks.iter().flatten())
+            .map(|d| (d.name.clone(), d.netns.clone()))
+            .collect();
         for r in &previous.devices {
             if open.contains(&(r.name.clone(), r.netns.clone())) {
                 continue;
@@ -331,6 +346,11 @@ impl Daemon {
             }
             return Err(e);
         }
+        // The successor forwards: hand it the traffic at once.
+        let set = self.devices.load_full();
+        for d in set.provider.iter().chain(set.networks.iter().flatten()) {
+            d.detach_queues();
+        }
         Ok(p)
     }
 
@@ -385,16 +405,8 @@ impl Daemon {
             if self.made_from.contains_key(&n.name) {
                 continue;
             }
-            let dev = open_device(
-                &self.manifest,
-                &n.tun,
-                n.netns.as_deref(),
-                n.mtu,
-                n.address,
-                self.workers,
-                self.config.dataplane.offload,
-                !self.owns_state,
-            )?;
+            let def = DeviceDef { name: &n.tun, netns: n.netns.as_deref(), mtu: n.mtu, address: n.address };
+            let dev = open_device(&self.manifest, def, self.workers, self.config.dataplane.offload, !self.owns_state)?;
             let id = match self.net_seeds.remove(&n.name) {
                 Some(id) => NetworkId(id),
                 None => {

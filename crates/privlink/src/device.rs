@@ -185,6 +185,23 @@ impl Device {
         }
     }
 
+    /// Takes this daemon's queues off the device (`TUNSETQUEUE` with
+    /// `IFF_DETACH_QUEUE`): the kernel stops handing them packets and
+    /// spreads the device's traffic over the other queues (a successor's),
+    /// while the workers finish what they read. Called when a hand-over
+    /// completes, so that no packet waits in a queue nobody reads.
+    pub fn detach_queues(&self) {
+        for q in &self.queues {
+            // SAFETY: an all-zero ifreq is valid; only its flags are read.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            req.ifr_ifru.ifru_flags = libc::IFF_DETACH_QUEUE as libc::c_short;
+            // SAFETY: TUNSETQUEUE reads the ifreq on a TUN descriptor we own.
+            if unsafe { libc::ioctl(q.as_raw_fd(), libc::TUNSETQUEUE as _, &mut req) } != 0 {
+                tracing::warn!(device = %self.name, "cannot detach a queue: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+
     /// Deletes the persistent device `name` in `netns` that a previous
     /// daemon left (attach, clear persistence, close).
     pub fn delete_left_over(name: &str, netns: Option<&str>, offload: bool) -> Result<()> {

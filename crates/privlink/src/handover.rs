@@ -90,8 +90,14 @@ impl Predecessor {
     pub fn frozen(&mut self, lock: BorrowedFd<'_>) -> Result<()> {
         let fds = [lock.as_raw_fd()];
         let iov = [IoSlice::new(b"frozen\n")];
-        sendmsg::<()>(self.reader.get_ref().as_raw_fd(), &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None)
-            .context("cannot pass the state lock")?;
+        sendmsg::<()>(
+            self.reader.get_ref().as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .context("cannot pass the state lock")?;
         Ok(())
     }
 

@@ -209,7 +209,10 @@ impl Manifest {
         let path = state_dir.join("devices.json");
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
-                tracing::warn!("{} is not a device manifest ({e}); no device is taken as this daemon's", path.display());
+                tracing::warn!(
+                    "{} is not a device manifest ({e}); no device is taken as this daemon's",
+                    path.display()
+                );
                 Manifest::default()
             }),
             Err(_) => Manifest::default(),
@@ -337,7 +340,10 @@ impl RunDir {
                 to.display()
             ),
             Err(e) => {
-                tracing::warn!("flow table {} unusable ({why}) and cannot be set aside ({e}); removing it", from.display());
+                tracing::warn!(
+                    "flow table {} unusable ({why}) and cannot be set aside ({e}); removing it",
+                    from.display()
+                );
                 let _ = std::fs::remove_file(&from);
             }
         }

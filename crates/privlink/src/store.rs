@@ -161,8 +161,8 @@ impl Store {
 
     /// Opens the file again after a hand-over that did not happen.
     pub fn reopen(&self) -> Result<()> {
-        let db = Database::create(&self.path)
-            .with_context(|| format!("cannot open state store {}", self.path.display()))?;
+        let db =
+            Database::create(&self.path).with_context(|| format!("cannot open state store {}", self.path.display()))?;
         *self.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db);
         Ok(())
     }
