@@ -1,6 +1,7 @@
 //! Criterion benches of the in-memory packet path (no I/O):
-//! established translation both ways at 1k and 1M flows, new flow setup plus
-//! teardown, and NAT port allocate plus free. Run:
+//! established translation both ways at 1k and 1M flows (on the heap, and
+//! at 1M also in a shared memory mapping as the daemon keeps its table),
+//! new flow setup plus teardown, and NAT port allocate plus free. Run:
 //! `cargo bench -p privlink-core --bench packet_path`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -65,8 +66,50 @@ fn consumer(i: u32) -> (u32, u16) {
 /// Packets of each flow in one direction.
 type Packets = Vec<[u8; 64]>;
 
-fn populated(n: u32) -> (Arc<Engine>, Worker, Packets, Packets) {
-    let e = Engine::new(Settings { max_flows: n + 1024, ..Settings::default() });
+/// Shared memory as the daemon maps its flow table (`MAP_SHARED` of a tmpfs
+/// file; here a memfd, which is the same shmem underneath).
+#[derive(Debug)]
+struct Shm {
+    ptr: *mut u8,
+    len: usize,
+}
+// SAFETY: plain shared memory used through the table's atomics.
+unsafe impl Send for Shm {}
+// SAFETY: as above.
+unsafe impl Sync for Shm {}
+// SAFETY: mapped for `len` bytes until dropped (never, in a bench).
+unsafe impl flow::Region for Shm {
+    fn base(&self) -> *mut u8 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+fn shm(len: usize) -> Arc<dyn flow::Region> {
+    // SAFETY: plain system calls on a descriptor made here; the mapping
+    // stays valid after the descriptor closes.
+    unsafe {
+        let fd = libc::memfd_create(c"privlink-bench".as_ptr(), 0);
+        assert!(fd >= 0 && libc::ftruncate(fd, len as libc::off_t) == 0, "memfd");
+        let p = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0);
+        assert!(p != libc::MAP_FAILED, "mmap");
+        libc::madvise(p, len, libc::MADV_HUGEPAGE);
+        libc::close(fd);
+        Arc::new(Shm { ptr: p as *mut u8, len })
+    }
+}
+
+fn populated_in(n: u32, shared: bool) -> (Arc<Engine>, Worker, Packets, Packets) {
+    let settings = Settings { max_flows: n + 1024, ..Settings::default() };
+    let e = if shared {
+        let region = shm(flow::Layout::new(settings.max_flows, flow::REUSE_DELAY).bytes());
+        let t = flow::FlowTable::create_in(region, settings.max_flows).expect("region");
+        Engine::with_flows(settings, t)
+    } else {
+        Engine::new(settings)
+    };
     e.apply(&desired(), Now(0)).expect("config");
     let mut w = e.worker(0);
     let (mut ups, mut downs) = (Vec::new(), Vec::new());
@@ -88,8 +131,8 @@ fn populated(n: u32) -> (Arc<Engine>, Worker, Packets, Packets) {
 fn established(c: &mut Criterion) {
     let mut g = c.benchmark_group("established");
     g.throughput(Throughput::Elements(2));
-    for n in [1_000u32, 1_000_000] {
-        let (_e, mut w, ups, downs) = populated(n);
+    for (n, shared) in [(1_000u32, false), (1_000_000, false), (1_000_000, true)] {
+        let (_e, mut w, ups, downs) = populated_in(n, shared);
         // Visit flows in a scattered order so the 1M case misses the flow
         // table's cache lines as real traffic would. The packets themselves
         // are laid out in visiting order: a real packet arrives in a buffer
@@ -97,7 +140,8 @@ fn established(c: &mut Criterion) {
         let order: Vec<usize> = (0..n as usize).map(|i| (i * 7_919) % n as usize).collect();
         let ups: Vec<[u8; 64]> = order.iter().map(|&i| ups[i]).collect();
         let downs: Vec<[u8; 64]> = order.iter().map(|&i| downs[i]).collect();
-        g.bench_function(BenchmarkId::new("both_directions", n), |b| {
+        let name = if shared { "both_directions_shared" } else { "both_directions" };
+        g.bench_function(BenchmarkId::new(name, n), |b| {
             let mut i = 0usize;
             b.iter(|| {
                 i = if i + 1 == ups.len() { 0 } else { i + 1 };

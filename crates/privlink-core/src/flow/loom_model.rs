@@ -88,3 +88,23 @@ fn concurrent_removals_end_a_flow_once() {
         assert_eq!(t.len(), 0);
     });
 }
+
+/// A hand-over's freeze: once `freeze` has returned, no insert completes
+/// (the successor then reads a table that no longer changes under it),
+/// whatever point a racing insert had reached.
+#[test]
+fn no_insert_completes_after_freeze_returns() {
+    loom::model(|| {
+        let t = Arc::new(FlowTable::with_reuse_delay(4, 0));
+        let t2 = t.clone();
+        let w = thread::spawn(move || {
+            t2.insert(ck(7), EndpointId(1), Now(0), |claim| claim(pk(7)).then_some((PoolId(1), 0))).is_ok()
+        });
+        t.freeze();
+        let at_freeze = t.len();
+        let inserted = w.join().expect("writer");
+        assert_eq!(t.len(), at_freeze, "an insert completed after the freeze");
+        assert_eq!(inserted, at_freeze == 1);
+        assert!(t.find_consumer(ck(7)).is_some() == inserted);
+    });
+}
