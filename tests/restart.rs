@@ -344,8 +344,14 @@ fn a_restart_with_another_worker_count_keeps_the_flows() {
 
 #[test]
 fn a_restart_without_a_network_deletes_its_left_over_device() {
-    let Some(mut bed) = Bed::running("leftover", Opts::default()) else { return };
+    const PE_A2: &str = "\n[[endpoint]]\nname = \"pe-a2\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.6\"\nservice = \"billing\"\n";
+    let Some(mut bed) = Bed::running("leftover", Opts { extra: PE_A2, ..Opts::default() }) else { return };
     let mut held = hold(&bed.a, 3);
+    let route_a2 = |bed: &Bed| {
+        let out = Command::new("ip").args(["-n", &bed.a, "route", "show", "10.1.0.6/32"]).output().expect("ip route");
+        String::from_utf8_lossy(&out.stdout).contains("pla0")
+    };
+    assert!(route_a2(&bed), "pe-a2's route is there");
     bed.kill9();
     // The devices outlive the daemon (persistent), carrier off.
     assert!(within(&bed.b, || Ok(link_exists("plb0"))).expect("netns"), "plb0 kept across the crash");
@@ -354,11 +360,13 @@ fn a_restart_without_a_network_deletes_its_left_over_device() {
     let end = text[cut..].find("[[service]]").expect("next table") + cut;
     let text2 = format!("{}{}", &text[..cut], &text[end..])
         .replace("[[endpoint]]\nname = \"pe-b\"\nnetwork = \"vnet-b\"\nip = \"10.1.0.5\"\nservice = \"billing\"\n", "");
-    assert!(!text2.contains("vnet-b"), "{text2}");
+    let text2 = text2.replace(PE_A2, "");
+    assert!(!text2.contains("vnet-b") && !text2.contains("pe-a2"), "{text2}");
     std::fs::write(&bed.config, &text2).expect("config");
     bed.start();
     assert!(eventually(5, || !within(&bed.b, || Ok(link_exists("plb0"))).expect("netns")), "{}", bed.log());
     all_answer(&mut held, "vnet-b gone");
+    assert!(!route_a2(&bed), "the route of the endpoint the restart dropped is gone");
     // Someone else's device with a configured name is still refused.
     bed.stop_daemon();
     ip_link_add_tun(&bed.a, "pla0");

@@ -575,14 +575,17 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
     let handle = crate::metrics::install()?;
     let dataplane = Dataplane::start(&daemon.engine, &daemon.devices, daemon.epoch).context("cannot start workers")?;
     if let Some(s) = successor {
-        // Both daemons forward now; the old one lets go.
+        // Both daemons forward now; the old one lets go. systemd (with
+        // NotifyAccess=all) follows this process from here on.
         tracing::info!(after_ms = exec.elapsed().as_millis() as u64, "forwarding; the previous daemon is letting go");
+        crate::sdnotify::notify(&format!("MAINPID={}", std::process::id()));
         s.forwarding()?;
         daemon.owns_state = true;
         daemon.persist_state();
         tracing::info!(after_ms = exec.elapsed().as_millis() as u64, "hand-over complete");
     }
     tracing::info!(workers = daemon.workers, config = %path.display(), "privlink running");
+    crate::sdnotify::notify("READY=1");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start tokio")?;
     let io = dataplane.errors.clone();
     let (engine, control) = (daemon.engine.clone(), daemon.control.clone());

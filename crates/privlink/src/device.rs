@@ -101,7 +101,7 @@ impl Device {
         let (n, ns) = (name.to_string(), netns.map(str::to_string));
         let found = ifindex_of(netns, name)?;
         let is_ours = found.is_some_and(ours);
-        let (qs, ifindex, attached) = in_netns(netns, move || {
+        let (qs, ifindex, attached, routes) = in_netns(netns, move || {
             // Multi-queue TUN lets anyone with the name attach more queues
             // to a live device: refuse a name that exists and is not ours
             // rather than share another daemon's (or any program's) device.
@@ -159,7 +159,12 @@ impl Device {
             for q in &qs {
                 q.set_nonblocking(true).context("cannot make a TUN queue non-blocking")?;
             }
-            Ok((qs, crate::netlink::ifindex(&n)?, attach))
+            let ifindex = crate::netlink::ifindex(&n)?;
+            // An attached device keeps the routes the previous daemon
+            // added: start from them, so the first `set_routes` removes
+            // the ones the config no longer wants.
+            let routes = if attach { crate::netlink::static_routes(ifindex)? } else { BTreeSet::new() };
+            Ok((qs, ifindex, attach, routes))
         })?;
         Ok((
             Arc::new(Device {
@@ -168,7 +173,7 @@ impl Device {
                 mtu,
                 ifindex,
                 queues: qs,
-                routes: Mutex::new(BTreeSet::new()),
+                routes: Mutex::new(routes),
                 lost: std::sync::atomic::AtomicBool::new(false),
             }),
             attached,

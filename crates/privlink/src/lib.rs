@@ -13,6 +13,7 @@ pub mod health;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;
+pub mod sdnotify;
 pub mod state;
 pub mod store;
 pub mod testbed;

@@ -150,6 +150,60 @@ pub fn apply(ifindex: u32, changes: &[Change]) -> Result<()> {
     Ok(())
 }
 
+/// The `/32` static routes of the main table through interface `ifindex`
+/// (the ones a previous daemon added), in the calling thread's namespace:
+/// a dump of the IPv4 routes, filtered.
+pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr>> {
+    use netlink_packet_core::NLM_F_DUMP;
+    let socket = socket()?;
+    let mut route = RouteMessage::default();
+    route.header.address_family = AddressFamily::Inet;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::GetRoute(route)));
+    msg.finalize();
+    let mut out = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut out);
+    socket.send(&out, 0).context("netlink send")?;
+    let mut found = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket.recv(&mut &mut buf[..], 0).context("netlink receive")?;
+        let mut at = 0;
+        while at < n {
+            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n])
+                .map_err(|e| anyhow::anyhow!("bad netlink reply: {e}"))?;
+            let len = reply.header.length as usize;
+            match reply.payload {
+                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    bail!("route dump: {}", std::io::Error::from_raw_os_error(-e.code.map_or(0, |c| c.get())))
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
+                    let h = &r.header;
+                    let ours = h.destination_prefix_length == 32
+                        && h.table == RouteHeader::RT_TABLE_MAIN
+                        && h.protocol == RouteProtocol::Static
+                        && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+                    if ours {
+                        for a in &r.attributes {
+                            if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a {
+                                found.insert(*d);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            at += len;
+        }
+    }
+}
+
 /// The interface index of `name` in the calling thread's namespace.
 pub fn ifindex(name: &str) -> Result<u32> {
     let c = std::ffi::CString::new(name).context("interface name")?;

@@ -381,7 +381,10 @@ impl RunDir {
                 FlowTable::attach(region, max_flows, mode).map_err(|e| e.to_string())
             };
             match attempt() {
-                Ok((t, found)) => return Ok((t, Opened::Attached(found))),
+                Ok((t, found)) => {
+                    self.huge_pages_hint(Layout::new(max_flows, REUSE_DELAY).bytes());
+                    return Ok((t, Opened::Attached(found)));
+                }
                 // The running daemon still uses it: never move it away.
                 Err(why) if mode == AttachMode::Share => anyhow::bail!("cannot share the flow table: {why}"),
                 Err(why) => self.set_aside(&why),
@@ -402,7 +405,35 @@ impl RunDir {
         file.set_len(l.bytes() as u64).with_context(|| format!("cannot size {}", path.display()))?;
         let region: Arc<dyn Region> = Arc::new(Mapping::of(&file, l.bytes())?);
         let t = FlowTable::create_in(region, max_flows).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.huge_pages_hint(l.bytes());
         Ok((t, Opened::Fresh))
+    }
+
+    /// Warns when a large table sits on a tmpfs without huge pages: each
+    /// packet's lookup then costs TLB misses (measured +9 to 15 % per packet
+    /// at 1M flows here; see docs/OPERATIONS.md).
+    pub fn huge_pages_hint(&self, bytes: usize) {
+        if bytes < 32 << 20 {
+            return;
+        }
+        let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return };
+        let dir = self.dir.to_string_lossy();
+        let best = mounts
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() > 3 && dir.starts_with(f[1])).then(|| (f[1].len(), f[1].to_string(), f[2] == "tmpfs", f[3].to_string()))
+            })
+            .max_by_key(|m| m.0);
+        if let Some((_, at, true, opts)) = best {
+            if !opts.split(',').any(|o| matches!(o, "huge=always" | "huge=within_size" | "huge=advise")) {
+                tracing::warn!(
+                    "the flow table ({} MiB) sits in 4 KiB pages: remount {at} with huge=within_size (or set \
+                     PRIVLINK_RUN_DIR to a tmpfs mounted so) for fewer TLB misses per packet",
+                    bytes >> 20
+                );
+            }
+        }
     }
 
     /// A clean stop: nothing is left behind.
