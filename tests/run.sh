@@ -11,6 +11,7 @@ need=()
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v traceroute >/dev/null 2>&1 || need+=(traceroute)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 if ((${#need[@]})); then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -34,7 +35,8 @@ PRIVLINK_STRESS_SECS=${PRIVLINK_STRESS_SECS:-20} \
   cargo test --release --locked -p privlink-core --test stress -- --nocapture 2>&1 | tee -a "$log"
 s=${PIPESTATUS[0]}; [ "$s" = 0 ] || status=$s
 # The same protocol model-checked with loom (every interleaving of lookup,
-# removal and reuse); its own target directory, as --cfg loom rebuilds all.
+# removal and reuse, and of an insert racing a hand-over's freeze); its own
+# target directory, as --cfg loom rebuilds all.
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
   cargo test --release --locked -p privlink-core --lib flow::loom_model 2>&1 | tee -a "$log"
 s=${PIPESTATUS[0]}; [ "$s" = 0 ] || status=$s
