@@ -19,6 +19,7 @@ fn desired() -> Desired {
         provider_mtu: 1500,
         networks: vec![NetworkSpec { id: NetworkId(0), name: "vnet-a".into(), mtu: 1500 }],
         services: vec![ServiceSpec {
+            proxy: None,
             name: "svc".into(),
             nat_ips: (1..=8).map(|i| Ipv4Addr::new(192, 168, 100, i)).collect(),
             nat_ports: 1024..=65535,
@@ -26,6 +27,7 @@ fn desired() -> Desired {
             ports: vec![PortRule { protocol: Protocol::Udp, port: 53, backend_port: 53 }],
         }],
         endpoints: vec![EndpointSpec {
+            link_id: 0,
             name: "pe".into(),
             network: 0,
             ip: Ipv4Addr::from(EP),

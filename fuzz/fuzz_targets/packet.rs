@@ -15,6 +15,7 @@ fn desired() -> Desired {
         provider_mtu: 1400,
         networks: vec![NetworkSpec { id: NetworkId(0), name: "a".into(), mtu: 1500 }],
         services: vec![ServiceSpec {
+            proxy: None,
             name: "s".into(),
             nat_ips: vec![Ipv4Addr::new(192, 168, 100, 4)],
             nat_ports: 2000..=2063,
@@ -25,6 +26,7 @@ fn desired() -> Desired {
             ],
         }],
         endpoints: vec![EndpointSpec {
+            link_id: 0,
             name: "e".into(),
             network: 0,
             ip: Ipv4Addr::new(10, 1, 0, 5),

@@ -188,6 +188,7 @@ impl Engine {
                     .map(|&b| st.backend_created.entry((s.name.clone(), b)).or_default().clone())
                     .collect(),
                 rules: s.ports.clone(),
+                proxy: s.proxy,
                 pools: per_ip,
             });
         }
@@ -265,6 +266,8 @@ impl Engine {
                 service: e.service,
                 max_flows: e.limits.max_flows.unwrap_or(u32::MAX),
                 allow,
+                link_id: e.link_id,
+                proxy: svc.proxy,
             });
         }
         let live: std::collections::HashSet<*const EndpointShared> =

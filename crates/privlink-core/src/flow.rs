@@ -173,6 +173,8 @@ pub mod state {
     pub const RST: u32 = 1 << 5;
     /// An ACK from the consumer after the provider's SYN: established.
     pub const ESTABLISHED: u32 = 1 << 6;
+    /// PROXY protocol: the backend has acknowledged the whole header.
+    pub const HDR_ACKED: u32 = 1 << 7;
     /// The state bits of a `meta` word.
     pub(crate) const MASK: u32 = 0xff;
 }
@@ -264,11 +266,21 @@ struct Cold {
     /// when the process died, or bytes that are not a slot, do not match it
     /// and are not forwarded after a restart.
     check: AtomicU64,
+    /// PROXY protocol: the consumer's initial sequence number (its SYN's)
+    /// and the backend's plus one (from its SYN-ACK). See [`crate::proxy`].
+    isn: AtomicU32,
+    peer: AtomicU32,
 }
 
 impl Default for Cold {
     fn default() -> Self {
-        Cold { pool: AtomicU32::new(0), created: AtomicU32::new(0), check: AtomicU64::new(0) }
+        Cold {
+            pool: AtomicU32::new(0),
+            created: AtomicU32::new(0),
+            check: AtomicU64::new(0),
+            isn: AtomicU32::new(0),
+            peer: AtomicU32::new(0),
+        }
     }
 }
 
@@ -989,6 +1001,26 @@ impl FlowTable {
         self.live.fetch_sub(1, Ordering::Relaxed);
         self.give_slot(i);
         Some(cur & state::MASK)
+    }
+
+    /// PROXY protocol: the consumer's and the backend's initial sequence
+    /// numbers of flow `v` (plus one for the backend's), as recorded.
+    #[inline]
+    pub fn proxy_seqs(&self, v: &FlowView) -> (u32, u32) {
+        let c = &self.cold[v.slot as usize];
+        (c.isn.load(Ordering::Relaxed), c.peer.load(Ordering::Relaxed))
+    }
+
+    /// Records the consumer's initial sequence number of flow `v` (its SYN).
+    #[inline]
+    pub fn set_proxy_isn(&self, v: &FlowView, isn: u32) {
+        self.cold[v.slot as usize].isn.store(isn, Ordering::Relaxed);
+    }
+
+    /// Records the backend's initial sequence number plus one (its SYN-ACK).
+    #[inline]
+    pub fn set_proxy_peer(&self, v: &FlowView, peer: u32) {
+        self.cold[v.slot as usize].peer.store(peer, Ordering::Relaxed);
     }
 
     /// Slot `i` as a [`FlowRecord`], if it holds a live flow.

@@ -22,6 +22,7 @@ pub mod listing;
 pub mod maglev;
 pub mod outbox;
 pub mod pool;
+pub mod proxy;
 pub mod restart;
 pub mod snapshot;
 pub mod spec;
@@ -42,8 +43,8 @@ pub use outbox::{Out, Outbox};
 pub use restart::{Adopted, EndpointIdEntry, Ids, PoolIdEntry};
 pub use snapshot::{EndpointShared, NetworkShared, Picker, PoolEntry, Snapshot, Tally};
 pub use spec::{
-    Desired, EndpointLimits, EndpointSpec, NetworkSpec, PortRule, ServiceSpec, Settings, Timeouts, MAX_BACKENDS,
-    MAX_NAT_IPS,
+    Desired, EndpointLimits, EndpointSpec, NetworkSpec, PortRule, ProxyTlv, ServiceSpec, Settings, Timeouts,
+    MAX_BACKENDS, MAX_NAT_IPS,
 };
 pub use types::*;
 pub use worker::Worker;

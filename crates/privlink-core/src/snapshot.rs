@@ -86,6 +86,11 @@ pub struct EndpointView {
     pub max_flows: u32,
     /// Allowed consumer sources as (network, mask); empty: any.
     pub allow: Arc<[(u32, u32)]>,
+    /// The connection's link id (PROXY v2 TLVs).
+    pub link_id: u64,
+    /// Its service's PROXY protocol setting (kept here too: the endpoint
+    /// is what a packet already holds).
+    pub proxy: Option<crate::spec::ProxyTlv>,
 }
 
 impl EndpointView {
@@ -122,6 +127,8 @@ pub struct ServiceView {
     /// reloads by (service, backend).
     pub created: Vec<Arc<AtomicU64>>,
     pub rules: Vec<PortRule>,
+    /// PROXY protocol v2 on its TCP flows, with this TLV.
+    pub proxy: Option<crate::spec::ProxyTlv>,
     /// `pools[nat ip index][protocol index]`.
     pub pools: Vec<[Arc<PoolEntry>; 3]>,
 }

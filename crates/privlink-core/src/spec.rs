@@ -79,6 +79,35 @@ pub struct ServiceSpec {
     pub nat_ports: RangeInclusive<u16>,
     pub backends: Vec<Ipv4Addr>,
     pub ports: Vec<PortRule>,
+    /// PROXY protocol v2 before each TCP connection's data, with this TLV
+    /// (`None`: off). See [`crate::proxy`].
+    pub proxy: Option<ProxyTlv>,
+}
+
+/// The TLV a PROXY v2 header carries after the addresses: the clouds'
+/// ways of naming the private endpoint connection (SPEC `proxy_tlv`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyTlv {
+    /// Addresses only.
+    None,
+    /// Azure Private Link: type 0xEE, subtype 0x01, link id as u32 LE.
+    Azure,
+    /// AWS PrivateLink: type 0xEA, subtype 0x01, `vpce-` and 17 hex digits.
+    Aws,
+    /// GCP Private Service Connect: type 0xE0, connection id as u64 BE.
+    Gcp,
+}
+
+impl ProxyTlv {
+    pub const ALL: [ProxyTlv; 4] = [ProxyTlv::None, ProxyTlv::Azure, ProxyTlv::Aws, ProxyTlv::Gcp];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyTlv::None => "none",
+            ProxyTlv::Azure => "azure",
+            ProxyTlv::Aws => "aws",
+            ProxyTlv::Gcp => "gcp",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +121,8 @@ pub struct EndpointSpec {
     /// The connection state to start with when the endpoint is new.
     pub state: ConnectionState,
     pub limits: EndpointLimits,
+    /// The connection's link id (stable for its life; PROXY v2 TLVs).
+    pub link_id: u64,
 }
 
 /// What an endpoint lets through beyond its service's ports, like a

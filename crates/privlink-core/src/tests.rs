@@ -20,6 +20,7 @@ const NET_B: NetworkId = NetworkId(1);
 
 fn desired(nat_ports: std::ops::RangeInclusive<u16>, b_state: ConnectionState) -> Desired {
     let svc = |name: &str, nat: Ipv4Addr, backend: Ipv4Addr| ServiceSpec {
+        proxy: None,
         name: name.into(),
         nat_ips: vec![nat],
         nat_ports: nat_ports.clone(),
@@ -30,6 +31,7 @@ fn desired(nat_ports: std::ops::RangeInclusive<u16>, b_state: ConnectionState) -
         ],
     };
     let ep = |name: &str, network, service, state| EndpointSpec {
+        link_id: 0,
         name: name.into(),
         network,
         ip: Ipv4Addr::from(EP),
@@ -518,6 +520,7 @@ fn reload_keeps_unchanged_flows_and_ends_removed_ones() {
     let mut d = desired(1024..=65535, ConnectionState::Approved);
     d.endpoints.pop(); // remove pe-b
     d.endpoints.push(EndpointSpec {
+        link_id: 0,
         name: "pe-new".into(),
         network: 0,
         ip: Ipv4Addr::new(10, 1, 0, 6),
@@ -1400,6 +1403,7 @@ fn an_endpoint_holds_at_most_its_max_flows_and_others_still_connect() {
     d.endpoints[0].limits.max_flows = Some(20);
     // A second endpoint of the same service in the same network.
     d.endpoints.push(EndpointSpec {
+        link_id: 0,
         name: "pe-a2".into(),
         network: 0,
         ip: Ipv4Addr::new(10, 1, 0, 6),
@@ -1723,4 +1727,76 @@ mod restart {
             assert!(still_mapped(&mut w, i as u16, port));
         }
     }
+}
+
+fn tcp_seq(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, seq, 65535);
+    if syn {
+        b = b.syn();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).expect("build");
+    v
+}
+
+/// (seq, ack, payload) of a TCP packet, after checking every checksum.
+fn tcp_fields(v: &[u8]) -> (u32, u32, Vec<u8>) {
+    assert!(inspect(v).4, "checksums");
+    let p = SlicedPacket::from_ip(v).expect("parses");
+    let Some(TransportSlice::Tcp(t)) = p.transport else { panic!("not tcp") };
+    (t.sequence_number(), t.acknowledgment_number(), t.payload().to_vec())
+}
+
+#[test]
+fn proxy_protocol_header_goes_first_and_sequence_numbers_line_up() {
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.services[0].proxy = Some(ProxyTlv::Azure);
+    d.endpoints[0].link_id = 0x0bad_cafe;
+    let (e, mut w) = engine_with(small(), &d);
+    let (c, b) = (Source::Network(NET_A), Source::Provider);
+    // SYN: as it was.
+    let mut p = tcp_seq(CLIENT, 40000, EP, 80, true, 1000, None, b"");
+    assert_eq!(w.process(&mut p, c, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(tcp_fields(&p).0, 1000);
+    let nport = inspect(&p).1;
+    assert!(w.take_extra().is_none());
+    // SYN-ACK: to the consumer as it was; the header segment to the backend.
+    let mut p = tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, true, 5000, Some(1001), b"");
+    assert_eq!(w.process(&mut p, b, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(tcp_fields(&p).1, 1001);
+    let (to, hdr) = w.take_extra().map(|(t, h)| (t, h.to_vec())).expect("header segment");
+    assert_eq!(to, Egress::Provider);
+    assert_eq!(inspect(&hdr).0..=inspect(&hdr).2, NAT_A..=BACKEND_A);
+    assert_eq!((inspect(&hdr).1, inspect(&hdr).3), (nport, 8080));
+    let (seq, ack, payload) = tcp_fields(&hdr);
+    assert_eq!((seq, ack, payload.len()), (1001, 5001, 36));
+    assert_eq!(&payload[..12], &proxy::SIGNATURE);
+    assert_eq!(&payload[16..28], &[10, 1, 0, 10, 10, 1, 0, 5, 0x9c, 0x40, 0, 80], "the consumer's own addresses");
+    assert_eq!(&payload[28..], &[0xEE, 0, 5, 1, 0xfe, 0xca, 0xad, 0x0b]);
+    // The consumer's segments move up by the header's 36 bytes.
+    let mut p = tcp_seq(CLIENT, 40000, EP, 80, false, 1001, Some(5001), b"hi");
+    assert_eq!(w.process(&mut p, c, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(tcp_fields(&p).0, 1037);
+    // A backend ACK short of the header: held at the consumer's ISN + 1,
+    // and the header goes again.
+    let mut p = tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, false, 5001, Some(1001), b"");
+    assert_eq!(w.process(&mut p, b, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(tcp_fields(&p).1, 1001);
+    assert!(w.take_extra().is_some(), "header sent again");
+    assert_eq!(e.proxy_resends(|_| {}), 1, "the sweep would send it too");
+    // Header and "hi" acknowledged: the consumer sees its own numbers.
+    let mut p = tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, false, 5001, Some(1039), b"ok");
+    assert_eq!(w.process(&mut p, b, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(tcp_fields(&p).1, 1003);
+    assert!(w.take_extra().is_none());
+    assert_eq!(e.proxy_resends(|_| {}), 0, "acknowledged: nothing to resend");
+    // A service without the setting is untouched.
+    let mut p = tcp_seq(CLIENT, 40001, EP, 80, true, 7000, None, b"");
+    assert_eq!(w.process(&mut p, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
+    let mut p2 = tcp_seq(CLIENT, 40001, EP, 80, false, 7001, Some(1), b"x");
+    assert_eq!(w.process(&mut p2, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(tcp_fields(&p2).0, 7001);
 }

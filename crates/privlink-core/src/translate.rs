@@ -34,7 +34,9 @@
 //! 12. count.
 
 use crate::engine::Engine;
-use crate::flow::{state, ConsumerKey, FlowView, InsertError, Inserted, ProviderKey, TcpPhase};
+use crate::flow::{state, ConsumerKey, FlowTable, FlowView, InsertError, Inserted, ProviderKey, TcpPhase};
+use crate::proxy;
+use crate::spec::ProxyTlv;
 use crate::frag::{FragKey, Fragments, Later, Mapping};
 use crate::snapshot::{EndpointView, Snapshot};
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Verdict};
@@ -181,6 +183,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) w: usize,
     pub(crate) snap: &'a Snapshot,
     pub(crate) reply: &'a mut [u8; REPLY_MAX],
+    /// A packet the translation made besides the one it forwards (a PROXY
+    /// header segment, in `reply`): where it goes and its length.
+    pub(crate) extra: &'a mut Option<(Egress, usize)>,
     pub(crate) icmp: &'a mut IcmpLimiter,
     pub(crate) frags: &'a mut Fragments,
     pub(crate) now: Now,
@@ -344,6 +349,12 @@ impl Ctx<'_> {
                 }
             }
         }
+        // 10b. PROXY protocol: sequence numbers moved by the header's length.
+        if seg.proto == Protocol::Tcp {
+            if let Some(tlv) = ep.proxy {
+                self.proxy_step(&mut buf[ihl..], dir, seg.flags, &v, ep, tlv);
+            }
+        }
         // 11. Rewrite.
         let ends = dir.ends(&v);
         let ((nsrc, nsport), (ndst, ndport)) = ends;
@@ -366,6 +377,51 @@ impl Ctx<'_> {
             Some(mtu) => Verdict::Fragment { to: egress, mtu },
             None => Verdict::Forward(egress),
         }
+    }
+
+    /// Step 10b for a TCP segment of a flow whose service sends a PROXY v2
+    /// header (see [`crate::proxy`]): toward the backend, a SYN records the
+    /// consumer's ISN and anything else moves up by the header's length;
+    /// toward the consumer, a SYN-ACK records the backend's ISN, and an
+    /// acknowledgement moves down by it once the backend has the header.
+    /// Until then the acknowledgement stays at the consumer's ISN + 1 and
+    /// the header is sent (again).
+    #[inline(never)]
+    fn proxy_step(&mut self, l4: &mut [u8], dir: Dir, flags: u8, v: &FlowView, ep: &EndpointView, tlv: ProxyTlv) {
+        let flows = &self.engine.flows;
+        let partial = self.off.csum_partial;
+        let hl = proxy::header_len(tlv) as u32;
+        match dir {
+            Dir::In(_) if flags & tcp_flags::SYN != 0 => flows.set_proxy_isn(v, proxy::seq(l4)),
+            Dir::In(_) => proxy::set_seq(l4, proxy::seq(l4).wrapping_add(hl), partial),
+            Dir::Out => {
+                if flags & tcp_flags::SYN != 0 {
+                    flows.set_proxy_peer(v, proxy::seq(l4).wrapping_add(1));
+                }
+                if flags & tcp_flags::ACK == 0 {
+                    return;
+                }
+                let ack = proxy::ack(l4);
+                if v.state & state::HDR_ACKED == 0 {
+                    let (isn, _) = flows.proxy_seqs(v);
+                    let past = ack.wrapping_sub(isn.wrapping_add(1));
+                    if past < hl || past >= 1 << 31 {
+                        proxy::set_ack(l4, isn.wrapping_add(1), partial);
+                        self.proxy_header(v, ep, tlv);
+                        return;
+                    }
+                    flows.add_state(v, state::HDR_ACKED);
+                }
+                proxy::set_ack(l4, ack.wrapping_sub(hl), partial);
+                proxy::shift_sack(l4, hl, partial);
+            }
+        }
+    }
+
+    /// Queues the PROXY header segment of flow `v` toward the backend.
+    fn proxy_header(&mut self, v: &FlowView, ep: &EndpointView, tlv: ProxyTlv) {
+        let n = proxy_segment(&self.engine.flows, v, ep.link_id, tlv, &mut self.reply[..]);
+        *self.extra = Some((Egress::Provider, n));
     }
 
     /// The flow a packet belongs to, by the index of its direction.
@@ -462,6 +518,26 @@ impl Ctx<'_> {
         let Some((egress, mtu)) = self.egress(dir, Some(&v)) else { return Verdict::Drop(DropReason::NoFlow) };
         if len > usize::from(mtu) {
             return Verdict::Drop(DropReason::TooBig);
+        }
+        // A quoted segment privlink sent the backend of a PROXY flow: its
+        // sequence number back in the consumer's numbering; an error about
+        // the header segment privlink made itself goes no further.
+        if let (Dir::Out, Some(tlv), wire::proto::TCP) = (dir, ep.proxy, q.proto) {
+            let l4 = &mut buf[ihl + q.l4..];
+            if l4.len() >= 8 {
+                let hl = proxy::header_len(tlv) as u32;
+                let (isn, _) = self.engine.flows.proxy_seqs(&v);
+                let seq = proxy::seq(l4);
+                if seq.wrapping_sub(isn.wrapping_add(1)) < hl {
+                    return Verdict::Drop(DropReason::NoFlow);
+                }
+                let back = seq.wrapping_sub(hl);
+                if l4.len() >= 18 {
+                    proxy::set_seq(l4, back, false);
+                } else {
+                    l4[4..8].copy_from_slice(&back.to_be_bytes());
+                }
+            }
         }
         let (from, to) = dir.ends(&v);
         let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
@@ -610,6 +686,39 @@ pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r
 
 /// A consumer-side flow key; an ICMP echo's endpoint side has no port.
 #[inline(always)]
+/// Builds the PROXY header segment of flow `v` into `out`: from its NAT
+/// address and port to its backend, at the consumer's ISN + 1,
+/// acknowledging the backend's SYN; returns its length.
+pub(crate) fn proxy_segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyTlv, out: &mut [u8]) -> usize {
+    let (isn, peer) = flows.proxy_seqs(v);
+    let (c, p) = (v.ckey, v.pkey);
+    proxy::build_segment(
+        out,
+        p.nat_addr(),
+        p.nat_port(),
+        p.backend_addr(),
+        p.backend_port(),
+        isn.wrapping_add(1),
+        peer,
+        PROXY_WINDOW,
+        |o| {
+            proxy::write_header(
+                o,
+                tlv,
+                link_id,
+                c.consumer_addr(),
+                c.consumer_port(),
+                c.endpoint_addr(),
+                c.endpoint_port(),
+            )
+        },
+    )
+}
+
+/// The window the header segment offers the backend (unscaled; the
+/// consumer's own segments set the real one right after).
+const PROXY_WINDOW: u16 = 512;
+
 fn consumer_key(net: NetworkId, proto: Protocol, consumer: End, endpoint: End) -> ConsumerKey {
     let eport = if proto == Protocol::Icmp { 0 } else { endpoint.1 };
     ConsumerKey::new(net.0, proto.number(), consumer.0, consumer.1, endpoint.0, eport)

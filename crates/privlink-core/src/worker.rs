@@ -29,6 +29,8 @@ pub struct Worker {
     index: usize,
     cache: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
     reply: [u8; REPLY_MAX],
+    /// A packet made besides the one forwarded (in `reply`).
+    extra: Option<(Egress, usize)>,
     icmp: IcmpLimiter,
     frags: Fragments,
 }
@@ -44,6 +46,7 @@ impl Engine {
             index,
             cache,
             reply: [0; REPLY_MAX],
+            extra: None,
             icmp: IcmpLimiter::new(rate),
             frags: Fragments::default(),
         }
@@ -60,6 +63,12 @@ impl Worker {
         &self.reply[..len]
     }
 
+    /// A packet the last [`process`](Self::process) made besides the one it
+    /// translated (a PROXY header segment toward the backend), once.
+    pub fn take_extra(&mut self) -> Option<(Egress, &[u8])> {
+        self.extra.take().map(|(to, n)| (to, &self.reply[..n]))
+    }
+
     /// Translates `buf` in place and says what to do with it.
     #[inline]
     pub fn process(&mut self, buf: &mut [u8], src: Source, now: Now) -> Verdict {
@@ -71,6 +80,7 @@ impl Worker {
     /// is a GSO super-packet, which is translated once for all its segments.
     #[inline]
     pub fn process_offload(&mut self, buf: &mut [u8], src: Source, now: Now, off: Offload) -> Verdict {
+        self.extra = None;
         let mut cx = self.ctx(now, off);
         cx.frags.tick(now);
         let dir = match src {
@@ -97,9 +107,9 @@ impl Worker {
 
     #[inline(always)]
     fn ctx(&mut self, now: Now, off: Offload) -> Ctx<'_> {
-        let Worker { engine, index, cache, reply, icmp, frags } = self;
+        let Worker { engine, index, cache, reply, extra, icmp, frags } = self;
         let snap: &Snapshot = cache.load();
-        Ctx { engine, w: *index, snap, reply, icmp, frags, now, off }
+        Ctx { engine, w: *index, snap, reply, extra, icmp, frags, now, off }
     }
 
     /// True when held fragments were released and wait for
@@ -151,6 +161,9 @@ impl Worker {
                 out.write_made(back, &self.reply[..len]);
             }
             Verdict::Drop(_) | Verdict::Held => {}
+        }
+        if let Some((to, n)) = self.extra.take() {
+            out.write_made(to, &self.reply[..n]);
         }
         // Fragments held for a first fragment that just came, whatever
         // became of that first fragment (staged or written).

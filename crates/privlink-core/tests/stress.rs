@@ -44,6 +44,7 @@ fn desired(a: ConnectionState, b: ConnectionState) -> Desired {
             NetworkSpec { id: NetworkId(1), name: "vnet-b".into(), mtu: 1500 },
         ],
         services: vec![ServiceSpec {
+            proxy: None,
             name: "svc".into(),
             nat_ips: NAT_IPS.iter().map(|&a| Ipv4Addr::from(a)).collect(),
             nat_ports: 1024..=65535,
@@ -52,6 +53,7 @@ fn desired(a: ConnectionState, b: ConnectionState) -> Desired {
         }],
         endpoints: vec![
             EndpointSpec {
+                link_id: 0,
                 name: "pe-a".into(),
                 network: 0,
                 ip: Ipv4Addr::from(EP),
@@ -60,6 +62,7 @@ fn desired(a: ConnectionState, b: ConnectionState) -> Desired {
                 limits: EndpointLimits::default(),
             },
             EndpointSpec {
+                link_id: 0,
                 name: "pe-b".into(),
                 network: 1,
                 ip: Ipv4Addr::from(EP),

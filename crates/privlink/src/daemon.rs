@@ -123,6 +123,7 @@ fn to_desired(
         .services
         .iter()
         .map(|s| ServiceSpec {
+            proxy: None,
             name: s.name.clone(),
             nat_ips: s.nat_ips.clone(),
             nat_ports: s.nat_ports.clone(),
@@ -135,6 +136,7 @@ fn to_desired(
         .iter()
         .filter_map(|e| {
             Some(EndpointSpec {
+                link_id: 0,
                 name: e.name.clone(),
                 network: networks.iter().position(|n| n.name == e.network)?,
                 ip: e.ip,

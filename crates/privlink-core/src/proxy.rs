@@ -1,0 +1,319 @@
+//! PROXY protocol v2 in a NAT (docs/PROXY-PROTOCOL.md).
+//!
+//! privlink does not terminate TCP, so it adds the header to a stream it
+//! only forwards: when the backend's SYN-ACK passes, privlink sends the
+//! backend one segment of its own carrying the header, at the sequence
+//! numbers right after the consumer's SYN (`isn + 1 .. isn + 1 + L`). From
+//! then on every consumer segment's sequence number is moved up by `L`
+//! toward the backend, and every backend acknowledgement (and SACK edge)
+//! moved down by `L` toward the consumer, so each end sees a consistent
+//! stream: the backend one that starts with the header, the consumer the one
+//! it sent. The header is its own segment, so no consumer segment grows and
+//! no MSS changes.
+//!
+//! The header is sent again whenever a backend segment shows it was not
+//! received (an acknowledgement that does not cover it), and once a second
+//! by the engine's sweep for flows whose backend said nothing
+//! ([`Engine::proxy_resends`](crate::Engine::proxy_resends)): a server-first
+//! protocol (SMTP, MySQL, SSH) waits for the header before it greets, and
+//! the consumer waits for the greeting. TCP discards duplicate data, so a
+//! header sent twice is read once.
+//!
+//! Per flow this needs the consumer's initial sequence number and the
+//! backend's (both in the slot's cold half, 8 bytes) and one state bit
+//! (`HDR_ACKED`); the header itself is rebuilt from the flow's keys, its
+//! endpoint's link id and its service's TLV kind whenever it is sent.
+
+use crate::checksum::Delta;
+use crate::spec::ProxyTlv;
+use crate::wire::proto;
+
+/// The v2 signature.
+pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// Version 2, command PROXY.
+const VER_CMD: u8 = 0x21;
+/// AF_INET, STREAM.
+const FAM_TCP4: u8 = 0x11;
+
+/// Bytes of the header for `tlv`.
+pub fn header_len(tlv: ProxyTlv) -> usize {
+    16 + 12 + tlv_len(tlv)
+}
+
+fn tlv_len(tlv: ProxyTlv) -> usize {
+    match tlv {
+        ProxyTlv::None => 0,
+        ProxyTlv::Azure => 3 + 1 + 4,
+        ProxyTlv::Aws => 3 + 1 + 22,
+        ProxyTlv::Gcp => 3 + 8,
+    }
+}
+
+/// AWS's endpoint id: `vpce-` and 17 hex digits.
+pub fn aws_endpoint_id(link_id: u64) -> String {
+    format!("vpce-{link_id:017x}")
+}
+
+/// Writes the header (consumer `src:sport` as it sent them, endpoint
+/// `dst:dport`) into `out`; returns its length.
+pub fn write_header(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src: u32, sport: u16, dst: u32, dport: u16) -> usize {
+    let n = header_len(tlv);
+    let o = &mut out[..n];
+    o[..12].copy_from_slice(&SIGNATURE);
+    o[12] = VER_CMD;
+    o[13] = FAM_TCP4;
+    o[14..16].copy_from_slice(&((n - 16) as u16).to_be_bytes());
+    o[16..20].copy_from_slice(&src.to_be_bytes());
+    o[20..24].copy_from_slice(&dst.to_be_bytes());
+    o[24..26].copy_from_slice(&sport.to_be_bytes());
+    o[26..28].copy_from_slice(&dport.to_be_bytes());
+    let t = &mut o[28..];
+    match tlv {
+        ProxyTlv::None => {}
+        ProxyTlv::Azure => {
+            t[..3].copy_from_slice(&[0xEE, 0, 5]);
+            t[3] = 0x01;
+            t[4..8].copy_from_slice(&(link_id as u32).to_le_bytes());
+        }
+        ProxyTlv::Aws => {
+            t[..3].copy_from_slice(&[0xEA, 0, 23]);
+            t[3] = 0x01;
+            t[4..26].copy_from_slice(aws_endpoint_id(link_id).as_bytes());
+        }
+        ProxyTlv::Gcp => {
+            t[..3].copy_from_slice(&[0xE0, 0, 8]);
+            t[3..11].copy_from_slice(&link_id.to_be_bytes());
+        }
+    }
+    n
+}
+
+/// The segment that carries a header: IPv4 + TCP (20 bytes, ACK|PSH) from
+/// `src:sport` to `dst:dport`, `seq`, `ack`, `window`, payload written by
+/// `body` (which returns its length); complete checksums. Returns the
+/// packet's length (`out` must hold 40 bytes plus the payload).
+#[allow(clippy::too_many_arguments)]
+pub fn build_segment(
+    out: &mut [u8],
+    src: u32,
+    sport: u16,
+    dst: u32,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    window: u16,
+    body: impl FnOnce(&mut [u8]) -> usize,
+) -> usize {
+    let plen = body(&mut out[40..]);
+    let total = 40 + plen;
+    let o = &mut out[..total];
+    o[..40].fill(0);
+    o[0] = 0x45;
+    o[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    o[6] = 0x40; // DF
+    o[8] = 64;
+    o[9] = proto::TCP;
+    o[12..16].copy_from_slice(&src.to_be_bytes());
+    o[16..20].copy_from_slice(&dst.to_be_bytes());
+    let c = crate::checksum::checksum(&o[..20]);
+    o[10..12].copy_from_slice(&c.to_be_bytes());
+    {
+        let t = &mut o[20..40];
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&dport.to_be_bytes());
+        t[4..8].copy_from_slice(&seq.to_be_bytes());
+        t[8..12].copy_from_slice(&ack.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH;
+        t[14..16].copy_from_slice(&window.to_be_bytes());
+    }
+    // Pseudo-header sum, then the segment.
+    let mut sum = crate::checksum::sum(&o[12..20]);
+    sum += u64::from(proto::TCP) + (total as u64 - 20);
+    sum += crate::checksum::sum(&o[20..]);
+    let c = !crate::checksum::fold(sum);
+    o[36..38].copy_from_slice(&c.to_be_bytes());
+    total
+}
+
+#[inline]
+fn get32(l4: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]])
+}
+
+/// Writes `v` at `at` of a TCP header; unless the checksum is partial
+/// (it then covers only the pseudo-header), corrects it incrementally.
+#[inline]
+fn put32(l4: &mut [u8], at: usize, v: u32, partial: bool) {
+    let old = get32(l4, at);
+    if old == v {
+        return;
+    }
+    l4[at..at + 4].copy_from_slice(&v.to_be_bytes());
+    if !partial {
+        let mut d = Delta::default();
+        d.word((old >> 16) as u16, (v >> 16) as u16);
+        d.word(old as u16, v as u16);
+        let c = d.apply(u16::from_be_bytes([l4[16], l4[17]]));
+        l4[16..18].copy_from_slice(&c.to_be_bytes());
+    }
+}
+
+/// The sequence number of a TCP header.
+#[inline]
+pub fn seq(l4: &[u8]) -> u32 {
+    get32(l4, 4)
+}
+
+/// The acknowledgement number of a TCP header.
+#[inline]
+pub fn ack(l4: &[u8]) -> u32 {
+    get32(l4, 8)
+}
+
+#[inline]
+pub fn set_seq(l4: &mut [u8], v: u32, partial: bool) {
+    put32(l4, 4, v, partial);
+}
+
+#[inline]
+pub fn set_ack(l4: &mut [u8], v: u32, partial: bool) {
+    put32(l4, 8, v, partial);
+}
+
+/// Moves every SACK block edge of a TCP header down by `by` (a backend's
+/// SACK names consumer sequence numbers as the backend sees them).
+pub fn shift_sack(l4: &mut [u8], by: u32, partial: bool) {
+    let end = (usize::from(l4[12] >> 4) * 4).min(l4.len());
+    let mut i = 20;
+    while i < end {
+        match l4[i] {
+            0 => return,
+            1 => i += 1,
+            kind => {
+                let Some(&len) = l4.get(i + 1) else { return };
+                let len = usize::from(len);
+                if len < 2 || i + len > end {
+                    return;
+                }
+                if kind == 5 {
+                    let mut at = i + 2;
+                    while at + 4 <= i + len {
+                        let v = get32(l4, at).wrapping_sub(by);
+                        put32(l4, at, v, partial);
+                        at += 4;
+                    }
+                }
+                i += len;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_laid_out_as_the_specification_and_the_clouds_say() {
+        let mut b = [0u8; 64];
+        let n = write_header(&mut b, ProxyTlv::None, 7, 0x0a01_000a, 40000, 0x0a01_0005, 80);
+        assert_eq!(n, 28);
+        assert_eq!(&b[..12], b"\r\n\r\n\0\r\nQUIT\n");
+        assert_eq!(&b[12..16], &[0x21, 0x11, 0, 12]);
+        assert_eq!(&b[16..28], &[10, 1, 0, 10, 10, 1, 0, 5, 0x9c, 0x40, 0, 80]);
+
+        let n = write_header(&mut b, ProxyTlv::Azure, 0x1234_5678_9abc_def0, 1, 2, 3, 4);
+        assert_eq!((n, &b[14..16]), (36, &[0u8, 20][..]));
+        assert_eq!(&b[28..36], &[0xEE, 0, 5, 0x01, 0xf0, 0xde, 0xbc, 0x9a]);
+
+        let n = write_header(&mut b, ProxyTlv::Aws, 0xabc, 1, 2, 3, 4);
+        assert_eq!(n, 54);
+        assert_eq!(&b[28..32], &[0xEA, 0, 23, 0x01]);
+        assert_eq!(&b[32..54], b"vpce-00000000000000abc");
+
+        let n = write_header(&mut b, ProxyTlv::Gcp, 0x0102_0304_0506_0708, 1, 2, 3, 4);
+        assert_eq!(n, 39);
+        assert_eq!(&b[28..39], &[0xE0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
+        for t in ProxyTlv::ALL {
+            assert_eq!(write_header(&mut b, t, 1, 1, 2, 3, 4), header_len(t));
+        }
+    }
+
+    #[test]
+    fn sequence_and_sack_edits_keep_the_checksum() {
+        use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+        let mut v = Vec::new();
+        let sack = etherparse::TcpOptionElement::SelectiveAcknowledgement((1000, 2000), [Some((3000, 4000)), None, None]);
+        PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .tcp(1, 2, 500, 100)
+            .ack(900)
+            .options(&[etherparse::TcpOptionElement::Noop, etherparse::TcpOptionElement::Noop, sack])
+            .expect("options")
+            .write(&mut v, b"data")
+            .expect("build");
+        let l4 = &mut v[20..];
+        set_seq(l4, seq(l4).wrapping_add(36), false);
+        set_ack(l4, ack(l4).wrapping_sub(36), false);
+        shift_sack(l4, 36, false);
+        let p = SlicedPacket::from_ip(&v).expect("parses");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
+        let Some(TransportSlice::Tcp(t)) = p.transport else { panic!() };
+        let h = t.to_header();
+        assert_eq!((h.sequence_number, h.acknowledgment_number), (536, 864));
+        assert_eq!(h.calc_checksum_ipv4(&ip.header().to_header(), t.payload()).expect("sum"), h.checksum);
+        let blocks: Vec<_> = h.options_iterator().filter_map(Result::ok).collect();
+        assert!(blocks.contains(&etherparse::TcpOptionElement::SelectiveAcknowledgement(
+            (964, 1964),
+            [Some((2964, 3964)), None, None]
+        )));
+    }
+
+    #[test]
+    fn a_built_segment_is_valid_tcp() {
+        use etherparse::{SlicedPacket, TransportSlice};
+        let mut b = [0u8; 128];
+        let n = build_segment(&mut b, 0xc0a8_6404, 1025, 0xc0a8_320a, 8080, 1001, 77, 512, |o| {
+            write_header(o, ProxyTlv::Azure, 9, 1, 2, 3, 4)
+        });
+        let p = SlicedPacket::from_ip(&b[..n]).expect("parses");
+        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
+        let ih = ip.header().to_header();
+        assert_eq!(ih.calc_header_checksum(), ih.header_checksum);
+        let Some(TransportSlice::Tcp(t)) = p.transport else { panic!() };
+        let h = t.to_header();
+        assert_eq!((h.sequence_number, h.acknowledgment_number, h.psh, h.ack), (1001, 77, true, true));
+        assert_eq!(t.payload().len(), 36);
+        assert_eq!(h.calc_checksum_ipv4(&ih, t.payload()).expect("sum"), h.checksum);
+    }
+}
+
+impl crate::Engine {
+    /// The header segments to send again: one for each live TCP flow of a
+    /// PROXY service whose backend answered the SYN but has not
+    /// acknowledged the header (lost, and the backend said nothing since;
+    /// a server-first protocol waits for it). The daemon calls this once a
+    /// second and writes each packet `f` gets to the provider device.
+    pub fn proxy_resends(&self, mut f: impl FnMut(&[u8])) -> usize {
+        use crate::flow::{state, TcpPhase};
+        let snap = self.snap.load();
+        let mut buf = [0u8; crate::translate::REPLY_MAX];
+        let mut n = 0;
+        self.flows.for_each_live(|r| {
+            let v = &r.view;
+            let wants = v.state & state::P_SYN != 0
+                && v.state & state::HDR_ACKED == 0
+                && v.protocol() == crate::Protocol::Tcp
+                && matches!(v.phase(), TcpPhase::Opening | TcpPhase::Established);
+            if !wants {
+                return;
+            }
+            let Some(ep) = snap.endpoint_by_id(v.endpoint) else { return };
+            let Some(tlv) = ep.proxy else { return };
+            let len = crate::translate::proxy_segment(&self.flows, v, ep.link_id, tlv, &mut buf);
+            f(&buf[..len]);
+            n += 1;
+        });
+        n
+    }
+}
