@@ -14,7 +14,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-pub use privlink_core::{PortRule, Protocol, Timeouts, MAX_BACKENDS, MAX_NAT_IPS};
+pub use privlink_core::{PortRule, Protocol, ProxyTlv, Timeouts, MAX_BACKENDS, MAX_NAT_IPS};
 
 /// Largest config file read: anything bigger is refused before it is read
 /// whole (a path like /dev/zero would otherwise grow without bound).
@@ -103,6 +103,8 @@ pub struct Service {
     pub max_flows_per_endpoint: Option<u32>,
     /// How its backends are probed; `None`: never, all count as healthy.
     pub health: Option<Health>,
+    /// `proxy_protocol = "v2"` with its `proxy_tlv`; `None`: off.
+    pub proxy: Option<ProxyTlv>,
 }
 
 /// A service's backend health probe (`health = { ... }`).
@@ -316,7 +318,8 @@ struct RawService {
     ports: Option<S<Vec<S<RawPort>>>>,
     visibility: Option<S<Vec<S<String>>>>,
     auto_approve: Option<S<Vec<S<String>>>>,
-    proxy_protocol: Option<S<bool>>,
+    proxy_protocol: Option<S<String>>,
+    proxy_tlv: Option<S<String>>,
     max_flows_per_endpoint: Option<S<i64>>,
     health: Option<S<RawHealth>>,
 }
@@ -737,11 +740,33 @@ impl Cx<'_> {
             let list = |v: &Option<S<Vec<S<String>>>>| -> Vec<String> {
                 v.as_ref().map(|l| l.get_ref().iter().map(|s| s.get_ref().clone()).collect()).unwrap_or_default()
             };
-            if let Some(pp) = &s.proxy_protocol {
-                if *pp.get_ref() {
-                    self.err(pp.span().start, "proxy_protocol = true is not supported yet");
+            let on = match s.proxy_protocol.as_ref() {
+                None => false,
+                Some(pp) => match pp.get_ref().as_str() {
+                    "off" => false,
+                    "v2" => true,
+                    other => {
+                        self.err(pp.span().start, format!("proxy_protocol: `{other}` is not one of \"off\", \"v2\""));
+                        false
+                    }
+                },
+            };
+            let tlv = match s.proxy_tlv.as_ref() {
+                None => Some(ProxyTlv::None),
+                Some(t) => {
+                    let found = ProxyTlv::ALL.into_iter().find(|x| x.as_str() == t.get_ref().as_str());
+                    if found.is_none() {
+                        self.err(
+                            t.span().start,
+                            format!("proxy_tlv: `{}` is not one of \"none\", \"azure\", \"aws\", \"gcp\"", t.get_ref()),
+                        );
+                    } else if !on && found != Some(ProxyTlv::None) {
+                        self.err(t.span().start, "proxy_tlv needs proxy_protocol = \"v2\"");
+                    }
+                    found
                 }
-            }
+            };
+            let proxy = if on { tlv } else { None };
             let health = s.health.as_ref().and_then(|h| self.health(h, &ports));
             if let Some(name) = name {
                 services.push(Service {
@@ -756,6 +781,7 @@ impl Cx<'_> {
                         self.int(&s.max_flows_per_endpoint, 1..=(1 << 31), 1, "max_flows_per_endpoint") as u32
                     }),
                     health,
+                    proxy,
                 });
             }
         }
@@ -1096,6 +1122,30 @@ service = "orders-db"
             ("{ protocol = \"http\", path = \"healthz\" }", "path: `healthz` is not an absolute URL path"),
             ("{ protocol = \"icmp\" }", "protocol: `icmp` is not `tcp` or `http`"),
             ("{ protocol = \"tcp\", interval = \"1s\", timeout = \"2s\" }", "timeout: longer than the interval"),
+        ] {
+            let e = errors(&with(bad)).join("\n");
+            assert!(e.contains(want) && e.starts_with("t.toml:"), "{bad}: missing {want:?} in\n{e}");
+        }
+    }
+
+    #[test]
+    fn proxy_protocol_parses_and_nonsense_has_positions() {
+        let with = |kv: &str| GOOD.replace("auto_approve = [\"contoso\"]", &format!("auto_approve = [\"contoso\"]\n{kv}"));
+        assert_eq!(Config::parse(GOOD, "t.toml").expect("valid").services[0].proxy, None, "off by default");
+        for (kv, want) in [
+            ("proxy_protocol = \"off\"", None),
+            ("proxy_protocol = \"v2\"", Some(ProxyTlv::None)),
+            ("proxy_protocol = \"v2\"\nproxy_tlv = \"azure\"", Some(ProxyTlv::Azure)),
+            ("proxy_protocol = \"v2\"\nproxy_tlv = \"aws\"", Some(ProxyTlv::Aws)),
+            ("proxy_protocol = \"v2\"\nproxy_tlv = \"gcp\"", Some(ProxyTlv::Gcp)),
+        ] {
+            assert_eq!(Config::parse(&with(kv), "t.toml").expect(kv).services[0].proxy, want, "{kv}");
+        }
+        for (bad, want) in [
+            ("proxy_protocol = true", "t.toml:"),
+            ("proxy_protocol = \"v1\"", "proxy_protocol: `v1` is not one of \"off\", \"v2\""),
+            ("proxy_protocol = \"v2\"\nproxy_tlv = \"ibm\"", "proxy_tlv: `ibm` is not one of"),
+            ("proxy_tlv = \"azure\"", "proxy_tlv needs proxy_protocol = \"v2\""),
         ] {
             let e = errors(&with(bad)).join("\n");
             assert!(e.contains(want) && e.starts_with("t.toml:"), "{bad}: missing {want:?} in\n{e}");

@@ -80,12 +80,13 @@ pub fn connections_table(json: &str) -> Result<String> {
                 c.network.clone(),
                 c.tenant.clone(),
                 c.state.clone(),
+                c.link_id.to_string(),
                 when(c.updated),
                 printable(c.response_message.as_deref().unwrap_or_default()),
             ]
         })
         .collect();
-    Ok(table(&["ENDPOINT", "SERVICE", "NETWORK", "TENANT", "STATE", "UPDATED", "MESSAGE"], &rows))
+    Ok(table(&["ENDPOINT", "SERVICE", "NETWORK", "TENANT", "STATE", "LINK ID", "UPDATED", "MESSAGE"], &rows))
 }
 
 pub fn connection_line(json: &str) -> Result<String> {

@@ -97,8 +97,18 @@ pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, Conne
         let stored = all.remove(&ep.name);
         let state = desired_state(config, ep, stored.as_ref());
         let tenant = config.network(&ep.network).map(|n| n.tenant.clone()).unwrap_or_default();
+        // A connection keeps its link id for its life; a new one (or a
+        // record from before link ids) gets a fresh one.
+        let link_id = stored
+            .as_ref()
+            .filter(|c| c.state != "disconnected" && c.link_id != 0)
+            .map_or_else(|| rand::random::<u64>() >> 1 | 1, |c| c.link_id);
         let same = stored.as_ref().is_some_and(|c| {
-            c.state == state.as_str() && c.service == ep.service && c.network == ep.network && c.tenant == tenant
+            c.state == state.as_str()
+                && c.service == ep.service
+                && c.network == ep.network
+                && c.tenant == tenant
+                && c.link_id == link_id
         });
         if !same {
             let why = match state {
@@ -122,6 +132,7 @@ pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, Conne
                 created: stored.as_ref().filter(|c| c.state != "disconnected").map_or(now, |c| c.created),
                 updated: now,
                 decided_by: "config".into(),
+                link_id,
             };
             changes.push(Change {
                 conn: c,
@@ -149,6 +160,11 @@ pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, Conne
     }
     store.put_all(&changes)?;
     Ok(states)
+}
+
+/// Every connection's link id, by endpoint.
+pub fn link_ids(store: &Store) -> Result<HashMap<String, u64>> {
+    Ok(store.all()?.into_iter().map(|c| (c.endpoint, c.link_id)).collect())
 }
 
 /// An API error: a status and a one-line message.

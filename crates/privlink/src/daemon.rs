@@ -113,6 +113,7 @@ fn to_desired(
     config: &Config,
     ids: &HashMap<String, (NetworkId, Network)>,
     states: &HashMap<String, ConnectionState>,
+    links: &HashMap<String, u64>,
 ) -> Desired {
     let networks: Vec<NetworkSpec> = config
         .networks
@@ -123,7 +124,7 @@ fn to_desired(
         .services
         .iter()
         .map(|s| ServiceSpec {
-            proxy: None,
+            proxy: s.proxy,
             name: s.name.clone(),
             nat_ips: s.nat_ips.clone(),
             nat_ports: s.nat_ports.clone(),
@@ -136,7 +137,7 @@ fn to_desired(
         .iter()
         .filter_map(|e| {
             Some(EndpointSpec {
-                link_id: 0,
+                link_id: links.get(&e.name).copied().unwrap_or(0),
                 name: e.name.clone(),
                 network: networks.iter().position(|n| n.name == e.network)?,
                 ip: e.ip,
@@ -334,6 +335,24 @@ impl Daemon {
         let _ = std::fs::remove_file(self.config.state_dir.join("devices.json"));
     }
 
+    /// PROXY headers a backend has not acknowledged and said nothing about
+    /// since (see `privlink_core::proxy`): sent again, once a second, on
+    /// the provider device's first queue.
+    fn resend_proxy_headers(&self) {
+        let set = self.devices.load();
+        let Some(p) = set.provider.as_ref() else { return };
+        let hdr = if set.vnet_hdr { crate::dataplane::VNET_HDR_LEN } else { 0 };
+        let mut buf = [0u8; crate::dataplane::VNET_HDR_LEN + privlink_core::worker::REPLY_MAX];
+        let n = self.engine.proxy_resends(|pkt| {
+            buf[..hdr].fill(0);
+            buf[hdr..hdr + pkt.len()].copy_from_slice(pkt);
+            let _ = p.queue(0).send(&buf[..hdr + pkt.len()]);
+        });
+        if n > 0 {
+            tracing::debug!(headers = n, "PROXY headers sent again");
+        }
+    }
+
     /// Answers a successor: freeze, pass the lock, wait until it forwards.
     fn hand_over(&mut self, stream: std::os::unix::net::UnixStream) -> Result<Predecessor> {
         let mut p = Predecessor::accept(stream)?;
@@ -422,7 +441,8 @@ impl Daemon {
         }
         // 3. Connection states, then the engine.
         let states = reconcile(&self.control.store, config)?;
-        let desired = to_desired(config, &self.made_from, &states);
+        let links = crate::control::link_ids(&self.control.store)?;
+        let desired = to_desired(config, &self.made_from, &states, &links);
         let now = now_since(self.epoch);
         let report = self.engine.apply(&desired, now).context("configuration refused by the engine")?;
         for e in &report.endpoints_added {
@@ -724,6 +744,7 @@ fn reconfigure(
                     tracing::debug!(flows = ended, "expired");
                 }
                 daemon.recreate_lost();
+                daemon.resend_proxy_headers();
             }
             Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => return (daemon, None),
         }

@@ -35,6 +35,11 @@ pub struct Connection {
     /// Who made the last change: `config` or `operator`.
     #[serde(default)]
     pub decided_by: String,
+    /// The connection's link id: given when the connection is made, kept
+    /// for its life (across restarts) and carried in PROXY v2 TLVs (Azure:
+    /// its low 32 bits; AWS: `vpce-` and 17 hex digits; GCP: all 64).
+    #[serde(default)]
+    pub link_id: u64,
 }
 
 /// A connection record to write, with what its audit entry says.
@@ -283,6 +288,7 @@ mod tests {
             created: 1,
             updated: 2,
             decided_by: "config".into(),
+            link_id: 7,
         }
     }
 

@@ -1,0 +1,337 @@
+//! PROXY protocol v2 end to end: the real daemon in namespaces, a strict
+//! backend that parses the header byte by byte, nginx from the
+//! distribution with `listen ... proxy_protocol`, a server-first protocol,
+//! and the header's segment lost on the way (docs/PROXY-PROTOCOL.md).
+
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+const SEC: Duration = Duration::from_secs(1);
+
+/// Four PROXY services on the orders backend's address (one per TLV and a
+/// lossy one), endpoints for them in both tenants' networks.
+const PP: &str = r#"
+[[service]]
+name = "pp-azure"
+nat_ips = ["192.168.100.21"]
+backends = ["192.168.50.10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9001 }, { protocol = "tcp", port = 8080, backend_port = 9005 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+proxy_tlv = "azure"
+
+[[service]]
+name = "pp-aws"
+nat_ips = ["192.168.100.22"]
+backends = ["192.168.50.10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9002 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+proxy_tlv = "aws"
+
+[[service]]
+name = "pp-gcp"
+nat_ips = ["192.168.100.23"]
+backends = ["192.168.50.10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9003 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+proxy_tlv = "gcp"
+
+[[service]]
+name = "pp-lossy"
+nat_ips = ["192.168.100.24"]
+backends = ["192.168.50.10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9004 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+proxy_tlv = "azure"
+
+[[endpoint]]
+name = "pe-azure-a"
+network = "vnet-a"
+ip = "10.1.0.21"
+service = "pp-azure"
+
+[[endpoint]]
+name = "pe-azure-b"
+network = "vnet-b"
+ip = "10.1.0.21"
+service = "pp-azure"
+
+[[endpoint]]
+name = "pe-aws"
+network = "vnet-a"
+ip = "10.1.0.22"
+service = "pp-aws"
+
+[[endpoint]]
+name = "pe-gcp"
+network = "vnet-a"
+ip = "10.1.0.23"
+service = "pp-gcp"
+
+[[endpoint]]
+name = "pe-lossy"
+network = "vnet-a"
+ip = "10.1.0.24"
+service = "pp-lossy"
+"#;
+
+/// Reads exactly `n` bytes.
+fn exact(s: &mut TcpStream, n: usize) -> Result<Vec<u8>, String> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).map_err(|e| format!("short header: {e}"))?;
+    Ok(b)
+}
+
+/// Parses a PROXY v2 header as a strict backend must: signature, version
+/// and command, family, length, addresses, then each TLV. Returns what it
+/// read as one line.
+fn parse_v2(s: &mut TcpStream) -> Result<String, String> {
+    let h = exact(s, 16)?;
+    if h[..12] != *b"\r\n\r\n\0\r\nQUIT\n" {
+        return Err(format!("bad signature {:?}", &h[..12]));
+    }
+    if h[12] != 0x21 || h[13] != 0x11 {
+        return Err(format!("version/command {:#x}, family {:#x}", h[12], h[13]));
+    }
+    let len = usize::from(u16::from_be_bytes([h[14], h[15]]));
+    if !(12..=200).contains(&len) {
+        return Err(format!("length {len}"));
+    }
+    let b = exact(s, len)?;
+    let ip = |o: usize| Ipv4Addr::new(b[o], b[o + 1], b[o + 2], b[o + 3]);
+    let port = |o: usize| u16::from_be_bytes([b[o], b[o + 1]]);
+    let mut line = format!("pp src={}:{} dst={}:{}", ip(0), port(8), ip(4), port(10));
+    let mut at = 12;
+    while at < len {
+        if at + 3 > len {
+            return Err("TLV header cut short".into());
+        }
+        let (kind, n) = (b[at], usize::from(u16::from_be_bytes([b[at + 1], b[at + 2]])));
+        let v = b.get(at + 3..at + 3 + n).ok_or("TLV value cut short")?;
+        let text = match (kind, v) {
+            (0xEE, [1, a, b2, c, d]) => format!("azure:{}", u32::from_le_bytes([*a, *b2, *c, *d])),
+            (0xEA, [1, rest @ ..]) if rest.len() == 22 && rest.starts_with(b"vpce-") => {
+                format!("aws:{}", String::from_utf8_lossy(rest))
+            }
+            (0xE0, v) if v.len() == 8 => format!("gcp:{}", u64::from_be_bytes(v.try_into().expect("8 bytes"))),
+            _ => return Err(format!("unexpected TLV {kind:#x} {v:?}")),
+        };
+        line.push_str(&format!(" tlv={text}"));
+        at += 3 + n;
+    }
+    Ok(line)
+}
+
+/// The strict backend on `port`: greets with what the header said as soon
+/// as it has read it (a server-first protocol), then echoes.
+fn strict_backend(ns: &str, port: u16) {
+    let l: TcpListener = within(ns, move || Ok(TcpListener::bind((BACKEND_ORDERS, port))?)).expect("listen");
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
+                let greeting = parse_v2(&mut c).unwrap_or_else(|e| format!("bad header: {e}"));
+                let _ = c.write_all(format!("{greeting}\n").as_bytes());
+                let mut buf = [0u8; 65536];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Link ids by endpoint, as `privlink connections --json` shows them.
+fn link_ids(bed: &Bed) -> std::collections::HashMap<String, u64> {
+    let (code, out, err) = bed.cli(&["connections", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v.as_array()
+        .expect("list")
+        .iter()
+        .map(|c| (c["endpoint"].as_str().unwrap_or_default().to_string(), c["link_id"].as_u64().unwrap_or(0)))
+        .collect()
+}
+
+/// Connects from `ns` to `ep:80` and reads the greeting without sending
+/// anything; returns it with the local port.
+fn greeting(ns: &str, ep: Ipv4Addr) -> (String, u16, TcpStream) {
+    let mut s = connect(ns, ep, 80, 3 * SEC).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let port = s.local_addr().expect("local").port();
+    (line(&mut s), port, s)
+}
+
+#[test]
+fn a_strict_backend_reads_each_clouds_header_before_anything_and_speaks_first() {
+    let Some(bed) = Bed::running("pp", Opts { extra: PP, ..Opts::default() }) else { return };
+    for port in 9001..=9003 {
+        strict_backend(&bed.prov, port);
+    }
+    let ids = link_ids(&bed);
+    let cases = [
+        (&bed.a, "10.1.0.21", "pe-azure-a", format!("azure:{}", ids["pe-azure-a"] as u32)),
+        (&bed.b, "10.1.0.21", "pe-azure-b", format!("azure:{}", ids["pe-azure-b"] as u32)),
+        (&bed.a, "10.1.0.22", "pe-aws", format!("aws:vpce-{:017x}", ids["pe-aws"])),
+        (&bed.a, "10.1.0.23", "pe-gcp", format!("gcp:{}", ids["pe-gcp"])),
+    ];
+    assert_ne!(ids["pe-azure-a"], ids["pe-azure-b"], "each connection has its own link id");
+    for (ns, ep, name, tlv) in cases {
+        let ip: Ipv4Addr = ep.parse().expect("ip");
+        let (g, port, mut s) = greeting(ns, ip);
+        // Two tenants with the same client address each appear with the
+        // address and port they sent from, and their own link id.
+        assert_eq!(g, format!("pp src={CLIENT}:{port} dst={ep}:80 tlv={tlv}"), "{name}");
+        // The stream after the header is the client's, both ways.
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut s2 = s.try_clone().expect("clone");
+        let d2 = data.clone();
+        let w = std::thread::spawn(move || s2.write_all(&d2));
+        let mut back = vec![0u8; data.len()];
+        s.read_exact(&mut back).expect("echo");
+        w.join().expect("writer").expect("write");
+        assert!(back == data, "{name}: the echo is what was sent");
+    }
+}
+
+#[test]
+fn the_header_reaches_the_backend_when_its_segment_is_lost_once() {
+    let Some(bed) = Bed::running("pplost", Opts { extra: PP, ..Opts::default() }) else { return };
+    strict_backend(&bed.prov, 9004);
+    // Drops the first 76-byte segment (20 IP + 20 TCP + 36 header) of each
+    // connection to port 9004, as it enters the provider namespace.
+    let rules = "table inet pllost {
+  set seen { type ipv4_addr . inet_service; flags dynamic; }
+  chain pre { type filter hook prerouting priority -300;
+    tcp dport 9004 ip length 76 ip saddr . tcp sport != @seen add @seen { ip saddr . tcp sport } counter drop
+  }
+}";
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", &bed.prov, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (apt-get install nftables)");
+    nft.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules");
+    assert!(nft.wait().expect("nft").success());
+    let ip: Ipv4Addr = "10.1.0.24".parse().expect("ip");
+    // Server-first and the header lost: only privlink's own resend can
+    // unblock it.
+    let (g, port, mut s) = greeting(&bed.a, ip);
+    assert!(g.starts_with(&format!("pp src={CLIENT}:{port} dst=10.1.0.24:80 tlv=azure:")), "{g}");
+    s.write_all(b"after the loss\n").expect("write");
+    assert_eq!(line(&mut s), "after the loss", "exactly one header: the rest is the client's stream");
+    // With data from the client first, its data makes the backend ask.
+    let mut s = connect(&bed.a, ip, 80, 3 * SEC).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    s.write_all(b"early\n").expect("write");
+    assert!(line(&mut s).starts_with("pp src="));
+    assert_eq!(line(&mut s), "early");
+    let out = Command::new("ip").args(["netns", "exec", &bed.prov, "nft", "list", "table", "inet", "pllost"]).output();
+    let text = String::from_utf8_lossy(&out.expect("nft list").stdout).to_string();
+    assert!(text.contains("packets 2 "), "both connections lost their first header segment: {text}");
+}
+
+#[test]
+fn nginx_logs_each_tenants_own_address_and_20_mb_cross_intact_both_ways() {
+    let Some(bed) = Bed::running("ppnginx", Opts { extra: PP, ..Opts::default() }) else { return };
+    let root = bed.dir.join("www");
+    std::fs::create_dir_all(&root).expect("www");
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    std::fs::write(root.join("down.bin"), &data).expect("file");
+    let conf = format!(
+        "daemon off; master_process off; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  log_format pp '$proxy_protocol_addr:$proxy_protocol_port $request_method $uri';
+  server {{
+    listen {be}:9005 proxy_protocol;
+    access_log {dir}/access.log pp;
+    client_max_body_size 64m;
+    root {root};
+    location / {{ dav_methods PUT; create_full_put_path on; }}
+  }}
+}}",
+        dir = bed.dir.display(),
+        be = BACKEND_ORDERS,
+        root = root.display()
+    );
+    std::fs::write(bed.dir.join("nginx.conf"), conf).expect("conf");
+    let mut nginx = Command::new("ip")
+        .args(["netns", "exec", &bed.prov, "nginx", "-c"])
+        .arg(bed.dir.join("nginx.conf"))
+        .spawn()
+        .expect("nginx (apt-get install nginx)");
+    // One process (`master_process off`): stopping it stops nginx.
+    struct Kill<'a>(&'a mut std::process::Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _k = Kill(&mut nginx);
+    let ip: Ipv4Addr = "10.1.0.21".parse().expect("ip");
+    assert!(eventually(10, || connect(&bed.a, ip, 8080, SEC).is_ok()), "nginx listens");
+    let request = |ns: &str, req: &[u8]| -> (u16, Vec<u8>) {
+        let mut s = connect(ns, ip, 8080, 3 * SEC).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+        let port = s.local_addr().expect("local").port();
+        s.write_all(req).expect("request");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("response");
+        (port, out)
+    };
+    let body = |resp: &[u8]| -> Vec<u8> {
+        let at = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("headers") + 4;
+        resp[at..].to_vec()
+    };
+    // 20 MB down, from each tenant.
+    let (pa, ra) = request(&bed.a, b"GET /down.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(ra.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&ra[..ra.len().min(200)]));
+    assert_eq!(fnv(&body(&ra), FNV_INIT), fnv(&data, FNV_INIT), "20 MB down intact (tenant a)");
+    let (pb, rb) = request(&bed.b, b"GET /down.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(fnv(&body(&rb), FNV_INIT), fnv(&data, FNV_INIT), "20 MB down intact (tenant b)");
+    // 20 MB up.
+    let mut put = format!("PUT /up.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", data.len())
+        .into_bytes();
+    put.extend_from_slice(&data);
+    let (pu, ru) = request(&bed.a, &put);
+    assert!(
+        ru.starts_with(b"HTTP/1.1 201") || ru.starts_with(b"HTTP/1.1 204"),
+        "{}\n{}",
+        String::from_utf8_lossy(&ru),
+        std::fs::read_to_string(bed.dir.join("nginx-error.log")).unwrap_or_default()
+    );
+    let up = std::fs::read(root.join("up.bin")).expect("uploaded");
+    assert_eq!(fnv(&up, FNV_INIT), fnv(&data, FNV_INIT), "20 MB up intact");
+    // nginx saw each client's own address and port, whichever tenant.
+    let log = std::fs::read_to_string(bed.dir.join("access.log")).expect("access log");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(
+        lines,
+        vec![
+            format!("{CLIENT}:{pa} GET /down.bin"),
+            format!("{CLIENT}:{pb} GET /down.bin"),
+            format!("{CLIENT}:{pu} PUT /up.bin"),
+        ],
+        "{log}"
+    );
+}
