@@ -310,8 +310,9 @@ http {{
     let (pb, rb) = request(&bed.b, b"GET /down.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(fnv(&body(&rb), FNV_INIT), fnv(&data, FNV_INIT), "20 MB down intact (tenant b)");
     // 20 MB up.
-    let mut put = format!("PUT /up.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", data.len())
-        .into_bytes();
+    let mut put =
+        format!("PUT /up.bin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n", data.len())
+            .into_bytes();
     put.extend_from_slice(&data);
     let (pu, ru) = request(&bed.a, &put);
     assert!(

@@ -344,7 +344,8 @@ fn a_restart_with_another_worker_count_keeps_the_flows() {
 
 #[test]
 fn a_restart_without_a_network_deletes_its_left_over_device() {
-    const PE_A2: &str = "\n[[endpoint]]\nname = \"pe-a2\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.6\"\nservice = \"billing\"\n";
+    const PE_A2: &str =
+        "\n[[endpoint]]\nname = \"pe-a2\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.6\"\nservice = \"billing\"\n";
     let Some(mut bed) = Bed::running("leftover", Opts { extra: PE_A2, ..Opts::default() }) else { return };
     let mut held = hold(&bed.a, 3);
     let route_a2 = |bed: &Bed| {

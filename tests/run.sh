@@ -12,6 +12,8 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v traceroute >/dev/null 2>&1 || need+=(traceroute)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
+command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if ((${#need[@]})); then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -1130,7 +1130,8 @@ service = "orders-db"
 
     #[test]
     fn proxy_protocol_parses_and_nonsense_has_positions() {
-        let with = |kv: &str| GOOD.replace("auto_approve = [\"contoso\"]", &format!("auto_approve = [\"contoso\"]\n{kv}"));
+        let with =
+            |kv: &str| GOOD.replace("auto_approve = [\"contoso\"]", &format!("auto_approve = [\"contoso\"]\n{kv}"));
         assert_eq!(Config::parse(GOOD, "t.toml").expect("valid").services[0].proxy, None, "off by default");
         for (kv, want) in [
             ("proxy_protocol = \"off\"", None),

@@ -53,10 +53,11 @@
 //! (a miss, retried by the caller's next packet), rare.
 //!
 //! Memory: the fields a packet touches fill exactly one 64-byte cache line
-//! ([`FlowSlot`]); what only setup and teardown read (pool, creation time)
-//! sits in a parallel 8-byte array. With both indexes sized to the next
-//! power of two of twice `max_flows`, the table costs 88 to 104 bytes per
-//! flow (a Linux conntrack entry is about 300). Large tables ask the kernel
+//! ([`FlowSlot`]); what only setup, teardown and a restart read (pool,
+//! creation time, the slot's check value, a PROXY flow's two initial
+//! sequence numbers) sits in a parallel 24-byte array. With both indexes
+//! sized to the next power of two of twice `max_flows`, the table costs 104
+//! to 120 bytes per flow (a Linux conntrack entry is about 300). Large tables ask the kernel
 //! for transparent huge pages, which spares the page walks a random lookup
 //! in a hundred megabytes would otherwise cost.
 

@@ -210,6 +210,36 @@ pub fn shift_sack(l4: &mut [u8], by: u32, partial: bool) {
     }
 }
 
+impl crate::Engine {
+    /// The header segments to send again: one for each live TCP flow of a
+    /// PROXY service whose backend answered the SYN but has not
+    /// acknowledged the header (lost, and the backend said nothing since;
+    /// a server-first protocol waits for it). The daemon calls this once a
+    /// second and writes each packet `f` gets to the provider device.
+    pub fn proxy_resends(&self, mut f: impl FnMut(&[u8])) -> usize {
+        use crate::flow::{state, TcpPhase};
+        let snap = self.snap.load();
+        let mut buf = [0u8; crate::translate::REPLY_MAX];
+        let mut n = 0;
+        self.flows.for_each_live(|r| {
+            let v = &r.view;
+            let wants = v.state & state::P_SYN != 0
+                && v.state & state::HDR_ACKED == 0
+                && v.protocol() == crate::Protocol::Tcp
+                && matches!(v.phase(), TcpPhase::Opening | TcpPhase::Established);
+            if !wants {
+                return;
+            }
+            let Some(ep) = snap.endpoint_by_id(v.endpoint) else { return };
+            let Some(tlv) = ep.proxy else { return };
+            let len = crate::translate::proxy_segment(&self.flows, v, ep.link_id, tlv, &mut buf);
+            f(&buf[..len]);
+            n += 1;
+        });
+        n
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -244,7 +274,8 @@ mod tests {
     fn sequence_and_sack_edits_keep_the_checksum() {
         use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
         let mut v = Vec::new();
-        let sack = etherparse::TcpOptionElement::SelectiveAcknowledgement((1000, 2000), [Some((3000, 4000)), None, None]);
+        let sack =
+            etherparse::TcpOptionElement::SelectiveAcknowledgement((1000, 2000), [Some((3000, 4000)), None, None]);
         PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
             .tcp(1, 2, 500, 100)
             .ack(900)
@@ -285,35 +316,5 @@ mod tests {
         assert_eq!((h.sequence_number, h.acknowledgment_number, h.psh, h.ack), (1001, 77, true, true));
         assert_eq!(t.payload().len(), 36);
         assert_eq!(h.calc_checksum_ipv4(&ih, t.payload()).expect("sum"), h.checksum);
-    }
-}
-
-impl crate::Engine {
-    /// The header segments to send again: one for each live TCP flow of a
-    /// PROXY service whose backend answered the SYN but has not
-    /// acknowledged the header (lost, and the backend said nothing since;
-    /// a server-first protocol waits for it). The daemon calls this once a
-    /// second and writes each packet `f` gets to the provider device.
-    pub fn proxy_resends(&self, mut f: impl FnMut(&[u8])) -> usize {
-        use crate::flow::{state, TcpPhase};
-        let snap = self.snap.load();
-        let mut buf = [0u8; crate::translate::REPLY_MAX];
-        let mut n = 0;
-        self.flows.for_each_live(|r| {
-            let v = &r.view;
-            let wants = v.state & state::P_SYN != 0
-                && v.state & state::HDR_ACKED == 0
-                && v.protocol() == crate::Protocol::Tcp
-                && matches!(v.phase(), TcpPhase::Opening | TcpPhase::Established);
-            if !wants {
-                return;
-            }
-            let Some(ep) = snap.endpoint_by_id(v.endpoint) else { return };
-            let Some(tlv) = ep.proxy else { return };
-            let len = crate::translate::proxy_segment(&self.flows, v, ep.link_id, tlv, &mut buf);
-            f(&buf[..len]);
-            n += 1;
-        });
-        n
     }
 }

@@ -1729,7 +1729,17 @@ mod restart {
     }
 }
 
-fn tcp_seq(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, syn: bool, seq: u32, ack: Option<u32>, payload: &[u8]) -> Vec<u8> {
+#[allow(clippy::too_many_arguments)]
+fn tcp_seq(
+    src: [u8; 4],
+    sport: u16,
+    dst: [u8; 4],
+    dport: u16,
+    syn: bool,
+    seq: u32,
+    ack: Option<u32>,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut b = PacketBuilder::ipv4(src, dst, 64).tcp(sport, dport, seq, 65535);
     if syn {
         b = b.syn();

@@ -35,10 +35,10 @@
 
 use crate::engine::Engine;
 use crate::flow::{state, ConsumerKey, FlowTable, FlowView, InsertError, Inserted, ProviderKey, TcpPhase};
-use crate::proxy;
-use crate::spec::ProxyTlv;
 use crate::frag::{FragKey, Fragments, Later, Mapping};
+use crate::proxy;
 use crate::snapshot::{EndpointView, Snapshot};
+use crate::spec::ProxyTlv;
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Verdict};
 use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
 
@@ -497,6 +497,7 @@ impl Ctx<'_> {
     /// names the flow; the error is translated like a packet of it, outer
     /// and quoted headers alike. No flow is created, refreshed or deleted,
     /// and no ICMP is generated about it.
+    #[inline(never)]
     fn translate_error(&mut self, buf: &mut [u8], dir: Dir, at: Option<&EndpointView>) -> Verdict {
         let pkt = Ipv4Packet::new_unchecked(&*buf);
         let (ihl, len, dst, ttl) = (pkt.header_len(), pkt.total_len(), pkt.dst_addr(), pkt.ttl());

@@ -63,8 +63,9 @@ impl Worker {
         &self.reply[..len]
     }
 
-    /// A packet the last [`process`](Self::process) made besides the one it
-    /// translated (a PROXY header segment toward the backend), once.
+    /// A packet a [`process`](Self::process) call made besides the one it
+    /// translated (a PROXY header segment toward the backend), once; the
+    /// caller takes it before the next call (`handle` always does).
     pub fn take_extra(&mut self) -> Option<(Egress, &[u8])> {
         self.extra.take().map(|(to, n)| (to, &self.reply[..n]))
     }
@@ -80,7 +81,6 @@ impl Worker {
     /// is a GSO super-packet, which is translated once for all its segments.
     #[inline]
     pub fn process_offload(&mut self, buf: &mut [u8], src: Source, now: Now, off: Offload) -> Verdict {
-        self.extra = None;
         let mut cx = self.ctx(now, off);
         cx.frags.tick(now);
         let dir = match src {

@@ -422,7 +422,8 @@ impl RunDir {
             .lines()
             .filter_map(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                (f.len() > 3 && dir.starts_with(f[1])).then(|| (f[1].len(), f[1].to_string(), f[2] == "tmpfs", f[3].to_string()))
+                (f.len() > 3 && dir.starts_with(f[1]))
+                    .then(|| (f[1].len(), f[1].to_string(), f[2] == "tmpfs", f[3].to_string()))
             })
             .max_by_key(|m| m.0);
         if let Some((_, at, true, opts)) = best {
