@@ -1810,3 +1810,35 @@ fn proxy_protocol_header_goes_first_and_sequence_numbers_line_up() {
     assert_eq!(w.process(&mut p2, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
     assert_eq!(tcp_fields(&p2).0, 7001);
 }
+
+#[test]
+fn icmp_errors_about_proxy_flows_quote_the_consumers_own_numbers() {
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.services[0].proxy = Some(ProxyTlv::Gcp);
+    let (_e, mut w) = engine_with(small(), &d);
+    let (c, b) = (Source::Network(NET_A), Source::Provider);
+    let mut p = tcp_seq(CLIENT, 40000, EP, 80, true, 1000, None, b"");
+    assert_eq!(w.process(&mut p, c, Now(1)), Verdict::Forward(Egress::Provider));
+    let nport = inspect(&p).1;
+    let mut p = tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, true, 5000, Some(1001), b"");
+    assert_eq!(w.process(&mut p, b, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    let (_, hdr) = w.take_extra().map(|(t, h)| (t, h.to_vec())).expect("header segment");
+    let mut data = tcp_seq(CLIENT, 40000, EP, 80, false, 1001, Some(5001), &[7u8; 100]);
+    assert_eq!(w.process(&mut data, c, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(tcp_fields(&data).0, 1001 + 39);
+    // The backend's side says "fragmentation needed" about that segment.
+    let mut err = [0u8; 96];
+    let n = wire::build_icmp_error(&mut err, &data, u32::from(BACKEND_A), u32::from(NAT_A), 3, 4, 1200);
+    let mut err = err[..n].to_vec();
+    assert_eq!(w.process(&mut err, b, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    let q = &err[20 + 8..];
+    let qihl = usize::from(q[0] & 0x0f) * 4;
+    let seq = u32::from_be_bytes([q[qihl + 4], q[qihl + 5], q[qihl + 6], q[qihl + 7]]);
+    assert_eq!(seq, 1001, "the quoted segment carries the consumer's own sequence number");
+    assert_eq!(checksum::checksum(&err[20..]), 0, "ICMP checksum");
+    // An error about privlink's own header segment goes no further.
+    let mut err = [0u8; 96];
+    let n = wire::build_icmp_error(&mut err, &hdr, u32::from(BACKEND_A), u32::from(NAT_A), 3, 4, 1200);
+    let mut err = err[..n].to_vec();
+    assert_eq!(w.process(&mut err, b, Now(1)), Verdict::Drop(DropReason::NoFlow));
+}
