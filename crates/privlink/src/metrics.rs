@@ -51,7 +51,28 @@ pub fn install() -> Result<PrometheusHandle> {
         "privlink_devices_lost_total",
         "Times a TUN device was found deleted under the daemon (it is recreated)."
     );
+    describe_gauge!(
+        "privlink_build_info",
+        "1; the labels identify the running build (version, git commit, profile, target)."
+    );
+    gauge!(
+        "privlink_build_info",
+        "version" => env!("CARGO_PKG_VERSION"),
+        "commit" => env!("PRIVLINK_COMMIT"),
+        "profile" => if cfg!(debug_assertions) { "debug" } else { "release" },
+        "target" => std::env::consts::ARCH,
+    )
+    .set(1.0);
+    process().describe();
     Ok(handle)
+}
+
+/// Process metrics as Prometheus client libraries export them
+/// (`process_cpu_seconds_total`, `process_resident_memory_bytes`,
+/// `process_open_fds`, ...), read from /proc at each scrape.
+fn process() -> &'static metrics_process::Collector {
+    static C: std::sync::OnceLock<metrics_process::Collector> = std::sync::OnceLock::new();
+    C.get_or_init(metrics_process::Collector::default)
 }
 
 /// Endpoints (name -> service) the last scrape exported, so that series of
@@ -60,6 +81,7 @@ pub type Exported = std::sync::Mutex<std::collections::HashMap<String, String>>;
 
 /// Copies the engine's counters into the registry.
 pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
+    process().collect();
     let snap = engine.snapshot();
     let mut seen = exported.lock().unwrap_or_else(|e| e.into_inner());
     // Detached endpoints: no flows, connection disconnected. (Their byte
