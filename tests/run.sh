@@ -13,6 +13,7 @@ command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
 command -v traceroute >/dev/null 2>&1 || need+=(traceroute)
 command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
 if ((${#need[@]})); then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

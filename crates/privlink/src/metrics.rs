@@ -40,6 +40,7 @@ pub fn install() -> Result<PrometheusHandle> {
         "Packets not forwarded, by reason and by the network they came from (provider = provider side)."
     );
     describe_gauge!("privlink_flows_active", "Live flows in the flow table.");
+    describe_gauge!("privlink_flows_max", "Flows the flow table holds at most ([dataplane] max_flows).");
     describe_gauge!("privlink_connection_state", "1 for an endpoint connection's current state, 0 for the others.");
     describe_counter!("privlink_tun_write_errors_total", "Packets a TUN device refused to take.");
     describe_gauge!(
@@ -168,6 +169,7 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
         counter!("privlink_backend_flows_created_total", &labels).absolute(b.flows_created);
     }
     gauge!("privlink_flows_active").set(f64::from(engine.flows().len()));
+    gauge!("privlink_flows_max").set(f64::from(engine.flows().capacity()));
     counter!("privlink_tun_write_errors_total").absolute(io.writes.load(Ordering::Relaxed));
     for (device, n) in io.devices_lost.lock().unwrap_or_else(|e| e.into_inner()).iter() {
         counter!("privlink_devices_lost_total", "device" => device.clone()).absolute(*n);
