@@ -1,6 +1,6 @@
 //! `privlink`: one binary for the daemon and its tools. See `privlink --help`.
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -62,6 +62,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the man page (roff), generated from these definitions.
+    #[command(hide = true)]
+    Man,
+    /// Print shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
     /// Dump the live flow table (like `conntrack -L`).
     Flows {
         /// Only the flows of this endpoint.
@@ -209,6 +215,20 @@ fn main() -> ExitCode {
         Command::Connections { action, target, json } => connections(action, &target, json),
         Command::Flows { endpoint, target, json } => flows(endpoint, &target, json),
         Command::Status { target, json } => status(&target, json),
+        Command::Man => {
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => {
+                    use std::io::Write;
+                    std::io::stdout().write_all(&out).map_err(Into::into)
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "privlink", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

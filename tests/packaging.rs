@@ -1,0 +1,96 @@
+//! What a package ships, checked with the tools that will read it: the
+//! systemd unit under `systemd-analyze verify`, the man page under `man -l`,
+//! shell completions under `bash -n`.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
+}
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "CI is set but `{tool}` is missing");
+        eprintln!("skipped: no {tool}");
+    }
+    ok
+}
+
+fn privlink(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_privlink")).args(args).output().expect("privlink");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("plpkg{}{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(d.join("man/man1")).expect("dir");
+    d
+}
+
+#[test]
+fn the_man_page_renders_and_names_every_command() {
+    if !have("man") {
+        return;
+    }
+    let d = temp("man");
+    let page = d.join("man/man1/privlink.1");
+    std::fs::write(&page, privlink(&["man"])).expect("write");
+    let out =
+        Command::new("man").arg("-l").arg(&page).env("MANPAGER", "cat").env("MANWIDTH", "100").output().expect("man");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("privlink - A userspace private-link dataplane"), "{text}");
+    for cmd in ["run", "check", "demo", "connections", "status", "flows"] {
+        assert!(text.contains(cmd), "the man page names `{cmd}`:\n{text}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn bash_completions_parse_and_complete_the_subcommands() {
+    let script = privlink(&["completions", "bash"]);
+    let mut sh = Command::new("bash").arg("-n").stdin(Stdio::piped()).spawn().expect("bash");
+    {
+        use std::io::Write;
+        sh.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write");
+    }
+    assert!(sh.wait().expect("bash").success(), "bash -n refuses the completion script");
+    assert!(script.contains("complete -F _privlink"));
+    for cmd in ["run", "check", "connections", "flows", "--takeover"] {
+        assert!(script.contains(cmd), "completes `{cmd}`");
+    }
+    for shell in ["zsh", "fish"] {
+        assert!(privlink(&["completions", shell]).contains("privlink"), "{shell}");
+    }
+}
+
+#[test]
+fn systemd_accepts_the_unit() {
+    if !have("systemd-analyze") || !have("man") {
+        return;
+    }
+    // The unit as installed, with /usr/bin/privlink pointing at this build,
+    // and the man page its Documentation= names where man finds it.
+    let d = temp("unit");
+    let unit = std::fs::read_to_string(repo("config/privlink.service")).expect("unit");
+    assert!(unit.contains("Type=notify") && unit.contains("ExecReload=") && unit.contains("CapabilityBoundingSet="));
+    let unit = unit.replace("/usr/bin/privlink", env!("CARGO_BIN_EXE_privlink"));
+    std::fs::write(d.join("privlink.service"), unit).expect("write");
+    std::fs::write(d.join("man/man1/privlink.1"), privlink(&["man"])).expect("man page");
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(d.join("privlink.service"))
+        .env("MANPATH", d.join("man"))
+        .output()
+        .expect("systemd-analyze");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("privlink.service"), "systemd-analyze verify: {text}");
+    let _ = std::fs::remove_dir_all(&d);
+}
