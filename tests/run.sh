@@ -31,6 +31,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
 status=0
+# The Debian package, which tests/packaging.rs checks (cargo-deb from
+# crates.io when missing).
+command -v cargo-deb >/dev/null 2>&1 || cargo install cargo-deb --locked
+config/debian/build-deb 2>&1 | tail -3
+s=${PIPESTATUS[0]}; [ "$s" = 0 ] || status=$s
 # Unit, property and end-to-end tests.
 cargo test --workspace --locked 2>&1 | tee "$log"
 s=${PIPESTATUS[0]}; [ "$s" = 0 ] || status=$s
