@@ -197,10 +197,25 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     pub control_socket: PathBuf,
     pub state_dir: PathBuf,
+    /// `[flow_logs]`: where NAT events and connection changes go.
+    pub flow_logs: FlowLogs,
     pub provider: Provider,
     pub networks: Vec<Network>,
     pub services: Vec<Service>,
     pub endpoints: Vec<Endpoint>,
+}
+
+/// `[flow_logs]` (all optional).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FlowLogs {
+    /// IPFIX collector (UDP) for NAT session create/delete and pool
+    /// exhaustion events.
+    pub collector: Option<SocketAddr>,
+    /// Events waiting for the exporter at most (past it they are dropped and
+    /// counted).
+    pub queue: usize,
+    /// JSON-lines file that connection state changes are appended to.
+    pub events_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -249,6 +264,8 @@ struct Raw {
     control: RawControl,
     #[serde(default)]
     state: RawState,
+    #[serde(default)]
+    flow_logs: RawFlowLogs,
     provider: Option<S<RawProvider>>,
     #[serde(default)]
     network: Vec<S<RawNetwork>>,
@@ -275,6 +292,14 @@ struct RawDataplane {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     listen: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlowLogs {
+    collector: Option<S<String>>,
+    queue: Option<S<i64>>,
+    events_file: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -583,6 +608,17 @@ impl Cx<'_> {
             }),
         };
         let control_socket = PathBuf::from(raw.control.socket.as_ref().map_or(DEFAULT_CONTROL_SOCKET, |s| s.get_ref()));
+        let flow_logs = FlowLogs {
+            collector: raw.flow_logs.collector.as_ref().and_then(|s| {
+                let a = s.get_ref().parse::<SocketAddr>().ok();
+                if a.is_none() {
+                    self.err(s.span().start, format!("collector: `{}` is not an address:port", s.get_ref()));
+                }
+                a
+            }),
+            queue: self.int(&raw.flow_logs.queue, 1..=(1 << 24), 65536, "queue") as usize,
+            events_file: raw.flow_logs.events_file.as_ref().map(|s| PathBuf::from(s.get_ref())),
+        };
         let state_dir = PathBuf::from(raw.state.dir.as_ref().map_or("/var/lib/privlink", |s| s.get_ref()));
 
         let mut devices: HashSet<(Option<String>, String)> = HashSet::new();
@@ -848,6 +884,7 @@ impl Cx<'_> {
             metrics_listen,
             control_socket,
             state_dir,
+            flow_logs,
             provider,
             networks,
             services,

@@ -31,6 +31,8 @@ pub struct Engine {
     pub(crate) net_flows: Box<[std::sync::atomic::AtomicU32]>,
     pub(crate) provider_drops: PerWorker<DropCounters>,
     pub(crate) apply_lock: Mutex<ApplyState>,
+    /// NAT events for flow logs, when an exporter wants them.
+    pub(crate) events: Option<crate::events::EventQueue>,
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +80,7 @@ impl Engine {
             provider_drops: PerWorker::new(settings.workers),
             snap: Arc::new(ArcSwap::from_pointee(empty)),
             apply_lock: Mutex::new(ApplyState::default()),
+            events: (settings.event_queue > 0).then(|| crate::events::EventQueue::new(settings.event_queue)),
             settings,
         })
     }
@@ -93,6 +96,11 @@ impl Engine {
 
     pub fn flows(&self) -> &FlowTable {
         &self.flows
+    }
+
+    /// The NAT event queue (when `Settings::event_queue` > 0).
+    pub fn events(&self) -> Option<&crate::events::EventQueue> {
+        self.events.as_ref()
     }
 
     /// Provider-side drops by reason.

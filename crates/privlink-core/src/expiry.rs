@@ -70,6 +70,15 @@ impl Engine {
         if self.flows.remove(&r.view).is_none() {
             return false;
         }
+        if let Some(q) = &self.events {
+            let v = &r.view;
+            q.push(crate::events::NatEvent {
+                kind: crate::events::NatEventKind::Delete,
+                ckey: v.ckey,
+                pkey: v.pkey,
+                endpoint: v.endpoint,
+            });
+        }
         self.net_flows[usize::from(r.view.ckey.network())].fetch_sub(1, Ordering::Relaxed);
         if let Some(p) = snap.pools.get(&r.pool) {
             p.pool.free(r.view.pkey.nat_port(), now, closed);

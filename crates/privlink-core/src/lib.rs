@@ -15,6 +15,7 @@ pub mod checksum;
 pub mod counters;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod expiry;
 pub mod flow;
 pub mod frag;

@@ -48,11 +48,14 @@ pub struct Settings {
     pub timeouts: Timeouts,
     /// ICMP messages each worker may generate per second.
     pub icmp_rate: u32,
+    /// NAT events (flow create and delete, pool exhaustion) held for an
+    /// exporter at most; 0: none are recorded ([`crate::events`]).
+    pub event_queue: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { workers: 1, max_flows: 1 << 20, timeouts: Timeouts::default(), icmp_rate: 100 }
+        Settings { workers: 1, max_flows: 1 << 20, timeouts: Timeouts::default(), icmp_rate: 100, event_queue: 0 }
     }
 }
 

@@ -34,6 +34,7 @@
 //! 12. count.
 
 use crate::engine::Engine;
+use crate::events::{NatEvent, NatEventKind};
 use crate::flow::{state, ConsumerKey, FlowTable, FlowView, InsertError, Inserted, ProviderKey, TcpPhase};
 use crate::frag::{FragKey, Fragments, Later, Mapping};
 use crate::proxy;
@@ -479,11 +480,23 @@ impl Ctx<'_> {
         if share.load(Relaxed) >= self.snap.flow_share {
             return Err(InsertError::Full);
         }
-        let r = flows.insert(ck, ep.shared.id, now, |claim| {
+        let r = match flows.insert(ck, ep.shared.id, now, |claim| {
             pool.pool.allocate(now, |port| claim(ProviderKey::new(num, nat_ip, port, backend, bport)))?;
             Some((pool.id, bits))
-        })?;
-        if let Inserted::New(_) = r {
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                if let (InsertError::Refused, Some(q)) = (e, &self.engine.events) {
+                    let pkey = ProviderKey::new(num, nat_ip, 0, backend, bport);
+                    q.push(NatEvent { kind: NatEventKind::PortsExhausted, ckey: ck, pkey, endpoint: ep.shared.id });
+                }
+                return Err(e);
+            }
+        };
+        if let Inserted::New(v) = r {
+            if let Some(q) = &self.engine.events {
+                q.push(NatEvent { kind: NatEventKind::Create, ckey: ck, pkey: v.pkey, endpoint: ep.shared.id });
+            }
             active.fetch_add(1, Relaxed);
             share.fetch_add(1, Relaxed);
             ep.shared.flows_created.fetch_add(1, Relaxed);

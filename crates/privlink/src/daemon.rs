@@ -53,6 +53,8 @@ struct Daemon {
     lock: StateLock,
     /// The backend health probes of the running config.
     prober: Option<crate::health::Prober>,
+    /// The IPFIX exporter of NAT events (`[flow_logs] collector`).
+    flow_log: Option<crate::flowlog::Exporter>,
     /// Where the flow table and its sidecar live.
     run_dir: RunDir,
     /// Persistent devices this daemon (or the one before it) made.
@@ -167,6 +169,7 @@ impl Daemon {
             max_flows: config.dataplane.max_flows,
             timeouts: config.dataplane.timeouts,
             icmp_rate: 100,
+            event_queue: if config.flow_logs.collector.is_some() { config.flow_logs.queue } else { 0 },
         };
         let (lock, successor) = if takeover {
             let (s, fd) = Successor::request(&config.state_dir)?;
@@ -176,6 +179,7 @@ impl Daemon {
             (StateLock::acquire(&config.state_dir)?, None)
         };
         let store = Store::open(&config.state_dir)?;
+        store.set_events_file(config.flow_logs.events_file.clone());
         let run_dir = RunDir::for_state_dir(&config.state_dir)?;
         let sidecar = run_dir.read_sidecar();
         let mode = if takeover { AttachMode::Share } else { AttachMode::Recover };
@@ -235,6 +239,7 @@ impl Daemon {
             control,
             lock,
             prober: None,
+            flow_log: None,
             run_dir,
             manifest,
             net_seeds,
@@ -254,6 +259,9 @@ impl Daemon {
             d.persist_state();
         }
         d.prober = crate::health::Prober::start(&d.engine, &config)?;
+        if let Some(c) = config.flow_logs.collector {
+            d.flow_log = Some(crate::flowlog::Exporter::start(&d.engine, c)?);
+        }
         Ok((d, successor))
     }
 
@@ -593,8 +601,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
         bail!("privlink run needs root (or CAP_NET_ADMIN) to create TUN devices");
     }
     let exec = *crate::dataplane::STARTED.get_or_init(Instant::now);
-    let (mut daemon, successor) = Daemon::start(path, takeover)?;
+    // The recorder first: threads started with the daemon (the flow log
+    // exporter) take their counter handles from it.
     let handle = crate::metrics::install()?;
+    let (mut daemon, successor) = Daemon::start(path, takeover)?;
     let dataplane = Dataplane::start(&daemon.engine, &daemon.devices, daemon.epoch).context("cannot start workers")?;
     if let Some(s) = successor {
         // Both daemons forward now; the old one lets go. systemd (with

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod device;
+pub mod flowlog;
 pub mod handover;
 pub mod health;
 pub mod metrics;

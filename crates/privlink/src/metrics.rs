@@ -52,6 +52,14 @@ pub fn install() -> Result<PrometheusHandle> {
         "privlink_devices_lost_total",
         "Times a TUN device was found deleted under the daemon (it is recreated)."
     );
+    describe_counter!(
+        "privlink_flow_log_records_sent_total",
+        "NAT event records sent to the IPFIX collector ([flow_logs] collector)."
+    );
+    describe_counter!(
+        "privlink_flow_log_records_dropped_total",
+        "NAT event records dropped: the queue was full, or the collector refused the datagram."
+    );
     describe_gauge!(
         "privlink_build_info",
         "1; the labels identify the running build (version, git commit, profile, target)."

@@ -132,6 +132,9 @@ pub struct Store {
     /// `None` while handed to a successor (redb allows one process per file).
     db: std::sync::RwLock<Option<Database>>,
     path: PathBuf,
+    /// `[flow_logs] events_file`: each committed change is appended there
+    /// as one JSON line.
+    events_file: std::sync::Mutex<Option<PathBuf>>,
 }
 
 impl Store {
@@ -148,7 +151,7 @@ impl Store {
         tx.open_table(CONNECTIONS)?;
         tx.open_table(AUDIT)?;
         tx.commit()?;
-        Ok(Store { db: std::sync::RwLock::new(Some(db)), path })
+        Ok(Store { db: std::sync::RwLock::new(Some(db)), path, events_file: std::sync::Mutex::new(None) })
     }
 
     fn db(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Database>>> {
@@ -157,6 +160,44 @@ impl Store {
             anyhow::bail!("the state store is being handed to another privlink");
         }
         Ok(g)
+    }
+
+    /// Appends every later change to `path` as JSON lines (`None`: stop).
+    pub fn set_events_file(&self, path: Option<PathBuf>) {
+        *self.events_file.lock().unwrap_or_else(|e| e.into_inner()) = path;
+    }
+
+    /// Connection changes as JSON lines (approve, reject, disconnect, ...);
+    /// a file that cannot be written is logged, never fatal.
+    fn append_events(&self, changes: &[Change]) {
+        let Some(path) = self.events_file.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let mut text = String::new();
+        for c in changes {
+            let line = serde_json::json!({
+                "time": c.conn.updated,
+                "event": "connection_state",
+                "endpoint": c.conn.endpoint,
+                "service": c.conn.service,
+                "network": c.conn.network,
+                "tenant": c.conn.tenant,
+                "link_id": c.conn.link_id,
+                "from": c.from,
+                "to": c.conn.state,
+                "by": c.by,
+                "message": c.message,
+            });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        use std::io::Write;
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()));
+        if let Err(e) = r {
+            tracing::warn!("cannot append connection events to {}: {e}", path.display());
+        }
     }
 
     /// Lets go of the file (a successor opens it); see [`reopen`](Self::reopen).
@@ -232,6 +273,8 @@ impl Store {
             }
         }
         tx.commit().context("cannot commit to the state store")?;
+        drop(g);
+        self.append_events(changes);
         Ok(())
     }
 
