@@ -14,19 +14,6 @@ use std::time::Duration;
 
 const SEC: Duration = Duration::from_secs(1);
 
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(std::env::var_os("CI").is_none(), "CI is set but `{tool}` is missing (apt-get install nfdump)");
-        eprintln!("skipped: no {tool}");
-    }
-    ok
-}
-
 /// The NAT port a greeting names (`svc=orders peer=192.168.100.4:PORT`).
 fn nat_port(greeting: &str) -> u16 {
     greeting

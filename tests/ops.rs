@@ -14,16 +14,6 @@ fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
 }
 
-/// Whether `tool` runs; under CI its absence fails the test.
-fn have(tool: &str) -> bool {
-    let ok = Command::new(tool).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
-    if !ok {
-        assert!(std::env::var_os("CI").is_none(), "CI is set but `{tool}` is missing (apt-get install prometheus)");
-        eprintln!("skipped: no {tool}");
-    }
-    ok
-}
-
 fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.output().expect("run");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))

@@ -2,24 +2,14 @@
 //! systemd unit under `systemd-analyze verify`, the man page under `man -l`,
 //! shell completions under `bash -n`.
 
+mod common;
+
+use common::have;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 fn repo(path: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").join(path)
-}
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(std::env::var_os("CI").is_none(), "CI is set but `{tool}` is missing");
-        eprintln!("skipped: no {tool}");
-    }
-    ok
 }
 
 fn privlink(args: &[&str]) -> String {

@@ -33,6 +33,21 @@ pub fn privileged() -> bool {
     ok
 }
 
+/// Whether the command `tool` is installed; under CI its absence fails the
+/// test (tests/run.sh installs it), elsewhere the test is skipped.
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "CI is set but `{tool}` is missing (tests/run.sh installs it)");
+        eprintln!("skipped: no {tool}");
+    }
+    ok
+}
+
 /// One test's world: a provider namespace with two backends, two tenant
 /// namespaces with identical addresses, and the daemon.
 pub struct Bed {

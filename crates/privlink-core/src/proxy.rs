@@ -26,7 +26,6 @@
 
 use crate::checksum::Delta;
 use crate::spec::ProxyTlv;
-use crate::wire::proto;
 
 /// The v2 signature.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
@@ -104,36 +103,8 @@ pub fn build_segment(
     window: u16,
     body: impl FnOnce(&mut [u8]) -> usize,
 ) -> usize {
-    let plen = body(&mut out[40..]);
-    let total = 40 + plen;
-    let o = &mut out[..total];
-    o[..40].fill(0);
-    o[0] = 0x45;
-    o[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    o[6] = 0x40; // DF
-    o[8] = 64;
-    o[9] = proto::TCP;
-    o[12..16].copy_from_slice(&src.to_be_bytes());
-    o[16..20].copy_from_slice(&dst.to_be_bytes());
-    let c = crate::checksum::checksum(&o[..20]);
-    o[10..12].copy_from_slice(&c.to_be_bytes());
-    {
-        let t = &mut o[20..40];
-        t[0..2].copy_from_slice(&sport.to_be_bytes());
-        t[2..4].copy_from_slice(&dport.to_be_bytes());
-        t[4..8].copy_from_slice(&seq.to_be_bytes());
-        t[8..12].copy_from_slice(&ack.to_be_bytes());
-        t[12] = 5 << 4;
-        t[13] = crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH;
-        t[14..16].copy_from_slice(&window.to_be_bytes());
-    }
-    // Pseudo-header sum, then the segment.
-    let mut sum = crate::checksum::sum(&o[12..20]);
-    sum += u64::from(proto::TCP) + (total as u64 - 20);
-    sum += crate::checksum::sum(&o[20..]);
-    let c = !crate::checksum::fold(sum);
-    o[36..38].copy_from_slice(&c.to_be_bytes());
-    total
+    let flags = crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH;
+    crate::wire::build_tcp(out, crate::wire::TcpSegment { src, sport, dst, dport, seq, ack, flags, window }, body)
 }
 
 #[inline]

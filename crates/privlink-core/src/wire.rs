@@ -601,35 +601,59 @@ pub fn build_tcp_rst(out: &mut [u8], orig: &[u8]) -> usize {
     } else {
         (0, seq.wrapping_add(seg_len), tcp_flags::RST | tcp_flags::ACK)
     };
-    let o = &mut out[..40];
-    o.fill(0);
+    let seg =
+        TcpSegment { src: dst, sport: dport, dst: src, dport: sport, seq: rseq, ack: rack, flags: rflags, window: 0 };
+    build_tcp(out, seg, |_| 0)
+}
+
+/// The header fields of a TCP segment privlink makes.
+#[derive(Debug, Clone, Copy)]
+pub struct TcpSegment {
+    pub src: u32,
+    pub sport: u16,
+    pub dst: u32,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+}
+
+/// Writes an IPv4 packet (DF, TTL 64) carrying a TCP segment (20-byte
+/// header, `seg`'s fields, payload written by `body`, which returns its
+/// length) with complete checksums; returns the packet's length. `out`
+/// must hold 40 bytes plus the payload.
+pub fn build_tcp(out: &mut [u8], seg: TcpSegment, body: impl FnOnce(&mut [u8]) -> usize) -> usize {
+    let plen = body(&mut out[40..]);
+    let total = 40 + plen;
+    let o = &mut out[..total];
+    o[..40].fill(0);
     o[0] = 0x45;
-    o[2..4].copy_from_slice(&40u16.to_be_bytes());
+    o[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     o[6] = 0x40; // DF
     o[8] = 64;
     o[9] = proto::TCP;
-    o[12..16].copy_from_slice(&dst.to_be_bytes());
-    o[16..20].copy_from_slice(&src.to_be_bytes());
+    o[12..16].copy_from_slice(&seg.src.to_be_bytes());
+    o[16..20].copy_from_slice(&seg.dst.to_be_bytes());
     let c = crate::checksum::checksum(&o[..20]);
     o[10..12].copy_from_slice(&c.to_be_bytes());
     {
-        let r = &mut o[20..40];
-        r[0..2].copy_from_slice(&dport.to_be_bytes());
-        r[2..4].copy_from_slice(&sport.to_be_bytes());
-        r[4..8].copy_from_slice(&rseq.to_be_bytes());
-        r[8..12].copy_from_slice(&rack.to_be_bytes());
-        r[12] = 5 << 4;
-        r[13] = rflags;
+        let t = &mut o[20..40];
+        t[0..2].copy_from_slice(&seg.sport.to_be_bytes());
+        t[2..4].copy_from_slice(&seg.dport.to_be_bytes());
+        t[4..8].copy_from_slice(&seg.seq.to_be_bytes());
+        t[8..12].copy_from_slice(&seg.ack.to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = seg.flags;
+        t[14..16].copy_from_slice(&seg.window.to_be_bytes());
     }
-    let mut pseudo = [0u8; 32];
-    pseudo[..4].copy_from_slice(&dst.to_be_bytes());
-    pseudo[4..8].copy_from_slice(&src.to_be_bytes());
-    pseudo[9] = proto::TCP;
-    pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
-    pseudo[12..32].copy_from_slice(&o[20..40]);
-    let c = crate::checksum::checksum(&pseudo);
+    // The pseudo-header's sum, then the segment's.
+    let mut sum = crate::checksum::sum(&o[12..20]);
+    sum += u64::from(proto::TCP) + (total as u64 - 20);
+    sum += crate::checksum::sum(&o[20..]);
+    let c = !crate::checksum::fold(sum);
     o[36..38].copy_from_slice(&c.to_be_bytes());
-    40
+    total
 }
 
 /// A source no router forwards from (RFC 1812 5.3.7): "this network"
