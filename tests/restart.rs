@@ -385,3 +385,31 @@ fn ip_link_add_tun(ns: &str, name: &str) {
         .expect("ip tuntap");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn readiness_and_the_successors_pid_go_to_systemds_notify_socket() {
+    // What systemd gives a Type=notify service: a datagram socket named by
+    // NOTIFY_SOCKET. The daemon says READY=1 once it forwards; a successor
+    // says MAINPID=<its pid> before the old daemon exits, then READY=1.
+    if !privileged() {
+        return;
+    }
+    let mut bed = Bed::new("notify", Opts::default());
+    let path = bed.dir.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    sock.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    bed.env.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    bed.start();
+    let mut buf = [0u8; 256];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert_eq!(next(), "READY=1");
+    let mut held = hold(&bed.a, 2);
+    bed.take_over();
+    let successor = bed.pid();
+    assert_eq!(next(), format!("MAINPID={successor}"));
+    assert_eq!(next(), "READY=1");
+    all_answer(&mut held, "the notified hand-over");
+}

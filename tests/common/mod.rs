@@ -58,6 +58,8 @@ pub struct Bed {
     pub config: PathBuf,
     pub metrics: SocketAddr,
     daemon: Option<Child>,
+    /// Extra environment for the daemon processes (e.g. NOTIFY_SOCKET).
+    pub env: Vec<(String, String)>,
     /// (address, service name, its servers while they run).
     backends: Vec<(Ipv4Addr, &'static str, Option<Backend>)>,
     // Dropped last: the namespaces go after the daemon stopped.
@@ -120,7 +122,18 @@ impl Bed {
                 Some(Backend::start(&prov, "billing", BACKEND_BILLING, ports).expect("billing backend")),
             ),
         ];
-        let bed = Bed { prov, a, b, config: dir.join("privlink.toml"), dir, metrics, daemon: None, backends, _ns: ns };
+        let bed = Bed {
+            prov,
+            a,
+            b,
+            config: dir.join("privlink.toml"),
+            dir,
+            metrics,
+            daemon: None,
+            env: Vec::new(),
+            backends,
+            _ns: ns,
+        };
         bed.write_config(&opts, "");
         bed
     }
@@ -260,6 +273,7 @@ service = "billing"
         if takeover {
             c.arg("--takeover");
         }
+        c.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c.env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().expect("spawn privlink")
     }
 
