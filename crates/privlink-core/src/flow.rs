@@ -66,6 +66,8 @@ use crate::types::{EndpointId, Now, PoolId, Protocol};
 use mem::Arr;
 use std::collections::VecDeque;
 
+// Under loom the table lives on the heap only: the region code is idle.
+#[cfg_attr(loom, allow(dead_code))]
 mod mem;
 pub use mem::{AttachError, Header, Layout, Region, HEADER_BYTES};
 
@@ -418,6 +420,7 @@ pub struct FlowTable {
 
 /// Where the high-water mark sits in a region's header page (after the
 /// checksummed [`Header`]).
+#[cfg_attr(loom, allow(dead_code))]
 const HIGH_WATER_AT: usize = 2048;
 
 /// What attaching a region found.
