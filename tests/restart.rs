@@ -413,3 +413,23 @@ fn readiness_and_the_successors_pid_go_to_systemds_notify_socket() {
     assert_eq!(next(), "READY=1");
     all_answer(&mut held, "the notified hand-over");
 }
+
+#[test]
+fn a_start_that_fails_leaves_no_device_and_no_table_behind() {
+    if !privileged() {
+        return;
+    }
+    let bed = Bed::new("failstart", Opts::default());
+    // Somebody else's device with the name vnet-b wants: the start fails
+    // after the provider's and vnet-a's devices were made.
+    ip_link_add_tun(&bed.b, "plb0");
+    let (code, _, err) = bed.run_once();
+    assert_ne!(code, 0);
+    assert!(err.contains("already exists"), "{err}");
+    for (ns, dev) in [(&bed.prov, "plp0"), (&bed.a, "pla0")] {
+        let d = dev.to_string();
+        assert!(!within(ns, move || Ok(link_exists(&d))).expect("netns"), "{dev} left behind by a failed start");
+    }
+    let flows = privlink::state::RunDir::for_state_dir(&bed.dir.join("state")).expect("run dir").flows_path();
+    assert!(!flows.exists(), "flow table left behind by a failed start");
+}

@@ -185,6 +185,8 @@ impl Daemon {
         let mode = if takeover { AttachMode::Share } else { AttachMode::Recover };
         let (table, opened) =
             run_dir.open_table(config.dataplane.max_flows, sidecar.as_ref().map_err(String::as_str), mode)?;
+        // A start that fails takes back what it made: a fresh table, new devices.
+        let fresh = matches!(opened, Opened::Fresh);
         let sidecar = match opened {
             Opened::Attached(found) => {
                 tracing::info!(
@@ -220,7 +222,15 @@ impl Daemon {
         let p = &config.provider;
         let offload = config.dataplane.offload;
         let def = DeviceDef { name: &p.tun, netns: p.netns.as_deref(), mtu: p.mtu, address: None };
-        let provider = open_device(&manifest, def, workers, offload, takeover)?;
+        let provider = match open_device(&manifest, def, workers, offload, takeover) {
+            Ok(p) => p,
+            Err(e) => {
+                if fresh {
+                    run_dir.discard_table();
+                }
+                return Err(e);
+            }
+        };
         let devices = Arc::new(ArcSwap::from_pointee(DeviceSet {
             provider: Some(provider),
             networks: Vec::new(),
@@ -245,7 +255,10 @@ impl Daemon {
             net_seeds,
             owns_state: !takeover,
         };
-        d.converge(&config)?;
+        if let Err(e) = d.converge(&config) {
+            d.undo_start(&previous, fresh);
+            return Err(e);
+        }
         let adopted = d.engine.adopt_flows(now_since(epoch));
         if adopted.flows + adopted.ended > 0 {
             tracing::info!(
@@ -263,6 +276,20 @@ impl Daemon {
             d.flow_log = Some(crate::flowlog::Exporter::start(&d.engine, c)?);
         }
         Ok((d, successor))
+    }
+
+    /// A start that failed: devices it made (not in the manifest it found)
+    /// are deleted as their queues close, and a table it made is removed.
+    fn undo_start(&self, previous: &Manifest, fresh: bool) {
+        let set = self.devices.load();
+        for d in set.provider.iter().chain(set.networks.iter().flatten()) {
+            if !previous.owns(d.netns.as_deref(), &d.name, d.ifindex) {
+                d.unpersist();
+            }
+        }
+        if fresh {
+            self.run_dir.discard_table();
+        }
     }
 
     /// Devices of the manifest this daemon did not open: their networks
@@ -429,13 +456,25 @@ impl Daemon {
             }
         }
         // 2. New networks: create their devices.
-        let mut created = Vec::new();
+        let mut created: Vec<(NetworkId, Arc<Device>)> = Vec::new();
         for n in &config.networks {
             if self.made_from.contains_key(&n.name) {
                 continue;
             }
             let def = DeviceDef { name: &n.tun, netns: n.netns.as_deref(), mtu: n.mtu, address: n.address };
-            let dev = open_device(&self.manifest, def, self.workers, self.config.dataplane.offload, !self.owns_state)?;
+            let dev =
+                match open_device(&self.manifest, def, self.workers, self.config.dataplane.offload, !self.owns_state) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Devices this call made go when their queues close.
+                        for (_, d) in &created {
+                            if !self.manifest.owns(d.netns.as_deref(), &d.name, d.ifindex) {
+                                d.unpersist();
+                            }
+                        }
+                        return Err(e);
+                    }
+                };
             let id = match self.net_seeds.remove(&n.name) {
                 Some(id) => NetworkId(id),
                 None => {

@@ -437,6 +437,14 @@ impl RunDir {
         }
     }
 
+    /// Removes a table this process made and never used (a failed start).
+    pub fn discard_table(&self) {
+        let _ = std::fs::remove_file(self.flows_path());
+        let _ = std::fs::remove_file(self.sidecar_path());
+        // The directory too, when nothing else (a table set aside) is in it.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+
     /// A clean stop: nothing is left behind.
     pub fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
