@@ -280,7 +280,16 @@ service = "billing"
     /// Hands over to a new daemon (`privlink run --takeover`): returns when
     /// the old one has exited and the new one serves metrics.
     pub fn take_over(&mut self) {
-        let mut old = self.daemon.take().expect("a running daemon");
+        // Killed if this fails half way: no daemon outlives its test.
+        struct Reap(Child);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut old = Reap(self.daemon.take().expect("a running daemon"));
+        let old = &mut old.0;
         self.daemon = Some(self.spawn(true));
         let deadline = Instant::now() + Duration::from_secs(20);
         while old.try_wait().ok().flatten().is_none() {
