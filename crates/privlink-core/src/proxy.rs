@@ -190,6 +190,10 @@ impl crate::Engine {
     pub fn proxy_resends(&self, mut f: impl FnMut(&[u8])) -> usize {
         use crate::flow::{state, TcpPhase};
         let snap = self.snap.load();
+        // No PROXY service: no scan of the table.
+        if snap.endpoints.iter().all(|e| e.proxy.is_none()) {
+            return 0;
+        }
         let mut buf = [0u8; crate::translate::REPLY_MAX];
         let mut n = 0;
         self.flows.for_each_live(|r| {

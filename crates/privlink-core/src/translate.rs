@@ -698,8 +698,6 @@ pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r
     crate::counters::bump(&counters.0[r.index()], 1);
 }
 
-/// A consumer-side flow key; an ICMP echo's endpoint side has no port.
-#[inline(always)]
 /// Builds the PROXY header segment of flow `v` into `out`: from its NAT
 /// address and port to its backend, at the consumer's ISN + 1,
 /// acknowledging the backend's SYN; returns its length.
@@ -733,6 +731,8 @@ pub(crate) fn proxy_segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: 
 /// consumer's own segments set the real one right after).
 const PROXY_WINDOW: u16 = 512;
 
+/// A consumer-side flow key; an ICMP echo's endpoint side has no port.
+#[inline(always)]
 fn consumer_key(net: NetworkId, proto: Protocol, consumer: End, endpoint: End) -> ConsumerKey {
     let eport = if proto == Protocol::Icmp { 0 } else { endpoint.1 };
     ConsumerKey::new(net.0, proto.number(), consumer.0, consumer.1, endpoint.0, eport)

@@ -331,9 +331,8 @@ impl Daemon {
                 recipe: recipe(c.netns.as_deref(), c.mtu, None),
             });
         }
-        for (name, (id, n)) in &self.made_from {
+        for (id, n) in self.made_from.values() {
             if let Some(Some(d)) = set.networks.get(usize::from(id.0)) {
-                let _ = name;
                 devices.push(DeviceRec {
                     name: d.name.clone(),
                     netns: d.netns.clone(),
@@ -620,7 +619,7 @@ impl Daemon {
                 }
             }
             let ours = self.made_from.values().any(|(_, o)| o.netns == n.netns && o.tun == n.tun);
-            if !ours && crate::device::name_taken(n.netns.as_deref(), &n.tun)? {
+            if !ours && crate::device::ifindex_of(n.netns.as_deref(), &n.tun)?.is_some() {
                 bail!(
                     "network {}: device `{}` already exists in namespace `{}`",
                     n.name,

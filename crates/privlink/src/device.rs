@@ -32,13 +32,6 @@ use tun_rs::{DeviceBuilder, SyncDevice};
 /// TCP senders on the host are held back by TCP small queues regardless.
 const TX_QUEUE_LEN: u32 = 4096;
 
-/// Whether a link named `name` exists in namespace `netns`.
-pub fn name_taken(netns: Option<&str>, name: &str) -> Result<bool> {
-    let c_name = std::ffi::CString::new(name).context("device name")?;
-    // SAFETY: if_nametoindex reads a NUL-terminated string.
-    in_netns(netns, move || Ok(unsafe { libc::if_nametoindex(c_name.as_ptr()) } != 0))
-}
-
 /// The interface index of `name` in `netns`, if it exists.
 pub fn ifindex_of(netns: Option<&str>, name: &str) -> Result<Option<u32>> {
     let c_name = std::ffi::CString::new(name).context("device name")?;

@@ -122,12 +122,7 @@ pub fn apply(ifindex: u32, changes: &[Change]) -> Result<()> {
         }
         let mut acked = 0;
         while acked < window.len() {
-            let n = socket.recv(&mut &mut buf[..], 0).context("netlink receive")?;
-            let mut at = 0;
-            while at < n {
-                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n])
-                    .map_err(|e| anyhow::anyhow!("bad netlink reply: {e}"))?;
-                let len = reply.header.length as usize;
+            read_replies(&socket, &mut buf, |reply| {
                 if let NetlinkPayload::Error(e) = &reply.payload {
                     acked += 1;
                     if let Some(code) = e.code {
@@ -140,11 +135,8 @@ pub fn apply(ifindex: u32, changes: &[Change]) -> Result<()> {
                         }
                     }
                 }
-                if len == 0 {
-                    break;
-                }
-                at += len;
-            }
+                Ok(())
+            })?;
         }
     }
     Ok(())
@@ -168,15 +160,11 @@ pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr
     socket.send(&out, 0).context("netlink send")?;
     let mut found = std::collections::BTreeSet::new();
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = socket.recv(&mut &mut buf[..], 0).context("netlink receive")?;
-        let mut at = 0;
-        while at < n {
-            let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n])
-                .map_err(|e| anyhow::anyhow!("bad netlink reply: {e}"))?;
-            let len = reply.header.length as usize;
+    let mut done = false;
+    while !done {
+        read_replies(&socket, &mut buf, |reply| {
             match reply.payload {
-                NetlinkPayload::Done(_) => return Ok(found),
+                NetlinkPayload::Done(_) => done = true,
                 NetlinkPayload::Error(e) if e.code.is_some() => {
                     bail!("route dump: {}", std::io::Error::from_raw_os_error(-e.code.map_or(0, |c| c.get())))
                 }
@@ -196,12 +184,32 @@ pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr
                 }
                 _ => {}
             }
-            if len == 0 {
-                break;
-            }
-            at += len;
-        }
+            Ok(())
+        })?;
     }
+    Ok(found)
+}
+
+/// Reads one datagram from `socket` and hands each netlink message in it
+/// to `each`.
+fn read_replies(
+    socket: &Socket,
+    buf: &mut [u8],
+    mut each: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> Result<()>,
+) -> Result<()> {
+    let n = socket.recv(&mut &mut buf[..], 0).context("netlink receive")?;
+    let mut at = 0;
+    while at < n {
+        let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[at..n])
+            .map_err(|e| anyhow::anyhow!("bad netlink reply: {e}"))?;
+        let len = reply.header.length as usize;
+        each(reply)?;
+        if len == 0 {
+            break;
+        }
+        at += len;
+    }
+    Ok(())
 }
 
 /// The interface index of `name` in the calling thread's namespace.
