@@ -153,7 +153,10 @@ impl Engine {
                                 st.next_pool += 1;
                                 PoolId(st.next_pool)
                             });
-                            let seed = rand::random::<u64>();
+                            let seed = match self.settings.seed {
+                                0 => rand::random::<u64>(),
+                                n => n ^ u64::from(id.0).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                            };
                             let pool = PortPool::new(s.nat_ports.clone(), seed);
                             // The exhaustion series goes on from the pool this
                             // one replaces, or from one that left earlier.
@@ -245,6 +248,7 @@ impl Engine {
                         conn: AtomicU8::new(e.state as u8),
                         counters,
                         flows_active: AtomicU64::new(0),
+                        flows_closed: AtomicU64::new(0),
                         flows_created: AtomicU64::new(base.flows_created),
                     })
                 }

@@ -57,7 +57,10 @@ pub(crate) struct ApplyState {
 
 impl Engine {
     pub fn new(settings: Settings) -> Arc<Engine> {
-        let flows = FlowTable::new(settings.max_flows);
+        let flows = match settings.seed {
+            0 => FlowTable::new(settings.max_flows),
+            n => FlowTable::with_keys(settings.max_flows, [n, n.rotate_left(32) ^ 0x5bd1_e995]),
+        };
         Engine::build(settings, flows)
     }
 

@@ -29,7 +29,8 @@ impl Engine {
     }
 
     /// Ends every flow that is no longer allowed by the snapshot and, when
-    /// `idle` is set, every flow past its timeout.
+    /// `idle` is set, every flow past its timeout; keeps the open and
+    /// closed counts in step ([`crate::conntrack`]).
     pub(crate) fn sweep(&self, now: Now, idle: bool) -> usize {
         // Handing the table over: the successor removes from now on.
         if self.flows.is_frozen() {
@@ -53,40 +54,19 @@ impl Engine {
             let expired = idle && now.0.saturating_sub(r.last_seen.0) >= timeout;
             if expired || !allowed(&snap, r) {
                 let closed = v.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
-                if self.end_flow(&snap, r, now, closed) {
+                if let Some(bits) = self.flows.remove(&r.view) {
+                    self.finish_end(&snap, r, bits, now, closed);
                     ended += 1;
                 }
+            } else {
+                self.recount(&snap, r, now);
             }
         });
+        self.prune_closed(&snap);
         for p in snap.pools.values() {
             p.pool.release_quarantine(now);
         }
         ended
-    }
-
-    /// Ends the flow `r` (if no one else ended it first) and returns its
-    /// port to the pool it came from.
-    fn end_flow(&self, snap: &Snapshot, r: &FlowRecord, now: Now, closed: bool) -> bool {
-        if self.flows.remove(&r.view).is_none() {
-            return false;
-        }
-        if let Some(q) = &self.events {
-            let v = &r.view;
-            q.push(crate::events::NatEvent {
-                kind: crate::events::NatEventKind::Delete,
-                ckey: v.ckey,
-                pkey: v.pkey,
-                endpoint: v.endpoint,
-            });
-        }
-        self.net_flows[usize::from(r.view.ckey.network())].fetch_sub(1, Ordering::Relaxed);
-        if let Some(p) = snap.pools.get(&r.pool) {
-            p.pool.free(r.view.pkey.nat_port(), now, closed);
-        }
-        if let Some(e) = snap.endpoint_by_id(r.view.endpoint) {
-            e.shared.flows_active.fetch_sub(1, Ordering::Relaxed);
-        }
-        true
     }
 }
 

@@ -16,8 +16,9 @@
 //! A slot is reused for another flow once its flow ends, possibly while a
 //! reader still stands on it. What keeps a reader from acting on a flow it
 //! did not look up is the slot's *generation*, kept with the state bits in
-//! one 32-bit `meta` word (24 bits of generation, 8 of state), used as a
-//! seqlock:
+//! one 32-bit `meta` word (20 bits of generation, 12 of state), used as a
+//! seqlock (it was 24 bits of generation and 8 of state up to table format
+//! 2; now 20 and 12):
 //!
 //! - Removal is one compare-and-swap on `meta` that clears `LIVE` and bumps
 //!   the generation; only the thread whose swap succeeds frees the port and
@@ -178,12 +179,16 @@ pub mod state {
     pub const ESTABLISHED: u32 = 1 << 6;
     /// PROXY protocol: the backend has acknowledged the whole header.
     pub const HDR_ACKED: u32 = 1 << 7;
+    /// The flow's close has been taken off its endpoint's and network's
+    /// open flows (see [`FlowTable::add_state`]): set with the bits that
+    /// close it, by the process that owns the table's counts.
+    pub const COUNTED_CLOSED: u32 = 1 << 8;
     /// The state bits of a `meta` word.
-    pub(crate) const MASK: u32 = 0xff;
+    pub(crate) const MASK: u32 = 0xfff;
 }
 
 /// Where the generation sits in `meta`.
-const GEN_SHIFT: u32 = 8;
+const GEN_SHIFT: u32 = 12;
 const GEN_ONE: u32 = 1 << GEN_SHIFT;
 
 /// Endpoint ids must fit the 24 bits a slot keeps them in.
@@ -237,10 +242,16 @@ pub struct FlowSlot {
     last_seen: AtomicU32,
     /// Generation (top 24 bits) and [`state`] bits (low 8).
     meta: AtomicU32,
-    /// Bytes consumer -> provider and back (written by whichever worker
-    /// carries the direction; informational, for the flow listing).
-    bytes_in: AtomicU64,
-    bytes_out: AtomicU64,
+    /// Bytes consumer -> provider and back, modulo 2^32 (the carries are
+    /// in the cold half; written by whichever worker carries the direction;
+    /// informational, for the flow listing).
+    bytes_in: AtomicU32,
+    bytes_out: AtomicU32,
+    /// TCP: the sequence number right after the highest one the consumer
+    /// (`next_c`) and the provider (`next_p`) sent: the exact value a RST
+    /// from that side must carry to end the flow (RFC 5961 §3.2).
+    next_c: AtomicU32,
+    next_p: AtomicU32,
 }
 
 impl Default for FlowSlot {
@@ -252,8 +263,10 @@ impl Default for FlowSlot {
             pnext: AtomicU32::new(0),
             last_seen: AtomicU32::new(0),
             meta: AtomicU32::new(0),
-            bytes_in: AtomicU64::new(0),
-            bytes_out: AtomicU64::new(0),
+            bytes_in: AtomicU32::new(0),
+            bytes_out: AtomicU32::new(0),
+            next_c: AtomicU32::new(0),
+            next_p: AtomicU32::new(0),
         }
     }
 }
@@ -270,9 +283,18 @@ struct Cold {
     /// and are not forwarded after a restart.
     check: AtomicU64,
     /// PROXY protocol: the consumer's initial sequence number (its SYN's)
-    /// and the backend's plus one (from its SYN-ACK). See [`crate::proxy`].
+    /// and the acknowledgement number of its segment that completed the
+    /// handshake (the backend's ISN + 1). See [`crate::proxy`].
     isn: AtomicU32,
     peer: AtomicU32,
+    /// Times `bytes_in` (low 16 bits) and `bytes_out` (high 16) wrapped.
+    carries: AtomicU32,
+    /// PROXY protocol: what the header segment repeats of the consumer's
+    /// segment that completed the handshake: its timestamps (value, echo)
+    /// and its window (low 16 bits; bit 16: it had timestamps).
+    ts_val: AtomicU32,
+    ts_ecr: AtomicU32,
+    window: AtomicU32,
 }
 
 impl Default for Cold {
@@ -283,6 +305,10 @@ impl Default for Cold {
             check: AtomicU64::new(0),
             isn: AtomicU32::new(0),
             peer: AtomicU32::new(0),
+            carries: AtomicU32::new(0),
+            ts_val: AtomicU32::new(0),
+            ts_ecr: AtomicU32::new(0),
+            window: AtomicU32::new(0),
         }
     }
 }
@@ -320,6 +346,11 @@ pub struct FlowView {
 }
 
 impl FlowView {
+    /// The slot's generation this view was read at.
+    #[inline]
+    pub(crate) fn generation(&self) -> u32 {
+        self.gen
+    }
     #[inline]
     pub fn protocol(&self) -> Protocol {
         Protocol::from_number(self.ckey.proto()).unwrap_or(Protocol::Icmp)
@@ -354,6 +385,32 @@ pub enum InsertError {
     Limit,
     /// The service has no healthy backend.
     NoBackend,
+}
+
+/// A flow's state bits before and after a change ([`FlowTable::add_state`],
+/// [`FlowTable::reopen`], [`FlowTable::set_counted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changed {
+    pub before: u32,
+    pub after: u32,
+}
+
+impl Changed {
+    /// This change took the flow off the open counts (it closed it).
+    #[inline]
+    pub fn counted_closed(&self) -> bool {
+        self.after & state::COUNTED_CLOSED != 0 && self.before & state::COUNTED_CLOSED == 0
+    }
+    /// This change put a flow taken off the open counts back on them.
+    #[inline]
+    pub fn reopened(&self) -> bool {
+        self.before & state::COUNTED_CLOSED != 0 && self.after & state::COUNTED_CLOSED == 0
+    }
+    /// This change set `bit`.
+    #[inline]
+    pub fn set(&self, bit: u32) -> bool {
+        self.after & bit != 0 && self.before & bit == 0
+    }
 }
 
 /// What [`FlowTable::insert`] found or made.
@@ -465,6 +522,15 @@ impl FlowTable {
     /// A table for at most `max_flows` flows (at least 1, at most 2^31).
     pub fn new(max_flows: u32) -> FlowTable {
         FlowTable::with_reuse_delay(max_flows, REUSE_DELAY)
+    }
+
+    /// As [`new`](Self::new), with the index hash's keys given (a fixed
+    /// [`Settings::seed`](crate::Settings::seed)).
+    #[cfg(not(loom))]
+    pub fn with_keys(max_flows: u32, keys: [u64; 2]) -> FlowTable {
+        let mut t = FlowTable::new(max_flows);
+        t.keys = keys;
+        t
     }
 
     /// As [`new`](Self::new), with `reuse_delay` spare slots (0: a freed
@@ -870,6 +936,10 @@ impl FlowTable {
         slot.last_seen.store(now.0, Ordering::Relaxed);
         slot.bytes_in.store(0, Ordering::Relaxed);
         slot.bytes_out.store(0, Ordering::Relaxed);
+        slot.next_c.store(0, Ordering::Relaxed);
+        slot.next_p.store(0, Ordering::Relaxed);
+        cold.carries.store(0, Ordering::Relaxed);
+        cold.window.store(0, Ordering::Relaxed);
         slot.cnext.store(self.cidx.heads[cb].load(Ordering::Relaxed), Ordering::Relaxed);
         let gen = slot.meta.load(Ordering::Relaxed) & !state::MASK;
         let bits = (bits | state::LIVE) & state::MASK;
@@ -925,42 +995,61 @@ impl FlowTable {
         Self::unlink(&self.pidx, pb, i, |s| &s.pnext, &self.slots);
     }
 
-    /// Adds TCP state bits to the flow `v`, unless it has ended (its slot
-    /// may be another flow's by now). Returns whether the flow is still live.
+    /// Changes the state bits of flow `v` by `f` (old bits -> new bits,
+    /// `LIVE` kept), unless it has ended (its slot may be another flow's by
+    /// now). Keeps [`state::COUNTED_CLOSED`] in step with the result: set
+    /// when the new bits close a TCP flow, cleared when they open it again,
+    /// except in a frozen table, whose counts another process owns (that
+    /// process's sweep brings the bit in step, [`FlowTable::set_counted`]).
+    /// Returns the bits before and after, or `None` when the flow ended.
     #[inline]
-    pub fn add_state(&self, v: &FlowView, bits: u32) -> bool {
+    fn change_state(&self, v: &FlowView, f: impl Fn(u32) -> u32) -> Option<Changed> {
         let meta = &self.slots[v.slot as usize].meta;
         let mut cur = meta.load(Ordering::Relaxed);
         loop {
             if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 {
-                return false;
+                return None;
             }
-            if cur & bits == bits {
-                return true;
+            let before = cur & state::MASK;
+            let mut after = (f(before) | state::LIVE) & state::MASK;
+            if !self.is_frozen() {
+                after &= !state::COUNTED_CLOSED;
+                if v.ckey.proto() == Protocol::Tcp.number() && TcpPhase::from_bits(after) == TcpPhase::Closed {
+                    after |= state::COUNTED_CLOSED;
+                }
             }
-            match meta.compare_exchange_weak(cur, cur | bits, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return true,
+            if after == before {
+                return Some(Changed { before, after });
+            }
+            match meta.compare_exchange_weak(cur, (cur & !state::MASK) | after, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(Changed { before, after }),
                 Err(now) => cur = now,
             }
         }
     }
 
+    /// Adds TCP state bits to the flow `v` (see [`change_state`]: the one
+    /// call whose bits close the flow is told so by
+    /// [`Changed::counted_closed`], and only it takes the flow off the open
+    /// counts).
+    #[inline]
+    pub fn add_state(&self, v: &FlowView, bits: u32) -> Option<Changed> {
+        self.change_state(v, |b| b | bits)
+    }
+
     /// Starts the closed TCP flow `v` over (its consumer sent a new SYN on
     /// the same 5-tuple): state back to "consumer SYN seen". A flow that has
-    /// ended stays ended.
-    pub fn reopen(&self, v: &FlowView) -> bool {
-        let meta = &self.slots[v.slot as usize].meta;
-        let mut cur = meta.load(Ordering::Acquire);
-        loop {
-            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 {
-                return false;
-            }
-            let fresh = (cur & !state::MASK) | state::LIVE | state::C_SYN;
-            match meta.compare_exchange_weak(cur, fresh, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return true,
-                Err(now) => cur = now,
-            }
-        }
+    /// ended stays ended. [`Changed::reopened`] tells the one call that must
+    /// count the flow as open again.
+    pub fn reopen(&self, v: &FlowView) -> Option<Changed> {
+        self.change_state(v, |b| state::C_SYN | (b & state::COUNTED_CLOSED))
+    }
+
+    /// Brings flow `v`'s [`state::COUNTED_CLOSED`] in step with its TCP
+    /// phase (after another process changed its state during a hand-over);
+    /// the caller adjusts the counts by what [`Changed`] says.
+    pub fn set_counted(&self, v: &FlowView) -> Option<Changed> {
+        self.change_state(v, |b| b)
     }
 
     /// Counts a packet of `n` bytes of flow `v` (`inbound`: consumer ->
@@ -973,7 +1062,35 @@ impl FlowTable {
             s.last_seen.store(now.0, Ordering::Relaxed);
         }
         let c = if inbound { &s.bytes_in } else { &s.bytes_out };
-        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        let (old, add) = (c.load(Ordering::Relaxed), n as u32);
+        let new = old.wrapping_add(add);
+        c.store(new, Ordering::Relaxed);
+        if new < old || n > u64::from(u32::MAX) {
+            let carry = if inbound { 1 } else { 1 << 16 };
+            self.cold[v.slot as usize].carries.fetch_add(carry, Ordering::Relaxed);
+        }
+    }
+
+    /// TCP: notes that the consumer (`inbound`) or the provider sent up to
+    /// sequence number `end` (exclusive). A SYN sets it; anything else
+    /// raises it only (RFC 1982 serial order), so a retransmission or a
+    /// reordered segment leaves it.
+    #[inline(always)]
+    pub fn note_seq(&self, v: &FlowView, inbound: bool, end: u32, syn: bool) {
+        let s = &self.slots[v.slot as usize];
+        let c = if inbound { &s.next_c } else { &s.next_p };
+        let cur = c.load(Ordering::Relaxed);
+        if syn || (end.wrapping_sub(cur) as i32) > 0 {
+            c.store(end, Ordering::Relaxed);
+        }
+    }
+
+    /// TCP: the sequence numbers right after the highest each side sent
+    /// (consumer, provider), as [`note_seq`](Self::note_seq) recorded them.
+    #[inline]
+    pub fn next_seqs(&self, v: &FlowView) -> (u32, u32) {
+        let s = &self.slots[v.slot as usize];
+        (s.next_c.load(Ordering::Relaxed), s.next_p.load(Ordering::Relaxed))
     }
 
     /// Ends the flow `v` if it is still live; returns its final state bits,
@@ -981,11 +1098,18 @@ impl FlowTable {
     /// Exactly one caller gets `Some` for a flow, so exactly one frees its
     /// port.
     pub fn remove(&self, v: &FlowView) -> Option<u32> {
+        self.remove_if(v, 0)
+    }
+
+    /// As [`remove`](Self::remove), only while every bit of `need` is set
+    /// in the flow's state (a closed flow reclaimed for a new one must not
+    /// be one that opened again meanwhile).
+    pub fn remove_if(&self, v: &FlowView, need: u32) -> Option<u32> {
         let i = v.slot;
         let slot = &self.slots[i as usize];
         let mut cur = slot.meta.load(Ordering::Acquire);
         loop {
-            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 {
+            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 || cur & need != need {
                 return None;
             }
             let ended = (cur & !state::MASK).wrapping_add(GEN_ONE);
@@ -1007,12 +1131,22 @@ impl FlowTable {
         Some(cur & state::MASK)
     }
 
-    /// PROXY protocol: the consumer's and the backend's initial sequence
-    /// numbers of flow `v` (plus one for the backend's), as recorded.
+    /// The live flow in slot `slot` at generation `gen`, if it still is.
+    pub fn record_at(&self, slot: u32, gen: u32) -> Option<FlowRecord> {
+        self.record(slot).filter(|r| r.view.gen == gen)
+    }
+
+    /// PROXY protocol: the consumer's initial sequence number of flow `v`,
+    /// as recorded.
     #[inline]
-    pub fn proxy_seqs(&self, v: &FlowView) -> (u32, u32) {
-        let c = &self.cold[v.slot as usize];
-        (c.isn.load(Ordering::Relaxed), c.peer.load(Ordering::Relaxed))
+    pub fn proxy_isn(&self, v: &FlowView) -> u32 {
+        self.cold[v.slot as usize].isn.load(Ordering::Relaxed)
+    }
+
+    /// The pool flow `v`'s port came from.
+    #[inline]
+    pub fn pool_of(&self, v: &FlowView) -> PoolId {
+        PoolId(self.cold[v.slot as usize].pool.load(Ordering::Relaxed))
     }
 
     /// Records the consumer's initial sequence number of flow `v` (its SYN).
@@ -1021,10 +1155,27 @@ impl FlowTable {
         self.cold[v.slot as usize].isn.store(isn, Ordering::Relaxed);
     }
 
-    /// Records the backend's initial sequence number plus one (its SYN-ACK).
+    /// Records what the PROXY header segment of flow `v` repeats of the
+    /// consumer's segment that completed the handshake: its acknowledgement
+    /// (the backend's ISN + 1), its window and its timestamps, if any.
     #[inline]
-    pub fn set_proxy_peer(&self, v: &FlowView, peer: u32) {
-        self.cold[v.slot as usize].peer.store(peer, Ordering::Relaxed);
+    pub fn set_proxy_ack(&self, v: &FlowView, peer: u32, window: u16, ts: Option<(u32, u32)>) {
+        let c = &self.cold[v.slot as usize];
+        c.peer.store(peer, Ordering::Relaxed);
+        let (val, ecr) = ts.unwrap_or((0, 0));
+        c.ts_val.store(val, Ordering::Relaxed);
+        c.ts_ecr.store(ecr, Ordering::Relaxed);
+        c.window.store(u32::from(window) | u32::from(ts.is_some()) << 16, Ordering::Relaxed);
+    }
+
+    /// What [`set_proxy_ack`](Self::set_proxy_ack) recorded: the
+    /// acknowledgement, the window and the timestamps.
+    #[inline]
+    pub fn proxy_ack(&self, v: &FlowView) -> (u32, u16, Option<(u32, u32)>) {
+        let c = &self.cold[v.slot as usize];
+        let w = c.window.load(Ordering::Relaxed);
+        let ts = (w >> 16 & 1 != 0).then(|| (c.ts_val.load(Ordering::Relaxed), c.ts_ecr.load(Ordering::Relaxed)));
+        (c.peer.load(Ordering::Relaxed), w as u16, ts)
     }
 
     /// Slot `i` as a [`FlowRecord`], if it holds a live flow.
@@ -1036,14 +1187,15 @@ impl FlowTable {
         }
         let c = &self.cold[i as usize];
         let (pool, created) = (c.pool.load(Ordering::Relaxed), c.created.load(Ordering::Relaxed));
+        let carries = c.carries.load(Ordering::Relaxed);
         let view = self.read(i, m1)?;
         Some(FlowRecord {
             view,
             pool: PoolId(pool),
             created: Now(created),
             last_seen: Now(s.last_seen.load(Ordering::Relaxed)),
-            bytes_in: s.bytes_in.load(Ordering::Relaxed),
-            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+            bytes_in: u64::from(carries & 0xffff) << 32 | u64::from(s.bytes_in.load(Ordering::Relaxed)),
+            bytes_out: u64::from(carries >> 16) << 32 | u64::from(s.bytes_out.load(Ordering::Relaxed)),
         })
     }
 
@@ -1153,11 +1305,11 @@ mod tests {
         assert!(t.remove(&old).is_some());
         let new = slot_of(add(&t, ck(2), pk(2)));
         assert_eq!(old.slot, new.slot, "the only slot is reused at once");
-        assert!(!t.add_state(&old, state::RST), "a stale view sets no state");
-        assert!(!t.reopen(&old));
+        assert!(t.add_state(&old, state::RST).is_none(), "a stale view sets no state");
+        assert!(t.reopen(&old).is_none());
         assert!(t.remove(&old).is_none(), "a stale view removes nothing");
         assert_eq!(t.find_consumer(ck(2)).map(|v| v.state), Some(state::LIVE));
-        assert!(t.add_state(&new, state::C_FIN));
+        assert!(t.add_state(&new, state::C_FIN).is_some());
         assert_eq!(t.find_consumer(ck(2)).map(|v| v.state), Some(state::LIVE | state::C_FIN));
     }
 

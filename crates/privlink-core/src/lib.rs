@@ -12,6 +12,7 @@
 
 pub mod apply;
 pub mod checksum;
+pub mod conntrack;
 pub mod counters;
 pub mod engine;
 pub mod error;

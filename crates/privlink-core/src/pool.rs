@@ -12,8 +12,17 @@
 //! [`QUARANTINE_SECS`], so a backend still holding TIME_WAIT state for that tuple
 //! never sees it reused early.
 //!
-//! The pool takes a mutex only on flow setup and teardown, never on the
-//! per-packet path of an established flow.
+//! A pool also queues its flows that closed (both FINs, or an exact RST)
+//! in the order they closed: their ports are still in use (RFC 7857 §2.2
+//! keeps state for a while after a close), but when a new flow finds no
+//! port, or no slot in the flow table, the oldest closed flow is ended for
+//! it rather than the new one refused, as conntrack's early drop ends
+//! unassured entries first. The queue holds (slot, generation, when); an
+//! entry whose flow has since ended or opened again is stale and skipped
+//! ([`crate::conntrack`]).
+//!
+//! The pool takes a mutex only on flow setup and teardown (a close
+//! included), never on the per-packet path of an established flow.
 
 use crate::types::Now;
 use rand::rngs::StdRng;
@@ -35,7 +44,18 @@ struct Inner {
     /// Live flows per port, indexed by `port - first`.
     users: Vec<u32>,
     quarantine: VecDeque<(u16, Now)>,
+    /// Flows of this pool that closed, oldest first (see the module docs).
+    closed: VecDeque<ClosedFlow>,
     rng: StdRng,
+}
+
+/// A closed flow waiting in its pool's queue: its slot, the slot's
+/// generation, and when it closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClosedFlow {
+    pub slot: u32,
+    pub gen: u32,
+    pub at: Now,
 }
 
 /// A bounded pool of ports.
@@ -63,6 +83,7 @@ impl PortPool {
                 free,
                 users: vec![0; capacity as usize],
                 quarantine: VecDeque::new(),
+                closed: VecDeque::new(),
                 rng: StdRng::seed_from_u64(seed),
             }),
         }
@@ -76,11 +97,32 @@ impl PortPool {
 
     /// Takes a port for a new flow. `claim(port)` must atomically reserve the
     /// flow's provider-side tuple and return false if it is live already.
-    /// Returns `None` (and counts an exhaustion) when no port can be had.
-    pub fn allocate(&self, now: Now, mut claim: impl FnMut(u16) -> bool) -> Option<u16> {
+    /// Returns `None` when no port can be had; the caller counts the
+    /// exhaustion ([`note_exhausted`](Self::note_exhausted)) once it gives
+    /// up (it may first end a closed flow for its port).
+    pub fn allocate(&self, now: Now, claim: impl FnMut(u16) -> bool) -> Option<u16> {
+        self.allocate_hinted(now, None, claim)
+    }
+
+    /// As [`allocate`](Self::allocate), trying port `hint` first (the port
+    /// of a closed flow just ended for this one, which may still be shared
+    /// with other flows and so not be free).
+    pub fn allocate_hinted(&self, now: Now, hint: Option<u16>, mut claim: impl FnMut(u16) -> bool) -> Option<u16> {
         self.release_quarantine(now);
         let mut g = self.lock();
         let inner = &mut *g;
+        if let Some(port) = hint.filter(|&p| self.contains(p)) {
+            let used = inner.users[usize::from(port - self.first)] > 0;
+            let free_at = inner.free.iter().position(|&p| p == port);
+            if (used || free_at.is_some()) && claim(port) {
+                if let Some(i) = free_at {
+                    inner.free.swap_remove(i);
+                }
+                inner.users[usize::from(port - self.first)] += 1;
+                self.available.store(inner.free.len() as u32, Ordering::Relaxed);
+                return Some(port);
+            }
+        }
         let mut got = None;
         // Candidates are `free[..n]`. A free port whose claim fails (its
         // tuple is held by a flow of a pool this one replaced on reload) is
@@ -108,16 +150,38 @@ impl PortPool {
             }
         }
         self.available.store(inner.free.len() as u32, Ordering::Relaxed);
-        match got {
-            Some(port) => {
-                inner.users[usize::from(port - self.first)] += 1;
-                Some(port)
-            }
-            None => {
-                self.exhausted.fetch_add(1, Ordering::Relaxed);
-                None
-            }
+        if let Some(port) = got {
+            inner.users[usize::from(port - self.first)] += 1;
         }
+        got
+    }
+
+    /// Counts an allocation that failed for want of a port.
+    pub fn note_exhausted(&self) {
+        self.exhausted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Queues a flow of this pool that closed (see the module docs).
+    pub fn note_closed(&self, c: ClosedFlow) {
+        self.lock().closed.push_back(c);
+    }
+
+    /// When the oldest queued closed flow closed, if any is queued.
+    pub fn oldest_closed(&self) -> Option<Now> {
+        self.lock().closed.front().map(|c| c.at)
+    }
+
+    /// Takes the oldest queued closed flow off the queue.
+    pub fn pop_closed(&self) -> Option<ClosedFlow> {
+        self.lock().closed.pop_front()
+    }
+
+    /// Keeps only the queued closed flows for which `keep` holds (the
+    /// sweep drops stale ones); returns how many stay.
+    pub fn retain_closed(&self, keep: impl FnMut(&ClosedFlow) -> bool) -> usize {
+        let mut g = self.lock();
+        g.closed.retain(keep);
+        g.closed.len()
     }
 
     /// Gives a port back. `closed` says the TCP close was seen, which lets the
@@ -167,7 +231,7 @@ impl PortPool {
 
     /// Adds `n` to the exhaustion count (the count of a pool this one
     /// replaces, so the metric series never goes down).
-    pub(crate) fn count_exhausted(&self, n: u64) {
+    pub fn count_exhausted(&self, n: u64) {
         self.exhausted.fetch_add(n, Ordering::Relaxed);
     }
 
@@ -234,7 +298,34 @@ mod tests {
         assert_eq!(p.available(), 0);
         // Sharing is refused by the claim (same tuple): exhausted.
         assert_eq!(p.allocate(Now(0), |_| false), None);
-        assert_eq!(p.exhausted(), 1);
+        assert_eq!(p.exhausted(), 0, "the caller counts, once it gives up");
+    }
+
+    #[test]
+    fn a_hinted_port_is_taken_first_whether_free_or_shared() {
+        let p = PortPool::new(5000..=5003, 1);
+        assert_eq!(p.allocate_hinted(Now(0), Some(5002), |_| true), Some(5002));
+        assert_eq!(p.available(), 3);
+        // Still in use by the first flow: shared when the claim allows it.
+        assert_eq!(p.allocate_hinted(Now(0), Some(5002), |_| true), Some(5002));
+        p.free(5002, Now(0), true);
+        p.free(5002, Now(0), true);
+        assert_eq!(p.available(), 4);
+        // A hint outside the pool, or refused, falls back to any port.
+        assert!(p.allocate_hinted(Now(0), Some(80), |_| true).is_some_and(|x| p.contains(x)));
+    }
+
+    #[test]
+    fn closed_flows_queue_oldest_first() {
+        let p = PortPool::new(6000..=6001, 1);
+        for (slot, at) in [(3, 10), (1, 11), (2, 12)] {
+            p.note_closed(ClosedFlow { slot, gen: 0, at: Now(at) });
+        }
+        assert_eq!(p.oldest_closed(), Some(Now(10)));
+        assert_eq!(p.retain_closed(|c| c.slot != 1), 2);
+        assert_eq!(p.pop_closed().map(|c| c.slot), Some(3));
+        assert_eq!(p.pop_closed().map(|c| c.slot), Some(2));
+        assert_eq!(p.pop_closed(), None);
     }
 
     #[test]

@@ -87,26 +87,6 @@ pub fn write_header(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src: u32, sport
     n
 }
 
-/// The segment that carries a header: IPv4 + TCP (20 bytes, ACK|PSH) from
-/// `src:sport` to `dst:dport`, `seq`, `ack`, `window`, payload written by
-/// `body` (which returns its length); complete checksums. Returns the
-/// packet's length (`out` must hold 40 bytes plus the payload).
-#[allow(clippy::too_many_arguments)]
-pub fn build_segment(
-    out: &mut [u8],
-    src: u32,
-    sport: u16,
-    dst: u32,
-    dport: u16,
-    seq: u32,
-    ack: u32,
-    window: u16,
-    body: impl FnOnce(&mut [u8]) -> usize,
-) -> usize {
-    let flags = crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH;
-    crate::wire::build_tcp(out, crate::wire::TcpSegment { src, sport, dst, dport, seq, ack, flags, window }, body)
-}
-
 #[inline]
 fn get32(l4: &[u8], at: usize) -> u32 {
     u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]])
@@ -140,6 +120,12 @@ pub fn seq(l4: &[u8]) -> u32 {
 #[inline]
 pub fn ack(l4: &[u8]) -> u32 {
     get32(l4, 8)
+}
+
+/// The window field of a TCP header (unscaled, as sent).
+#[inline]
+pub fn window(l4: &[u8]) -> u16 {
+    u16::from_be_bytes([l4[14], l4[15]])
 }
 
 #[inline]
@@ -183,8 +169,8 @@ pub fn shift_sack(l4: &mut [u8], by: u32, partial: bool) {
 
 impl crate::Engine {
     /// The header segments to send again: one for each live TCP flow of a
-    /// PROXY service whose backend answered the SYN but has not
-    /// acknowledged the header (lost, and the backend said nothing since;
+    /// PROXY service whose consumer completed its handshake (so the header
+    /// was sent) but whose backend has not acknowledged the header (lost, and the backend said nothing since;
     /// a server-first protocol waits for it). The daemon calls this once a
     /// second and writes each packet `f` gets to the provider device.
     pub fn proxy_resends(&self, mut f: impl FnMut(&[u8])) -> usize {
@@ -198,7 +184,7 @@ impl crate::Engine {
         let mut n = 0;
         self.flows.for_each_live(|r| {
             let v = &r.view;
-            let wants = v.state & state::P_SYN != 0
+            let wants = v.state & state::ESTABLISHED != 0
                 && v.state & state::HDR_ACKED == 0
                 && v.protocol() == crate::Protocol::Tcp
                 && matches!(v.phase(), TcpPhase::Opening | TcpPhase::Established);
@@ -279,9 +265,18 @@ mod tests {
     fn a_built_segment_is_valid_tcp() {
         use etherparse::{SlicedPacket, TransportSlice};
         let mut b = [0u8; 128];
-        let n = build_segment(&mut b, 0xc0a8_6404, 1025, 0xc0a8_320a, 8080, 1001, 77, 512, |o| {
-            write_header(o, ProxyTlv::Azure, 9, 1, 2, 3, 4)
-        });
+        let seg = crate::wire::TcpSegment {
+            src: 0xc0a8_6404,
+            sport: 1025,
+            dst: 0xc0a8_320a,
+            dport: 8080,
+            seq: 1001,
+            ack: 77,
+            flags: crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH,
+            window: 512,
+            ts: Some((0x0102_0304, 0x0506_0708)),
+        };
+        let n = crate::wire::build_tcp(&mut b, seg, |o| write_header(o, ProxyTlv::Azure, 9, 1, 2, 3, 4));
         let p = SlicedPacket::from_ip(&b[..n]).expect("parses");
         let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
         let ih = ip.header().to_header();
@@ -289,6 +284,8 @@ mod tests {
         let Some(TransportSlice::Tcp(t)) = p.transport else { panic!() };
         let h = t.to_header();
         assert_eq!((h.sequence_number, h.acknowledgment_number, h.psh, h.ack), (1001, 77, true, true));
+        let opts: Vec<_> = h.options_iterator().filter_map(Result::ok).collect();
+        assert!(opts.contains(&etherparse::TcpOptionElement::Timestamp(0x0102_0304, 0x0506_0708)), "{opts:?}");
         assert_eq!(t.payload().len(), 36);
         assert_eq!(h.calc_checksum_ipv4(&ih, t.payload()).expect("sum"), h.checksum);
     }

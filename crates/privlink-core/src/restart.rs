@@ -143,11 +143,22 @@ impl Engine {
         let snap = self.snap.load_full();
         let mut ports: HashMap<PoolId, Vec<u16>> = HashMap::new();
         let mut flows = 0;
+        let mut closed = Vec::new();
         self.flows.for_each_live(|r| {
             flows += 1;
-            self.net_flows[usize::from(r.view.ckey.network())].fetch_add(1, Ordering::Relaxed);
-            if let Some(e) = snap.endpoint_by_id(r.view.endpoint) {
-                e.shared.flows_active.fetch_add(1, Ordering::Relaxed);
+            // Counted as the bits say; the sweep below brings any bit that
+            // is out of step with its phase in step.
+            let e = snap.endpoint_by_id(r.view.endpoint);
+            if r.view.state & crate::flow::state::COUNTED_CLOSED != 0 {
+                if let Some(e) = e {
+                    e.shared.flows_closed.fetch_add(1, Ordering::Relaxed);
+                }
+                closed.push((r.last_seen, r.pool, r.view.slot, r.view.generation()));
+            } else {
+                self.net_flows[usize::from(r.view.ckey.network())].fetch_add(1, Ordering::Relaxed);
+                if let Some(e) = e {
+                    e.shared.flows_active.fetch_add(1, Ordering::Relaxed);
+                }
             }
             if snap.pools.contains_key(&r.pool) {
                 ports.entry(r.pool).or_default().push(r.view.pkey.nat_port());
@@ -155,6 +166,13 @@ impl Engine {
         });
         for (id, ports) in &ports {
             snap.pools[id].pool.adopt(ports);
+        }
+        // Closed flows queue for reclaim, the longest quiet first.
+        closed.sort_unstable();
+        for (at, pool, slot, gen) in closed {
+            if let Some(p) = snap.pools.get(&pool) {
+                p.pool.note_closed(crate::pool::ClosedFlow { slot, gen, at });
+            }
         }
         let ended = self.sweep(now, false);
         Adopted { flows: flows - ended, ended }

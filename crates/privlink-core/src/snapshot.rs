@@ -25,11 +25,21 @@ pub struct EndpointShared {
     pub ip: Ipv4Addr,
     pub(crate) conn: AtomicU8,
     pub counters: PerWorker<EndpointCounters>,
+    /// Open flows: what `max_flows` bounds (a TCP flow that closed no
+    /// longer counts, [`crate::conntrack`]).
     pub flows_active: AtomicU64,
+    /// Flows that closed and still hold their NAT port for a while (RFC
+    /// 7857 §2.2); the endpoint's ports in use are both counts.
+    pub flows_closed: AtomicU64,
     pub flows_created: AtomicU64,
 }
 
 impl EndpointShared {
+    /// NAT ports the endpoint's flows hold: its open flows and those that
+    /// closed but have not been ended yet.
+    pub fn ports_in_use(&self) -> u64 {
+        self.flows_active.load(Ordering::Relaxed) + self.flows_closed.load(Ordering::Relaxed)
+    }
     pub fn state(&self) -> ConnectionState {
         ConnectionState::from_u8(self.conn.load(Ordering::Acquire))
     }

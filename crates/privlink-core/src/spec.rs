@@ -51,11 +51,22 @@ pub struct Settings {
     /// NAT events (flow create and delete, pool exhaustion) held for an
     /// exporter at most; 0: none are recorded ([`crate::events`]).
     pub event_queue: usize,
+    /// Seed of the engine's randomness (the flow table's hash keys, the NAT
+    /// port pools' RFC 6056 order); 0: drawn from the operating system, as
+    /// the daemon does. Tests and benches fix it to replay a run exactly.
+    pub seed: u64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { workers: 1, max_flows: 1 << 20, timeouts: Timeouts::default(), icmp_rate: 100, event_queue: 0 }
+        Settings {
+            workers: 1,
+            max_flows: 1 << 20,
+            timeouts: Timeouts::default(),
+            icmp_rate: 100,
+            event_queue: 0,
+            seed: 0,
+        }
     }
 }
 

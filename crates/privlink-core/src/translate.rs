@@ -33,9 +33,10 @@
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;
 //! 12. count.
 
+use crate::conntrack::{self, pure_syn, Seqs, TcpUpdate, RECLAIM_TRIES};
 use crate::engine::Engine;
 use crate::events::{NatEvent, NatEventKind};
-use crate::flow::{state, ConsumerKey, FlowTable, FlowView, InsertError, Inserted, ProviderKey, TcpPhase};
+use crate::flow::{state, ConsumerKey, FlowTable, FlowView, InsertError, Inserted, ProviderKey};
 use crate::frag::{FragKey, Fragments, Later, Mapping};
 use crate::proxy;
 use crate::snapshot::{EndpointView, Snapshot};
@@ -43,9 +44,11 @@ use crate::spec::ProxyTlv;
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Verdict};
 use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
 
-/// Largest ICMP error privlink builds: IP header, ICMP header, and the
-/// original IP header (up to 60 bytes) plus 8 bytes.
-pub const REPLY_MAX: usize = 96;
+/// Largest packet privlink builds: an ICMP error (IP header, ICMP header,
+/// and the original IP header, up to 60 bytes, plus 8 bytes: 96), or a
+/// PROXY header segment (IP, TCP with timestamps, and the longest header,
+/// 54 bytes: 106).
+pub const REPLY_MAX: usize = 128;
 
 /// Which way a packet crosses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,41 +118,6 @@ impl Dir {
             Dir::Out => dst.1,
         }
     }
-
-    /// The state bits a TCP segment with `flags` sets on its flow, or a
-    /// reopen (a new SYN from the consumer on a closed 5-tuple).
-    #[inline]
-    fn tcp_update(self, flags: u8, v: &FlowView) -> TcpUpdate {
-        let (syn, fin, rst, ack) = (
-            flags & tcp_flags::SYN != 0,
-            flags & tcp_flags::FIN != 0,
-            flags & tcp_flags::RST != 0,
-            flags & tcp_flags::ACK != 0,
-        );
-        match self {
-            Dir::In(_) if pure_syn(flags) && v.phase() == TcpPhase::Closed => TcpUpdate::Reopen,
-            Dir::In(_) if rst => TcpUpdate::Add(state::RST),
-            Dir::In(_) if fin => TcpUpdate::Add(state::C_FIN),
-            Dir::In(_) if ack && v.state & (state::P_SYN | state::ESTABLISHED) == state::P_SYN => {
-                TcpUpdate::Add(state::ESTABLISHED)
-            }
-            Dir::Out if rst => TcpUpdate::Add(state::RST),
-            Dir::Out if syn => TcpUpdate::Add(state::P_SYN),
-            Dir::Out if fin => TcpUpdate::Add(state::P_FIN),
-            _ => TcpUpdate::None,
-        }
-    }
-}
-
-enum TcpUpdate {
-    None,
-    Add(u32),
-    Reopen,
-}
-
-#[inline]
-fn pure_syn(flags: u8) -> bool {
-    flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
 }
 
 /// Per-worker token bucket for generated ICMP (refilled each second).
@@ -185,12 +153,22 @@ pub(crate) struct Ctx<'a> {
     pub(crate) snap: &'a Snapshot,
     pub(crate) reply: &'a mut [u8; REPLY_MAX],
     /// A packet the translation made besides the one it forwards (a PROXY
-    /// header segment, in `reply`): where it goes and its length.
-    pub(crate) extra: &'a mut Option<(Egress, usize)>,
+    /// header segment, in `reply`).
+    pub(crate) extra: &'a mut Option<Extra>,
     pub(crate) icmp: &'a mut IcmpLimiter,
     pub(crate) frags: &'a mut Fragments,
     pub(crate) now: Now,
     pub(crate) off: Offload,
+}
+
+/// A packet made besides the one forwarded: where it goes, its length (in
+/// the worker's reply buffer), and whether it must leave before the
+/// forwarded one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Extra {
+    pub(crate) to: Egress,
+    pub(crate) len: usize,
+    pub(crate) before: bool,
 }
 
 /// What step 4 read of the transport header.
@@ -337,25 +315,14 @@ impl Ctx<'_> {
                 }
             }
         };
-        // 10. TCP state.
+        // 10. TCP state (and PROXY protocol's sequence shift).
+        if seg.proto == Protocol::Tcp {
+            let payload = len.saturating_sub(ihl + seg.l4_header);
+            if let Err(r) = self.tcp_step(buf, ihl, payload, dir, seg.flags, &v, ep) {
+                return Verdict::Drop(r);
+            }
+        }
         let flows = &self.engine.flows;
-        if seg.proto == Protocol::Tcp {
-            match dir.tcp_update(seg.flags, &v) {
-                TcpUpdate::None => {}
-                TcpUpdate::Add(bits) => {
-                    flows.add_state(&v, bits);
-                }
-                TcpUpdate::Reopen => {
-                    flows.reopen(&v);
-                }
-            }
-        }
-        // 10b. PROXY protocol: sequence numbers moved by the header's length.
-        if seg.proto == Protocol::Tcp {
-            if let Some(tlv) = ep.proxy {
-                self.proxy_step(&mut buf[ihl..], dir, seg.flags, &v, ep, tlv);
-            }
-        }
         // 11. Rewrite.
         let ends = dir.ends(&v);
         let ((nsrc, nsport), (ndst, ndport)) = ends;
@@ -380,36 +347,132 @@ impl Ctx<'_> {
         }
     }
 
+    /// Step 10 for a TCP segment of flow `v` (`buf` its packet, with an IP
+    /// header of `ihl` bytes and `payload` bytes of data): the state its
+    /// flags set, the open and
+    /// closed counts ([`crate::conntrack`]), the sequence number its sender
+    /// reached, and for a PROXY service the header and the sequence shift.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn tcp_step(
+        &mut self,
+        buf: &mut [u8],
+        ihl: usize,
+        payload: usize,
+        dir: Dir,
+        flags: u8,
+        v: &FlowView,
+        ep: &EndpointView,
+    ) -> Result<(), DropReason> {
+        let flows = &self.engine.flows;
+        let l4 = &mut buf[ihl..];
+        let inbound = dir.inbound();
+        let (syn, fin) = (flags & tcp_flags::SYN != 0, flags & tcp_flags::FIN != 0);
+        let seq = proxy::seq(l4);
+        let end = seq.wrapping_add(payload as u32 + u32::from(syn) + u32::from(fin));
+        let s = Seqs { seq, ack: proxy::ack(l4) };
+        let change = match conntrack::update(inbound, flags, s, v, || flows.next_seqs(v)) {
+            TcpUpdate::None => None,
+            TcpUpdate::Add(bits) => flows.add_state(v, bits),
+            TcpUpdate::Reopen => {
+                // Open again: the endpoint's bound and the network's share
+                // apply as to a new flow.
+                use std::sync::atomic::Ordering::Relaxed;
+                if ep.shared.flows_active.load(Relaxed) >= u64::from(ep.max_flows) {
+                    return Err(DropReason::EndpointFlowLimit);
+                }
+                if self.engine.net_flows[usize::from(ep.network.0)].load(Relaxed) >= self.snap.flow_share {
+                    return Err(DropReason::FlowTableFull);
+                }
+                flows.reopen(v)
+            }
+        };
+        if let Some(c) = change {
+            if c.before & state::COUNTED_CLOSED != c.after & state::COUNTED_CLOSED {
+                self.engine.count_change(self.snap, v, c, self.now);
+            }
+        }
+        // A RST teaches nothing: one that ended nothing may be forged.
+        if flags & tcp_flags::RST == 0 {
+            flows.note_seq(v, inbound, end, syn);
+        }
+        if let Some(tlv) = ep.proxy {
+            let established = change.is_some_and(|c| c.set(state::ESTABLISHED));
+            if self.proxy_step(l4, payload, dir, flags, v, ep, tlv, established) {
+                wire::strip_tcp_payload(buf, ihl, self.off.csum_partial);
+            }
+        }
+        Ok(())
+    }
+
     /// Step 10b for a TCP segment of a flow whose service sends a PROXY v2
-    /// header (see [`crate::proxy`]): toward the backend, a SYN records the
-    /// consumer's ISN and anything else moves up by the header's length;
-    /// toward the consumer, a SYN-ACK records the backend's ISN, and an
-    /// acknowledgement moves down by it once the backend has the header.
-    /// Until then the acknowledgement stays at the consumer's ISN + 1 and
-    /// the header is sent (again).
+    /// header (see [`crate::proxy`]).
+    ///
+    /// Toward the backend: a SYN records the consumer's ISN and loses any
+    /// data it carries (TCP Fast Open: the consumer sends it again after
+    /// the handshake, behind the header). The segment that completes the
+    /// consumer's handshake (`established`) sends the header, built to
+    /// look like the consumer's next segment (its acknowledgement, window
+    /// and timestamps): after it when it is a bare ACK, which goes on
+    /// unshifted (a SYN-cookie backend checks its sequence number), before
+    /// it when it carries data. Every later segment moves up by the
+    /// header's length.
+    ///
+    /// Toward the consumer: an acknowledgement moves down by the header's
+    /// length once the backend has the header; until then it stays at the
+    /// consumer's ISN + 1 and the header is sent again. A SYN-ACK passes
+    /// as it is.
+    ///
+    /// Returns true when the segment's data must be dropped (the SYN's).
     #[inline(never)]
-    fn proxy_step(&mut self, l4: &mut [u8], dir: Dir, flags: u8, v: &FlowView, ep: &EndpointView, tlv: ProxyTlv) {
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_step(
+        &mut self,
+        l4: &mut [u8],
+        payload: usize,
+        dir: Dir,
+        flags: u8,
+        v: &FlowView,
+        ep: &EndpointView,
+        tlv: ProxyTlv,
+        established: bool,
+    ) -> bool {
         let flows = &self.engine.flows;
         let partial = self.off.csum_partial;
         let hl = proxy::header_len(tlv) as u32;
         match dir {
-            Dir::In(_) if flags & tcp_flags::SYN != 0 => flows.set_proxy_isn(v, proxy::seq(l4)),
-            Dir::In(_) => proxy::set_seq(l4, proxy::seq(l4).wrapping_add(hl), partial),
-            Dir::Out => {
-                if flags & tcp_flags::SYN != 0 {
-                    flows.set_proxy_peer(v, proxy::seq(l4).wrapping_add(1));
+            Dir::In(_) if flags & tcp_flags::SYN != 0 => {
+                flows.set_proxy_isn(v, proxy::seq(l4));
+                return payload > 0;
+            }
+            Dir::In(_) => {
+                let bare = payload == 0 && flags & (tcp_flags::FIN | tcp_flags::RST) == 0;
+                if established {
+                    let ts = wire::tcp_timestamps(l4);
+                    flows.set_proxy_ack(v, proxy::ack(l4), proxy::window(l4), ts);
+                    self.proxy_header(v, ep, tlv, !bare);
+                    if bare {
+                        return false;
+                    }
                 }
-                if flags & tcp_flags::ACK == 0 {
-                    return;
+                if v.state & state::ESTABLISHED != 0 || established {
+                    proxy::set_seq(l4, proxy::seq(l4).wrapping_add(hl), partial);
+                }
+            }
+            Dir::Out => {
+                if flags & (tcp_flags::SYN | tcp_flags::RST) != 0 || flags & tcp_flags::ACK == 0 {
+                    return false;
                 }
                 let ack = proxy::ack(l4);
                 if v.state & state::HDR_ACKED == 0 {
-                    let (isn, _) = flows.proxy_seqs(v);
+                    let isn = flows.proxy_isn(v);
                     let past = ack.wrapping_sub(isn.wrapping_add(1));
                     if past < hl || past >= 1 << 31 {
                         proxy::set_ack(l4, isn.wrapping_add(1), partial);
-                        self.proxy_header(v, ep, tlv);
-                        return;
+                        if v.state & state::ESTABLISHED != 0 {
+                            self.proxy_header(v, ep, tlv, false);
+                        }
+                        return false;
                     }
                     flows.add_state(v, state::HDR_ACKED);
                 }
@@ -417,12 +480,14 @@ impl Ctx<'_> {
                 proxy::shift_sack(l4, hl, partial);
             }
         }
+        false
     }
 
-    /// Queues the PROXY header segment of flow `v` toward the backend.
-    fn proxy_header(&mut self, v: &FlowView, ep: &EndpointView, tlv: ProxyTlv) {
-        let n = proxy_segment(&self.engine.flows, v, ep.link_id, tlv, &mut self.reply[..]);
-        *self.extra = Some((Egress::Provider, n));
+    /// Queues the PROXY header segment of flow `v` toward the backend,
+    /// before the packet being translated or after it.
+    fn proxy_header(&mut self, v: &FlowView, ep: &EndpointView, tlv: ProxyTlv, before: bool) {
+        let len = proxy_segment(&self.engine.flows, v, ep.link_id, tlv, &mut self.reply[..]);
+        *self.extra = Some(Extra { to: Egress::Provider, len, before });
     }
 
     /// The flow a packet belongs to, by the index of its direction.
@@ -480,15 +545,43 @@ impl Ctx<'_> {
         if share.load(Relaxed) >= self.snap.flow_share {
             return Err(InsertError::Full);
         }
-        let r = match flows.insert(ck, ep.shared.id, now, |claim| {
-            pool.pool.allocate(now, |port| claim(ProviderKey::new(num, nat_ip, port, backend, bport)))?;
-            Some((pool.id, bits))
-        }) {
+        // A closed flow never causes a refusal: with no slot (`Full`) or no
+        // port (`Refused`), the oldest closed flow (of any pool, or of this
+        // one) is ended for this one first (crate::conntrack).
+        let mut hint = None;
+        let mut tries = 0;
+        let r = loop {
+            let got = flows.insert(ck, ep.shared.id, now, |claim| {
+                pool.pool
+                    .allocate_hinted(now, hint, |port| claim(ProviderKey::new(num, nat_ip, port, backend, bport)))?;
+                Some((pool.id, bits))
+            });
+            match got {
+                Err(InsertError::Full) if tries < RECLAIM_TRIES && !flows.is_frozen() => {
+                    tries += 1;
+                    if self.engine.reclaim_closed(self.snap, None, now).is_none() {
+                        break got;
+                    }
+                }
+                Err(InsertError::Refused) if tries < RECLAIM_TRIES && !flows.is_frozen() => {
+                    tries += 1;
+                    match self.engine.reclaim_closed(self.snap, Some(pool), now) {
+                        Some(port) => hint = Some(port),
+                        None => break got,
+                    }
+                }
+                _ => break got,
+            }
+        };
+        let r = match r {
             Ok(r) => r,
             Err(e) => {
-                if let (InsertError::Refused, Some(q)) = (e, &self.engine.events) {
-                    let pkey = ProviderKey::new(num, nat_ip, 0, backend, bport);
-                    q.push(NatEvent { kind: NatEventKind::PortsExhausted, ckey: ck, pkey, endpoint: ep.shared.id });
+                if e == InsertError::Refused {
+                    pool.pool.note_exhausted();
+                    if let Some(q) = &self.engine.events {
+                        let pkey = ProviderKey::new(num, nat_ip, 0, backend, bport);
+                        q.push(NatEvent { kind: NatEventKind::PortsExhausted, ckey: ck, pkey, endpoint: ep.shared.id });
+                    }
                 }
                 return Err(e);
             }
@@ -540,7 +633,7 @@ impl Ctx<'_> {
             let l4 = &mut buf[ihl + q.l4..];
             if l4.len() >= 8 {
                 let hl = proxy::header_len(tlv) as u32;
-                let (isn, _) = self.engine.flows.proxy_seqs(&v);
+                let isn = self.engine.flows.proxy_isn(&v);
                 let seq = proxy::seq(l4);
                 if seq.wrapping_sub(isn.wrapping_add(1)) < hl {
                     return Verdict::Drop(DropReason::NoFlow);
@@ -699,37 +792,29 @@ pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r
 }
 
 /// Builds the PROXY header segment of flow `v` into `out`: from its NAT
-/// address and port to its backend, at the consumer's ISN + 1,
-/// acknowledging the backend's SYN; returns its length.
+/// address and port to its backend, at the consumer's ISN + 1, with the
+/// acknowledgement, window and timestamps of the consumer's segment that
+/// completed the handshake (RFC 7323 §3.2: once both SYNs carried
+/// timestamps, every segment does); returns its length.
 pub(crate) fn proxy_segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyTlv, out: &mut [u8]) -> usize {
-    let (isn, peer) = flows.proxy_seqs(v);
+    let isn = flows.proxy_isn(v);
+    let (ack, window, ts) = flows.proxy_ack(v);
     let (c, p) = (v.ckey, v.pkey);
-    proxy::build_segment(
-        out,
-        p.nat_addr(),
-        p.nat_port(),
-        p.backend_addr(),
-        p.backend_port(),
-        isn.wrapping_add(1),
-        peer,
-        PROXY_WINDOW,
-        |o| {
-            proxy::write_header(
-                o,
-                tlv,
-                link_id,
-                c.consumer_addr(),
-                c.consumer_port(),
-                c.endpoint_addr(),
-                c.endpoint_port(),
-            )
-        },
-    )
+    let seg = wire::TcpSegment {
+        src: p.nat_addr(),
+        sport: p.nat_port(),
+        dst: p.backend_addr(),
+        dport: p.backend_port(),
+        seq: isn.wrapping_add(1),
+        ack,
+        flags: tcp_flags::ACK | tcp_flags::PSH,
+        window,
+        ts,
+    };
+    wire::build_tcp(out, seg, |o| {
+        proxy::write_header(o, tlv, link_id, c.consumer_addr(), c.consumer_port(), c.endpoint_addr(), c.endpoint_port())
+    })
 }
-
-/// The window the header segment offers the backend (unscaled; the
-/// consumer's own segments set the real one right after).
-const PROXY_WINDOW: u16 = 512;
 
 /// A consumer-side flow key; an ICMP echo's endpoint side has no port.
 #[inline(always)]

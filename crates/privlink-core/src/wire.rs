@@ -601,8 +601,17 @@ pub fn build_tcp_rst(out: &mut [u8], orig: &[u8]) -> usize {
     } else {
         (0, seq.wrapping_add(seg_len), tcp_flags::RST | tcp_flags::ACK)
     };
-    let seg =
-        TcpSegment { src: dst, sport: dport, dst: src, dport: sport, seq: rseq, ack: rack, flags: rflags, window: 0 };
+    let seg = TcpSegment {
+        src: dst,
+        sport: dport,
+        dst: src,
+        dport: sport,
+        seq: rseq,
+        ack: rack,
+        flags: rflags,
+        window: 0,
+        ts: None,
+    };
     build_tcp(out, seg, |_| 0)
 }
 
@@ -617,17 +626,21 @@ pub struct TcpSegment {
     pub ack: u32,
     pub flags: u8,
     pub window: u16,
+    /// The timestamps option (value, echo reply; RFC 7323 §3), if any.
+    pub ts: Option<(u32, u32)>,
 }
 
-/// Writes an IPv4 packet (DF, TTL 64) carrying a TCP segment (20-byte
-/// header, `seg`'s fields, payload written by `body`, which returns its
-/// length) with complete checksums; returns the packet's length. `out`
-/// must hold 40 bytes plus the payload.
+/// Writes an IPv4 packet (DF, TTL 64) carrying a TCP segment (`seg`'s
+/// fields; a 20-byte header, 32 with timestamps as NOP, NOP, TS; payload
+/// written by `body`, which returns its length) with complete checksums;
+/// returns the packet's length. `out` must hold 52 bytes plus the payload.
 pub fn build_tcp(out: &mut [u8], seg: TcpSegment, body: impl FnOnce(&mut [u8]) -> usize) -> usize {
-    let plen = body(&mut out[40..]);
-    let total = 40 + plen;
+    let th = if seg.ts.is_some() { 32 } else { 20 };
+    let hl = 20 + th;
+    let plen = body(&mut out[hl..]);
+    let total = hl + plen;
     let o = &mut out[..total];
-    o[..40].fill(0);
+    o[..hl].fill(0);
     o[0] = 0x45;
     o[2..4].copy_from_slice(&(total as u16).to_be_bytes());
     o[6] = 0x40; // DF
@@ -638,14 +651,19 @@ pub fn build_tcp(out: &mut [u8], seg: TcpSegment, body: impl FnOnce(&mut [u8]) -
     let c = crate::checksum::checksum(&o[..20]);
     o[10..12].copy_from_slice(&c.to_be_bytes());
     {
-        let t = &mut o[20..40];
+        let t = &mut o[20..hl];
         t[0..2].copy_from_slice(&seg.sport.to_be_bytes());
         t[2..4].copy_from_slice(&seg.dport.to_be_bytes());
         t[4..8].copy_from_slice(&seg.seq.to_be_bytes());
         t[8..12].copy_from_slice(&seg.ack.to_be_bytes());
-        t[12] = 5 << 4;
+        t[12] = ((th / 4) as u8) << 4;
         t[13] = seg.flags;
         t[14..16].copy_from_slice(&seg.window.to_be_bytes());
+        if let Some((val, ecr)) = seg.ts {
+            t[20..24].copy_from_slice(&[1, 1, 8, 10]);
+            t[24..28].copy_from_slice(&val.to_be_bytes());
+            t[28..32].copy_from_slice(&ecr.to_be_bytes());
+        }
     }
     // The pseudo-header's sum, then the segment's.
     let mut sum = crate::checksum::sum(&o[12..20]);
@@ -654,6 +672,72 @@ pub fn build_tcp(out: &mut [u8], seg: TcpSegment, body: impl FnOnce(&mut [u8]) -
     let c = !crate::checksum::fold(sum);
     o[36..38].copy_from_slice(&c.to_be_bytes());
     total
+}
+
+/// Drops the data of the TCP segment in IPv4 packet `buf` (header of
+/// `ihl` bytes, already validated): the total length shrinks to the
+/// headers, the IP checksum is corrected and the TCP one recomputed (with
+/// `partial`, the field gets the pseudo-header sum a device completes).
+/// The packet is then `packet_len(buf)` bytes long.
+pub fn strip_tcp_payload(buf: &mut [u8], ihl: usize, partial: bool) {
+    let th = usize::from(buf[ihl + 12] >> 4) * 4;
+    let total = ihl + th;
+    let old = be16(buf, field::LENGTH);
+    put16(buf, field::LENGTH, total as u16);
+    let mut d = Delta::default();
+    d.word(old, total as u16);
+    let c = d.apply(be16(buf, field::CHECKSUM));
+    put16(buf, field::CHECKSUM, c);
+    let mut pseudo = crate::checksum::sum(&buf[field::SRC.start..field::DST.end]);
+    pseudo += u64::from(proto::TCP) + th as u64;
+    let at = ihl + 16;
+    if partial {
+        put16(buf, at..at + 2, crate::checksum::fold(pseudo));
+    } else {
+        put16(buf, at..at + 2, 0);
+        let c = !crate::checksum::fold(pseudo + crate::checksum::sum(&buf[ihl..total]));
+        put16(buf, at..at + 2, c);
+    }
+}
+
+/// The timestamps option of a TCP header `l4` (value, echo reply), if it
+/// carries one (RFC 7323 §3; the option walk stops at anything malformed).
+pub fn tcp_timestamps(l4: &[u8]) -> Option<(u32, u32)> {
+    let end = (usize::from(*l4.get(12)? >> 4) * 4).min(l4.len());
+    let mut i = 20;
+    while i < end {
+        match l4[i] {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(*l4.get(i + 1)?);
+                if len < 2 || i + len > end {
+                    return None;
+                }
+                if kind == 8 && len == 10 {
+                    return Some((be32(l4, i + 2..i + 6), be32(l4, i + 6..i + 10)));
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
+/// The length of the IPv4 packet at the start of `buf`: its header's total
+/// length when that is shorter than what was read (Ethernet padding or
+/// other trailing bytes, which Linux's `ip_rcv` trims too), else all of
+/// `buf` (a total length past what was read is left for validation to
+/// call malformed). A GSO super-packet's total length is its header's.
+#[inline]
+pub fn packet_len(buf: &[u8]) -> usize {
+    if buf.len() >= field::HEADER_MIN && buf[0] >> 4 == 4 {
+        let total = usize::from(be16(buf, field::LENGTH));
+        if total >= field::HEADER_MIN && total < buf.len() {
+            return total;
+        }
+    }
+    buf.len()
 }
 
 /// A source no router forwards from (RFC 1812 5.3.7): "this network"

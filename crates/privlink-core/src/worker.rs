@@ -15,7 +15,7 @@ use crate::engine::Engine;
 use crate::frag::Fragments;
 use crate::outbox::{parse_vnet_hdr, Outbox, STAGE_MAX};
 use crate::snapshot::Snapshot;
-use crate::translate::{release, Ctx, Dir, IcmpLimiter};
+use crate::translate::{release, Ctx, Dir, Extra, IcmpLimiter};
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Source, Verdict};
 use arc_swap::{ArcSwap, Cache};
 use std::sync::Arc;
@@ -30,7 +30,7 @@ pub struct Worker {
     cache: Cache<Arc<ArcSwap<Snapshot>>, Arc<Snapshot>>,
     reply: [u8; REPLY_MAX],
     /// A packet made besides the one forwarded (in `reply`).
-    extra: Option<(Egress, usize)>,
+    extra: Option<Extra>,
     icmp: IcmpLimiter,
     frags: Fragments,
 }
@@ -67,10 +67,12 @@ impl Worker {
     /// translated (a PROXY header segment toward the backend), once; the
     /// caller takes it before the next call (`handle` always does).
     pub fn take_extra(&mut self) -> Option<(Egress, &[u8])> {
-        self.extra.take().map(|(to, n)| (to, &self.reply[..n]))
+        self.extra.take().map(|x| (x.to, &self.reply[..x.len]))
     }
 
-    /// Translates `buf` in place and says what to do with it.
+    /// Translates `buf` in place and says what to do with it. The packet is
+    /// `buf[..wire::packet_len(buf)]` (bytes past an IPv4 header's total
+    /// length are trimmed, as Linux's input path does) both before and after.
     #[inline]
     pub fn process(&mut self, buf: &mut [u8], src: Source, now: Now) -> Verdict {
         self.process_offload(buf, src, now, Offload::default())
@@ -87,7 +89,8 @@ impl Worker {
             Source::Network(n) => Dir::In(n),
             Source::Provider => Dir::Out,
         };
-        let v = cx.translate(buf, dir);
+        let n = crate::wire::packet_len(buf);
+        let v = cx.translate(&mut buf[..n], dir);
         let mut gave_up: [(u16, u64); 4] = [(0, 0); 4];
         let mut n = 0;
         cx.frags.take_dropped(|net, count| {
@@ -146,7 +149,14 @@ impl Worker {
         let (head, pkt) = out.read_parts(len);
         let off = if hdr > 0 { parse_vnet_hdr(head) } else { Offload::default() };
         let verdict = self.process_offload(pkt, src, now, off);
+        // What leaves is the packet its IP header describes: trailing bytes
+        // trimmed, a stripped payload gone.
+        let len = hdr + crate::wire::packet_len(out.read_parts(len).1);
         out.clear_data_valid();
+        let extra = self.extra.take();
+        if let Some(x) = extra.filter(|x| x.before) {
+            out.write_made(x.to, &self.reply[..x.len]);
+        }
         match verdict {
             Verdict::Forward(to) if hdr > 0 && off.gso_size == 0 && len - hdr <= STAGE_MAX => {
                 out.stage_read(to, len, off.csum_partial)
@@ -162,8 +172,8 @@ impl Worker {
             }
             Verdict::Drop(_) | Verdict::Held => {}
         }
-        if let Some((to, n)) = self.extra.take() {
-            out.write_made(to, &self.reply[..n]);
+        if let Some(x) = extra.filter(|x| !x.before) {
+            out.write_made(x.to, &self.reply[..x.len]);
         }
         // Fragments held for a first fragment that just came, whatever
         // became of that first fragment (staged or written).

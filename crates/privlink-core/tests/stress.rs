@@ -167,7 +167,8 @@ fn round_trip(w: &mut Worker, f: u16, now: Now, t: &Tally) {
 fn concurrent_reuse_never_sends_a_packet_with_another_flows_tuple() {
     let secs: u64 = std::env::var("PRIVLINK_STRESS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
     let timeouts = Timeouts { udp: 2, ..Timeouts::default() };
-    let settings = Settings { workers: TRANSLATORS + 1, max_flows: TABLE, timeouts, icmp_rate: 100, event_queue: 0 };
+    let settings =
+        Settings { workers: TRANSLATORS + 1, max_flows: TABLE, timeouts, icmp_rate: 100, event_queue: 0, seed: 0 };
     let engine = Engine::new(settings);
     let approved = ConnectionState::Approved;
     engine.apply(&desired(approved, approved), Now(0)).expect("config");

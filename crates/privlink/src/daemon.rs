@@ -170,6 +170,7 @@ impl Daemon {
             timeouts: config.dataplane.timeouts,
             icmp_rate: 100,
             event_queue: if config.flow_logs.collector.is_some() { config.flow_logs.queue } else { 0 },
+            seed: 0,
         };
         let (lock, successor) = if takeover {
             let (s, fd) = Successor::request(&config.state_dir)?;

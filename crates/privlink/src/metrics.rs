@@ -25,10 +25,13 @@ pub fn install() -> Result<PrometheusHandle> {
         "IP bytes through an endpoint; direction in = consumer to service, out = service to consumer."
     );
     describe_counter!("privlink_endpoint_packets_total", "Packets through an endpoint, by direction.");
-    describe_gauge!("privlink_endpoint_flows_active", "Live flows of an endpoint.");
+    describe_gauge!(
+        "privlink_endpoint_flows_active",
+        "Open flows of an endpoint (what max_flows bounds; a closed TCP flow no longer counts)."
+    );
     describe_gauge!(
         "privlink_endpoint_nat_ports_in_use",
-        "NAT ports an endpoint holds from its service's pools (one per live flow): who is eating a pool."
+        "NAT ports an endpoint holds from its service's pools (one per live flow, open or closed but not yet ended): who is eating a pool."
     );
     describe_counter!("privlink_endpoint_flows_created_total", "Flows an endpoint has created.");
     describe_counter!("privlink_service_bytes_total", "IP bytes through all endpoints of a service, by direction.");
@@ -135,7 +138,7 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
         gauge!("privlink_endpoint_flows_active", "endpoint" => s.name.clone())
             .set(s.flows_active.load(Ordering::Relaxed) as f64);
         gauge!("privlink_endpoint_nat_ports_in_use", "endpoint" => s.name.clone(), "service" => s.service_name.clone())
-            .set(s.flows_active.load(Ordering::Relaxed) as f64);
+            .set(s.ports_in_use() as f64);
         counter!("privlink_endpoint_flows_created_total", "endpoint" => s.name.clone())
             .absolute(s.flows_created.load(Ordering::Relaxed));
         let state = s.state();

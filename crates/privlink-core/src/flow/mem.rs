@@ -88,7 +88,7 @@ impl<T> Arr<T> {
 /// What identifies a region's layout; checked before a table is attached.
 pub const MAGIC: [u8; 8] = *b"PRVLFLOW";
 /// Bumped whenever the slot format, the layout or the index hash changes.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// The first bytes of a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

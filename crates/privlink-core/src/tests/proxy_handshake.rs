@@ -1,0 +1,134 @@
+//! PROXY v2 and the TCP handshake: the header segment follows the
+//! consumer's completed handshake, looks like the consumer's next segment,
+//! comes before any data (TCP Fast Open's included) and survives the loss
+//! of any one handshake segment.
+
+use super::*;
+
+fn proxy_engine() -> (Arc<Engine>, Worker) {
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.services[0].proxy = Some(ProxyTlv::None);
+    engine_with(small(), &d)
+}
+
+const A: Source = Source::Network(NET_A);
+
+/// A SYN carrying `data` (TCP Fast Open) with the timestamps option.
+fn syn_with(seq: u32, data: &[u8]) -> Vec<u8> {
+    let b = PacketBuilder::ipv4(CLIENT, EP, 64)
+        .tcp(40000, 80, seq, 65535)
+        .syn()
+        .options(&[etherparse::TcpOptionElement::Timestamp(10, 0)])
+        .expect("options");
+    let mut v = Vec::new();
+    b.write(&mut v, data).expect("build");
+    v
+}
+
+fn synack(nport: u16) -> Vec<u8> {
+    tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, true, 5000, Some(1001), b"")
+}
+
+#[test]
+fn fast_open_data_in_the_syn_is_dropped_and_follows_the_header() {
+    let (_e, mut w) = proxy_engine();
+    let mut out = Outbox::new(true);
+    // The SYN with 13 bytes of data reaches the backend without them.
+    handle(&mut w, &mut out, &syn_with(1000, b"hello, world!"), A, Now(1));
+    w.end_batch(&mut out);
+    let sent = drain(&mut out);
+    let syn = match &sent[..] {
+        [Sent::One(Egress::Provider, b)] => b[10..].to_vec(),
+        [Sent::Coalesced(Egress::Provider, bufs)] => bufs[0][10..].to_vec(),
+        other => panic!("{other:?}"),
+    };
+    let (seq, _, payload) = tcp_fields(&syn);
+    assert_eq!((seq, payload.len()), (1000, 0), "the SYN's data stays with the consumer");
+    assert_eq!(tcp_window_ts(&syn).1, Some((10, 0)), "options kept");
+    let nport = inspect(&syn).1;
+    // The backend acknowledges only the SYN; the consumer sends the data
+    // again with its ACK: the header goes first, then the data, moved up.
+    let mut p = synack(nport);
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    assert!(w.take_extra().is_none());
+    let data = tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 600, (11, 99), b"hello, world!");
+    handle(&mut w, &mut out, &data, A, Now(1));
+    w.end_batch(&mut out);
+    let order: Vec<(u32, usize)> = drain(&mut out)
+        .into_iter()
+        .flat_map(|s| match s {
+            Sent::One(_, b) => vec![b],
+            Sent::Coalesced(_, bufs) => bufs,
+        })
+        .map(|b| {
+            let (seq, _, p) = tcp_fields(&b[10..]);
+            (seq, p.len())
+        })
+        .collect();
+    assert_eq!(order, vec![(1001, 28), (1029, 13)], "header (28 bytes) first, then the data once");
+}
+
+#[test]
+fn a_bare_ack_completes_the_handshake_unshifted_and_the_header_follows_it() {
+    let (_e, mut w) = proxy_engine();
+    let mut out = Outbox::new(true);
+    let mut syn = syn_with(1000, b"");
+    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
+    let mut p = synack(inspect(&syn).1);
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    handle(&mut w, &mut out, &tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 700, (12, 98), b""), A, Now(1));
+    w.end_batch(&mut out);
+    let pkts: Vec<Vec<u8>> = drain(&mut out)
+        .into_iter()
+        .flat_map(|s| match s {
+            Sent::One(_, b) => vec![b],
+            Sent::Coalesced(_, bufs) => bufs,
+        })
+        .map(|b| b[10..].to_vec())
+        .collect();
+    assert_eq!(pkts.len(), 2);
+    // The ACK first, at the consumer's own numbers (a SYN-cookie backend
+    // rebuilds the consumer's ISN from it), then the header segment with
+    // the same acknowledgement, window and timestamps.
+    assert_eq!((tcp_fields(&pkts[0]).0, tcp_fields(&pkts[0]).2.len()), (1001, 0));
+    let (seq, ack, payload) = tcp_fields(&pkts[1]);
+    assert_eq!((seq, ack, payload.len()), (1001, 5001, 28));
+    assert_eq!(tcp_window_ts(&pkts[1]), (700, Some((12, 98))));
+    // Later bare ACKs are moved past the header.
+    let mut p = tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 700, (13, 98), b"");
+    assert!(matches!(w.process(&mut p, A, Now(1)), Verdict::Forward(_)));
+    assert_eq!(tcp_fields(&p).0, 1029);
+    assert!(w.take_extra().is_none());
+}
+
+#[test]
+fn a_lost_syn_ack_leaves_the_handshake_to_the_endpoints() {
+    let (e, mut w) = proxy_engine();
+    let mut syn = syn_with(1000, b"");
+    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
+    let nport = inspect(&syn).1;
+    // The SYN-ACK passes privlink and is lost on the way to the consumer:
+    // nothing has been sent to the backend in the consumer's name.
+    let mut p = synack(nport);
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    assert!(w.take_extra().is_none());
+    assert_eq!(e.proxy_resends(|_| {}), 0, "no header to resend before the consumer's handshake");
+    // The consumer's retransmitted SYN reaches the backend as a SYN (which
+    // answers it with its SYN-ACK again).
+    let mut again = syn_with(1000, b"");
+    assert_eq!(w.process(&mut again, A, Now(2)), Verdict::Forward(Egress::Provider));
+    assert_eq!(tcp_fields(&again).0, 1000);
+    assert!(w.take_extra().is_none());
+    let mut p = synack(nport);
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(2)), Verdict::Forward(_)));
+    let mut ack = tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 700, (12, 98), b"");
+    assert!(matches!(w.process(&mut ack, A, Now(2)), Verdict::Forward(_)));
+    let (_, hdr) = w.take_extra().expect("header after the completed handshake");
+    assert_eq!(tcp_fields(hdr).0, 1001);
+    // A lost header: the backend's ACK of the consumer's ISN brings it again.
+    let mut p = tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, false, 5001, Some(1001), b"");
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(3)), Verdict::Forward(_)));
+    let (_, hdr) = w.take_extra().expect("header again");
+    assert_eq!(tcp_window_ts(hdr), (700, Some((12, 98))));
+    assert_eq!(e.proxy_resends(|_| {}), 1);
+}
