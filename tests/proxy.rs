@@ -56,6 +56,36 @@ auto_approve = ["*"]
 proxy_protocol = "v2"
 proxy_tlv = "azure"
 
+[[service]]
+name = "pp-cookie"
+nat_ips = ["192.168.100.25"]
+backends = ["192.168.50.10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9006 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+
+[[service]]
+name = "pp-hs"
+nat_ips = ["192.168.100.26"]
+backends = ["192.168.50.10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9007 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+
+[[endpoint]]
+name = "pe-cookie"
+network = "vnet-a"
+ip = "10.1.0.25"
+service = "pp-cookie"
+
+[[endpoint]]
+name = "pe-hs"
+network = "vnet-a"
+ip = "10.1.0.26"
+service = "pp-hs"
+
 [[endpoint]]
 name = "pe-azure-a"
 network = "vnet-a"
@@ -135,9 +165,11 @@ fn parse_v2(s: &mut TcpStream) -> Result<String, String> {
 }
 
 /// The strict backend on `port`: greets with what the header said as soon
-/// as it has read it (a server-first protocol), then echoes.
+/// as it has read it (a server-first protocol), then echoes. Its listener
+/// accepts TCP Fast Open data where the namespace's sysctl allows it.
 fn strict_backend(ns: &str, port: u16) {
     let l: TcpListener = within(ns, move || Ok(TcpListener::bind((BACKEND_ORDERS, port))?)).expect("listen");
+    set_fastopen(&l);
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
             std::thread::spawn(move || {
@@ -154,6 +186,54 @@ fn strict_backend(ns: &str, port: u16) {
             });
         }
     });
+}
+
+fn set_fastopen(l: &TcpListener) {
+    use std::os::fd::AsRawFd;
+    let qlen: libc::c_int = 16;
+    // SAFETY: setsockopt reads an int from a pointer valid for its size.
+    let r = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&qlen as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "TCP_FASTOPEN");
+}
+
+/// Sets a sysctl inside namespace `ns`.
+fn sysctl(ns: &str, kv: &str) {
+    let out = Command::new("ip").args(["netns", "exec", ns, "sysctl", "-qw", kv]).output().expect("sysctl");
+    assert!(out.status.success(), "{kv}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A TcpExt counter of namespace `ns` (/proc/net/netstat).
+fn tcp_ext(ns: &str, name: &str) -> u64 {
+    let out = Command::new("ip").args(["netns", "exec", ns, "cat", "/proc/net/netstat"]).output().expect("netstat");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next().unwrap_or_default(), lines.next().unwrap_or_default());
+    names.split_whitespace().zip(values.split_whitespace()).find(|(n, _)| *n == name).and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+}
+
+/// Loads an nftables ruleset into namespace `ns`.
+fn nft(ns: &str, rules: &str) {
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (apt-get install nftables)");
+    nft.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules");
+    assert!(nft.wait().expect("nft").success(), "{rules}");
+}
+
+/// `nft list table inet NAME` in namespace `ns`.
+fn nft_list(ns: &str, table: &str) -> String {
+    let out = Command::new("ip").args(["netns", "exec", ns, "nft", "list", "table", "inet", table]).output();
+    String::from_utf8_lossy(&out.expect("nft list").stdout).to_string()
 }
 
 /// Link ids by endpoint, as `privlink connections --json` shows them.
@@ -213,21 +293,18 @@ fn a_strict_backend_reads_each_clouds_header_before_anything_and_speaks_first() 
 fn the_header_reaches_the_backend_when_its_segment_is_lost_once() {
     let Some(bed) = Bed::running("pplost", Opts { extra: PP, ..Opts::default() }) else { return };
     strict_backend(&bed.prov, 9004);
-    // Drops the first 76-byte segment (20 IP + 20 TCP + 36 header) of each
+    // Drops the first 88-byte segment (20 IP + 32 TCP with timestamps, as
+    // the consumer's own segments carry them, + 36 header) of each
     // connection to port 9004, as it enters the provider namespace.
-    let rules = "table inet pllost {
+    nft(
+        &bed.prov,
+        "table inet pllost {
   set seen { type ipv4_addr . inet_service; flags dynamic; }
   chain pre { type filter hook prerouting priority -300;
-    tcp dport 9004 ip length 76 ip saddr . tcp sport != @seen add @seen { ip saddr . tcp sport } counter drop
+    tcp dport 9004 ip length 88 ip saddr . tcp sport != @seen add @seen { ip saddr . tcp sport } counter drop
   }
-}";
-    let mut nft = Command::new("ip")
-        .args(["netns", "exec", &bed.prov, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft (apt-get install nftables)");
-    nft.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules");
-    assert!(nft.wait().expect("nft").success());
+}",
+    );
     let ip: Ipv4Addr = "10.1.0.24".parse().expect("ip");
     // Server-first and the header lost: only privlink's own resend can
     // unblock it.
@@ -241,9 +318,139 @@ fn the_header_reaches_the_backend_when_its_segment_is_lost_once() {
     s.write_all(b"early\n").expect("write");
     assert!(line(&mut s).starts_with("pp src="));
     assert_eq!(line(&mut s), "early");
-    let out = Command::new("ip").args(["netns", "exec", &bed.prov, "nft", "list", "table", "inet", "pllost"]).output();
-    let text = String::from_utf8_lossy(&out.expect("nft list").stdout).to_string();
+    let text = nft_list(&bed.prov, "pllost");
     assert!(text.contains("packets 2 "), "both connections lost their first header segment: {text}");
+}
+
+#[test]
+fn tcp_fast_open_data_reaches_the_backend_once_after_the_header() {
+    let Some(bed) = Bed::running("pptfo", Opts { extra: PP, ..Opts::default() }) else { return };
+    // The consumer sends data in its SYN without a cookie; the backend
+    // takes SYN data without one too.
+    sysctl(&bed.a, "net.ipv4.tcp_fastopen=5");
+    sysctl(&bed.prov, "net.ipv4.tcp_fastopen=515");
+    strict_backend(&bed.prov, 9001);
+    let ip: Ipv4Addr = "10.1.0.21".parse().expect("ip");
+    // Active counts SYN data the peer acknowledged, ActiveFail SYN data it
+    // did not (sent again after the handshake): either way, data went in
+    // the SYN.
+    let tfo = |ns: &str| tcp_ext(ns, "TCPFastOpenActive") + tcp_ext(ns, "TCPFastOpenActiveFail");
+    let before = tfo(&bed.a);
+    let mut s: TcpStream = within(&bed.a, move || {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket calls on a descriptor made here and handed
+        // to a TcpStream, which owns it from then on.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+            anyhow::ensure!(fd >= 0, "socket");
+            let s = TcpStream::from_raw_fd(fd);
+            let sa = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: 80u16.to_be(),
+                sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+                sin_zero: [0; 8],
+            };
+            let msg = b"hello, world\n";
+            let n = libc::sendto(
+                fd,
+                msg.as_ptr().cast(),
+                msg.len(),
+                libc::MSG_FASTOPEN,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            anyhow::ensure!(n == msg.len() as isize, "sendto MSG_FASTOPEN: {}", std::io::Error::last_os_error());
+            Ok(s)
+        }
+    })
+    .expect("a Fast Open connection");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let port = s.local_addr().expect("local").port();
+    let g = line(&mut s);
+    assert!(g.starts_with(&format!("pp src={CLIENT}:{port} dst=10.1.0.21:80 tlv=azure:")), "{g}");
+    assert_eq!(line(&mut s), "hello, world", "the SYN's data, once, after the header");
+    assert!(tfo(&bed.a) > before, "the consumer did put its data in the SYN");
+    s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    let mut more = [0u8; 64];
+    assert!(s.read(&mut more).is_err(), "nothing after the echo: the data came once");
+}
+
+#[test]
+fn a_syn_cookie_backend_keeps_window_scaling_and_timestamps() {
+    let Some(bed) = Bed::running("ppcookie", Opts { extra: PP, ..Opts::default() }) else { return };
+    sysctl(&bed.prov, "net.ipv4.tcp_syncookies=2");
+    // The backend answers every SYN with a cookie, reads the header, then
+    // sends 20 MB and closes.
+    let l: TcpListener = within(&bed.prov, || Ok(TcpListener::bind((BACKEND_ORDERS, 9006))?)).expect("listen");
+    let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
+    let want = fnv(&data, FNV_INIT);
+    std::thread::spawn(move || {
+        if let Some(Ok(mut c)) = l.incoming().next() {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(20)));
+            let g = parse_v2(&mut c).unwrap_or_else(|e| format!("bad header: {e}"));
+            let _ = c.write_all(format!("{g}\n").as_bytes());
+            let _ = c.write_all(&data);
+        }
+    });
+    let cookies = tcp_ext(&bed.prov, "SyncookiesSent");
+    let ip: Ipv4Addr = "10.1.0.25".parse().expect("ip");
+    let mut s = connect(&bed.a, ip, 80, 3 * SEC).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let t = std::time::Instant::now();
+    assert!(line(&mut s).starts_with("pp src="));
+    let mut got = Vec::new();
+    let r = s.read_to_end(&mut got);
+    assert!(
+        r.is_ok() && got.len() == 20 << 20,
+        "20 MB in {:?}: got {} bytes ({r:?})",
+        t.elapsed(),
+        got.len()
+    );
+    assert_eq!(fnv(&got, FNV_INIT), want);
+    assert!(tcp_ext(&bed.prov, "SyncookiesSent") > cookies, "the backend did answer with a SYN cookie");
+    assert!(tcp_ext(&bed.prov, "SyncookiesRecv") > 0, "and validated it");
+}
+
+#[test]
+fn a_lost_syn_ack_or_ack_does_not_stop_the_handshake() {
+    let Some(bed) = Bed::running("pphs", Opts { extra: PP, ..Opts::default() }) else { return };
+    strict_backend(&bed.prov, 9007);
+    let ip: Ipv4Addr = "10.1.0.26".parse().expect("ip");
+    // The endpoint's first SYN-ACK of each connection lost on its way into
+    // the consumer's namespace.
+    nft(
+        &bed.a,
+        "table inet plsynack {
+  set seen { type inet_service; flags dynamic; }
+  chain pre { type filter hook prerouting priority -300;
+    ip saddr 10.1.0.26 tcp sport 80 tcp flags & (syn | ack) == syn | ack tcp dport != @seen add @seen { tcp dport } counter drop
+  }
+}",
+    );
+    let (g, port, mut s) = greeting(&bed.a, ip);
+    assert!(g.starts_with(&format!("pp src={CLIENT}:{port} dst=10.1.0.26:80")), "{g}");
+    s.write_all(b"after a lost SYN-ACK\n").expect("write");
+    assert_eq!(line(&mut s), "after a lost SYN-ACK");
+    assert!(nft_list(&bed.a, "plsynack").contains("packets 1 "), "a SYN-ACK was lost");
+    drop(s);
+    std::thread::sleep(SEC);
+    // The consumer's ACK lost on its way into the provider's namespace: the
+    // header segment completes the backend's handshake.
+    nft(
+        &bed.prov,
+        "table inet plack {
+  set seen { type inet_service; flags dynamic; }
+  chain pre { type filter hook prerouting priority -300;
+    tcp dport 9007 tcp flags == ack ip length 52 tcp sport != @seen add @seen { tcp sport } counter drop
+  }
+}",
+    );
+    let (g, port, mut s) = greeting(&bed.a, ip);
+    assert!(g.starts_with(&format!("pp src={CLIENT}:{port} dst=10.1.0.26:80")), "{g}");
+    s.write_all(b"after a lost ACK\n").expect("write");
+    assert_eq!(line(&mut s), "after a lost ACK");
+    let t = nft_list(&bed.prov, "plack");
+    assert!(t.contains("packets 1 "), "the consumer's ACK was lost: {t}");
 }
 
 #[test]

@@ -475,3 +475,30 @@ pub fn connect_from(ns: &str, sport: u16, addr: Ipv4Addr, port: u16) -> anyhow::
         Ok(s.into())
     })
 }
+
+/// Runs `tests/tools/rawpkt.py` with `args` inside namespace `ns` (raw
+/// packets no socket sends: padding, a RST at a chosen sequence number);
+/// returns the child with its stdout piped.
+pub fn rawpkt(ns: &str, args: &[&str]) -> Child {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/tools/rawpkt.py");
+    Command::new("ip")
+        .args(["netns", "exec", ns, "python3", script])
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3")
+}
+
+/// The output of a finished [`rawpkt`] run.
+pub fn rawpkt_done(c: Child) -> String {
+    let out = c.wait_with_output().expect("rawpkt");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The config of `bed` with `line` added to endpoint `pe-a`.
+pub fn with_pe_a(bed: &Bed, opts: &Opts, line: &str) -> String {
+    bed.config_text(opts, "").replace(
+        &format!("name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\n"),
+        &format!("name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\n{line}\n"),
+    )
+}
