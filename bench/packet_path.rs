@@ -1,7 +1,9 @@
 //! Criterion benches of the in-memory packet path (no I/O):
 //! established translation both ways at 1k and 1M flows (on the heap, and
 //! at 1M also in a shared memory mapping as the daemon keeps its table),
-//! new flow setup plus teardown, and NAT port allocate plus free. Run:
+//! established TCP both ways at 1k flows (data segments with advancing
+//! sequence numbers, which TCP tracking follows), new flow setup plus
+//! teardown, and NAT port allocate plus free. Run:
 //! `cargo bench -p privlink-core --bench packet_path`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -158,6 +160,71 @@ fn established(c: &mut Criterion) {
     g.finish();
 }
 
+/// A TCP segment with valid checksums (etherparse builds it).
+#[allow(clippy::too_many_arguments)]
+fn tcp(src: u32, sport: u16, dst: u32, dport: u16, seq: u32, ack: u32, flags: &str, data: usize) -> Vec<u8> {
+    let mut b = etherparse::PacketBuilder::ipv4(src.to_be_bytes(), dst.to_be_bytes(), 64).tcp(sport, dport, seq, 65535);
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('A') {
+        b = b.ack(ack);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, &vec![0u8; data]).expect("tcp");
+    v
+}
+
+fn established_tcp(c: &mut Criterion) {
+    let mut g = c.benchmark_group("established");
+    g.throughput(Throughput::Elements(2));
+    let n = 1_000u32;
+    let mut d = desired();
+    d.services[0].ports = vec![PortRule { protocol: Protocol::Tcp, port: 53, backend_port: 53 }];
+    let e = Engine::new(Settings { max_flows: n + 1024, ..Settings::default() });
+    e.apply(&d, Now(0)).expect("config");
+    let mut w = e.worker(0);
+    let ends = |p: &[u8]| {
+        let g = |a: usize| u32::from_be_bytes([p[a], p[a + 1], p[a + 2], p[a + 3]]);
+        (g(12), u16::from_be_bytes([p[20], p[21]]), g(16), u16::from_be_bytes([p[22], p[23]]))
+    };
+    let a = Source::Network(NetworkId(0));
+    let mut flows = Vec::new();
+    for i in 0..n {
+        let (addr, port) = consumer(i);
+        let mut t = tcp(addr, port, EP, 53, 1000, 0, "S", 0);
+        assert_eq!(w.process(&mut t, a, Now(0)), Verdict::Forward(Egress::Provider));
+        let (nat, np, be, bp) = ends(&t);
+        w.process(&mut tcp(be, bp, nat, np, 5000, 1001, "SA", 0), Source::Provider, Now(0));
+        w.process(&mut tcp(addr, port, EP, 53, 1001, 5001, "A", 0), a, Now(0));
+        flows.push((addr, port, nat, np, be, bp));
+    }
+    // 16 rounds of one 10-byte segment each way per flow, scattered.
+    let (mut ups, mut downs) = (Vec::new(), Vec::new());
+    for r in 0..16u32 {
+        for i in (0..n as usize).map(|i| (i * 7_919) % n as usize) {
+            let (addr, port, nat, np, be, bp) = flows[i];
+            ups.push(tcp(addr, port, EP, 53, 1001 + r * 10, 5001 + r * 10, "A", 10));
+            downs.push(tcp(be, bp, nat, np, 5001 + r * 10, 1011 + r * 10, "A", 10));
+        }
+    }
+    g.bench_function(BenchmarkId::new("tcp_both_directions", n), |b| {
+        let mut i = 0usize;
+        let mut buf = [0u8; 64];
+        b.iter(|| {
+            i = if i + 1 == ups.len() { 0 } else { i + 1 };
+            let k = ups[i].len();
+            buf[..k].copy_from_slice(&ups[i]);
+            let v1 = w.process(&mut buf[..k], a, Now(1));
+            let k = downs[i].len();
+            buf[..k].copy_from_slice(&downs[i]);
+            let v2 = w.process(&mut buf[..k], Source::Provider, Now(1));
+            black_box((v1, v2, buf))
+        })
+    });
+    g.finish();
+}
+
 fn setup_teardown(c: &mut Criterion) {
     let mut g = c.benchmark_group("new_flow");
     const BATCH: u32 = 10_000;
@@ -211,6 +278,6 @@ fn ports(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = established, setup_teardown, ports
+    targets = established, established_tcp, setup_teardown, ports
 }
 criterion_main!(benches);

@@ -76,7 +76,8 @@ fn a_rst_the_endpoints_ignore_does_not_end_the_connection() {
     // A RST 1000 past the next sequence number from each side, in the
     // window: both Linux endpoints answer with a challenge ACK and carry on
     // (RFC 5961 §3.2).
-    let (ep, client, be, nat) = (EP.to_string(), CLIENT.to_string(), BACKEND_ORDERS.to_string(), NAT_ORDERS.to_string());
+    let (ep, client, be, nat) =
+        (EP.to_string(), CLIENT.to_string(), BACKEND_ORDERS.to_string(), NAT_ORDERS.to_string());
     let mut from_consumer = rawpkt(&bed.a, &["rst", "pla0", &client, &sport, &ep, "7", "1000"]);
     let mut from_backend = rawpkt(&bed.prov, &["rst", "plp0", &be, "8007", &nat, "0", "1000"]);
     for c in [&mut from_consumer, &mut from_backend] {
@@ -103,7 +104,8 @@ fn padded_packets_are_trimmed_and_cross_both_ways() {
     let Some(bed) = Bed::running("pad", Opts::default()) else { return };
     let sock: UdpSocket = within(&bed.a, || Ok(UdpSocket::bind((CLIENT, 40053))?)).expect("bind");
     sock.set_read_timeout(Some(3 * SEC)).expect("timeout");
-    let (ep, client, be, nat) = (EP.to_string(), CLIENT.to_string(), BACKEND_ORDERS.to_string(), NAT_ORDERS.to_string());
+    let (ep, client, be, nat) =
+        (EP.to_string(), CLIENT.to_string(), BACKEND_ORDERS.to_string(), NAT_ORDERS.to_string());
     // A 36-byte UDP datagram and 10 bytes of Ethernet padding.
     let out = rawpkt_done(rawpkt(&bed.a, &["udp", "pla0", &client, "40053", &ep, "53", "padded!!", "10"]));
     assert!(out.contains("sent udp 36 + 10"), "{out}");
@@ -111,7 +113,10 @@ fn padded_packets_are_trimmed_and_cross_both_ways() {
     let (n, from) = sock.recv_from(&mut buf).expect("the backend's answer to the padded datagram");
     let answer = String::from_utf8_lossy(&buf[..n]).to_string();
     assert_eq!(from.to_string(), format!("{EP}:53"));
-    assert!(answer.starts_with(&format!("svc=orders peer={NAT_ORDERS}:")) && answer.ends_with("data=padded!!"), "{answer}");
+    assert!(
+        answer.starts_with(&format!("svc=orders peer={NAT_ORDERS}:")) && answer.ends_with("data=padded!!"),
+        "{answer}"
+    );
     // The backend side pads too.
     let nport = answer.split(':').nth(1).and_then(|p| p.split(' ').next()).expect("NAT port").to_string();
     let out = rawpkt_done(rawpkt(&bed.prov, &["udp", "plp0", &be, "5353", &nat, &nport, "from the backend", "6"]));

@@ -56,13 +56,6 @@ pub(crate) enum TcpUpdate {
     Reopen,
 }
 
-/// The sequence numbers of a TCP segment that tracking reads.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Seqs {
-    pub seq: u32,
-    pub ack: u32,
-}
-
 #[inline]
 pub(crate) fn pure_syn(flags: u8) -> bool {
     flags & (tcp_flags::SYN | tcp_flags::ACK | tcp_flags::RST) == tcp_flags::SYN
@@ -71,8 +64,12 @@ pub(crate) fn pure_syn(flags: u8) -> bool {
 /// What a segment with `flags` from the consumer (`inbound`) or the
 /// provider does to flow `v`, whose sides have sent up to `next` =
 /// (consumer, provider) so far.
-#[inline]
-pub(crate) fn update(inbound: bool, flags: u8, s: Seqs, v: &FlowView, next: impl FnOnce() -> (u32, u32)) -> TcpUpdate {
+///
+/// `read` gives what deciding on a RST needs
+/// (its acknowledgement number and the flow's next sequence numbers, see
+/// [`rst_closes`]) only when there is one.
+#[inline(always)]
+pub(crate) fn update(inbound: bool, flags: u8, v: &FlowView, read: impl FnOnce() -> Rst) -> TcpUpdate {
     let (syn, fin, rst, ack) = (
         flags & tcp_flags::SYN != 0,
         flags & tcp_flags::FIN != 0,
@@ -80,7 +77,7 @@ pub(crate) fn update(inbound: bool, flags: u8, s: Seqs, v: &FlowView, next: impl
         flags & tcp_flags::ACK != 0,
     );
     if rst {
-        return if rst_closes(inbound, flags, s, v, next()) { TcpUpdate::Add(state::RST) } else { TcpUpdate::None };
+        return if rst_closes(inbound, flags, v, read()) { TcpUpdate::Add(state::RST) } else { TcpUpdate::None };
     }
     if inbound {
         if pure_syn(flags) && v.phase() == crate::flow::TcpPhase::Closed {
@@ -101,15 +98,27 @@ pub(crate) fn update(inbound: bool, flags: u8, s: Seqs, v: &FlowView, next: impl
     }
 }
 
+/// What deciding on a RST reads: its sequence and acknowledgement numbers,
+/// and the sequence numbers right after the highest each side of its flow
+/// sent (consumer, provider).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Rst {
+    pub seq: u32,
+    pub ack: u32,
+    pub next: (u32, u32),
+}
+
 /// Whether a RST ends the flow: it carries exactly the next sequence
 /// number of its sender (see the module docs).
-fn rst_closes(inbound: bool, flags: u8, s: Seqs, v: &FlowView, (next_c, next_p): (u32, u32)) -> bool {
+#[inline(never)]
+fn rst_closes(inbound: bool, flags: u8, v: &FlowView, r: Rst) -> bool {
+    let (next_c, next_p) = r.next;
     if inbound {
-        s.seq == next_c
+        r.seq == next_c
     } else if v.state & state::P_SYN != 0 {
-        s.seq == next_p
+        r.seq == next_p
     } else {
-        flags & tcp_flags::ACK != 0 && s.ack == next_c
+        flags & tcp_flags::ACK != 0 && r.ack == next_c
     }
 }
 

@@ -54,12 +54,15 @@
 //! (a miss, retried by the caller's next packet), rare.
 //!
 //! Memory: the fields a packet touches fill exactly one 64-byte cache line
-//! ([`FlowSlot`]); what only setup, teardown and a restart read (pool,
-//! creation time, the slot's check value, a PROXY flow's two initial
-//! sequence numbers) sits in a parallel 24-byte array. With both indexes
-//! sized to the next power of two of twice `max_flows`, the table costs 104
-//! to 120 bytes per flow (a Linux conntrack entry is about 300). Large tables ask the kernel
-//! for transparent huge pages, which spares the page walks a random lookup
+//! ([`FlowSlot`]: both keys, both chain links, the idle time, `meta`, the
+//! byte counts modulo 2^32 and, for TCP, how far each side's sequence
+//! numbers got); what only setup, teardown, a close, a restart or the
+//! listing reads (pool, creation time, the slot's check value, the byte
+//! counts' carries, what a PROXY flow's header segment repeats) sits in a
+//! parallel 40-byte array. With both indexes sized to the next power of two
+//! of twice `max_flows`, the table costs 120 to 136 bytes per flow (a Linux
+//! conntrack entry is about 300). Large tables ask the kernel for
+//! transparent huge pages, which spares the page walks a random lookup
 //! in a hundred megabytes would otherwise cost.
 
 use crate::sync::{fence, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
@@ -526,7 +529,6 @@ impl FlowTable {
 
     /// As [`new`](Self::new), with the index hash's keys given (a fixed
     /// [`Settings::seed`](crate::Settings::seed)).
-    #[cfg(not(loom))]
     pub fn with_keys(max_flows: u32, keys: [u64; 2]) -> FlowTable {
         let mut t = FlowTable::new(max_flows);
         t.keys = keys;
@@ -1072,9 +1074,10 @@ impl FlowTable {
     }
 
     /// TCP: notes that the consumer (`inbound`) or the provider sent up to
-    /// sequence number `end` (exclusive). A SYN sets it; anything else
-    /// raises it only (RFC 1982 serial order), so a retransmission or a
-    /// reordered segment leaves it.
+    /// sequence number `end` (exclusive): what a RST from that side must
+    /// carry to end the flow. A SYN sets it; anything else raises it only
+    /// (RFC 1982 serial order), so a retransmission or a reordered segment
+    /// leaves it.
     #[inline(always)]
     pub fn note_seq(&self, v: &FlowView, inbound: bool, end: u32, syn: bool) {
         let s = &self.slots[v.slot as usize];
@@ -1380,6 +1383,7 @@ mod tests {
     fn slot_size_within_budget() {
         assert_eq!(std::mem::size_of::<FlowSlot>(), 64);
         assert_eq!(std::mem::align_of::<FlowSlot>(), 64);
+        assert_eq!(std::mem::size_of::<Cold>(), 40);
         let t = FlowTable::new(1 << 16);
         assert!(t.bytes_per_flow() <= 128, "{}", t.bytes_per_flow());
     }

@@ -35,6 +35,9 @@ use std::sync::Mutex;
 /// Seconds a port freed by expiry is kept out of circulation.
 pub const QUARANTINE_SECS: u32 = 120;
 
+/// The closed queue's first bound for dropping repeated entries.
+const DEDUPE_MIN: usize = 4096;
+
 /// How many in-use ports to try for sharing before giving up.
 const OVERLOAD_TRIES: usize = 64;
 
@@ -46,6 +49,8 @@ struct Inner {
     quarantine: VecDeque<(u16, Now)>,
     /// Flows of this pool that closed, oldest first (see the module docs).
     closed: VecDeque<ClosedFlow>,
+    /// Queue length at which repeated entries are dropped.
+    dedupe_at: usize,
     rng: StdRng,
 }
 
@@ -84,6 +89,7 @@ impl PortPool {
                 users: vec![0; capacity as usize],
                 quarantine: VecDeque::new(),
                 closed: VecDeque::new(),
+                dedupe_at: DEDUPE_MIN,
                 rng: StdRng::seed_from_u64(seed),
             }),
         }
@@ -162,8 +168,21 @@ impl PortPool {
     }
 
     /// Queues a flow of this pool that closed (see the module docs).
+    ///
+    /// A flow that closes, opens again and closes again between two sweeps
+    /// queues itself each time: past a bound that doubles with what stays,
+    /// repeats of one (slot, generation) are dropped but the latest, so the
+    /// queue holds at most about twice the flows it names.
     pub fn note_closed(&self, c: ClosedFlow) {
-        self.lock().closed.push_back(c);
+        let mut g = self.lock();
+        g.closed.push_back(c);
+        if g.closed.len() >= g.dedupe_at {
+            let mut seen = std::collections::HashSet::with_capacity(g.closed.len());
+            let kept: VecDeque<ClosedFlow> =
+                g.closed.iter().rev().filter(|c| seen.insert((c.slot, c.gen))).copied().collect();
+            g.closed = kept.into_iter().rev().collect();
+            g.dedupe_at = (2 * g.closed.len()).max(DEDUPE_MIN);
+        }
     }
 
     /// When the oldest queued closed flow closed, if any is queued.
@@ -326,6 +345,19 @@ mod tests {
         assert_eq!(p.pop_closed().map(|c| c.slot), Some(3));
         assert_eq!(p.pop_closed().map(|c| c.slot), Some(2));
         assert_eq!(p.pop_closed(), None);
+    }
+
+    #[test]
+    fn a_flow_closing_again_and_again_does_not_grow_the_queue_without_bound() {
+        let p = PortPool::new(6000..=6001, 1);
+        for i in 0..100_000u32 {
+            p.note_closed(ClosedFlow { slot: i % 3, gen: 7, at: Now(i) });
+        }
+        let n = p.retain_closed(|_| true);
+        assert!(n < DEDUPE_MIN, "{n} entries for 3 flows");
+        // The latest of each stays, in order.
+        let last: Vec<u32> = std::iter::from_fn(|| p.pop_closed()).map(|c| c.at.0).collect();
+        assert_eq!(&last[last.len() - 3..], &[99_997, 99_998, 99_999]);
     }
 
     #[test]

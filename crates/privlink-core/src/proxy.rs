@@ -53,6 +53,18 @@ pub fn aws_endpoint_id(link_id: u64) -> String {
     format!("vpce-{link_id:017x}")
 }
 
+/// A connection's link id as its service's TLV carries it, which is what a
+/// backend logs: Azure's `linkIdentifier` is the low 32 bits in decimal,
+/// AWS's endpoint id `vpce-` and 17 hex digits, GCP's the 64-bit number;
+/// without a TLV (or without PROXY protocol), the whole id in decimal.
+pub fn link_id_shown(tlv: Option<ProxyTlv>, link_id: u64) -> String {
+    match tlv {
+        Some(ProxyTlv::Azure) => (link_id as u32).to_string(),
+        Some(ProxyTlv::Aws) => aws_endpoint_id(link_id),
+        Some(ProxyTlv::Gcp) | Some(ProxyTlv::None) | None => link_id.to_string(),
+    }
+}
+
 /// Writes the header (consumer `src:sport` as it sent them, endpoint
 /// `dst:dport`) into `out`; returns its length.
 pub fn write_header(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src: u32, sport: u16, dst: u32, dport: u16) -> usize {
@@ -87,9 +99,12 @@ pub fn write_header(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src: u32, sport
     n
 }
 
-#[inline]
+#[inline(always)]
 fn get32(l4: &[u8], at: usize) -> u32 {
-    u32::from_be_bytes([l4[at], l4[at + 1], l4[at + 2], l4[at + 3]])
+    match l4.get(at..at + 4) {
+        Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]),
+        _ => 0,
+    }
 }
 
 /// Writes `v` at `at` of a TCP header; unless the checksum is partial
@@ -111,13 +126,13 @@ fn put32(l4: &mut [u8], at: usize, v: u32, partial: bool) {
 }
 
 /// The sequence number of a TCP header.
-#[inline]
+#[inline(always)]
 pub fn seq(l4: &[u8]) -> u32 {
     get32(l4, 4)
 }
 
 /// The acknowledgement number of a TCP header.
-#[inline]
+#[inline(always)]
 pub fn ack(l4: &[u8]) -> u32 {
     get32(l4, 8)
 }
@@ -229,6 +244,22 @@ mod tests {
         for t in ProxyTlv::ALL {
             assert_eq!(write_header(&mut b, t, 1, 1, 2, 3, 4), header_len(t));
         }
+    }
+
+    #[test]
+    fn link_ids_are_shown_as_each_tlv_carries_them() {
+        let id = 0x1234_5678_9abc_def0;
+        assert_eq!(link_id_shown(Some(ProxyTlv::Azure), id), "2596069104");
+        assert_eq!(link_id_shown(Some(ProxyTlv::Aws), id), "vpce-123456789abcdef0");
+        assert_eq!(link_id_shown(Some(ProxyTlv::Gcp), id), "1311768467463790320");
+        assert_eq!(link_id_shown(None, id), "1311768467463790320");
+        // What the header carries is what is shown.
+        let mut b = [0u8; 64];
+        write_header(&mut b, ProxyTlv::Azure, id, 1, 2, 3, 4);
+        assert_eq!(
+            u32::from_le_bytes([b[32], b[33], b[34], b[35]]).to_string(),
+            link_id_shown(Some(ProxyTlv::Azure), id)
+        );
     }
 
     #[test]

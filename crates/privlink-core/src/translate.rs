@@ -33,7 +33,7 @@
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;
 //! 12. count.
 
-use crate::conntrack::{self, pure_syn, Seqs, TcpUpdate, RECLAIM_TRIES};
+use crate::conntrack::{self, pure_syn, Rst, TcpUpdate, RECLAIM_TRIES};
 use crate::engine::Engine;
 use crate::events::{NatEvent, NatEventKind};
 use crate::flow::{state, ConsumerKey, FlowTable, FlowView, InsertError, Inserted, ProviderKey};
@@ -370,8 +370,8 @@ impl Ctx<'_> {
         let (syn, fin) = (flags & tcp_flags::SYN != 0, flags & tcp_flags::FIN != 0);
         let seq = proxy::seq(l4);
         let end = seq.wrapping_add(payload as u32 + u32::from(syn) + u32::from(fin));
-        let s = Seqs { seq, ack: proxy::ack(l4) };
-        let change = match conntrack::update(inbound, flags, s, v, || flows.next_seqs(v)) {
+        let rst = || Rst { seq, ack: proxy::ack(l4), next: flows.next_seqs(v) };
+        let change = match conntrack::update(inbound, flags, v, rst) {
             TcpUpdate::None => None,
             TcpUpdate::Add(bits) => flows.add_state(v, bits),
             TcpUpdate::Reopen => {
@@ -392,7 +392,8 @@ impl Ctx<'_> {
                 self.engine.count_change(self.snap, v, c, self.now);
             }
         }
-        // A RST teaches nothing: one that ended nothing may be forged.
+        // How far the sender got. A RST teaches nothing: one that ended
+        // nothing may be forged.
         if flags & tcp_flags::RST == 0 {
             flows.note_seq(v, inbound, end, syn);
         }

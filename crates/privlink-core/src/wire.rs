@@ -729,15 +729,19 @@ pub fn tcp_timestamps(l4: &[u8]) -> Option<(u32, u32)> {
 /// other trailing bytes, which Linux's `ip_rcv` trims too), else all of
 /// `buf` (a total length past what was read is left for validation to
 /// call malformed). A GSO super-packet's total length is its header's.
-#[inline]
+#[inline(always)]
 pub fn packet_len(buf: &[u8]) -> usize {
-    if buf.len() >= field::HEADER_MIN && buf[0] >> 4 == 4 {
-        let total = usize::from(be16(buf, field::LENGTH));
-        if total >= field::HEADER_MIN && total < buf.len() {
-            return total;
+    match *buf {
+        [v, _, hi, lo, ..] if v >> 4 == 4 => {
+            let total = usize::from(u16::from_be_bytes([hi, lo]));
+            if total >= field::HEADER_MIN && total < buf.len() {
+                total
+            } else {
+                buf.len()
+            }
         }
+        _ => buf.len(),
     }
-    buf.len()
 }
 
 /// A source no router forwards from (RFC 1812 5.3.7): "this network"

@@ -7,7 +7,6 @@
 //! line from the body.
 
 use crate::control::FlowView;
-use crate::store::Connection;
 use anyhow::{bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -69,6 +68,24 @@ fn when(unix: u64) -> String {
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
 }
 
+/// A connection as the API shows it (see [`crate::control::shown`]).
+#[derive(Debug, serde::Deserialize)]
+struct Connection {
+    endpoint: String,
+    #[serde(default)]
+    service: String,
+    #[serde(default)]
+    network: String,
+    #[serde(default)]
+    tenant: String,
+    state: String,
+    #[serde(default)]
+    link_id: String,
+    #[serde(default)]
+    updated: u64,
+    response_message: Option<String>,
+}
+
 pub fn connections_table(json: &str) -> Result<String> {
     let list: Vec<Connection> = serde_json::from_str(json).context("unexpected answer")?;
     let rows: Vec<Vec<String>> = list
@@ -80,7 +97,7 @@ pub fn connections_table(json: &str) -> Result<String> {
                 c.network.clone(),
                 c.tenant.clone(),
                 c.state.clone(),
-                c.link_id.to_string(),
+                c.link_id.clone(),
                 when(c.updated),
                 printable(c.response_message.as_deref().unwrap_or_default()),
             ]

@@ -228,10 +228,23 @@ pub struct FlowView {
     pub bytes_out: u64,
 }
 
-async fn list(State(c): State<Arc<Control>>) -> Result<Json<Vec<Connection>>, ApiError> {
+async fn list(State(c): State<Arc<Control>>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
     let mut all = c.store.all()?;
     all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
-    Ok(Json(all))
+    let config = c.config.load();
+    Ok(Json(all.iter().map(|x| shown(&config, x)).collect()))
+}
+
+/// A connection as the API and `privlink connections` show it: the stored
+/// record, with `link_id` in the form its service's PROXY TLV carries (a
+/// string: what a backend logs, see [`privlink_core::proxy::link_id_shown`])
+/// and `link_id_form` naming that form (`azure`, `aws`, `gcp`, `none`).
+pub fn shown(config: &privlink_config::Config, conn: &Connection) -> serde_json::Value {
+    let tlv = config.service(&conn.service).and_then(|s| s.proxy);
+    let mut v = serde_json::to_value(conn).unwrap_or_default();
+    v["link_id"] = privlink_core::proxy::link_id_shown(tlv, conn.link_id).into();
+    v["link_id_form"] = tlv.unwrap_or(privlink_core::ProxyTlv::None).as_str().into();
+    v
 }
 
 fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Result<Connection, ApiError> {
@@ -285,16 +298,16 @@ async fn approve(
     State(c): State<Arc<Control>>,
     UrlPath(endpoint): UrlPath<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Connection>, ApiError> {
-    decide(&c, &endpoint, ConnectionState::Approved, &body).map(Json)
+) -> Result<Json<serde_json::Value>, ApiError> {
+    decide(&c, &endpoint, ConnectionState::Approved, &body).map(|x| Json(shown(&c.config.load(), &x)))
 }
 
 async fn reject(
     State(c): State<Arc<Control>>,
     UrlPath(endpoint): UrlPath<String>,
     body: axum::body::Bytes,
-) -> Result<Json<Connection>, ApiError> {
-    decide(&c, &endpoint, ConnectionState::Rejected, &body).map(Json)
+) -> Result<Json<serde_json::Value>, ApiError> {
+    decide(&c, &endpoint, ConnectionState::Rejected, &body).map(|x| Json(shown(&c.config.load(), &x)))
 }
 
 async fn flows(State(c): State<Arc<Control>>, Query(q): Query<EndpointFilter>) -> Json<Vec<FlowView>> {

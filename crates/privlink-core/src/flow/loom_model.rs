@@ -108,3 +108,44 @@ fn no_insert_completes_after_freeze_returns() {
         assert!(t.find_consumer(ck(7)).is_some() == inserted);
     });
 }
+
+/// An established TCP flow alone in its table.
+fn tcp_flow() -> (Arc<FlowTable>, FlowView) {
+    let t = Arc::new(FlowTable::with_reuse_delay(1, 0));
+    let k = ConsumerKey::new(1, 6, 0x0a00_0001, 1, 0x0a01_0005, 80);
+    let p = ProviderKey::new(6, 0xc0a8_6404, 1, 0xc0a8_320a, 80);
+    let bits = state::C_SYN | state::P_SYN | state::ESTABLISHED;
+    let a = t.insert(k, EndpointId(1), Now(0), |claim| claim(p).then_some((PoolId(1), bits)));
+    let Ok(Inserted::New(a)) = a else { panic!("insert") };
+    (t, a)
+}
+
+#[test]
+fn the_two_fins_of_a_close_take_a_flow_off_the_open_counts_once() {
+    loom::model(|| {
+        let (t, a) = tcp_flow();
+        let t2 = t.clone();
+        // The consumer's FIN and the backend's, on two workers at once.
+        let w = thread::spawn(move || t2.add_state(&a, state::P_FIN).is_some_and(|c| c.counted_closed()));
+        let mine = t.add_state(&a, state::C_FIN).is_some_and(|c| c.counted_closed());
+        let theirs = w.join().expect("worker");
+        assert!(mine ^ theirs, "counted closed {} times", u8::from(mine) + u8::from(theirs));
+    });
+}
+
+#[test]
+fn a_reclaim_never_ends_a_flow_that_opened_again() {
+    loom::model(|| {
+        let (t, a) = tcp_flow();
+        assert!(t.add_state(&a, state::RST).is_some_and(|c| c.counted_closed()));
+        let t2 = t.clone();
+        // A new flow reclaims the closed one while its consumer's new SYN
+        // reopens it.
+        let w = thread::spawn(move || t2.remove_if(&a, state::COUNTED_CLOSED).is_some());
+        let reopened = t.reopen(&a).is_some_and(|c| c.reopened());
+        let reclaimed = w.join().expect("reclaimer");
+        assert!(reopened ^ reclaimed, "reopened {reopened}, reclaimed {reclaimed}");
+        // What won is what the table holds.
+        assert_eq!(t.find_consumer(a.ckey).is_some(), reopened);
+    });
+}
