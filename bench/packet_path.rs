@@ -6,39 +6,16 @@
 //! teardown, and NAT port allocate plus free. Run:
 //! `cargo bench -p privlink-core --bench packet_path`.
 
+#[path = "common.rs"]
+mod common;
+
+use common::{consumer, desired, ends, tcp, EP};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use privlink_core::pool::PortPool;
 use privlink_core::*;
 use std::hint::black_box;
-use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-const EP: u32 = 0x0a01_0005;
-
-fn desired() -> Desired {
-    Desired {
-        provider_mtu: 1500,
-        networks: vec![NetworkSpec { id: NetworkId(0), name: "vnet-a".into(), mtu: 1500 }],
-        services: vec![ServiceSpec {
-            proxy: None,
-            name: "svc".into(),
-            nat_ips: (1..=8).map(|i| Ipv4Addr::new(192, 168, 100, i)).collect(),
-            nat_ports: 1024..=65535,
-            backends: (10..14).map(|i| Ipv4Addr::new(192, 168, 50, i)).collect(),
-            ports: vec![PortRule { protocol: Protocol::Udp, port: 53, backend_port: 53 }],
-        }],
-        endpoints: vec![EndpointSpec {
-            link_id: 0,
-            name: "pe".into(),
-            network: 0,
-            ip: Ipv4Addr::from(EP),
-            service: 0,
-            state: ConnectionState::Approved,
-            limits: EndpointLimits::default(),
-        }],
-    }
-}
 
 /// A 64-byte UDP packet (20 IP + 8 UDP + 36 payload) with valid checksums.
 fn udp(src: u32, sport: u16, dst: u32, dport: u16) -> [u8; 64] {
@@ -58,11 +35,6 @@ fn udp(src: u32, sport: u16, dst: u32, dport: u16) -> [u8; 64] {
     let c = checksum::checksum(&pseudo);
     p[26..28].copy_from_slice(&c.to_be_bytes());
     p
-}
-
-fn consumer(i: u32) -> (u32, u16) {
-    // 1,000 flows per consumer address, so the NAT IPs share the load.
-    (0x0a00_0000 + i / 1_000 + 1, 1024 + (i % 1_000) as u16)
 }
 
 /// An engine holding `n` UDP flows, and for each flow the packet in each
@@ -114,7 +86,7 @@ fn populated_in(n: u32, shared: bool) -> (Arc<Engine>, Worker, Packets, Packets)
     } else {
         Engine::new(settings)
     };
-    e.apply(&desired(), Now(0)).expect("config");
+    e.apply(&desired(Protocol::Udp), Now(0)).expect("config");
     let mut w = e.worker(0);
     let (mut ups, mut downs) = (Vec::new(), Vec::new());
     for i in 0..n {
@@ -160,34 +132,14 @@ fn established(c: &mut Criterion) {
     g.finish();
 }
 
-/// A TCP segment with valid checksums (etherparse builds it).
-#[allow(clippy::too_many_arguments)]
-fn tcp(src: u32, sport: u16, dst: u32, dport: u16, seq: u32, ack: u32, flags: &str, data: usize) -> Vec<u8> {
-    let mut b = etherparse::PacketBuilder::ipv4(src.to_be_bytes(), dst.to_be_bytes(), 64).tcp(sport, dport, seq, 65535);
-    if flags.contains('S') {
-        b = b.syn();
-    }
-    if flags.contains('A') {
-        b = b.ack(ack);
-    }
-    let mut v = Vec::new();
-    b.write(&mut v, &vec![0u8; data]).expect("tcp");
-    v
-}
-
 fn established_tcp(c: &mut Criterion) {
     let mut g = c.benchmark_group("established");
     g.throughput(Throughput::Elements(2));
     let n = 1_000u32;
-    let mut d = desired();
-    d.services[0].ports = vec![PortRule { protocol: Protocol::Tcp, port: 53, backend_port: 53 }];
+    let d = desired(Protocol::Tcp);
     let e = Engine::new(Settings { max_flows: n + 1024, ..Settings::default() });
     e.apply(&d, Now(0)).expect("config");
     let mut w = e.worker(0);
-    let ends = |p: &[u8]| {
-        let g = |a: usize| u32::from_be_bytes([p[a], p[a + 1], p[a + 2], p[a + 3]]);
-        (g(12), u16::from_be_bytes([p[20], p[21]]), g(16), u16::from_be_bytes([p[22], p[23]]))
-    };
     let a = Source::Network(NetworkId(0));
     let mut flows = Vec::new();
     for i in 0..n {
@@ -230,7 +182,7 @@ fn setup_teardown(c: &mut Criterion) {
     const BATCH: u32 = 10_000;
     g.throughput(Throughput::Elements(u64::from(BATCH)));
     let e = Engine::new(Settings { max_flows: 2 * BATCH, ..Settings::default() });
-    e.apply(&desired(), Now(0)).expect("config");
+    e.apply(&desired(Protocol::Udp), Now(0)).expect("config");
     let mut w = e.worker(0);
     let packets: Vec<[u8; 64]> = (0..BATCH)
         .map(|i| {

@@ -250,7 +250,7 @@ mod tests {
     fn link_ids_are_shown_as_each_tlv_carries_them() {
         let id = 0x1234_5678_9abc_def0;
         assert_eq!(link_id_shown(Some(ProxyTlv::Azure), id), "2596069104");
-        assert_eq!(link_id_shown(Some(ProxyTlv::Aws), id), "vpce-123456789abcdef0");
+        assert_eq!(link_id_shown(Some(ProxyTlv::Aws), id), "vpce-0123456789abcdef0");
         assert_eq!(link_id_shown(Some(ProxyTlv::Gcp), id), "1311768467463790320");
         assert_eq!(link_id_shown(None, id), "1311768467463790320");
         // What the header carries is what is shown.

@@ -28,8 +28,10 @@
 //!    otherwise the packet leaves in fragments);
 //! 9. flow: the consumer side creates one for a new conversation (`no_flow`
 //!    for TCP other than a SYN, `endpoint_flow_limit`, `flow_table_full`,
-//!    `ports_exhausted`);
-//! 10. TCP state from the flags;
+//!    `ports_exhausted`; a closed flow is ended for it first when the table
+//!    or the pool is full);
+//! 10. TCP state from the flags ([`crate::conntrack`]: only an exact RST
+//!    closes), and for a PROXY service its header and sequence shift;
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;
 //! 12. count.
 
@@ -349,9 +351,9 @@ impl Ctx<'_> {
 
     /// Step 10 for a TCP segment of flow `v` (`buf` its packet, with an IP
     /// header of `ihl` bytes and `payload` bytes of data): the state its
-    /// flags set, the open and
-    /// closed counts ([`crate::conntrack`]), the sequence number its sender
-    /// reached, and for a PROXY service the header and the sequence shift.
+    /// flags set, the open and closed counts ([`crate::conntrack`]), the
+    /// sequence number its sender reached, and for a PROXY service the
+    /// header and the sequence shift.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn tcp_step(
