@@ -31,7 +31,7 @@
 //!    `ports_exhausted`; a closed flow is ended for it first when the table
 //!    or the pool is full);
 //! 10. TCP state from the flags ([`crate::conntrack`]: only an exact RST
-//!    closes), and for a PROXY service its header and sequence shift;
+//!     closes), and for a PROXY service its header and sequence shift;
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;
 //! 12. count.
 
