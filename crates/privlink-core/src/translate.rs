@@ -682,7 +682,7 @@ impl Ctx<'_> {
     }
 
     pub(crate) fn count_drop(&self, dir: Dir, r: DropReason) {
-        count_drop(self.engine, self.snap, self.w, dir, r);
+        count_drop(self.engine, self.snap, self.w, dir, r, 1);
     }
 
     /// An ICMP error about `orig` from `src`, if one may be sent (RFC 1812
@@ -773,14 +773,15 @@ pub(crate) fn release(engine: &Engine, snap: &Snapshot, w: usize, net: u16, m: M
         Ok(_) => true,
         Err(r) => {
             let dir = if net == u16::MAX { Dir::Out } else { Dir::In(NetworkId(net)) };
-            count_drop(engine, snap, w, dir, r);
+            count_drop(engine, snap, w, dir, r, 1);
             false
         }
     }
 }
 
-/// Counts a drop: consumer side by network, provider side apart.
-pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r: DropReason) {
+/// Counts `n` drops for reason `r`: consumer side by network, provider
+/// side apart.
+pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r: DropReason, n: u64) {
     let net = match dir {
         Dir::In(n) => snap.network(n),
         Dir::Out => None,
@@ -791,7 +792,7 @@ pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r
         // flight: counted on the provider side rather than lost.
         None => engine.provider_drops.get(w),
     };
-    crate::counters::bump(&counters.0[r.index()], 1);
+    crate::counters::bump(&counters.0[r.index()], n);
 }
 
 /// Builds the PROXY header segment of flow `v` into `out`: from its NAT

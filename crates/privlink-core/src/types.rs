@@ -97,79 +97,64 @@ impl fmt::Display for Protocol {
     }
 }
 
-/// Why a packet was not forwarded. The label values are SPEC's, plus
-/// `flow_table_full` (SPEC's `max_flows` bound, which SPEC names no reason for),
-/// `reassembly_timeout` (fragments whose first fragment never came), and the
-/// reasons docs/NAT-BEHAVIOUR.md names for martian sources, invalid TCP flag
-/// combinations and source-routed packets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DropReason {
-    NoEndpoint,
-    PortNotAllowed,
-    NotApproved,
-    NoFlow,
-    Malformed,
-    PortsExhausted,
-    TtlExpired,
-    TooBig,
-    UnsupportedProtocol,
-    FlowTableFull,
-    ReassemblyTimeout,
-    MartianSource,
-    InvalidTcpFlags,
-    SourceRoute,
-    EndpointFlowLimit,
-    SourceNotAllowed,
-    NoHealthyBackend,
+/// One list makes the enum, its `COUNT`, `ALL` (in index order) and its
+/// labels, so a reason added anywhere has its counter slot and label: no
+/// hand-kept count can fall behind the variants.
+macro_rules! drop_reasons {
+    ($(#[$m:meta])* { $($(#[$doc:meta])* $v:ident => $label:literal,)+ }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum DropReason {
+            $($(#[$doc])* $v,)+
+        }
+
+        impl DropReason {
+            /// How many reasons there are.
+            pub const COUNT: usize = [$(DropReason::$v),+].len();
+            /// Every reason, in index order.
+            pub const ALL: [DropReason; Self::COUNT] = [$(DropReason::$v),+];
+
+            /// The `reason` label of `privlink_packets_dropped_total`.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(DropReason::$v => $label,)+
+                }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    /// Why a packet was not forwarded. The label values are SPEC's, plus
+    /// `flow_table_full` (SPEC's `max_flows` bound, which SPEC names no reason for),
+    /// `reassembly_timeout` (fragments whose first fragment never came), and the
+    /// reasons docs/NAT-BEHAVIOUR.md names for martian sources, invalid TCP flag
+    /// combinations and source-routed packets.
+    {
+        NoEndpoint => "no_endpoint",
+        PortNotAllowed => "port_not_allowed",
+        NotApproved => "not_approved",
+        NoFlow => "no_flow",
+        Malformed => "malformed",
+        PortsExhausted => "ports_exhausted",
+        TtlExpired => "ttl_expired",
+        TooBig => "too_big",
+        UnsupportedProtocol => "unsupported_protocol",
+        FlowTableFull => "flow_table_full",
+        ReassemblyTimeout => "reassembly_timeout",
+        MartianSource => "martian_source",
+        InvalidTcpFlags => "invalid_tcp_flags",
+        SourceRoute => "source_route",
+        EndpointFlowLimit => "endpoint_flow_limit",
+        SourceNotAllowed => "source_not_allowed",
+        NoHealthyBackend => "no_healthy_backend",
+    }
 }
 
 impl DropReason {
-    pub const COUNT: usize = 17;
-    pub const ALL: [DropReason; Self::COUNT] = [
-        DropReason::NoEndpoint,
-        DropReason::PortNotAllowed,
-        DropReason::NotApproved,
-        DropReason::NoFlow,
-        DropReason::Malformed,
-        DropReason::PortsExhausted,
-        DropReason::TtlExpired,
-        DropReason::TooBig,
-        DropReason::UnsupportedProtocol,
-        DropReason::FlowTableFull,
-        DropReason::ReassemblyTimeout,
-        DropReason::MartianSource,
-        DropReason::InvalidTcpFlags,
-        DropReason::SourceRoute,
-        DropReason::EndpointFlowLimit,
-        DropReason::SourceNotAllowed,
-        DropReason::NoHealthyBackend,
-    ];
-
+    /// The reason's counter slot (`0..COUNT`).
     pub fn index(self) -> usize {
         self as usize
-    }
-
-    /// The `reason` label of `privlink_packets_dropped_total`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::NoEndpoint => "no_endpoint",
-            DropReason::PortNotAllowed => "port_not_allowed",
-            DropReason::NotApproved => "not_approved",
-            DropReason::NoFlow => "no_flow",
-            DropReason::Malformed => "malformed",
-            DropReason::PortsExhausted => "ports_exhausted",
-            DropReason::TtlExpired => "ttl_expired",
-            DropReason::TooBig => "too_big",
-            DropReason::UnsupportedProtocol => "unsupported_protocol",
-            DropReason::FlowTableFull => "flow_table_full",
-            DropReason::ReassemblyTimeout => "reassembly_timeout",
-            DropReason::MartianSource => "martian_source",
-            DropReason::InvalidTcpFlags => "invalid_tcp_flags",
-            DropReason::SourceRoute => "source_route",
-            DropReason::EndpointFlowLimit => "endpoint_flow_limit",
-            DropReason::SourceNotAllowed => "source_not_allowed",
-            DropReason::NoHealthyBackend => "no_healthy_backend",
-        }
     }
 }
 
@@ -251,4 +236,20 @@ pub enum Verdict {
     /// Drop it (already counted) and write the ICMP answer in
     /// [`crate::Worker::reply`]`[..len]` back to the device it came from.
     Reply { reason: DropReason, len: usize },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_drop_reason_has_its_own_slot_and_label() {
+        let mut labels = std::collections::HashSet::new();
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?} out of index order");
+            assert!(labels.insert(r.as_str()), "{r:?}: label used twice");
+            assert!(r.as_str().bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{r:?}: not snake_case");
+        }
+        assert_eq!(labels.len(), DropReason::COUNT);
+    }
 }

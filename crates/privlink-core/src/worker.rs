@@ -15,7 +15,7 @@ use crate::engine::Engine;
 use crate::frag::Fragments;
 use crate::outbox::{parse_vnet_hdr, Outbox, STAGE_MAX};
 use crate::snapshot::Snapshot;
-use crate::translate::{release, Ctx, Dir, Extra, IcmpLimiter};
+use crate::translate::{count_drop, release, Ctx, Dir, Extra, IcmpLimiter};
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Source, Verdict};
 use arc_swap::{ArcSwap, Cache};
 use std::sync::Arc;
@@ -91,20 +91,13 @@ impl Worker {
         };
         let n = crate::wire::packet_len(buf);
         let v = cx.translate(&mut buf[..n], dir);
-        let mut gave_up: [(u16, u64); 4] = [(0, 0); 4];
-        let mut n = 0;
-        cx.frags.take_dropped(|net, count| {
-            if n < gave_up.len() {
-                gave_up[n] = (net, count);
-                n += 1;
-            }
-        });
-        for &(net, count) in &gave_up[..n] {
+        // Reassemblies given up on in this tick, every one of them (a
+        // fragment flood can expire many at once).
+        let Ctx { engine, snap, w, frags, .. } = &mut cx;
+        frags.take_dropped(|net, count| {
             let dir = if net == u16::MAX { Dir::Out } else { Dir::In(NetworkId(net)) };
-            for _ in 0..count {
-                cx.count_drop(dir, DropReason::ReassemblyTimeout);
-            }
-        }
+            count_drop(engine, snap, *w, dir, DropReason::ReassemblyTimeout, count);
+        });
         v
     }
 

@@ -1928,5 +1928,6 @@ fn nat_events_record_creates_deletes_and_exhaustion() {
 }
 
 mod conntrack;
+mod fragments;
 mod proxy_handshake;
 mod trim;
