@@ -18,6 +18,8 @@ command -v nfcapd >/dev/null 2>&1 || need+=(nfdump)
 command -v man >/dev/null 2>&1 || need+=(man-db)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v sysctl >/dev/null 2>&1 || need+=(procps)
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if ((${#need[@]})); then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
