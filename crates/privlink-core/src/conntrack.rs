@@ -9,12 +9,16 @@
 //!   expects (RFC 5961 §3.2; Linux conntrack does the same since 2022). A
 //!   RST elsewhere in the window makes an RFC 5961 receiver answer with a
 //!   challenge ACK and keep the connection, and one outside the window is
-//!   ignored; privlink forwards either and changes nothing, so a forged or
-//!   stale RST cannot end a connection its endpoints keep. The slot keeps,
+//!   ignored; privlink forwards either and changes nothing, so a stale or
+//!   guessed RST does not end a flow its endpoints keep. The slot keeps,
 //!   per side, the sequence number right after the highest that side sent
-//!   (8 bytes); a RST from a side must carry exactly that number. Before
-//!   the backend answered, a RST from it must acknowledge the consumer's
-//!   SYN (a refused connection, RFC 9293 §3.10.7.3).
+//!   (8 bytes): the opening SYN sets it, later segments raise it by at
+//!   most [`MAX_SEQ_ADVANCE`](crate::flow::MAX_SEQ_ADVANCE), so a blind
+//!   forger must land inside that span to set up an exact RST (windows are
+//!   not tracked: there is no room in the slot). A RST from a side must
+//!   carry exactly that number. Before the backend answered, a RST from it
+//!   must acknowledge the consumer's SYN (a refused connection, RFC 9293
+//!   §3.10.7.3).
 //! - **A flow that closed no longer counts as open.** The segment whose
 //!   bits close a flow (both FINs, or an exact RST) also sets
 //!   `COUNTED_CLOSED`, in the same compare-and-swap, so exactly one packet
@@ -80,11 +84,15 @@ pub(crate) fn update(inbound: bool, flags: u8, v: &FlowView, read: impl FnOnce()
         return if rst_closes(inbound, flags, v, read()) { TcpUpdate::Add(state::RST) } else { TcpUpdate::None };
     }
     if inbound {
+        // The consumer's first ACK after the provider's SYN establishes
+        // the flow, whatever else it carries (data, a FIN).
+        let completes = ack && v.state & (state::P_SYN | state::ESTABLISHED) == state::P_SYN;
+        let est = if completes { state::ESTABLISHED } else { 0 };
         if pure_syn(flags) && v.phase() == crate::flow::TcpPhase::Closed {
             TcpUpdate::Reopen
         } else if fin {
-            TcpUpdate::Add(state::C_FIN)
-        } else if ack && v.state & (state::P_SYN | state::ESTABLISHED) == state::P_SYN {
+            TcpUpdate::Add(state::C_FIN | est)
+        } else if completes {
             TcpUpdate::Add(state::ESTABLISHED)
         } else {
             TcpUpdate::None
@@ -122,14 +130,47 @@ fn rst_closes(inbound: bool, flags: u8, v: &FlowView, r: Rst) -> bool {
     }
 }
 
-/// Subtracts one, never below zero (counts another process changed during
-/// a hand-over must not wrap).
+/// Whether a SYN (from the consumer when `inbound`) on flow `v` (its state
+/// before this segment) starts its side's sequence space: the consumer's
+/// before the provider answered or on a closed flow it reopens; the
+/// provider's first. A SYN in the middle of a connection is not believed.
+#[inline]
+pub(crate) fn syn_starts(inbound: bool, v: &FlowView) -> bool {
+    v.state & state::P_SYN == 0 || (inbound && v.phase() == crate::flow::TcpPhase::Closed)
+}
+
+/// Whether state bits say a TCP flow closed and was counted so: what a
+/// reclaim requires, in the removing compare-and-swap. (A frozen table's
+/// reopen keeps `COUNTED_CLOSED` on an open flow until the successor's
+/// sweep clears it: the phase must be checked too.)
+pub(crate) fn closed(bits: u32) -> bool {
+    bits & state::COUNTED_CLOSED != 0 && crate::flow::TcpPhase::from_bits(bits) == crate::flow::TcpPhase::Closed
+}
+
+/// Subtracts one, wrapping. A removal by the sweep can count a flow's end
+/// before the worker that closed or reopened it counts that change: for a
+/// moment the count is one below its true value, possibly below zero, and
+/// the late count brings it back. So counts wrap and are read through
+/// [`count`]/[`count32`], never saturated (a lost decrement would stay).
 fn dec64(a: &AtomicU64) {
-    let _ = a.fetch_update(Relaxed, Relaxed, |x| Some(x.saturating_sub(1)));
+    a.fetch_sub(1, Relaxed);
 }
 
 fn dec32(a: &AtomicU32) {
-    let _ = a.fetch_update(Relaxed, Relaxed, |x| Some(x.saturating_sub(1)));
+    a.fetch_sub(1, Relaxed);
+}
+
+/// A count kept with wrapping decrements and `fetch_add`: its value, 0 while it is
+/// transiently below zero.
+#[inline]
+pub fn count(a: &AtomicU64) -> u64 {
+    (a.load(Relaxed) as i64).max(0) as u64
+}
+
+/// As [`count`], for the networks' 32-bit shares.
+#[inline]
+pub fn count32(a: &AtomicU32) -> u32 {
+    (a.load(Relaxed) as i32).max(0) as u32
 }
 
 impl Engine {
@@ -195,7 +236,7 @@ impl Engine {
             if r.pool != from.id {
                 continue;
             }
-            let Some(bits) = self.flows.remove_if(&r.view, state::COUNTED_CLOSED) else { continue };
+            let Some(bits) = self.flows.remove_if(&r.view, closed) else { continue };
             self.finish_end(snap, &r, bits, now, true);
             return Some(r.view.pkey.nat_port());
         }
@@ -238,9 +279,7 @@ impl Engine {
     pub(crate) fn prune_closed(&self, snap: &Snapshot) {
         for p in snap.pools.values() {
             p.pool.retain_closed(|c| {
-                self.flows
-                    .record_at(c.slot, c.gen)
-                    .is_some_and(|r| r.pool == p.id && r.view.state & state::COUNTED_CLOSED != 0)
+                self.flows.record_at(c.slot, c.gen).is_some_and(|r| r.pool == p.id && closed(r.view.state))
             });
         }
     }

@@ -37,10 +37,16 @@
 //! - State bits are added by a compare-and-swap that checks the generation
 //!   ([`FlowTable::add_state`]), so a packet of an ended flow can never set
 //!   SYN/FIN/RST bits on the flow that reuses its slot.
-//! - Only the idle timestamp and the per-flow byte counts of the listing are
-//!   written without that check: a late packet can at most refresh the idle
-//!   time of, or add its bytes to, a flow that just took the slot. Neither
-//!   decides where any packet goes.
+//! - Written without that check: the idle timestamp and the byte counts
+//!   (a late packet can at most refresh the idle time of, or add its bytes
+//!   to, a flow that just took the slot), and TCP's per-side sequence words
+//!   and a PROXY flow's recorded numbers. A late segment of an ended flow,
+//!   read before the slot was reused (behind `REUSE_DELAY` later frees),
+//!   can write these for the new flow: at worst its exact RST is not
+//!   recognised (it then idles out) or its PROXY header segment carries
+//!   wrong numbers (the backend drops it and it is sent again with the
+//!   right ones from the flow's next segments). None of them decides where
+//!   a packet goes.
 //!
 //! `flow/loom_model.rs` model-checks this protocol
 //! (lookup racing removal and immediate reuse) with `loom`, and
@@ -164,8 +170,8 @@ impl ProviderKey {
     }
 }
 
-/// Bits of a slot's state (the low byte of its `meta` word; the generation
-/// is in the 24 bits above).
+/// Bits of a slot's state (the low 12 bits of its `meta` word; the
+/// generation is in the 20 bits above).
 pub mod state {
     /// The slot holds a flow fully set up (set last, cleared first).
     pub const LIVE: u32 = 1 << 0;
@@ -183,7 +189,7 @@ pub mod state {
     /// PROXY protocol: the backend has acknowledged the whole header.
     pub const HDR_ACKED: u32 = 1 << 7;
     /// The flow's close has been taken off its endpoint's and network's
-    /// open flows (see [`FlowTable::add_state`]): set with the bits that
+    /// open flows (see [`super::FlowTable::add_state`]): set with the bits that
     /// close it, by the process that owns the table's counts.
     pub const COUNTED_CLOSED: u32 = 1 << 8;
     /// The state bits of a `meta` word.
@@ -193,6 +199,12 @@ pub mod state {
 /// Where the generation sits in `meta`.
 const GEN_SHIFT: u32 = 12;
 const GEN_ONE: u32 = 1 << GEN_SHIFT;
+
+/// How far one TCP segment may move its side's tracked sequence number
+/// ([`FlowTable::note_seq`]): 16 MiB, more than Linux's default largest
+/// receive window (`tcp_rmem` 6 MiB) holds in flight, so a real sender
+/// never outruns it.
+pub const MAX_SEQ_ADVANCE: u32 = 1 << 24;
 
 /// Endpoint ids must fit the 24 bits a slot keeps them in.
 pub const MAX_ENDPOINT_ID: u32 = (1 << 24) - 1;
@@ -243,7 +255,7 @@ pub struct FlowSlot {
     pnext: AtomicU32,
     /// Last packet, in [`Now`] seconds.
     last_seen: AtomicU32,
-    /// Generation (top 24 bits) and [`state`] bits (low 8).
+    /// Generation (top 20 bits) and [`state`] bits (low 12).
     meta: AtomicU32,
     /// Bytes consumer -> provider and back, modulo 2^32 (the carries are
     /// in the cold half; written by whichever worker carries the direction;
@@ -1030,7 +1042,7 @@ impl FlowTable {
         }
     }
 
-    /// Adds TCP state bits to the flow `v` (see [`change_state`]: the one
+    /// Adds TCP state bits to the flow `v` (see `change_state`: the one
     /// call whose bits close the flow is told so by
     /// [`Changed::counted_closed`], and only it takes the flow off the open
     /// counts).
@@ -1078,12 +1090,17 @@ impl FlowTable {
     /// carry to end the flow. A SYN sets it; anything else raises it only
     /// (RFC 1982 serial order), so a retransmission or a reordered segment
     /// leaves it.
+    ///
+    /// A segment moves it at most [`MAX_SEQ_ADVANCE`] ahead: a blind
+    /// attacker who forges a segment to move it, then a RST at the number
+    /// it moved to, must land inside that span, as RFC 5961 makes an
+    /// in-window RST land inside the receive window.
     #[inline(always)]
     pub fn note_seq(&self, v: &FlowView, inbound: bool, end: u32, syn: bool) {
         let s = &self.slots[v.slot as usize];
         let c = if inbound { &s.next_c } else { &s.next_p };
-        let cur = c.load(Ordering::Relaxed);
-        if syn || (end.wrapping_sub(cur) as i32) > 0 {
+        let ahead = end.wrapping_sub(c.load(Ordering::Relaxed));
+        if syn || (ahead as i32 > 0 && ahead <= MAX_SEQ_ADVANCE) {
             c.store(end, Ordering::Relaxed);
         }
     }
@@ -1101,18 +1118,19 @@ impl FlowTable {
     /// Exactly one caller gets `Some` for a flow, so exactly one frees its
     /// port.
     pub fn remove(&self, v: &FlowView) -> Option<u32> {
-        self.remove_if(v, 0)
+        self.remove_if(v, |_| true)
     }
 
-    /// As [`remove`](Self::remove), only while every bit of `need` is set
-    /// in the flow's state (a closed flow reclaimed for a new one must not
-    /// be one that opened again meanwhile).
-    pub fn remove_if(&self, v: &FlowView, need: u32) -> Option<u32> {
+    /// As [`remove`](Self::remove), only while `ok` holds for the flow's
+    /// state bits, checked in the removing compare-and-swap (a closed flow
+    /// reclaimed for a new one must not be one that opened again
+    /// meanwhile).
+    pub fn remove_if(&self, v: &FlowView, ok: impl Fn(u32) -> bool) -> Option<u32> {
         let i = v.slot;
         let slot = &self.slots[i as usize];
         let mut cur = slot.meta.load(Ordering::Acquire);
         loop {
-            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 || cur & need != need {
+            if cur >> GEN_SHIFT != v.gen || cur & state::LIVE == 0 || !ok(cur & state::MASK) {
                 return None;
             }
             let ended = (cur & !state::MASK).wrapping_add(GEN_ONE);

@@ -38,7 +38,19 @@ impl EndpointShared {
     /// NAT ports the endpoint's flows hold: its open flows and those that
     /// closed but have not been ended yet.
     pub fn ports_in_use(&self) -> u64 {
-        self.flows_active.load(Ordering::Relaxed) + self.flows_closed.load(Ordering::Relaxed)
+        self.open_flows() + self.closed_flows()
+    }
+
+    /// Open flows (what `max_flows` bounds); see [`crate::conntrack::count`].
+    #[inline]
+    pub fn open_flows(&self) -> u64 {
+        crate::conntrack::count(&self.flows_active)
+    }
+
+    /// Flows that closed and still hold their port.
+    #[inline]
+    pub fn closed_flows(&self) -> u64 {
+        crate::conntrack::count(&self.flows_closed)
     }
     pub fn state(&self) -> ConnectionState {
         ConnectionState::from_u8(self.conn.load(Ordering::Acquire))

@@ -379,11 +379,10 @@ impl Ctx<'_> {
             TcpUpdate::Reopen => {
                 // Open again: the endpoint's bound and the network's share
                 // apply as to a new flow.
-                use std::sync::atomic::Ordering::Relaxed;
-                if ep.shared.flows_active.load(Relaxed) >= u64::from(ep.max_flows) {
+                if ep.shared.open_flows() >= u64::from(ep.max_flows) {
                     return Err(DropReason::EndpointFlowLimit);
                 }
-                if self.engine.net_flows[usize::from(ep.network.0)].load(Relaxed) >= self.snap.flow_share {
+                if conntrack::count32(&self.engine.net_flows[usize::from(ep.network.0)]) >= self.snap.flow_share {
                     return Err(DropReason::FlowTableFull);
                 }
                 flows.reopen(v)
@@ -394,16 +393,21 @@ impl Ctx<'_> {
                 self.engine.count_change(self.snap, v, c, self.now);
             }
         }
-        // How far the sender got. A RST teaches nothing: one that ended
-        // nothing may be forged.
-        if flags & tcp_flags::RST == 0 {
-            flows.note_seq(v, inbound, end, syn);
-        }
+        let mut end = end;
         if let Some(tlv) = ep.proxy {
             let established = change.is_some_and(|c| c.set(state::ESTABLISHED));
             if self.proxy_step(l4, payload, dir, flags, v, ep, tlv, established) {
                 wire::strip_tcp_payload(buf, ihl, self.off.csum_partial);
+                // What the backend sees of this SYN: no data.
+                end = seq.wrapping_add(1);
             }
+        }
+        // How far the sender got. A RST teaches nothing: one that ended
+        // nothing may be forged. A SYN sets it only while the handshake is
+        // open (a SYN in the middle of a connection is not a new one).
+        if flags & tcp_flags::RST == 0 {
+            let opening = syn && conntrack::syn_starts(inbound, v);
+            flows.note_seq(v, inbound, end, opening);
         }
         Ok(())
     }
@@ -445,7 +449,11 @@ impl Ctx<'_> {
         let hl = proxy::header_len(tlv) as u32;
         match dir {
             Dir::In(_) if flags & tcp_flags::SYN != 0 => {
-                flows.set_proxy_isn(v, proxy::seq(l4));
+                // Only the SYN of a connection opening (or reopening) says
+                // where its stream starts.
+                if conntrack::syn_starts(true, v) {
+                    flows.set_proxy_isn(v, proxy::seq(l4));
+                }
                 return payload > 0;
             }
             Dir::In(_) => {
@@ -477,7 +485,11 @@ impl Ctx<'_> {
                         }
                         return false;
                     }
-                    flows.add_state(v, state::HDR_ACKED);
+                    if let Some(c) = flows.add_state(v, state::HDR_ACKED) {
+                        if c.before & state::COUNTED_CLOSED != c.after & state::COUNTED_CLOSED {
+                            self.engine.count_change(self.snap, v, c, self.now);
+                        }
+                    }
                 }
                 proxy::set_ack(l4, ack.wrapping_sub(hl), partial);
                 proxy::shift_sack(l4, hl, partial);
@@ -541,11 +553,11 @@ impl Ctx<'_> {
         // with a plain load keeps two atomic read-modify-writes (and their
         // undo) off every new flow.
         let active = &ep.shared.flows_active;
-        if active.load(Relaxed) >= u64::from(ep.max_flows) {
+        if ep.shared.open_flows() >= u64::from(ep.max_flows) {
             return Err(InsertError::Limit);
         }
         let share = &self.engine.net_flows[usize::from(ck.network())];
-        if share.load(Relaxed) >= self.snap.flow_share {
+        if conntrack::count32(share) >= self.snap.flow_share {
             return Err(InsertError::Full);
         }
         // A closed flow never causes a refusal: with no slot (`Full`) or no

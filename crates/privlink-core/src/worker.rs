@@ -147,11 +147,14 @@ impl Worker {
         let len = hdr + crate::wire::packet_len(out.read_parts(len).1);
         out.clear_data_valid();
         let extra = self.extra.take();
-        if let Some(x) = extra.filter(|x| x.before) {
+        let first = extra.filter(|x| x.before);
+        if let Some(x) = first {
             out.write_made(x.to, &self.reply[..x.len]);
         }
         match verdict {
-            Verdict::Forward(to) if hdr > 0 && off.gso_size == 0 && len - hdr <= STAGE_MAX => {
+            // Not staged behind a packet that must precede it: a staged
+            // group already queued would carry it ahead of that packet.
+            Verdict::Forward(to) if hdr > 0 && off.gso_size == 0 && len - hdr <= STAGE_MAX && first.is_none() => {
                 out.stage_read(to, len, off.csum_partial)
             }
             Verdict::Forward(to) => out.write_read(to, len),

@@ -135,8 +135,7 @@ pub fn sync(engine: &Engine, io: &IoErrors, exported: &Exported) {
         counter!("privlink_endpoint_bytes_total", &labels("out")).absolute(bo);
         counter!("privlink_endpoint_packets_total", &labels("in")).absolute(pi);
         counter!("privlink_endpoint_packets_total", &labels("out")).absolute(po);
-        gauge!("privlink_endpoint_flows_active", "endpoint" => s.name.clone())
-            .set(s.flows_active.load(Ordering::Relaxed) as f64);
+        gauge!("privlink_endpoint_flows_active", "endpoint" => s.name.clone()).set(s.open_flows() as f64);
         gauge!("privlink_endpoint_nat_ports_in_use", "endpoint" => s.name.clone(), "service" => s.service_name.clone())
             .set(s.ports_in_use() as f64);
         counter!("privlink_endpoint_flows_created_total", "endpoint" => s.name.clone())

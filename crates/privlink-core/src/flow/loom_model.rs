@@ -141,7 +141,7 @@ fn a_reclaim_never_ends_a_flow_that_opened_again() {
         let t2 = t.clone();
         // A new flow reclaims the closed one while its consumer's new SYN
         // reopens it.
-        let w = thread::spawn(move || t2.remove_if(&a, state::COUNTED_CLOSED).is_some());
+        let w = thread::spawn(move || t2.remove_if(&a, crate::conntrack::closed).is_some());
         let reopened = t.reopen(&a).is_some_and(|c| c.reopened());
         let reclaimed = w.join().expect("reclaimer");
         assert!(reopened ^ reclaimed, "reopened {reopened}, reclaimed {reclaimed}");

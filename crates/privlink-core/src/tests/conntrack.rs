@@ -214,3 +214,51 @@ fn a_refused_connection_ends_with_the_rst_that_acknowledges_its_syn() {
     assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
     assert_eq!(e.flow_list(None, Now(1))[0].state, "closed");
 }
+
+#[test]
+fn a_blind_forged_segment_cannot_set_up_an_exact_rst() {
+    let (e, mut w) = engine();
+    established(&mut w);
+    let a = Source::Network(NET_A);
+    // Forged: data far ahead of the consumer's stream, then a RST at its
+    // end. Both are forwarded (the backend discards them); the flow stays.
+    let far = 1006u32.wrapping_add(1 << 30);
+    let mut forged = tcp_seq(CLIENT, 40000, EP, 80, false, far, Some(5004), b"xxxx");
+    assert!(matches!(w.process(&mut forged, a, Now(2)), Verdict::Forward(_)));
+    let mut rst = tcp_rst(CLIENT, 40000, EP, 80, far + 4, None);
+    assert!(matches!(w.process(&mut rst, a, Now(2)), Verdict::Forward(_)));
+    assert_eq!(e.flow_list(None, Now(2))[0].state, "established");
+    // A SYN in the middle of the connection moves nothing either.
+    let mut syn = tcp_seq(CLIENT, 40000, EP, 80, true, 77, None, b"");
+    w.process(&mut syn, a, Now(2));
+    let mut rst = tcp_rst(CLIENT, 40000, EP, 80, 78, None);
+    w.process(&mut rst, a, Now(2));
+    assert_eq!(e.flow_list(None, Now(2))[0].state, "established");
+    // The real stream goes on and its own RST still closes.
+    let mut d = tcp_seq(CLIENT, 40000, EP, 80, false, 1006, Some(5004), b"more");
+    assert!(matches!(w.process(&mut d, a, Now(3)), Verdict::Forward(_)));
+    let mut rst = tcp_rst(CLIENT, 40000, EP, 80, 1010, None);
+    assert!(matches!(w.process(&mut rst, a, Now(3)), Verdict::Forward(_)));
+    assert_eq!(e.flow_list(None, Now(3))[0].state, "closed");
+}
+
+#[test]
+fn a_flow_reopened_in_a_frozen_table_is_not_reclaimed() {
+    use crate::flow::{state, ConsumerKey, Inserted, ProviderKey};
+    let t = crate::flow::FlowTable::new(16);
+    let k = ConsumerKey::new(1, 6, 1, 1, 2, 80);
+    let bits = state::C_SYN | state::P_SYN | state::ESTABLISHED;
+    let Ok(Inserted::New(v)) = t
+        .insert(k, EndpointId(1), Now(0), |claim| claim(ProviderKey::new(6, 3, 1, 4, 80)).then_some((PoolId(1), bits)))
+    else {
+        panic!("insert")
+    };
+    assert!(t.add_state(&v, state::RST).is_some_and(|c| c.counted_closed()));
+    // The old daemon of a hand-over reopens it: the bit stays for the
+    // successor's sweep, but the flow is open.
+    t.freeze();
+    assert!(t.reopen(&v).is_some_and(|c| c.after & state::COUNTED_CLOSED != 0));
+    t.thaw();
+    assert_eq!(t.remove_if(&v, crate::conntrack::closed), None, "an open flow is never reclaimed");
+    assert!(t.find_consumer(k).is_some());
+}

@@ -132,3 +132,60 @@ fn a_lost_syn_ack_leaves_the_handshake_to_the_endpoints() {
     assert_eq!(tcp_window_ts(hdr), (700, Some((12, 98))));
     assert_eq!(e.proxy_resends(|_| {}), 1);
 }
+
+#[test]
+fn a_handshake_completing_segment_with_data_and_fin_still_gets_the_header_first() {
+    let (e, mut w) = proxy_engine();
+    let mut syn = syn_with(1000, b"");
+    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
+    let mut p = synack(inspect(&syn).1);
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    // ACK + data + FIN in one segment (a Fast Open client that sends and
+    // shuts down, its SYN data sent again).
+    let mut v = Vec::new();
+    PacketBuilder::ipv4(CLIENT, EP, 64).tcp(40000, 80, 1001, 600).ack(5001).fin().write(&mut v, b"bye").expect("build");
+    assert!(matches!(w.process(&mut v, A, Now(1)), Verdict::Forward(_)));
+    assert_eq!(tcp_fields(&v).0, 1001 + 28, "the data moved past the header");
+    let (_, hdr) = w.take_extra().expect("the header");
+    assert_eq!(tcp_fields(hdr).0, 1001);
+    assert_eq!(e.flow_list(None, Now(1))[0].state, "closing");
+}
+
+#[test]
+fn a_header_that_goes_first_is_not_overtaken_by_a_staged_packet() {
+    let (_e, mut w) = proxy_engine();
+    let mut out = Outbox::new(true);
+    let mut syn = syn_with(1000, b"");
+    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
+    let mut p = synack(inspect(&syn).1);
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    // In one read batch: a small datagram to the provider (staged), then
+    // the data segment that completes the handshake.
+    handle(&mut w, &mut out, &udp(CLIENT, 9000, EP, 53, b"q"), A, Now(1));
+    handle(&mut w, &mut out, &tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 600, (11, 99), b"data"), A, Now(1));
+    w.end_batch(&mut out);
+    let tcp_order: Vec<(u32, usize)> = drain(&mut out)
+        .into_iter()
+        .flat_map(|s| match s {
+            Sent::One(_, b) => vec![b],
+            Sent::Coalesced(_, bufs) => bufs,
+        })
+        .filter(|b| b[10 + 9] == 6)
+        .map(|b| {
+            let (seq, _, p) = tcp_fields(&b[10..]);
+            (seq, p.len())
+        })
+        .collect();
+    assert_eq!(tcp_order, vec![(1001, 28), (1029, 4)], "header, then the data");
+}
+
+#[test]
+fn a_refused_fast_open_connection_ends_with_the_backends_rst() {
+    let (e, mut w) = proxy_engine();
+    let mut syn = syn_with(1000, b"hello");
+    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
+    // The backend saw a SYN without data: its RST acknowledges 1001.
+    let mut rst = tcp_rst(BACKEND_A.octets(), 8080, NAT_A.octets(), inspect(&syn).1, 0, Some(1001));
+    assert!(matches!(w.process(&mut rst, Source::Provider, Now(1)), Verdict::Forward(_)));
+    assert_eq!(e.flow_list(None, Now(1))[0].state, "closed");
+}
