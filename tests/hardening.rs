@@ -1,5 +1,5 @@
-//! End-to-end tests of what a hostile tenant or a careless operator tried
-//! (issue 12): each runs the real daemon in its own namespaces.
+//! End-to-end tests of what a hostile tenant or a careless operator tried:
+//! each runs the real daemon in its own namespaces.
 
 mod common;
 
@@ -327,7 +327,7 @@ fn a_reload_changing_nat_ports_under_live_flows_gives_every_port_back() {
     assert!(eventually(15, || available() == 20.0), "available {} of {}", available(), capacity());
 }
 
-// ---- Issue 13: per-endpoint limits and source rules. ----
+// ---- Per-endpoint limits and source rules. ----
 
 #[test]
 fn an_endpoint_with_max_flows_gets_that_many_and_its_neighbour_still_connects() {
@@ -403,7 +403,7 @@ fn source_rules_admit_one_client_refuse_another_and_a_reload_ends_a_disallowed_c
     assert!(from(other).is_ok(), "the newly allowed client connects");
 }
 
-// ---- Issue 13: backend health. ----
+// ---- Backend health. ----
 
 const DUO_EP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 1, 0, 7);
 

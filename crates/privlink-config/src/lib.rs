@@ -1039,7 +1039,7 @@ service = "orders-db"
 
     #[test]
     fn nonsense_the_engine_would_choke_on_is_refused_with_positions() {
-        // Issue 12 item 3: a service with 65,535 backends reached an assert.
+        // A service with 65,535 backends once reached an assert.
         let many: Vec<String> =
             (0..65_535u32).map(|i| format!("\"10.{}.{}.{}\"", 200 + i / 65536, (i / 256) % 256, i % 256)).collect();
         let bad = GOOD.replace("[\"192.168.50.10\", \"192.168.50.11\"]", &format!("[{}]", many.join(", ")));
@@ -1050,7 +1050,7 @@ service = "orders-db"
 
     #[test]
     fn nonsense_names_and_addresses_are_refused() {
-        // Issue 12 item 12, each with its position.
+        // Each with its position.
         let cases: &[(&str, &str, &str)] = &[
             ("netns = \"tenant-a\"", "netns = \"\"", "netns: `` is not a namespace name"),
             ("netns = \"tenant-a\"", "netns = \"..\"", "netns: `..` is not a namespace name"),

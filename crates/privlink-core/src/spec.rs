@@ -1,7 +1,8 @@
 //! What the engine is asked to run: the desired configuration
 //! ([`Desired`]) and the settings fixed for its life ([`Settings`]), with
-//! their defaults. The config crate produces these types; nothing else
-//! defines them again.
+//! their defaults. The config crate builds these from its own parsed types
+//! (which keep file positions and defaults besides); the engine knows only
+//! these.
 
 use crate::types::{ConnectionState, NetworkId, Protocol};
 use std::net::Ipv4Addr;

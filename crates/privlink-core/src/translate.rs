@@ -27,9 +27,9 @@
 //! 8. MTU (`too_big`, answered with fragmentation needed when DF is set;
 //!    otherwise the packet leaves in fragments);
 //! 9. flow: the consumer side creates one for a new conversation (`no_flow`
-//!    for TCP other than a SYN, `endpoint_flow_limit`, `flow_table_full`,
-//!    `ports_exhausted`; a closed flow is ended for it first when the table
-//!    or the pool is full);
+//!    for TCP other than a SYN, `no_healthy_backend`, `endpoint_flow_limit`,
+//!    `flow_table_full`, `ports_exhausted`; a closed flow is ended for it
+//!    first when the table or the pool is full);
 //! 10. TCP state from the flags ([`crate::conntrack`]: only an exact RST
 //!     closes), and for a PROXY service its header and sequence shift;
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;

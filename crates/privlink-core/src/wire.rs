@@ -5,7 +5,10 @@
 //! [`Transport::parse`] validates the L4 header (TCP data offset, UDP length,
 //! ICMP minimum size). After that, every accessor is a fixed-offset read with no
 //! further checks, and the rewriting setters keep checksums right incrementally.
-//! Field offsets live in `field`, never as bare numbers in the engine.
+//! IPv4 and UDP field offsets live in `field`. (TCP's sequence and
+//! acknowledgement words and options are read at fixed offsets by
+//! `proxy.rs` and `conntrack`'s caller, and the outbox reads the
+//! virtio-net header's: those offsets are not in `field` yet.)
 
 use crate::checksum::Delta;
 use std::net::Ipv4Addr;

@@ -1237,7 +1237,7 @@ fn a_reload_that_changes_nat_ports_under_live_flows_gives_every_port_back() {
     }
 }
 
-// ---- Hostile packets (issue 12 item 13). ----
+// ---- Hostile packets. ----
 
 /// `p` with IP options `opts` (a multiple of 4 bytes) after its header.
 fn with_ip_options(p: &[u8], opts: &[u8]) -> Vec<u8> {
@@ -1332,7 +1332,7 @@ fn source_routed_packets_are_dropped_and_harmless_options_pass() {
 
 #[test]
 fn counters_stay_monotonic_when_an_endpoint_or_network_leaves_and_returns() {
-    // Issue 12 item 10: 30 packets, removal, re-adding, 45 more: 75.
+    // 30 packets, removal, re-adding, 45 more: 75.
     let full = desired(1024..=65535, ConnectionState::Approved);
     let (e, mut w) = engine_with(small(), &full);
     let a = Source::Network(NET_A);
@@ -1367,7 +1367,7 @@ fn counters_stay_monotonic_when_an_endpoint_or_network_leaves_and_returns() {
 
 #[test]
 fn one_network_cannot_take_the_whole_flow_table() {
-    // Issue 12 item 8: max_flows 1000, tenant A floods with 1,500 flows;
+    // max_flows 1000, tenant A floods with 1,500 flows;
     // tenant B still connects.
     let settings = Settings { max_flows: 1000, ..Settings::default() };
     let (e, mut w) = engine_with(settings, &desired(1024..=65535, ConnectionState::Approved));
@@ -1393,7 +1393,7 @@ fn one_network_cannot_take_the_whole_flow_table() {
     assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(10_000)), Verdict::Forward(Egress::Provider));
 }
 
-// ---- Per-endpoint limits and source rules (issue 13). ----
+// ---- Per-endpoint limits and source rules. ----
 
 #[test]
 fn an_endpoint_holds_at_most_its_max_flows_and_others_still_connect() {
@@ -1455,7 +1455,7 @@ fn source_rules_admit_only_allowed_consumers_and_a_reload_ends_disallowed_flows(
     assert_eq!(w.process(&mut now_ok, a, Now(2)), Verdict::Forward(Egress::Provider));
 }
 
-// ---- Backend health (issue 13). ----
+// ---- Backend health. ----
 
 #[test]
 fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_once() {
