@@ -4,7 +4,7 @@
 
 use crate::types::DropReason;
 use crossbeam_utils::CachePadded;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 /// Drop counters, one slot per reason.
 #[derive(Debug, Default)]
@@ -55,4 +55,30 @@ impl<T> PerWorker<T> {
     pub fn sum(&self, f: impl Fn(&T) -> u64) -> u64 {
         self.0.iter().map(|c| f(c)).fold(0, u64::wrapping_add)
     }
+}
+
+/// Subtracts one, wrapping. A removal by the sweep can count a flow's end
+/// before the worker that closed or reopened it counts that change: for a
+/// moment the count is one below its true value, possibly below zero, and
+/// the late count brings it back. So counts wrap and are read through
+/// [`count`]/[`count32`], never saturated (a lost decrement would stay).
+pub(crate) fn dec64(a: &AtomicU64) {
+    a.fetch_sub(1, Ordering::Relaxed);
+}
+
+pub(crate) fn dec32(a: &AtomicU32) {
+    a.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// A count kept with wrapping decrements and `fetch_add`: its value, 0 while it is
+/// transiently below zero.
+#[inline]
+pub fn count(a: &AtomicU64) -> u64 {
+    (a.load(Ordering::Relaxed) as i64).max(0) as u64
+}
+
+/// As [`count`], for the networks' 32-bit shares.
+#[inline]
+pub fn count32(a: &AtomicU32) -> u32 {
+    (a.load(Ordering::Relaxed) as i32).max(0) as u32
 }

@@ -10,22 +10,19 @@
 //!
 //! See `docs/ARCHITECTURE.md` for a packet's walk through these modules.
 
-pub mod apply;
 pub mod checksum;
 pub mod conntrack;
 pub mod counters;
 pub mod engine;
+pub use engine::{apply, expiry, listing, restart};
 pub mod error;
 pub mod events;
-pub mod expiry;
 pub mod flow;
 pub mod frag;
-pub mod listing;
 pub mod maglev;
 pub mod outbox;
 pub mod pool;
 pub mod proxy;
-pub mod restart;
 pub mod snapshot;
 pub mod spec;
 mod sync;

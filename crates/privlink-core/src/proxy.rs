@@ -25,6 +25,7 @@
 //! endpoint's link id and its service's TLV kind whenever it is sent.
 
 use crate::checksum::Delta;
+use crate::flow::{FlowTable, FlowView};
 use crate::spec::ProxyTlv;
 
 /// The v2 signature.
@@ -137,6 +138,31 @@ pub fn ack(l4: &[u8]) -> u32 {
     get32(l4, 8)
 }
 
+/// Builds the PROXY header segment of flow `v` into `out`: from its NAT
+/// address and port to its backend, at the consumer's ISN + 1, with the
+/// acknowledgement, window and timestamps of the consumer's segment that
+/// completed the handshake (RFC 7323 §3.2: once both SYNs carried
+/// timestamps, every segment does); returns its length.
+pub(crate) fn segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyTlv, out: &mut [u8]) -> usize {
+    let isn = flows.proxy_isn(v);
+    let (ack, window, ts) = flows.proxy_ack(v);
+    let (c, p) = (v.ckey, v.pkey);
+    let seg = crate::wire::TcpSegment {
+        src: p.nat_addr(),
+        sport: p.nat_port(),
+        dst: p.backend_addr(),
+        dport: p.backend_port(),
+        seq: isn.wrapping_add(1),
+        ack,
+        flags: crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH,
+        window,
+        ts,
+    };
+    crate::wire::build_tcp(out, seg, |o| {
+        write_header(o, tlv, link_id, c.consumer_addr(), c.consumer_port(), c.endpoint_addr(), c.endpoint_port())
+    })
+}
+
 /// The window field of a TCP header (unscaled, as sent).
 #[inline]
 pub fn window(l4: &[u8]) -> u16 {
@@ -195,7 +221,7 @@ impl crate::Engine {
         if snap.endpoints.iter().all(|e| e.proxy.is_none()) {
             return 0;
         }
-        let mut buf = [0u8; crate::translate::REPLY_MAX];
+        let mut buf = [0u8; crate::wire::REPLY_MAX];
         let mut n = 0;
         self.flows.for_each_live(|r| {
             let v = &r.view;
@@ -208,7 +234,7 @@ impl crate::Engine {
             }
             let Some(ep) = snap.endpoint_by_id(v.endpoint) else { return };
             let Some(tlv) = ep.proxy else { return };
-            let len = crate::translate::proxy_segment(&self.flows, v, ep.link_id, tlv, &mut buf);
+            let len = segment(&self.flows, v, ep.link_id, tlv, &mut buf);
             f(&buf[..len]);
             n += 1;
         });

@@ -41,16 +41,16 @@ impl EndpointShared {
         self.open_flows() + self.closed_flows()
     }
 
-    /// Open flows (what `max_flows` bounds); see [`crate::conntrack::count`].
+    /// Open flows (what `max_flows` bounds); see [`crate::counters::count`].
     #[inline]
     pub fn open_flows(&self) -> u64 {
-        crate::conntrack::count(&self.flows_active)
+        crate::counters::count(&self.flows_active)
     }
 
     /// Flows that closed and still hold their port.
     #[inline]
     pub fn closed_flows(&self) -> u64 {
-        crate::conntrack::count(&self.flows_closed)
+        crate::counters::count(&self.flows_closed)
     }
     pub fn state(&self) -> ConnectionState {
         ConnectionState::from_u8(self.conn.load(Ordering::Acquire))

@@ -38,19 +38,13 @@
 use crate::conntrack::{self, pure_syn, Rst, TcpUpdate, RECLAIM_TRIES};
 use crate::engine::Engine;
 use crate::events::{NatEvent, NatEventKind};
-use crate::flow::{state, ConsumerKey, FlowTable, FlowView, InsertError, Inserted, ProviderKey};
+use crate::flow::{state, ConsumerKey, FlowView, InsertError, Inserted, ProviderKey};
 use crate::frag::{FragKey, Fragments, Later, Mapping};
 use crate::proxy;
 use crate::snapshot::{EndpointView, Snapshot};
 use crate::spec::ProxyTlv;
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Protocol, Verdict};
-use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport};
-
-/// Largest packet privlink builds: an ICMP error (IP header, ICMP header,
-/// and the original IP header, up to 60 bytes, plus 8 bytes: 96), or a
-/// PROXY header segment (IP, TCP with timestamps, and the longest header,
-/// 54 bytes: 106).
-pub const REPLY_MAX: usize = 128;
+use crate::wire::{self, icmp_type, tcp_flags, Ipv4Packet, Transport, REPLY_MAX};
 
 /// Which way a packet crosses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -382,7 +376,7 @@ impl Ctx<'_> {
                 if ep.shared.open_flows() >= u64::from(ep.max_flows) {
                     return Err(DropReason::EndpointFlowLimit);
                 }
-                if conntrack::count32(&self.engine.net_flows[usize::from(ep.network.0)]) >= self.snap.flow_share {
+                if crate::counters::count32(&self.engine.net_flows[usize::from(ep.network.0)]) >= self.snap.flow_share {
                     return Err(DropReason::FlowTableFull);
                 }
                 flows.reopen(v)
@@ -501,7 +495,7 @@ impl Ctx<'_> {
     /// Queues the PROXY header segment of flow `v` toward the backend,
     /// before the packet being translated or after it.
     fn proxy_header(&mut self, v: &FlowView, ep: &EndpointView, tlv: ProxyTlv, before: bool) {
-        let len = proxy_segment(&self.engine.flows, v, ep.link_id, tlv, &mut self.reply[..]);
+        let len = proxy::segment(&self.engine.flows, v, ep.link_id, tlv, &mut self.reply[..]);
         *self.extra = Some(Extra { to: Egress::Provider, len, before });
     }
 
@@ -557,7 +551,7 @@ impl Ctx<'_> {
             return Err(InsertError::Limit);
         }
         let share = &self.engine.net_flows[usize::from(ck.network())];
-        if conntrack::count32(share) >= self.snap.flow_share {
+        if crate::counters::count32(share) >= self.snap.flow_share {
             return Err(InsertError::Full);
         }
         // A closed flow never causes a refusal: with no slot (`Full`) or no
@@ -805,31 +799,6 @@ pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r
         None => engine.provider_drops.get(w),
     };
     crate::counters::bump(&counters.0[r.index()], n);
-}
-
-/// Builds the PROXY header segment of flow `v` into `out`: from its NAT
-/// address and port to its backend, at the consumer's ISN + 1, with the
-/// acknowledgement, window and timestamps of the consumer's segment that
-/// completed the handshake (RFC 7323 §3.2: once both SYNs carried
-/// timestamps, every segment does); returns its length.
-pub(crate) fn proxy_segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyTlv, out: &mut [u8]) -> usize {
-    let isn = flows.proxy_isn(v);
-    let (ack, window, ts) = flows.proxy_ack(v);
-    let (c, p) = (v.ckey, v.pkey);
-    let seg = wire::TcpSegment {
-        src: p.nat_addr(),
-        sport: p.nat_port(),
-        dst: p.backend_addr(),
-        dport: p.backend_port(),
-        seq: isn.wrapping_add(1),
-        ack,
-        flags: tcp_flags::ACK | tcp_flags::PSH,
-        window,
-        ts,
-    };
-    wire::build_tcp(out, seg, |o| {
-        proxy::write_header(o, tlv, link_id, c.consumer_addr(), c.consumer_port(), c.endpoint_addr(), c.endpoint_port())
-    })
 }
 
 /// A consumer-side flow key; an ICMP echo's endpoint side has no port.

@@ -13,6 +13,12 @@
 use crate::checksum::Delta;
 use std::net::Ipv4Addr;
 
+/// Largest packet privlink builds: an ICMP error (IP header, ICMP header,
+/// and the original IP header, up to 60 bytes, plus 8 bytes: 96), or a
+/// PROXY header segment (IP, TCP with timestamps, and the longest header,
+/// 54 bytes: 106).
+pub const REPLY_MAX: usize = 128;
+
 /// Byte ranges of the IPv4 header (RFC 791) and the transport headers.
 pub mod field {
     use std::ops::Range;

@@ -20,7 +20,8 @@ use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Source, Verdict}
 use arc_swap::{ArcSwap, Cache};
 use std::sync::Arc;
 
-pub use crate::translate::{nat_ip_index, REPLY_MAX};
+pub use crate::translate::nat_ip_index;
+pub use crate::wire::REPLY_MAX;
 
 /// A packet-processing handle; one per packet thread.
 #[derive(Debug)]

@@ -9,6 +9,12 @@
 //! counters and connection state, a NAT IP's port pool) lives in `Arc`s that
 //! the new snapshot takes over from the old one when the thing is unchanged.
 
+pub mod apply;
+mod closed;
+pub mod expiry;
+pub mod listing;
+pub mod restart;
+
 use crate::counters::{DropCounters, PerWorker};
 use crate::flow::FlowTable;
 use crate::snapshot::{NetworkShared, Snapshot};

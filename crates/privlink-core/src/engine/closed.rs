@@ -1,0 +1,124 @@
+//! The engine's side of TCP tracking ([`crate::conntrack`]): the open and
+//! closed counts that hang on a flow's state, and closed flows ending for
+//! new ones (`reclaim_closed`, oldest first, per NAT pool).
+
+use crate::conntrack::closed;
+use crate::counters::{dec32, dec64};
+use crate::engine::Engine;
+use crate::flow::{state, Changed, FlowRecord, FlowView};
+use crate::pool::ClosedFlow;
+use crate::snapshot::{PoolEntry, Snapshot};
+use crate::types::Now;
+use std::sync::atomic::Ordering::Relaxed;
+
+impl Engine {
+    /// Adjusts the counts for a state change of flow `v`: a close takes it
+    /// off the open counts and queues it in its pool; a reopen puts it back.
+    pub(crate) fn count_change(&self, snap: &Snapshot, v: &FlowView, c: Changed, now: Now) {
+        let ep = snap.endpoint_by_id(v.endpoint);
+        let net = &self.net_flows[usize::from(v.ckey.network())];
+        if c.counted_closed() {
+            if let Some(e) = ep {
+                dec64(&e.shared.flows_active);
+                e.shared.flows_closed.fetch_add(1, Relaxed);
+            }
+            dec32(net);
+            if let Some(p) = snap.pools.get(&self.flows.pool_of(v)) {
+                p.pool.note_closed(ClosedFlow { slot: v.slot, gen: v.generation(), at: now });
+            }
+        } else if c.reopened() {
+            if let Some(e) = ep {
+                e.shared.flows_active.fetch_add(1, Relaxed);
+                dec64(&e.shared.flows_closed);
+            }
+            net.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// The counts for flow `r`, just removed with final state `bits`: off
+    /// the open counts, or off the closed ones if it had closed.
+    pub(crate) fn count_end(&self, snap: &Snapshot, r: &FlowRecord, bits: u32) {
+        let ep = snap.endpoint_by_id(r.view.endpoint);
+        if bits & state::COUNTED_CLOSED != 0 {
+            if let Some(e) = ep {
+                dec64(&e.shared.flows_closed);
+            }
+        } else {
+            dec32(&self.net_flows[usize::from(r.view.ckey.network())]);
+            if let Some(e) = ep {
+                dec64(&e.shared.flows_active);
+            }
+        }
+    }
+
+    /// Ends the oldest closed flow of `pool` (or, with `None`, of any pool)
+    /// so that a new flow can have its slot or port; returns the port it
+    /// held, or `None` when no closed flow is left to end.
+    pub(crate) fn reclaim_closed(&self, snap: &Snapshot, pool: Option<&PoolEntry>, now: Now) -> Option<u16> {
+        loop {
+            let (from, c) = match pool {
+                Some(p) => (p, p.pool.pop_closed()?),
+                None => {
+                    let p = snap
+                        .pools
+                        .values()
+                        .filter_map(|p| p.pool.oldest_closed().map(|at| (at, p)))
+                        .min_by_key(|&(at, p)| (at, p.id))
+                        .map(|(_, p)| p)?;
+                    let Some(c) = p.pool.pop_closed() else { continue };
+                    (&**p, c)
+                }
+            };
+            // Stale: the flow ended, or opened again, since it was queued.
+            let Some(r) = self.flows.record_at(c.slot, c.gen) else { continue };
+            if r.pool != from.id {
+                continue;
+            }
+            let Some(bits) = self.flows.remove_if(&r.view, closed) else { continue };
+            self.finish_end(snap, &r, bits, now, true);
+            return Some(r.view.pkey.nat_port());
+        }
+    }
+
+    /// What follows the removal of flow `r` (final state `bits`): its
+    /// delete event, its counts, its port back to its pool (at once when
+    /// the TCP close was seen, else after quarantine).
+    pub(crate) fn finish_end(&self, snap: &Snapshot, r: &FlowRecord, bits: u32, now: Now, closed: bool) {
+        if let Some(q) = &self.events {
+            let v = &r.view;
+            q.push(crate::events::NatEvent {
+                kind: crate::events::NatEventKind::Delete,
+                ckey: v.ckey,
+                pkey: v.pkey,
+                endpoint: v.endpoint,
+            });
+        }
+        self.count_end(snap, r, bits);
+        if let Some(p) = snap.pools.get(&r.pool) {
+            p.pool.free(r.view.pkey.nat_port(), now, closed);
+        }
+    }
+
+    /// The sweep's part: brings `COUNTED_CLOSED` of live flow `r` in step
+    /// with its phase (another process changed its state during a
+    /// hand-over) and counts the change.
+    pub(crate) fn recount(&self, snap: &Snapshot, r: &FlowRecord, now: Now) {
+        let v = &r.view;
+        let closed = v.protocol() == crate::Protocol::Tcp && v.phase() == crate::flow::TcpPhase::Closed;
+        if closed != (v.state & state::COUNTED_CLOSED != 0) {
+            if let Some(c) = self.flows.set_counted(v) {
+                self.count_change(snap, v, c, now);
+            }
+        }
+    }
+
+    /// Drops stale entries (flows that ended or opened again) from every
+    /// pool's closed queue.
+    pub(crate) fn prune_closed(&self, snap: &Snapshot) {
+        for p in snap.pools.values() {
+            p.pool.retain_closed(|c| {
+                self.flows.record_at(c.slot, c.gen).is_some_and(|r| r.pool == p.id && closed(r.view.state))
+            });
+        }
+    }
+}
