@@ -1,9 +1,10 @@
 //! TCP connection tracking as far as a NAT needs it: which segments open,
 //! close and reopen a flow, and what a closed flow still holds.
 //!
-//! The state bits live in the flow's slot ([`crate::flow::state`]); this
-//! module decides what a segment does to them and keeps the counts that
-//! hang on them right:
+//! The state bits ([`state`]), the phases the timeouts see ([`TcpPhase`],
+//! [`timeout`]) and what a segment does to them live here; the flow's slot
+//! keeps the bits, and the engine keeps the counts that hang on them
+//! (`engine/closed.rs`):
 //!
 //! - **A RST ends a flow only at the exact sequence number** its receiver
 //!   expects (RFC 5961 §3.2; Linux conntrack does the same since 2022). A
@@ -38,8 +39,87 @@
 //!   but not `COUNTED_CLOSED`: the counts are the successor's, whose sweep
 //!   brings the bit in step with the phase within a second.
 
-use crate::flow::{state, FlowView};
+use crate::spec::Timeouts;
+use crate::types::Protocol;
 use crate::wire::tcp_flags;
+
+/// Bits of a TCP flow's state, as its slot keeps them (the low 12 bits of
+/// its `meta` word; the generation is in the 20 bits above, see
+/// [`crate::flow`]).
+pub mod state {
+    /// The slot holds a flow fully set up (set last, cleared first).
+    pub const LIVE: u32 = 1 << 0;
+    /// TCP SYN seen from the consumer.
+    pub const C_SYN: u32 = 1 << 1;
+    /// TCP SYN (SYN-ACK, or simultaneous open) seen from the provider.
+    pub const P_SYN: u32 = 1 << 2;
+    /// TCP FIN seen from the consumer / the provider.
+    pub const C_FIN: u32 = 1 << 3;
+    pub const P_FIN: u32 = 1 << 4;
+    /// TCP RST seen from either side.
+    pub const RST: u32 = 1 << 5;
+    /// An ACK from the consumer after the provider's SYN: established.
+    pub const ESTABLISHED: u32 = 1 << 6;
+    /// PROXY protocol: the backend has acknowledged the whole header.
+    pub const HDR_ACKED: u32 = 1 << 7;
+    /// The flow's close has been taken off its endpoint's and network's
+    /// open flows (see [`FlowTable::add_state`](crate::flow::FlowTable::add_state)): set with the bits that
+    /// close it, by the process that owns the table's counts.
+    pub const COUNTED_CLOSED: u32 = 1 << 8;
+    /// The state bits of a `meta` word.
+    pub(crate) const MASK: u32 = 0xfff;
+}
+
+/// TCP state of a flow, as the timeouts see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpPhase {
+    /// SYN seen, handshake not finished: transitory timeout.
+    Opening,
+    Established,
+    /// One FIN seen: transitory timeout.
+    Closing,
+    /// Both FINs or a RST: short linger, port back without quarantine.
+    Closed,
+}
+
+impl TcpPhase {
+    pub fn from_bits(s: u32) -> TcpPhase {
+        if s & state::RST != 0 || (s & state::C_FIN != 0 && s & state::P_FIN != 0) {
+            TcpPhase::Closed
+        } else if s & (state::C_FIN | state::P_FIN) != 0 {
+            TcpPhase::Closing
+        } else if s & state::ESTABLISHED != 0 {
+            TcpPhase::Established
+        } else {
+            TcpPhase::Opening
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TcpPhase::Opening => "opening",
+            TcpPhase::Established => "established",
+            TcpPhase::Closing => "closing",
+            TcpPhase::Closed => "closed",
+        }
+    }
+}
+
+/// The idle timeout of a flow of protocol `proto` in TCP phase `phase`
+/// (ignored for UDP and ICMP), in seconds: RFC 5382 REQ-5 for TCP
+/// (established at least 2 h 4 min, transitory at least 4 min), RFC 4787
+/// REQ-5 for UDP, RFC 5508 REQ-1 for ICMP queries; a closed TCP flow
+/// lingers `tcp_closed` (docs/NAT-BEHAVIOUR.md, "Timeouts").
+pub fn timeout(proto: Protocol, phase: TcpPhase, t: &Timeouts) -> u32 {
+    match proto {
+        Protocol::Tcp => match phase {
+            TcpPhase::Established => t.tcp_established,
+            TcpPhase::Closed => t.tcp_closed,
+            TcpPhase::Opening | TcpPhase::Closing => t.tcp_transitory,
+        },
+        Protocol::Udp => t.udp,
+        Protocol::Icmp => t.icmp,
+    }
+}
 
 /// At most this many closed flows are ended for one new flow before it is
 /// refused (each is stale-checked; a pool shared by port overloading may
@@ -61,14 +141,13 @@ pub(crate) fn pure_syn(flags: u8) -> bool {
 }
 
 /// What a segment with `flags` from the consumer (`inbound`) or the
-/// provider does to flow `v`, whose sides have sent up to `next` =
-/// (consumer, provider) so far.
+/// provider does to a flow whose state is `bits`.
 ///
 /// `read` gives what deciding on a RST needs
 /// (its acknowledgement number and the flow's next sequence numbers, see
 /// [`rst_closes`]) only when there is one.
 #[inline(always)]
-pub(crate) fn update(inbound: bool, flags: u8, v: &FlowView, read: impl FnOnce() -> Rst) -> TcpUpdate {
+pub(crate) fn update(inbound: bool, flags: u8, bits: u32, read: impl FnOnce() -> Rst) -> TcpUpdate {
     let (syn, fin, rst, ack) = (
         flags & tcp_flags::SYN != 0,
         flags & tcp_flags::FIN != 0,
@@ -76,14 +155,14 @@ pub(crate) fn update(inbound: bool, flags: u8, v: &FlowView, read: impl FnOnce()
         flags & tcp_flags::ACK != 0,
     );
     if rst {
-        return if rst_closes(inbound, flags, v, read()) { TcpUpdate::Add(state::RST) } else { TcpUpdate::None };
+        return if rst_closes(inbound, flags, bits, read()) { TcpUpdate::Add(state::RST) } else { TcpUpdate::None };
     }
     if inbound {
         // The consumer's first ACK after the provider's SYN establishes
         // the flow, whatever else it carries (data, a FIN).
-        let completes = ack && v.state & (state::P_SYN | state::ESTABLISHED) == state::P_SYN;
+        let completes = ack && bits & (state::P_SYN | state::ESTABLISHED) == state::P_SYN;
         let est = if completes { state::ESTABLISHED } else { 0 };
-        if pure_syn(flags) && v.phase() == crate::flow::TcpPhase::Closed {
+        if pure_syn(flags) && TcpPhase::from_bits(bits) == TcpPhase::Closed {
             TcpUpdate::Reopen
         } else if fin {
             TcpUpdate::Add(state::C_FIN | est)
@@ -114,24 +193,24 @@ pub(crate) struct Rst {
 /// Whether a RST ends the flow: it carries exactly the next sequence
 /// number of its sender (see the module docs).
 #[inline(never)]
-fn rst_closes(inbound: bool, flags: u8, v: &FlowView, r: Rst) -> bool {
+fn rst_closes(inbound: bool, flags: u8, bits: u32, r: Rst) -> bool {
     let (next_c, next_p) = r.next;
     if inbound {
         r.seq == next_c
-    } else if v.state & state::P_SYN != 0 {
+    } else if bits & state::P_SYN != 0 {
         r.seq == next_p
     } else {
         flags & tcp_flags::ACK != 0 && r.ack == next_c
     }
 }
 
-/// Whether a SYN (from the consumer when `inbound`) on flow `v` (its state
-/// before this segment) starts its side's sequence space: the consumer's
+/// Whether a SYN (from the consumer when `inbound`) on a flow in state
+/// `bits` (before this segment) starts its side's sequence space: the consumer's
 /// before the provider answered or on a closed flow it reopens; the
 /// provider's first. A SYN in the middle of a connection is not believed.
 #[inline]
-pub(crate) fn syn_starts(inbound: bool, v: &FlowView) -> bool {
-    v.state & state::P_SYN == 0 || (inbound && v.phase() == crate::flow::TcpPhase::Closed)
+pub(crate) fn syn_starts(inbound: bool, bits: u32) -> bool {
+    bits & state::P_SYN == 0 || (inbound && TcpPhase::from_bits(bits) == TcpPhase::Closed)
 }
 
 /// Whether state bits say a TCP flow closed and was counted so: what a
@@ -139,5 +218,5 @@ pub(crate) fn syn_starts(inbound: bool, v: &FlowView) -> bool {
 /// reopen keeps `COUNTED_CLOSED` on an open flow until the successor's
 /// sweep clears it: the phase must be checked too.)
 pub(crate) fn closed(bits: u32) -> bool {
-    bits & state::COUNTED_CLOSED != 0 && crate::flow::TcpPhase::from_bits(bits) == crate::flow::TcpPhase::Closed
+    bits & state::COUNTED_CLOSED != 0 && TcpPhase::from_bits(bits) == TcpPhase::Closed
 }

@@ -71,6 +71,7 @@
 //! transparent huge pages, which spares the page walks a random lookup
 //! in a hundred megabytes would otherwise cost.
 
+pub use crate::conntrack::{state, TcpPhase};
 use crate::sync::{fence, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crate::types::{EndpointId, Now, PoolId, Protocol};
 use mem::Arr;
@@ -170,32 +171,6 @@ impl ProviderKey {
     }
 }
 
-/// Bits of a slot's state (the low 12 bits of its `meta` word; the
-/// generation is in the 20 bits above).
-pub mod state {
-    /// The slot holds a flow fully set up (set last, cleared first).
-    pub const LIVE: u32 = 1 << 0;
-    /// TCP SYN seen from the consumer.
-    pub const C_SYN: u32 = 1 << 1;
-    /// TCP SYN (SYN-ACK, or simultaneous open) seen from the provider.
-    pub const P_SYN: u32 = 1 << 2;
-    /// TCP FIN seen from the consumer / the provider.
-    pub const C_FIN: u32 = 1 << 3;
-    pub const P_FIN: u32 = 1 << 4;
-    /// TCP RST seen from either side.
-    pub const RST: u32 = 1 << 5;
-    /// An ACK from the consumer after the provider's SYN: established.
-    pub const ESTABLISHED: u32 = 1 << 6;
-    /// PROXY protocol: the backend has acknowledged the whole header.
-    pub const HDR_ACKED: u32 = 1 << 7;
-    /// The flow's close has been taken off its endpoint's and network's
-    /// open flows (see [`super::FlowTable::add_state`]): set with the bits that
-    /// close it, by the process that owns the table's counts.
-    pub const COUNTED_CLOSED: u32 = 1 << 8;
-    /// The state bits of a `meta` word.
-    pub(crate) const MASK: u32 = 0xfff;
-}
-
 /// Where the generation sits in `meta`.
 const GEN_SHIFT: u32 = 12;
 const GEN_ONE: u32 = 1 << GEN_SHIFT;
@@ -208,40 +183,6 @@ pub const MAX_SEQ_ADVANCE: u32 = 1 << 24;
 
 /// Endpoint ids must fit the 24 bits a slot keeps them in.
 pub const MAX_ENDPOINT_ID: u32 = (1 << 24) - 1;
-
-/// TCP state of a flow, as the timeouts see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TcpPhase {
-    /// SYN seen, handshake not finished: transitory timeout.
-    Opening,
-    Established,
-    /// One FIN seen: transitory timeout.
-    Closing,
-    /// Both FINs or a RST: short linger, port back without quarantine.
-    Closed,
-}
-
-impl TcpPhase {
-    pub fn from_bits(s: u32) -> TcpPhase {
-        if s & state::RST != 0 || (s & state::C_FIN != 0 && s & state::P_FIN != 0) {
-            TcpPhase::Closed
-        } else if s & (state::C_FIN | state::P_FIN) != 0 {
-            TcpPhase::Closing
-        } else if s & state::ESTABLISHED != 0 {
-            TcpPhase::Established
-        } else {
-            TcpPhase::Opening
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TcpPhase::Opening => "opening",
-            TcpPhase::Established => "established",
-            TcpPhase::Closing => "closing",
-            TcpPhase::Closed => "closed",
-        }
-    }
-}
 
 /// One flow: everything a packet of it reads or writes, in one cache line.
 /// All fields are atomics: see the module docs for the protocol.

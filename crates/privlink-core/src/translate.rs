@@ -367,7 +367,7 @@ impl Ctx<'_> {
         let seq = proxy::seq(l4);
         let end = seq.wrapping_add(payload as u32 + u32::from(syn) + u32::from(fin));
         let rst = || Rst { seq, ack: proxy::ack(l4), next: flows.next_seqs(v) };
-        let change = match conntrack::update(inbound, flags, v, rst) {
+        let change = match conntrack::update(inbound, flags, v.state, rst) {
             TcpUpdate::None => None,
             TcpUpdate::Add(bits) => flows.add_state(v, bits),
             TcpUpdate::Reopen => {
@@ -400,7 +400,7 @@ impl Ctx<'_> {
         // nothing may be forged. A SYN sets it only while the handshake is
         // open (a SYN in the middle of a connection is not a new one).
         if flags & tcp_flags::RST == 0 {
-            let opening = syn && conntrack::syn_starts(inbound, v);
+            let opening = syn && conntrack::syn_starts(inbound, v.state);
             flows.note_seq(v, inbound, end, opening);
         }
         Ok(())
@@ -445,7 +445,7 @@ impl Ctx<'_> {
             Dir::In(_) if flags & tcp_flags::SYN != 0 => {
                 // Only the SYN of a connection opening (or reopening) says
                 // where its stream starts.
-                if conntrack::syn_starts(true, v) {
+                if conntrack::syn_starts(true, v.state) {
                     flows.set_proxy_isn(v, proxy::seq(l4));
                 }
                 return payload > 0;

@@ -42,15 +42,7 @@ impl Engine {
         self.flows.for_each_live(|r| {
             let v = &r.view;
             let phase = v.phase();
-            let timeout = match v.protocol() {
-                Protocol::Tcp => match phase {
-                    TcpPhase::Established => t.tcp_established,
-                    TcpPhase::Closed => t.tcp_closed,
-                    TcpPhase::Opening | TcpPhase::Closing => t.tcp_transitory,
-                },
-                Protocol::Udp => t.udp,
-                Protocol::Icmp => t.icmp,
-            };
+            let timeout = crate::conntrack::timeout(v.protocol(), phase, &t);
             let expired = idle && now.0.saturating_sub(r.last_seen.0) >= timeout;
             if expired || !allowed(&snap, r) {
                 let closed = v.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
