@@ -24,7 +24,6 @@
 //! (`HDR_ACKED`); the header itself is rebuilt from the flow's keys, its
 //! endpoint's link id and its service's TLV kind whenever it is sent.
 
-use crate::checksum::Delta;
 use crate::flow::{FlowTable, FlowView};
 use crate::spec::ProxyTlv;
 
@@ -100,44 +99,6 @@ pub fn write_header(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src: u32, sport
     n
 }
 
-#[inline(always)]
-fn get32(l4: &[u8], at: usize) -> u32 {
-    match l4.get(at..at + 4) {
-        Some(&[a, b, c, d]) => u32::from_be_bytes([a, b, c, d]),
-        _ => 0,
-    }
-}
-
-/// Writes `v` at `at` of a TCP header; unless the checksum is partial
-/// (it then covers only the pseudo-header), corrects it incrementally.
-#[inline]
-fn put32(l4: &mut [u8], at: usize, v: u32, partial: bool) {
-    let old = get32(l4, at);
-    if old == v {
-        return;
-    }
-    l4[at..at + 4].copy_from_slice(&v.to_be_bytes());
-    if !partial {
-        let mut d = Delta::default();
-        d.word((old >> 16) as u16, (v >> 16) as u16);
-        d.word(old as u16, v as u16);
-        let c = d.apply(u16::from_be_bytes([l4[16], l4[17]]));
-        l4[16..18].copy_from_slice(&c.to_be_bytes());
-    }
-}
-
-/// The sequence number of a TCP header.
-#[inline(always)]
-pub fn seq(l4: &[u8]) -> u32 {
-    get32(l4, 4)
-}
-
-/// The acknowledgement number of a TCP header.
-#[inline(always)]
-pub fn ack(l4: &[u8]) -> u32 {
-    get32(l4, 8)
-}
-
 /// Builds the PROXY header segment of flow `v` into `out`: from its NAT
 /// address and port to its backend, at the consumer's ISN + 1, with the
 /// acknowledgement, window and timestamps of the consumer's segment that
@@ -161,51 +122,6 @@ pub(crate) fn segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyT
     crate::wire::build_tcp(out, seg, |o| {
         write_header(o, tlv, link_id, c.consumer_addr(), c.consumer_port(), c.endpoint_addr(), c.endpoint_port())
     })
-}
-
-/// The window field of a TCP header (unscaled, as sent).
-#[inline]
-pub fn window(l4: &[u8]) -> u16 {
-    u16::from_be_bytes([l4[14], l4[15]])
-}
-
-#[inline]
-pub fn set_seq(l4: &mut [u8], v: u32, partial: bool) {
-    put32(l4, 4, v, partial);
-}
-
-#[inline]
-pub fn set_ack(l4: &mut [u8], v: u32, partial: bool) {
-    put32(l4, 8, v, partial);
-}
-
-/// Moves every SACK block edge of a TCP header down by `by` (a backend's
-/// SACK names consumer sequence numbers as the backend sees them).
-pub fn shift_sack(l4: &mut [u8], by: u32, partial: bool) {
-    let end = (usize::from(l4[12] >> 4) * 4).min(l4.len());
-    let mut i = 20;
-    while i < end {
-        match l4[i] {
-            0 => return,
-            1 => i += 1,
-            kind => {
-                let Some(&len) = l4.get(i + 1) else { return };
-                let len = usize::from(len);
-                if len < 2 || i + len > end {
-                    return;
-                }
-                if kind == 5 {
-                    let mut at = i + 2;
-                    while at + 4 <= i + len {
-                        let v = get32(l4, at).wrapping_sub(by);
-                        put32(l4, at, v, partial);
-                        at += 4;
-                    }
-                }
-                i += len;
-            }
-        }
-    }
 }
 
 impl crate::Engine {
@@ -286,36 +202,6 @@ mod tests {
             u32::from_le_bytes([b[32], b[33], b[34], b[35]]).to_string(),
             link_id_shown(Some(ProxyTlv::Azure), id)
         );
-    }
-
-    #[test]
-    fn sequence_and_sack_edits_keep_the_checksum() {
-        use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
-        let mut v = Vec::new();
-        let sack =
-            etherparse::TcpOptionElement::SelectiveAcknowledgement((1000, 2000), [Some((3000, 4000)), None, None]);
-        PacketBuilder::ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
-            .tcp(1, 2, 500, 100)
-            .ack(900)
-            .options(&[etherparse::TcpOptionElement::Noop, etherparse::TcpOptionElement::Noop, sack])
-            .expect("options")
-            .write(&mut v, b"data")
-            .expect("build");
-        let l4 = &mut v[20..];
-        set_seq(l4, seq(l4).wrapping_add(36), false);
-        set_ack(l4, ack(l4).wrapping_sub(36), false);
-        shift_sack(l4, 36, false);
-        let p = SlicedPacket::from_ip(&v).expect("parses");
-        let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
-        let Some(TransportSlice::Tcp(t)) = p.transport else { panic!() };
-        let h = t.to_header();
-        assert_eq!((h.sequence_number, h.acknowledgment_number), (536, 864));
-        assert_eq!(h.calc_checksum_ipv4(&ip.header().to_header(), t.payload()).expect("sum"), h.checksum);
-        let blocks: Vec<_> = h.options_iterator().filter_map(Result::ok).collect();
-        assert!(blocks.contains(&etherparse::TcpOptionElement::SelectiveAcknowledgement(
-            (964, 1964),
-            [Some((2964, 3964)), None, None]
-        )));
     }
 
     #[test]

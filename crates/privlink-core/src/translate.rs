@@ -364,9 +364,9 @@ impl Ctx<'_> {
         let l4 = &mut buf[ihl..];
         let inbound = dir.inbound();
         let (syn, fin) = (flags & tcp_flags::SYN != 0, flags & tcp_flags::FIN != 0);
-        let seq = proxy::seq(l4);
+        let seq = wire::tcp::seq(l4);
         let end = seq.wrapping_add(payload as u32 + u32::from(syn) + u32::from(fin));
-        let rst = || Rst { seq, ack: proxy::ack(l4), next: flows.next_seqs(v) };
+        let rst = || Rst { seq, ack: wire::tcp::ack(l4), next: flows.next_seqs(v) };
         let change = match conntrack::update(inbound, flags, v.state, rst) {
             TcpUpdate::None => None,
             TcpUpdate::Add(bits) => flows.add_state(v, bits),
@@ -446,7 +446,7 @@ impl Ctx<'_> {
                 // Only the SYN of a connection opening (or reopening) says
                 // where its stream starts.
                 if conntrack::syn_starts(true, v.state) {
-                    flows.set_proxy_isn(v, proxy::seq(l4));
+                    flows.set_proxy_isn(v, wire::tcp::seq(l4));
                 }
                 return payload > 0;
             }
@@ -454,26 +454,26 @@ impl Ctx<'_> {
                 let bare = payload == 0 && flags & (tcp_flags::FIN | tcp_flags::RST) == 0;
                 if established {
                     let ts = wire::tcp_timestamps(l4);
-                    flows.set_proxy_ack(v, proxy::ack(l4), proxy::window(l4), ts);
+                    flows.set_proxy_ack(v, wire::tcp::ack(l4), wire::tcp::window(l4), ts);
                     self.proxy_header(v, ep, tlv, !bare);
                     if bare {
                         return false;
                     }
                 }
                 if v.state & state::ESTABLISHED != 0 || established {
-                    proxy::set_seq(l4, proxy::seq(l4).wrapping_add(hl), partial);
+                    wire::tcp::set_seq(l4, wire::tcp::seq(l4).wrapping_add(hl), partial);
                 }
             }
             Dir::Out => {
                 if flags & (tcp_flags::SYN | tcp_flags::RST) != 0 || flags & tcp_flags::ACK == 0 {
                     return false;
                 }
-                let ack = proxy::ack(l4);
+                let ack = wire::tcp::ack(l4);
                 if v.state & state::HDR_ACKED == 0 {
                     let isn = flows.proxy_isn(v);
                     let past = ack.wrapping_sub(isn.wrapping_add(1));
                     if past < hl || past >= 1 << 31 {
-                        proxy::set_ack(l4, isn.wrapping_add(1), partial);
+                        wire::tcp::set_ack(l4, isn.wrapping_add(1), partial);
                         if v.state & state::ESTABLISHED != 0 {
                             self.proxy_header(v, ep, tlv, false);
                         }
@@ -485,8 +485,8 @@ impl Ctx<'_> {
                         }
                     }
                 }
-                proxy::set_ack(l4, ack.wrapping_sub(hl), partial);
-                proxy::shift_sack(l4, hl, partial);
+                wire::tcp::set_ack(l4, ack.wrapping_sub(hl), partial);
+                wire::tcp::shift_sack(l4, hl, partial);
             }
         }
         false
@@ -643,13 +643,13 @@ impl Ctx<'_> {
             if l4.len() >= 8 {
                 let hl = proxy::header_len(tlv) as u32;
                 let isn = self.engine.flows.proxy_isn(&v);
-                let seq = proxy::seq(l4);
+                let seq = wire::tcp::seq(l4);
                 if seq.wrapping_sub(isn.wrapping_add(1)) < hl {
                     return Verdict::Drop(DropReason::NoFlow);
                 }
                 let back = seq.wrapping_sub(hl);
                 if l4.len() >= 18 {
-                    proxy::set_seq(l4, back, false);
+                    wire::tcp::set_seq(l4, back, false);
                 } else {
                     l4[4..8].copy_from_slice(&back.to_be_bytes());
                 }
