@@ -262,3 +262,73 @@ fn a_flow_reopened_in_a_frozen_table_is_not_reclaimed() {
     assert_eq!(t.remove_if(&v, crate::conntrack::closed), None, "an open flow is never reclaimed");
     assert!(t.find_consumer(k).is_some());
 }
+
+#[test]
+fn timeouts_follow_a_fake_clock() {
+    let (e, mut w) = engine_with(small(), &desired(3000..=3001, ConnectionState::Approved));
+    let snap = e.snapshot();
+    let udp_pool = snap.pools.values().find(|p| p.service == "svc-a" && p.protocol == Protocol::Udp).expect("pool");
+    let tcp_pool = snap.pools.values().find(|p| p.service == "svc-a" && p.protocol == Protocol::Tcp).expect("pool");
+    let a = Source::Network(NET_A);
+
+    // UDP: idle 300 s, then the port is quarantined 120 s.
+    let mut u = udp(CLIENT, 1, EP, 53, b"");
+    w.process(&mut u, a, Now(0));
+    assert_eq!(e.expire(Now(299)), 0);
+    let mut again = udp(CLIENT, 1, EP, 53, b"");
+    w.process(&mut again, a, Now(100)); // refresh
+    assert_eq!(e.expire(Now(399)), 0);
+    assert_eq!(e.expire(Now(400)), 1);
+    assert_eq!(udp_pool.pool.available(), 1, "expired port is quarantined");
+    e.expire(Now(400 + pool::QUARANTINE_SECS));
+    assert_eq!(udp_pool.pool.available(), 2);
+
+    // TCP: opening times out after the transitory 240 s.
+    let mut s = tcp(CLIENT, 2, EP, 80, "S", b"");
+    w.process(&mut s, a, Now(1000));
+    assert_eq!(e.expire(Now(1239)), 0);
+    assert_eq!(e.expire(Now(1240)), 1);
+
+    // TCP: established waits 7440 s; a full close frees the port early and
+    // without quarantine.
+    let mut s = tcp(CLIENT, 3, EP, 80, "S", b"");
+    w.process(&mut s, a, Now(2000));
+    let (_, nport, _, _, _) = inspect(&s);
+    let mut sa = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "SA", b"");
+    assert_eq!(w.process(&mut sa, Source::Provider, Now(2000)), Verdict::Forward(Egress::Network(NET_A)));
+    let mut ack = tcp(CLIENT, 3, EP, 80, "A", b"");
+    w.process(&mut ack, a, Now(2000));
+    assert_eq!(e.flow_list(None, Now(2000))[0].state, "established");
+    assert_eq!(e.expire(Now(2000 + 7439)), 0);
+    let before = tcp_pool.pool.available();
+    let mut fin = tcp(CLIENT, 3, EP, 80, "FA", b"");
+    w.process(&mut fin, a, Now(9500));
+    let mut fin2 = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "FA", b"");
+    w.process(&mut fin2, Source::Provider, Now(9500));
+    assert_eq!(e.flow_list(None, Now(9500))[0].state, "closed");
+    // The same 5-tuple opening again while the flow lingers gets the same
+    // NAT port (the backend may hold that 4-tuple in TIME_WAIT).
+    let mut syn = tcp(CLIENT, 3, EP, 80, "S", b"");
+    assert_eq!(w.process(&mut syn, a, Now(9530)), Verdict::Forward(Egress::Provider));
+    assert_eq!(inspect(&syn).1, nport, "reopened on the same port");
+    assert_eq!(e.flow_list(None, Now(9530))[0].state, "opening");
+    // The RST at the consumer's next sequence number (the SYN took 1000).
+    let mut rst = tcp_rst(CLIENT, 3, EP, 80, 1001, None);
+    w.process(&mut rst, a, Now(9540));
+    assert_eq!(e.flow_list(None, Now(9540))[0].state, "closed");
+    assert_eq!(e.expire(Now(9599)), 0);
+    assert_eq!(e.expire(Now(9600)), 1);
+    assert_eq!(tcp_pool.pool.available(), before + 1, "closed: no quarantine");
+
+    // RST closes too; ICMP query flows use the ICMP timeout.
+    let mut s = tcp(CLIENT, 4, EP, 80, "S", b"");
+    w.process(&mut s, a, Now(20000));
+    let mut r = tcp_rst(CLIENT, 4, EP, 80, 1001, None);
+    w.process(&mut r, a, Now(20000));
+    assert_eq!(e.expire(Now(20059)), 0);
+    assert_eq!(e.expire(Now(20060)), 1);
+    let mut p = ping(CLIENT, EP, 5, false);
+    w.process(&mut p, a, Now(30000));
+    assert_eq!(e.expire(Now(30059)), 0);
+    assert_eq!(e.expire(Now(30060)), 1);
+}
