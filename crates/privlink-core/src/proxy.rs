@@ -124,35 +124,38 @@ pub(crate) fn segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyT
     })
 }
 
+/// Whether flow `v` (its state as read) waits for its PROXY header to be
+/// sent again: its consumer completed the handshake (so the header went)
+/// and its backend has not acknowledged the header.
+pub(crate) fn wants_resend(v: &FlowView) -> bool {
+    use crate::conntrack::{state, TcpPhase};
+    v.state & state::ESTABLISHED != 0
+        && v.state & state::HDR_ACKED == 0
+        && v.protocol() == crate::Protocol::Tcp
+        && matches!(v.phase(), TcpPhase::Opening | TcpPhase::Established)
+}
+
 impl crate::Engine {
-    /// The header segments to send again: one for each live TCP flow of a
-    /// PROXY service whose consumer completed its handshake (so the header
-    /// was sent) but whose backend has not acknowledged the header (lost, and the backend said nothing since;
-    /// a server-first protocol waits for it). The daemon calls this once a
-    /// second and writes each packet `f` gets to the provider device.
-    pub fn proxy_resends(&self, mut f: impl FnMut(&[u8])) -> usize {
-        use crate::flow::{state, TcpPhase};
+    /// Queues, for the workers to send, the header segment of each live
+    /// TCP flow of a PROXY service whose header the backend has not
+    /// acknowledged and which nothing has brought again (the header was
+    /// lost and the backend said nothing since: a server-first protocol
+    /// waits for it). The daemon's control thread calls this once a second;
+    /// the scan of the table stays off the packet threads, and what leaves
+    /// goes out through a worker's outbox like every other packet
+    /// ([`Worker::send_resends`](crate::Worker::send_resends)). Returns how
+    /// many were queued (at most the queue's room; the rest wait a second).
+    pub fn queue_proxy_resends(&self) -> usize {
         let snap = self.snap.load();
         // No PROXY service: no scan of the table.
         if snap.endpoints.iter().all(|e| e.proxy.is_none()) {
             return 0;
         }
-        let mut buf = [0u8; crate::wire::REPLY_MAX];
         let mut n = 0;
         self.flows.for_each_live(|r| {
-            let v = &r.view;
-            let wants = v.state & state::ESTABLISHED != 0
-                && v.state & state::HDR_ACKED == 0
-                && v.protocol() == crate::Protocol::Tcp
-                && matches!(v.phase(), TcpPhase::Opening | TcpPhase::Established);
-            if !wants {
-                return;
+            if wants_resend(&r.view) && snap.endpoint_by_id(r.view.endpoint).is_some_and(|e| e.proxy.is_some()) {
+                n += usize::from(self.resends.push(r.view).is_ok());
             }
-            let Some(ep) = snap.endpoint_by_id(v.endpoint) else { return };
-            let Some(tlv) = ep.proxy else { return };
-            let len = segment(&self.flows, v, ep.link_id, tlv, &mut buf);
-            f(&buf[..len]);
-            n += 1;
         });
         n
     }

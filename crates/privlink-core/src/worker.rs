@@ -179,6 +179,30 @@ impl Worker {
         }
     }
 
+    /// Queues, on this worker's outbox toward the provider, the PROXY
+    /// header segments the control thread found waiting
+    /// ([`Engine::queue_proxy_resends`]), for flows that still wait; call
+    /// it between read batches. Returns how many were queued. Costs one
+    /// atomic load when there are none.
+    pub fn send_resends(&mut self, out: &mut Outbox) -> usize {
+        let Worker { engine, cache, reply, .. } = self;
+        if engine.resends.is_empty() {
+            return 0;
+        }
+        let snap: &Snapshot = cache.load();
+        let mut n = 0;
+        while let Some(v) = engine.resends.pop() {
+            // Still live, still waiting: the view the scan took may be old.
+            let Some(r) = engine.flows.record_at(v.slot, v.generation()) else { continue };
+            let Some(ep) = snap.endpoint_by_id(r.view.endpoint) else { continue };
+            let Some(tlv) = ep.proxy.filter(|_| crate::proxy::wants_resend(&r.view)) else { continue };
+            let len = crate::proxy::segment(&engine.flows, &r.view, ep.link_id, tlv, &mut reply[..]);
+            out.write_made(Egress::Provider, &reply[..len]);
+            n += 1;
+        }
+        n
+    }
+
     /// Ends a read batch: queues every staged packet.
     pub fn end_batch(&mut self, out: &mut Outbox) {
         out.flush_all();

@@ -371,20 +371,12 @@ impl Daemon {
     }
 
     /// PROXY headers a backend has not acknowledged and said nothing about
-    /// since (see `privlink_core::proxy`): sent again, once a second, on
-    /// the provider device's first queue.
+    /// since (see `privlink_core::proxy`): queued once a second for the
+    /// workers, which send them through their outboxes like any packet.
     fn resend_proxy_headers(&self) {
-        let set = self.devices.load();
-        let Some(p) = set.provider.as_ref() else { return };
-        let hdr = if set.vnet_hdr { crate::dataplane::VNET_HDR_LEN } else { 0 };
-        let mut buf = [0u8; crate::dataplane::VNET_HDR_LEN + privlink_core::worker::REPLY_MAX];
-        let n = self.engine.proxy_resends(|pkt| {
-            buf[..hdr].fill(0);
-            buf[hdr..hdr + pkt.len()].copy_from_slice(pkt);
-            let _ = p.queue(0).send(&buf[..hdr + pkt.len()]);
-        });
+        let n = self.engine.queue_proxy_resends();
         if n > 0 {
-            tracing::debug!(headers = n, "PROXY headers sent again");
+            tracing::debug!(headers = n, "PROXY headers to send again");
         }
     }
 

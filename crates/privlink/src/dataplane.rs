@@ -157,7 +157,13 @@ fn run_worker(
             set = cache.load().clone();
             polled = Polled::new(&set, w);
         }
-        if !polled.wait() {
+        let ready = polled.wait();
+        // What the control thread asked to send (PROXY headers again)
+        // leaves through this worker's outbox too.
+        if worker.send_resends(&mut out) > 0 {
+            out.drain(|o| write(&set, w, o, &mut gro, &errors));
+        }
+        if !ready {
             continue;
         }
         let now = now_since(epoch);

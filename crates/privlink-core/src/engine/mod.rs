@@ -39,7 +39,14 @@ pub struct Engine {
     pub(crate) apply_lock: Mutex<ApplyState>,
     /// NAT events for flow logs, when an exporter wants them.
     pub(crate) events: Option<crate::events::EventQueue>,
+    /// PROXY header segments to send again, as flows: filled by the
+    /// control thread's scan ([`Engine::queue_proxy_resends`]), emptied
+    /// by whichever worker looks first.
+    pub(crate) resends: crossbeam_queue::ArrayQueue<crate::flow::FlowView>,
 }
+
+/// Flows whose PROXY header waits to be sent again, at most, per second.
+pub const RESEND_QUEUE: usize = 4096;
 
 #[derive(Debug, Default)]
 pub(crate) struct ApplyState {
@@ -90,6 +97,7 @@ impl Engine {
             snap: Arc::new(ArcSwap::from_pointee(empty)),
             apply_lock: Mutex::new(ApplyState::default()),
             events: (settings.event_queue > 0).then(|| crate::events::EventQueue::new(settings.event_queue)),
+            resends: crossbeam_queue::ArrayQueue::new(RESEND_QUEUE),
             settings,
         })
     }

@@ -50,13 +50,14 @@ fn proxy_protocol_header_goes_first_and_sequence_numbers_line_up() {
     assert_eq!(w.process(&mut p, b, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
     assert_eq!(tcp_fields(&p).1, 1001);
     assert!(w.take_extra().is_some(), "header sent again");
-    assert_eq!(e.proxy_resends(|_| {}), 1, "the sweep would send it too");
+    assert_eq!(e.queue_proxy_resends(), 1, "the sweep would send it too");
+    assert_eq!(w.send_resends(&mut Outbox::new(false)), 1);
     // Header and "hi" acknowledged: the consumer sees its own numbers.
     let mut p = tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, false, 5001, Some(1039), b"ok");
     assert_eq!(w.process(&mut p, b, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
     assert_eq!(tcp_fields(&p).1, 1003);
     assert!(w.take_extra().is_none());
-    assert_eq!(e.proxy_resends(|_| {}), 0, "acknowledged: nothing to resend");
+    assert_eq!(e.queue_proxy_resends(), 0, "acknowledged: nothing to resend");
     // A service without the setting is untouched.
     let mut p = tcp_seq(CLIENT, 40001, EP, 80, true, 7000, None, b"");
     assert_eq!(w.process(&mut p, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));

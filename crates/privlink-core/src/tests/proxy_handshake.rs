@@ -112,7 +112,7 @@ fn a_lost_syn_ack_leaves_the_handshake_to_the_endpoints() {
     let mut p = synack(nport);
     assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
     assert!(w.take_extra().is_none());
-    assert_eq!(e.proxy_resends(|_| {}), 0, "no header to resend before the consumer's handshake");
+    assert_eq!(e.queue_proxy_resends(), 0, "no header to resend before the consumer's handshake");
     // The consumer's retransmitted SYN reaches the backend as a SYN (which
     // answers it with its SYN-ACK again).
     let mut again = syn_with(1000, b"");
@@ -130,7 +130,15 @@ fn a_lost_syn_ack_leaves_the_handshake_to_the_endpoints() {
     assert!(matches!(w.process(&mut p, Source::Provider, Now(3)), Verdict::Forward(_)));
     let (_, hdr) = w.take_extra().expect("header again");
     assert_eq!(tcp_window_ts(hdr), (700, Some((12, 98))));
-    assert_eq!(e.proxy_resends(|_| {}), 1);
+    // The once-a-second resend: queued by the control thread's scan, sent
+    // through a worker's outbox.
+    assert_eq!(e.queue_proxy_resends(), 1);
+    let mut out = Outbox::new(true);
+    assert_eq!(w.send_resends(&mut out), 1);
+    let sent = drain(&mut out);
+    let [Sent::One(Egress::Provider, b)] = &sent[..] else { panic!("{sent:?}") };
+    assert_eq!((tcp_fields(&b[10..]).0, tcp_window_ts(&b[10..])), (1001, (700, Some((12, 98)))));
+    assert_eq!(w.send_resends(&mut out), 0, "sent once per scan");
 }
 
 #[test]
