@@ -25,6 +25,23 @@ fn syn_with(seq: u32, data: &[u8]) -> Vec<u8> {
     v
 }
 
+/// (sequence number, payload length) of each TCP segment the outbox
+/// writes, in order (behind a virtio-net header).
+fn tcp_sent(out: &mut Outbox) -> Vec<(u32, usize)> {
+    drain(out)
+        .into_iter()
+        .flat_map(|s| match s {
+            Sent::One(_, b) => vec![b],
+            Sent::Coalesced(_, bufs) => bufs,
+        })
+        .filter(|b| b[10 + 9] == 6)
+        .map(|b| {
+            let (seq, _, p) = tcp_fields(&b[10..]);
+            (seq, p.len())
+        })
+        .collect()
+}
+
 fn synack(nport: u16) -> Vec<u8> {
     tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, true, 5000, Some(1001), b"")
 }
@@ -54,18 +71,7 @@ fn fast_open_data_in_the_syn_is_dropped_and_follows_the_header() {
     let data = tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 600, (11, 99), b"hello, world!");
     handle(&mut w, &mut out, &data, A, Now(1));
     w.end_batch(&mut out);
-    let order: Vec<(u32, usize)> = drain(&mut out)
-        .into_iter()
-        .flat_map(|s| match s {
-            Sent::One(_, b) => vec![b],
-            Sent::Coalesced(_, bufs) => bufs,
-        })
-        .map(|b| {
-            let (seq, _, p) = tcp_fields(&b[10..]);
-            (seq, p.len())
-        })
-        .collect();
-    assert_eq!(order, vec![(1001, 28), (1029, 13)], "header (28 bytes) first, then the data once");
+    assert_eq!(tcp_sent(&mut out), vec![(1001, 28), (1029, 13)], "header (28 bytes) first, then the data once");
 }
 
 #[test]
@@ -172,19 +178,7 @@ fn a_header_that_goes_first_is_not_overtaken_by_a_staged_packet() {
     handle(&mut w, &mut out, &udp(CLIENT, 9000, EP, 53, b"q"), A, Now(1));
     handle(&mut w, &mut out, &tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 600, (11, 99), b"data"), A, Now(1));
     w.end_batch(&mut out);
-    let tcp_order: Vec<(u32, usize)> = drain(&mut out)
-        .into_iter()
-        .flat_map(|s| match s {
-            Sent::One(_, b) => vec![b],
-            Sent::Coalesced(_, bufs) => bufs,
-        })
-        .filter(|b| b[10 + 9] == 6)
-        .map(|b| {
-            let (seq, _, p) = tcp_fields(&b[10..]);
-            (seq, p.len())
-        })
-        .collect();
-    assert_eq!(tcp_order, vec![(1001, 28), (1029, 4)], "header, then the data");
+    assert_eq!(tcp_sent(&mut out), vec![(1001, 28), (1029, 4)], "header, then the data");
 }
 
 #[test]
