@@ -13,8 +13,10 @@
 //!
 //! The header is sent again whenever a backend segment shows it was not
 //! received (an acknowledgement that does not cover it), and once a second
-//! by the engine's sweep for flows whose backend said nothing
-//! ([`Engine::proxy_resends`](crate::Engine::proxy_resends)): a server-first
+//! for flows whose backend said nothing: the control thread's scan queues
+//! them ([`Engine::queue_proxy_resends`](crate::Engine::queue_proxy_resends))
+//! and a worker sends them through its outbox
+//! ([`Worker::send_resends`](crate::Worker::send_resends)): a server-first
 //! protocol (SMTP, MySQL, SSH) waits for the header before it greets, and
 //! the consumer waits for the greeting. TCP discards duplicate data, so a
 //! header sent twice is read once.
