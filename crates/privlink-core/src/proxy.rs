@@ -1,9 +1,12 @@
 //! PROXY protocol v2 in a NAT (docs/PROXY-PROTOCOL.md).
 //!
 //! privlink does not terminate TCP, so it adds the header to a stream it
-//! only forwards: when the backend's SYN-ACK passes, privlink sends the
-//! backend one segment of its own carrying the header, at the sequence
-//! numbers right after the consumer's SYN (`isn + 1 .. isn + 1 + L`). From
+//! only forwards: when the consumer's segment that completes its handshake
+//! passes, privlink sends the backend one segment of its own carrying the
+//! header, made to look like the consumer's next segment (its
+//! acknowledgement, window and timestamps), at the sequence numbers right
+//! after the consumer's SYN (`isn + 1 .. isn + 1 + L`); data in the SYN
+//! (TCP Fast Open) is held back for the consumer to send again. From
 //! then on every consumer segment's sequence number is moved up by `L`
 //! toward the backend, and every backend acknowledgement (and SACK edge)
 //! moved down by `L` toward the consumer, so each end sees a consistent
@@ -21,8 +24,8 @@
 //! the consumer waits for the greeting. TCP discards duplicate data, so a
 //! header sent twice is read once.
 //!
-//! Per flow this needs the consumer's initial sequence number and the
-//! backend's (both in the slot's cold half, 8 bytes) and one state bit
+//! Per flow this needs the consumer's initial sequence number and what the
+//! header segment repeats (in the slot's cold half) and one state bit
 //! (`HDR_ACKED`); the header itself is rebuilt from the flow's keys, its
 //! endpoint's link id and its service's TLV kind whenever it is sent.
 
