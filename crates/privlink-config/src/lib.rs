@@ -171,11 +171,12 @@ fn name_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
 }
 
-/// Whether an address can be an endpoint, a NAT IP or a backend: not
-/// "this network" (0/8), loopback, multicast, reserved or broadcast.
+/// Whether an address can be an endpoint, a NAT IP or a backend: not one
+/// the packet path calls a martian source ("this network" 0/8, loopback,
+/// multicast, reserved or broadcast; `privlink_core::wire::is_martian_source`,
+/// the one definition both use).
 fn unicast(a: Ipv4Addr) -> bool {
-    let o = a.octets()[0];
-    o != 0 && o != 127 && o < 224
+    !privlink_core::wire::is_martian_source(u32::from(a))
 }
 
 /// A name cut short for an error message.
