@@ -383,9 +383,7 @@ impl Ctx<'_> {
             }
         };
         if let Some(c) = change {
-            if c.before & state::COUNTED_CLOSED != c.after & state::COUNTED_CLOSED {
-                self.engine.count_change(self.snap, v, c, self.now);
-            }
+            self.engine.count_change(self.snap, v, c, self.now);
         }
         let mut end = end;
         if let Some(tlv) = ep.proxy {
@@ -480,9 +478,7 @@ impl Ctx<'_> {
                         return false;
                     }
                     if let Some(c) = flows.add_state(v, state::HDR_ACKED) {
-                        if c.before & state::COUNTED_CLOSED != c.after & state::COUNTED_CLOSED {
-                            self.engine.count_change(self.snap, v, c, self.now);
-                        }
+                        self.engine.count_change(self.snap, v, c, self.now);
                     }
                 }
                 wire::tcp::set_ack(l4, ack.wrapping_sub(hl), partial);

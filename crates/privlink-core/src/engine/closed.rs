@@ -14,7 +14,11 @@ use std::sync::atomic::Ordering::Relaxed;
 impl Engine {
     /// Adjusts the counts for a state change of flow `v`: a close takes it
     /// off the open counts and queues it in its pool; a reopen puts it back.
+    #[inline]
     pub(crate) fn count_change(&self, snap: &Snapshot, v: &FlowView, c: Changed, now: Now) {
+        if (c.before ^ c.after) & state::COUNTED_CLOSED == 0 {
+            return;
+        }
         let ep = snap.endpoint_by_id(v.endpoint);
         let net = &self.net_flows[usize::from(v.ckey.network())];
         if c.counted_closed() {

@@ -3,12 +3,11 @@
 
 use super::*;
 
-#[test]
-fn every_reassembly_given_up_in_one_tick_is_counted() {
+/// `n` datagrams whose first fragment never comes: their last fragments
+/// wait, then all time out in the same tick; returns the drops counted.
+fn given_up_at_once(n: u16) -> u64 {
     let (e, mut w) = engine();
-    // Ten datagrams whose first fragment never comes: their last fragments
-    // wait, then all time out in the same tick.
-    for id in 0..10u16 {
+    for id in 0..n {
         let mut big = udp(CLIENT, 6001, EP, 53, &[1u8; 3000]);
         big[4..6].copy_from_slice(&id.to_be_bytes());
         big[6] = 0;
@@ -18,7 +17,17 @@ fn every_reassembly_given_up_in_one_tick_is_counted() {
     }
     let mut other = udp(CLIENT, 6002, EP, 53, b"x");
     w.process(&mut other, Source::Network(NET_A), Now(1 + frag::REASSEMBLY_SECS));
-    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::ReassemblyTimeout), 10);
+    dropped(&e, Some("vnet-a"), DropReason::ReassemblyTimeout)
+}
+
+#[test]
+fn held_fragments_time_out_and_are_counted() {
+    assert_eq!(given_up_at_once(1), 1);
+}
+
+#[test]
+fn every_reassembly_given_up_in_one_tick_is_counted() {
+    assert_eq!(given_up_at_once(10), 10);
 }
 
 #[test]
@@ -75,19 +84,6 @@ fn fragments_are_translated_consistently_in_any_order() {
     }
     let whole = reassemble(&back);
     assert_eq!(inspect(&whole), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 6000, true));
-}
-
-#[test]
-fn held_fragments_time_out_and_are_counted() {
-    let (e, mut w) = engine();
-    let mut big = udp(CLIENT, 6001, EP, 53, &[1u8; 3000]);
-    big[6] = 0;
-    fix_ip_checksum(&mut big);
-    let mut later = fragments_of(&big, 1500).pop().expect("last");
-    assert_eq!(w.process(&mut later, Source::Network(NET_A), Now(1)), Verdict::Held);
-    let mut other = udp(CLIENT, 6002, EP, 53, b"x");
-    w.process(&mut other, Source::Network(NET_A), Now(1 + frag::REASSEMBLY_SECS));
-    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::ReassemblyTimeout), 1);
 }
 
 #[test]

@@ -42,6 +42,17 @@ fn tcp_sent(out: &mut Outbox) -> Vec<(u32, usize)> {
         .collect()
 }
 
+/// A connection to the PROXY endpoint whose SYN (seq 1000, timestamps)
+/// and SYN-ACK have passed; returns its NAT port.
+fn to_synack(w: &mut Worker) -> u16 {
+    let mut syn = syn_with(1000, b"");
+    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
+    let nport = inspect(&syn).1;
+    let mut p = synack(nport);
+    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    nport
+}
+
 fn synack(nport: u16) -> Vec<u8> {
     tcp_seq(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, true, 5000, Some(1001), b"")
 }
@@ -78,10 +89,7 @@ fn fast_open_data_in_the_syn_is_dropped_and_follows_the_header() {
 fn a_bare_ack_completes_the_handshake_unshifted_and_the_header_follows_it() {
     let (_e, mut w) = proxy_engine();
     let mut out = Outbox::new(true);
-    let mut syn = syn_with(1000, b"");
-    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
-    let mut p = synack(inspect(&syn).1);
-    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    to_synack(&mut w);
     handle(&mut w, &mut out, &tcp_ts(CLIENT, 40000, EP, 80, 1001, 5001, 700, (12, 98), b""), A, Now(1));
     w.end_batch(&mut out);
     let pkts: Vec<Vec<u8>> = drain(&mut out)
@@ -150,10 +158,7 @@ fn a_lost_syn_ack_leaves_the_handshake_to_the_endpoints() {
 #[test]
 fn a_handshake_completing_segment_with_data_and_fin_still_gets_the_header_first() {
     let (e, mut w) = proxy_engine();
-    let mut syn = syn_with(1000, b"");
-    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
-    let mut p = synack(inspect(&syn).1);
-    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    to_synack(&mut w);
     // ACK + data + FIN in one segment (a Fast Open client that sends and
     // shuts down, its SYN data sent again).
     let mut v = Vec::new();
@@ -169,10 +174,7 @@ fn a_handshake_completing_segment_with_data_and_fin_still_gets_the_header_first(
 fn a_header_that_goes_first_is_not_overtaken_by_a_staged_packet() {
     let (_e, mut w) = proxy_engine();
     let mut out = Outbox::new(true);
-    let mut syn = syn_with(1000, b"");
-    assert_eq!(w.process(&mut syn, A, Now(1)), Verdict::Forward(Egress::Provider));
-    let mut p = synack(inspect(&syn).1);
-    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    to_synack(&mut w);
     // In one read batch: a small datagram to the provider (staged), then
     // the data segment that completes the handshake.
     handle(&mut w, &mut out, &udp(CLIENT, 9000, EP, 53, b"q"), A, Now(1));
