@@ -1,6 +1,7 @@
 //! What users hit, end to end (real daemon, TUN devices, namespaces,
 //! kernel TCP/UDP): `max_flows` counts open connections only, a RST the
-//! endpoints ignore does not end the flow, and packets with trailing bytes
+//! endpoints ignore does not end the flow while the RST of a socket closed
+//! before late data arrives does, and packets with trailing bytes
 //! after their IP total length are trimmed and forwarded both ways.
 
 mod common;
@@ -97,6 +98,35 @@ fn a_rst_the_endpoints_ignore_does_not_end_the_connection() {
     assert_eq!(code, 0);
     assert!(flows.contains("established"), "{flows}");
     assert_eq!(bed.metric("privlink_packets_dropped_total", &[("reason", "no_flow"), ("network", "provider")]), 0.0);
+}
+
+#[test]
+fn a_socket_closed_before_late_data_arrives_ends_its_flow_with_its_rst() {
+    let Some(bed) = Bed::running("rstfin", Opts { tcp_closed_idle: 2, ..Opts::default() }) else { return };
+    // The backend never sees the consumer's FIN (dropped in the provider's
+    // namespace, after privlink saw it), so its echo acknowledges only
+    // the data; the consumer's closed socket answers that echo with a RST
+    // at the FIN's own sequence number, one before its next.
+    nft(
+        &bed.prov,
+        &format!(
+            "table inet finloss {{\n  chain in {{ type filter hook input priority 0;\n    \
+             ip daddr {BACKEND_ORDERS} tcp dport 8007 tcp flags & fin == fin counter drop\n  }}\n}}"
+        ),
+    );
+    let mut s = connect(&bed.a, EP, 7, 3 * SEC).expect("connect to the echo service");
+    s.write_all(b"late").expect("write");
+    drop(s);
+    let states = || {
+        let (code, out, err) = bed.cli(&["flows", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+        v.as_array().expect("array").iter().map(|f| f["state"].as_str().unwrap_or("").to_string()).collect::<Vec<_>>()
+    };
+    // Closed, then gone after the 2 s linger, not held for the transitory
+    // timeout (4 min) of a half-closed connection.
+    assert!(eventually(8, || states().is_empty()), "flows: {:?}", states());
+    assert_eq!(bed.metric("privlink_endpoint_flows_active", &[("endpoint", "pe-a")]), 0.0);
 }
 
 #[test]

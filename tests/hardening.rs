@@ -324,7 +324,18 @@ fn a_reload_changing_nat_ports_under_live_flows_gives_every_port_back() {
     drop(held);
     drop(more);
     // Closed flows linger tcp_closed_idle (1 s here), then every port is back.
-    assert!(eventually(15, || available() == 20.0), "available {} of {}", available(), capacity());
+    assert!(
+        eventually(15, || available() == 20.0),
+        "available {} of {}\n{}\n{}",
+        available(),
+        capacity(),
+        bed.cli(&["flows", "--json"]).1,
+        bed.scrape()
+            .lines()
+            .filter(|l| l.starts_with("privlink_packets_dropped") && !l.ends_with(" 0"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 // ---- Per-endpoint limits and source rules. ----

@@ -224,17 +224,6 @@ fn tcp_ext(ns: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Loads an nftables ruleset into namespace `ns`.
-fn nft(ns: &str, rules: &str) {
-    let mut nft = Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("nft (apt-get install nftables)");
-    nft.stdin.take().expect("stdin").write_all(rules.as_bytes()).expect("rules");
-    assert!(nft.wait().expect("nft").success(), "{rules}");
-}
-
 /// `nft list table inet NAME` in namespace `ns`.
 fn nft_list(ns: &str, table: &str) -> String {
     let out = Command::new("ip").args(["netns", "exec", ns, "nft", "list", "table", "inet", table]).output();

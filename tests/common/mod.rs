@@ -502,3 +502,14 @@ pub fn with_pe_a(bed: &Bed, opts: &Opts, line: &str) -> String {
         &format!("name = \"pe-a\"\nnetwork = \"vnet-a\"\nip = \"{EP}\"\nservice = \"orders\"\n{line}\n"),
     )
 }
+
+/// Loads an nftables ruleset into namespace `ns`.
+pub fn nft(ns: &str, rules: &str) {
+    let mut nft = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (apt-get install nftables)");
+    std::io::Write::write_all(&mut nft.stdin.take().expect("stdin"), rules.as_bytes()).expect("rules");
+    assert!(nft.wait().expect("nft").success(), "{rules}");
+}

@@ -17,7 +17,9 @@
 //!   most [`MAX_SEQ_ADVANCE`](crate::flow::MAX_SEQ_ADVANCE), so a blind
 //!   forger must land inside that span to set up an exact RST (windows are
 //!   not tracked: there is no room in the slot). A RST from a side must
-//!   carry exactly that number. Before the backend answered, a RST from it
+//!   carry exactly that number, or, after that side's FIN, the FIN's own
+//!   (the RST of a closed socket answering late data, which Linux's
+//!   receiver accepts as `rcv_nxt - 1`). Before the backend answered, a RST from it
 //!   must acknowledge the consumer's SYN (a refused connection, RFC 9293
 //!   §3.10.7.3).
 //! - **A flow that closed no longer counts as open.** The segment whose
@@ -191,14 +193,20 @@ pub(crate) struct Rst {
 }
 
 /// Whether a RST ends the flow: it carries exactly the next sequence
-/// number of its sender (see the module docs).
+/// number of its sender (see the module docs), or, once that sender's FIN
+/// went out, the FIN's own number: a socket that sent its FIN and then
+/// receives data resets with the number that data acknowledged (Linux
+/// `tcp_rcv_state_process`, then `tcp_v4_send_reset` taking the RST's
+/// sequence number from the segment's ACK, RFC 9293 §3.10.7.1), and the
+/// receiver accepts `rcv_nxt - 1` after a FIN (Linux `tcp_reset_check`).
 #[inline(never)]
 fn rst_closes(inbound: bool, flags: u8, bits: u32, r: Rst) -> bool {
     let (next_c, next_p) = r.next;
+    let at = |next: u32, fin: u32| r.seq == next || (bits & fin != 0 && r.seq == next.wrapping_sub(1));
     if inbound {
-        r.seq == next_c
+        at(next_c, state::C_FIN)
     } else if bits & state::P_SYN != 0 {
-        r.seq == next_p
+        at(next_p, state::P_FIN)
     } else {
         flags & tcp_flags::ACK != 0 && r.ack == next_c
     }

@@ -191,6 +191,51 @@ fn only_a_rst_at_the_exact_next_sequence_number_ends_a_flow() {
 }
 
 #[test]
+fn a_rst_answering_data_after_its_senders_fin_ends_the_flow() {
+    // A socket closed with its FIN sent that then receives data resets
+    // the connection with the sequence number the data acknowledged: the
+    // FIN's own, one before the sender's next (Linux tcp_rcv_state_process
+    // then tcp_v4_send_reset; the receiver accepts rcv_nxt - 1 after a
+    // FIN, tcp_reset_check). From either side.
+    let (be, nat) = (BACKEND_A.octets(), NAT_A.octets());
+    let a = Source::Network(NET_A);
+    for consumer_closes in [true, false] {
+        let (e, mut w) = engine();
+        let nport = established(&mut w);
+        let state = |e: &Engine| e.flow_list(None, Now(1))[0].state;
+        let (mut fin, mut data, mut rst, fin_src, rst_src) = if consumer_closes {
+            (
+                tcp_fin(CLIENT, 40000, EP, 80, 1006, 5004),
+                tcp_seq(be, 8080, nat, nport, false, 5004, Some(1006), b"late"),
+                tcp_rst(CLIENT, 40000, EP, 80, 1006, None),
+                a,
+                a,
+            )
+        } else {
+            (
+                tcp_fin(be, 8080, nat, nport, 5004, 1006),
+                tcp_seq(CLIENT, 40000, EP, 80, false, 1006, Some(5004), b"late"),
+                tcp_rst(be, 8080, nat, nport, 5004, None),
+                Source::Provider,
+                Source::Provider,
+            )
+        };
+        assert!(matches!(w.process(&mut fin, fin_src, Now(2)), Verdict::Forward(_)));
+        assert_eq!(state(&e), "closing");
+        let data_src = if consumer_closes { Source::Provider } else { a };
+        assert!(matches!(w.process(&mut data, data_src, Now(2)), Verdict::Forward(_)));
+        assert!(matches!(w.process(&mut rst, rst_src, Now(2)), Verdict::Forward(_)));
+        assert_eq!(state(&e), "closed", "consumer closes: {consumer_closes}");
+    }
+    // Without a FIN before it, the same number is not the sender's next.
+    let (e, mut w) = engine();
+    established(&mut w);
+    let mut rst = tcp_rst(CLIENT, 40000, EP, 80, 1005, None);
+    assert!(matches!(w.process(&mut rst, a, Now(2)), Verdict::Forward(_)));
+    assert_eq!(e.flow_list(None, Now(2))[0].state, "established");
+}
+
+#[test]
 fn a_rst_from_the_consumer_at_its_next_sequence_number_ends_the_flow() {
     let (e, mut w) = engine();
     established(&mut w);
