@@ -173,10 +173,10 @@ fn name_char(c: char) -> bool {
 
 /// Whether an address can be an endpoint, a NAT IP or a backend: not one
 /// the packet path calls a martian source ("this network" 0/8, loopback,
-/// multicast, reserved or broadcast; `privlink_core::wire::is_martian_source`,
+/// multicast, reserved or broadcast; `privlink_core::addr::is_martian_v4`,
 /// the one definition both use).
 fn unicast(a: Ipv4Addr) -> bool {
-    !privlink_core::wire::is_martian_source(u32::from(a))
+    !privlink_core::addr::is_martian_v4(u32::from(a))
 }
 
 /// A name cut short for an error message.

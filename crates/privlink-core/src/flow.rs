@@ -71,6 +71,8 @@
 //! transparent huge pages, which spares the page walks a random lookup
 //! in a hundred megabytes would otherwise cost.
 
+use crate::addr::fold;
+pub use crate::addr::{ConsumerKey, Family, ProviderKey, V4, V6};
 pub use crate::conntrack::{state, TcpPhase};
 use crate::sync::{fence, AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering};
 use crate::types::{EndpointId, Now, PoolId, Protocol};
@@ -98,79 +100,6 @@ pub const REUSE_DELAY: u32 = 1024;
 
 const NONE: u32 = 0;
 
-/// The consumer-side identity of a flow: network, protocol, consumer
-/// address/port, endpoint address/port (for ICMP echo: identifier, 0).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ConsumerKey(pub u128);
-
-impl ConsumerKey {
-    pub fn new(network: u16, proto: u8, src: u32, sport: u16, dst: u32, dport: u16) -> Self {
-        ConsumerKey(
-            (u128::from(network) << 104)
-                | (u128::from(proto) << 96)
-                | (u128::from(src) << 64)
-                | (u128::from(sport) << 48)
-                | (u128::from(dst) << 16)
-                | u128::from(dport),
-        )
-    }
-    pub fn network(self) -> u16 {
-        (self.0 >> 104) as u16
-    }
-    pub fn proto(self) -> u8 {
-        (self.0 >> 96) as u8
-    }
-    pub fn consumer_addr(self) -> u32 {
-        (self.0 >> 64) as u32
-    }
-    pub fn consumer_port(self) -> u16 {
-        (self.0 >> 48) as u16
-    }
-    pub fn endpoint_addr(self) -> u32 {
-        (self.0 >> 16) as u32
-    }
-    pub fn endpoint_port(self) -> u16 {
-        self.0 as u16
-    }
-}
-
-/// The provider-side identity of a flow: protocol, NAT address/port, backend
-/// address/port (for ICMP echo: NAT identifier, 0). Uses the low 104 bits;
-/// the slot keeps the flow's endpoint id in the 24 bits above.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ProviderKey(pub u128);
-
-/// The bits of a slot's provider word that hold the [`ProviderKey`].
-const PKEY_MASK: u128 = (1 << 104) - 1;
-const EP_SHIFT: u32 = 104;
-
-impl ProviderKey {
-    pub fn new(proto: u8, nat: u32, nport: u16, backend: u32, bport: u16) -> Self {
-        ProviderKey(
-            (u128::from(proto) << 96)
-                | (u128::from(nat) << 64)
-                | (u128::from(nport) << 48)
-                | (u128::from(backend) << 16)
-                | u128::from(bport),
-        )
-    }
-    pub fn proto(self) -> u8 {
-        (self.0 >> 96) as u8
-    }
-    pub fn nat_addr(self) -> u32 {
-        (self.0 >> 64) as u32
-    }
-    pub fn nat_port(self) -> u16 {
-        (self.0 >> 48) as u16
-    }
-    pub fn backend_addr(self) -> u32 {
-        (self.0 >> 16) as u32
-    }
-    pub fn backend_port(self) -> u16 {
-        self.0 as u16
-    }
-}
-
 /// Where the generation sits in `meta`.
 const GEN_SHIFT: u32 = 12;
 const GEN_ONE: u32 = 1 << GEN_SHIFT;
@@ -188,10 +117,11 @@ pub const MAX_ENDPOINT_ID: u32 = (1 << 24) - 1;
 /// All fields are atomics: see the module docs for the protocol.
 #[derive(Debug)]
 #[repr(C, align(64))]
-pub struct FlowSlot {
-    ckey: [AtomicU64; 2],
-    /// The provider key (low 104 bits) and the endpoint id (top 24).
-    pkey: [AtomicU64; 2],
+pub struct FlowSlot<F: Family = V4> {
+    ckey: F::Cell,
+    /// The provider key and the endpoint id (24 bits,
+    /// [`Family::join_provider`]).
+    pkey: F::Cell,
     cnext: AtomicU32,
     pnext: AtomicU32,
     /// Last packet, in [`Now`] seconds.
@@ -210,11 +140,11 @@ pub struct FlowSlot {
     next_p: AtomicU32,
 }
 
-impl Default for FlowSlot {
+impl<F: Family> Default for FlowSlot<F> {
     fn default() -> Self {
         FlowSlot {
-            ckey: [AtomicU64::new(0), AtomicU64::new(0)],
-            pkey: [AtomicU64::new(0), AtomicU64::new(0)],
+            ckey: F::Cell::default(),
+            pkey: F::Cell::default(),
             cnext: AtomicU32::new(0),
             pnext: AtomicU32::new(0),
             last_seen: AtomicU32::new(0),
@@ -270,17 +200,6 @@ impl Default for Cold {
 }
 
 #[inline]
-fn store128(a: &[AtomicU64; 2], v: u128) {
-    a[0].store((v >> 64) as u64, Ordering::Relaxed);
-    a[1].store(v as u64, Ordering::Relaxed);
-}
-
-#[inline]
-fn load128(a: &[AtomicU64; 2]) -> u128 {
-    (u128::from(a[0].load(Ordering::Relaxed)) << 64) | u128::from(a[1].load(Ordering::Relaxed))
-}
-
-#[inline]
 fn same_gen(a: u32, b: u32) -> bool {
     (a ^ b) >> GEN_SHIFT == 0
 }
@@ -289,19 +208,19 @@ fn same_gen(a: u32, b: u32) -> bool {
 /// endpoint and the state bits of one generation of one slot. Everything a
 /// packet is rewritten with comes from here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowView {
+pub struct FlowView<F: Family = V4> {
     /// The slot index.
     pub slot: u32,
     /// The slot's generation when read: names this flow, not the slot.
     gen: u32,
-    pub ckey: ConsumerKey,
-    pub pkey: ProviderKey,
+    pub ckey: ConsumerKey<F>,
+    pub pkey: ProviderKey<F>,
     pub endpoint: EndpointId,
     /// The [`state`] bits when read.
     pub state: u32,
 }
 
-impl FlowView {
+impl<F: Family> FlowView<F> {
     /// The slot's generation this view was read at.
     #[inline]
     pub(crate) fn generation(&self) -> u32 {
@@ -320,8 +239,8 @@ impl FlowView {
 /// A flow as the sweeper and listings see it: the view plus what only they
 /// read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowRecord {
-    pub view: FlowView,
+pub struct FlowRecord<F: Family = V4> {
+    pub view: FlowView<F>,
     pub pool: PoolId,
     pub created: Now,
     pub last_seen: Now,
@@ -371,14 +290,14 @@ impl Changed {
 
 /// What [`FlowTable::insert`] found or made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inserted {
+pub enum Inserted<F: Family = V4> {
     /// A concurrent packet of the same flow created it first.
-    Existing(FlowView),
-    New(FlowView),
+    Existing(FlowView<F>),
+    New(FlowView<F>),
 }
 
-impl Inserted {
-    pub fn view(&self) -> FlowView {
+impl<F: Family> Inserted<F> {
+    pub fn view(&self) -> FlowView<F> {
         match *self {
             Inserted::Existing(v) | Inserted::New(v) => v,
         }
@@ -412,8 +331,8 @@ struct FreeSlots {
 
 /// The concurrent flow table. See the module docs.
 #[derive(Debug)]
-pub struct FlowTable {
-    slots: Arr<FlowSlot>,
+pub struct FlowTable<F: Family = V4> {
+    slots: Arr<FlowSlot<F>>,
     cold: Arr<Cold>,
     cidx: Index,
     pidx: Index,
@@ -458,46 +377,30 @@ pub enum AttachMode {
     Share,
 }
 
-/// Folded multiply: the high and low halves of a 64x64 product, xored.
-#[inline(always)]
-fn fold(a: u64, b: u64) -> u64 {
-    let p = u128::from(a) * u128::from(b);
-    (p as u64) ^ ((p >> 64) as u64)
-}
-
-/// The table's keyed hash of a 128-bit key (the index hash, also used for
-/// the per-flow backend choice). Written here rather than taken from a hash
-/// crate because every process attached to a region must hash alike,
-/// whatever version of that crate it was built with.
-#[inline(always)]
-fn keyed_hash(keys: &[u64; 2], k: u128) -> u64 {
-    fold(fold((k as u64) ^ keys[0], ((k >> 64) as u64) ^ keys[1]), 0x9e37_79b9_7f4a_7c15)
-}
-
-impl FlowTable {
+impl<F: Family> FlowTable<F> {
     /// A table for at most `max_flows` flows (at least 1, at most 2^31).
-    pub fn new(max_flows: u32) -> FlowTable {
-        FlowTable::with_reuse_delay(max_flows, REUSE_DELAY)
+    pub fn new(max_flows: u32) -> Self {
+        Self::with_reuse_delay(max_flows, REUSE_DELAY)
     }
 
     /// As [`new`](Self::new), with the index hash's keys given (a fixed
     /// [`Settings::seed`](crate::Settings::seed)).
-    pub fn with_keys(max_flows: u32, keys: [u64; 2]) -> FlowTable {
-        let mut t = FlowTable::new(max_flows);
+    pub fn with_keys(max_flows: u32, keys: [u64; 2]) -> Self {
+        let mut t = Self::new(max_flows);
         t.keys = keys;
         t
     }
 
     /// As [`new`](Self::new), with `reuse_delay` spare slots (0: a freed
     /// slot may be reused by the very next insert; the model test uses it).
-    pub fn with_reuse_delay(max_flows: u32, reuse_delay: u32) -> FlowTable {
-        let l = Layout::new(max_flows, reuse_delay);
+    pub fn with_reuse_delay(max_flows: u32, reuse_delay: u32) -> Self {
+        let l = Layout::of::<F>(max_flows, reuse_delay);
         #[cfg(not(loom))]
         let keys = [rand::random::<u64>(), rand::random::<u64>()];
         // loom replays executions: the layout must not change between them.
         #[cfg(loom)]
         let keys = [1, 2];
-        FlowTable::assemble(
+        Self::assemble(
             l,
             Arr::heap(huge_array(l.slots)),
             Arr::heap(huge_array(l.slots)),
@@ -510,13 +413,13 @@ impl FlowTable {
 
     fn assemble(
         l: Layout,
-        slots: Arr<FlowSlot>,
+        slots: Arr<FlowSlot<F>>,
         cold: Arr<Cold>,
         cheads: Arr<AtomicU32>,
         pheads: Arr<AtomicU32>,
         high_water: Arr<AtomicU32>,
         keys: [u64; 2],
-    ) -> FlowTable {
+    ) -> Self {
         FlowTable {
             slots,
             cold,
@@ -534,12 +437,12 @@ impl FlowTable {
 
     /// The table's arrays in `region`, laid out by `l`.
     #[cfg(not(loom))]
-    fn in_region(region: &std::sync::Arc<dyn Region>, l: Layout, keys: [u64; 2]) -> FlowTable {
+    fn in_region(region: &std::sync::Arc<dyn Region>, l: Layout, keys: [u64; 2]) -> Self {
         // SAFETY: `Layout` places each array inside `l.bytes()` (checked by
         // the callers against the region's length), 64-byte aligned from a
         // page-aligned base; every type is atomics only, valid when zeroed.
         unsafe {
-            FlowTable::assemble(
+            Self::assemble(
                 l,
                 Arr::in_region(region, l.slots_at(), l.slots),
                 Arr::in_region(region, l.cold_at(), l.slots),
@@ -555,8 +458,8 @@ impl FlowTable {
     /// `Layout::new(max_flows, REUSE_DELAY).bytes()` long): writes the
     /// header.
     #[cfg(not(loom))]
-    pub fn create_in(region: std::sync::Arc<dyn Region>, max_flows: u32) -> Result<FlowTable, AttachError> {
-        let l = Layout::new(max_flows, REUSE_DELAY);
+    pub fn create_in(region: std::sync::Arc<dyn Region>, max_flows: u32) -> Result<Self, AttachError> {
+        let l = Layout::of::<F>(max_flows, REUSE_DELAY);
         if region.len() < l.bytes() {
             return Err(AttachError::Size { have: region.len(), need: l.bytes() });
         }
@@ -564,7 +467,7 @@ impl FlowTable {
         let h = l.header(keys);
         // SAFETY: the region is at least a header page long and page-aligned.
         unsafe { std::ptr::write_volatile(region.base() as *mut Header, h) };
-        Ok(FlowTable::in_region(&region, l, keys))
+        Ok(Self::in_region(&region, l, keys))
     }
 
     /// The table another process left in `region`, for `max_flows` flows:
@@ -577,8 +480,8 @@ impl FlowTable {
         region: std::sync::Arc<dyn Region>,
         max_flows: u32,
         mode: AttachMode,
-    ) -> Result<(FlowTable, Attached), AttachError> {
-        let l = Layout::new(max_flows, REUSE_DELAY);
+    ) -> Result<(Self, Attached), AttachError> {
+        let l = Layout::of::<F>(max_flows, REUSE_DELAY);
         if region.len() < HEADER_BYTES {
             return Err(AttachError::Size { have: region.len(), need: l.bytes() });
         }
@@ -588,16 +491,24 @@ impl FlowTable {
         if h.magic != mem::MAGIC || h.check != h.sum() {
             return Err(AttachError::NotATable);
         }
-        if h.version != mem::VERSION {
+        // Format 3 held IPv4 flows only, in slots laid out as format 4's
+        // IPv4 slots: an IPv4 table takes it over as it is (the header is
+        // left as written, so the build before can still take it back).
+        let ipv4_only = h.version == mem::VERSION_IPV4_ONLY && F::VERSION == 4;
+        if h.version != mem::VERSION && !ipv4_only {
             return Err(AttachError::Version(h.version));
         }
-        if h != l.header(h.keys) {
+        if !ipv4_only && h.family != u32::from(F::VERSION) {
+            return Err(AttachError::Family { have: h.family, want: F::VERSION });
+        }
+        let want = if ipv4_only { l.header_ipv4_only(h.keys) } else { l.header(h.keys) };
+        if h != want {
             return Err(AttachError::Layout { have: h.max_flows, slot: h.slot_size, want: l.max_flows });
         }
         if region.len() < l.bytes() {
             return Err(AttachError::Size { have: region.len(), need: l.bytes() });
         }
-        let t = FlowTable::in_region(&region, l, h.keys);
+        let t = Self::in_region(&region, l, h.keys);
         let found = t.rebuild(mode);
         Ok((t, found))
     }
@@ -620,7 +531,8 @@ impl FlowTable {
             if m & state::LIVE == 0 {
                 continue;
             }
-            let (ck, pw) = (load128(&s.ckey), load128(&s.pkey));
+            let (ck, pw) = (F::load(&s.ckey), F::load(&s.pkey));
+            let pk = F::split_provider(pw).0;
             let c = &self.cold[i];
             let sum = self.slot_sum(ck, pw, c.pool.load(Ordering::Relaxed), c.created.load(Ordering::Relaxed));
             let mut ok = c.check.load(Ordering::Relaxed) == sum;
@@ -628,9 +540,9 @@ impl FlowTable {
                 // A duplicate key can only come from corruption: the first
                 // slot keeps it.
                 ok = self.find_consumer(ConsumerKey(ck)).is_none()
-                    && !self.provider_linked(self.bucket(pw & PKEY_MASK, &self.pidx), ProviderKey(pw & PKEY_MASK));
+                    && !self.provider_linked(self.bucket(pk, &self.pidx), ProviderKey(pk));
                 if ok {
-                    let (cb, pb) = (self.bucket(ck, &self.cidx), self.bucket(pw & PKEY_MASK, &self.pidx));
+                    let (cb, pb) = (self.bucket(ck, &self.cidx), self.bucket(pk, &self.pidx));
                     s.cnext.store(self.cidx.heads[cb].load(Ordering::Relaxed), Ordering::Relaxed);
                     s.pnext.store(self.pidx.heads[pb].load(Ordering::Relaxed), Ordering::Relaxed);
                     self.cidx.heads[cb].store(i as u32 + 1, Ordering::Release);
@@ -657,9 +569,9 @@ impl FlowTable {
     }
 
     /// The check value of a slot (see [`Cold::check`]).
-    fn slot_sum(&self, ck: u128, pw: u128, pool: u32, created: u32) -> u64 {
-        let a = keyed_hash(&self.keys, ck);
-        let b = keyed_hash(&self.keys, pw ^ (u128::from(pool) << 32 | u128::from(created)));
+    fn slot_sum(&self, ck: F::Word, pw: F::Word, pool: u32, created: u32) -> u64 {
+        let a = F::key_hash(&self.keys, ck);
+        let b = F::key_hash(&self.keys, F::mix(pw, u64::from(pool) << 32 | u64::from(created)));
         fold(a ^ 0x5bd1_e995, b | 1)
     }
 
@@ -701,52 +613,53 @@ impl FlowTable {
     /// their cold halves and the two indexes, over `max_flows`.
     pub fn bytes_per_flow(&self) -> usize {
         let idx = 2 * self.cidx.heads.len() * std::mem::size_of::<AtomicU32>();
-        let per_slot = std::mem::size_of::<FlowSlot>() + std::mem::size_of::<Cold>();
+        let per_slot = std::mem::size_of::<FlowSlot<F>>() + std::mem::size_of::<Cold>();
         (per_slot * self.slots.len() + idx) / self.max_flows as usize
     }
 
     /// A stable hash of a consumer key for per-flow choices (backend).
     #[inline]
-    pub fn flow_hash(&self, k: ConsumerKey) -> u64 {
-        keyed_hash(&self.keys, k.0)
+    pub fn flow_hash(&self, k: ConsumerKey<F>) -> u64 {
+        F::key_hash(&self.keys, k.0)
     }
 
     #[inline(always)]
-    fn bucket(&self, k: u128, idx: &Index) -> usize {
-        (keyed_hash(&self.keys, k) as usize) & idx.mask
+    fn bucket(&self, k: F::Word, idx: &Index) -> usize {
+        (F::key_hash(&self.keys, k) as usize) & idx.mask
     }
 
     /// Completes the read of slot `i`, whose `meta` was `m1` (live) and
     /// whose keys were `ck` and `pw` as read after it: validated against a
     /// concurrent removal or reuse (see the module docs).
     #[inline(always)]
-    fn validate(&self, i: u32, m1: u32, ck: u128, pw: u128) -> Option<FlowView> {
+    fn validate(&self, i: u32, m1: u32, ck: F::Word, pw: F::Word) -> Option<FlowView<F>> {
         fence(Ordering::Acquire);
         let m2 = self.slots[i as usize].meta.load(Ordering::Relaxed);
         if !same_gen(m1, m2) || m2 & state::LIVE == 0 {
             return None;
         }
+        let (pk, ep) = F::split_provider(pw);
         Some(FlowView {
             slot: i,
             gen: m2 >> GEN_SHIFT,
             ckey: ConsumerKey(ck),
-            pkey: ProviderKey(pw & PKEY_MASK),
-            endpoint: EndpointId((pw >> EP_SHIFT) as u32),
+            pkey: ProviderKey(pk),
+            endpoint: EndpointId(ep),
             state: m2 & state::MASK,
         })
     }
 
     /// Reads slot `i` as a [`FlowView`] if it holds a live flow.
     #[inline]
-    fn read(&self, i: u32, m1: u32) -> Option<FlowView> {
+    fn read(&self, i: u32, m1: u32) -> Option<FlowView<F>> {
         let s = &self.slots[i as usize];
-        self.validate(i, m1, load128(&s.ckey), load128(&s.pkey))
+        self.validate(i, m1, F::load(&s.ckey), F::load(&s.pkey))
     }
 
     /// Walks one chain for a live slot whose consumer (or provider) key is
     /// `k`. `Err` when a concurrent reuse spoiled the read.
     #[inline(always)]
-    fn walk(&self, head: &AtomicU32, k: u128, consumer: bool) -> Result<Option<FlowView>, ()> {
+    fn walk(&self, head: &AtomicU32, k: F::Word, consumer: bool) -> Result<Option<FlowView<F>>, ()> {
         let mut cur = head.load(Ordering::Acquire);
         for _ in 0..MAX_CHAIN {
             if cur == NONE {
@@ -757,19 +670,19 @@ impl FlowTable {
             let m1 = s.meta.load(Ordering::Acquire);
             if m1 & state::LIVE != 0 {
                 let (ck, pw) = if consumer {
-                    let ck = load128(&s.ckey);
+                    let ck = F::load(&s.ckey);
                     if ck != k {
                         cur = s.cnext.load(Ordering::Acquire);
                         continue;
                     }
-                    (ck, load128(&s.pkey))
+                    (ck, F::load(&s.pkey))
                 } else {
-                    let pw = load128(&s.pkey);
-                    if pw & PKEY_MASK != k {
+                    let pw = F::load(&s.pkey);
+                    if F::split_provider(pw).0 != k {
                         cur = s.pnext.load(Ordering::Acquire);
                         continue;
                     }
-                    (load128(&s.ckey), pw)
+                    (F::load(&s.ckey), pw)
                 };
                 // Both keys were read after `m1`; the validation covers them.
                 return self.validate(i, m1, ck, pw).map(Some).ok_or(());
@@ -781,7 +694,7 @@ impl FlowTable {
 
     /// The live flow with this consumer key.
     #[inline(always)]
-    pub fn find_consumer(&self, k: ConsumerKey) -> Option<FlowView> {
+    pub fn find_consumer(&self, k: ConsumerKey<F>) -> Option<FlowView<F>> {
         let head = &self.cidx.heads[self.bucket(k.0, &self.cidx)];
         for _ in 0..MAX_RETRIES {
             if let Ok(found) = self.walk(head, k.0, true) {
@@ -793,7 +706,7 @@ impl FlowTable {
 
     /// The live flow with this provider key.
     #[inline(always)]
-    pub fn find_provider(&self, k: ProviderKey) -> Option<FlowView> {
+    pub fn find_provider(&self, k: ProviderKey<F>) -> Option<FlowView<F>> {
         let head = &self.pidx.heads[self.bucket(k.0, &self.pidx)];
         for _ in 0..MAX_RETRIES {
             if let Ok(found) = self.walk(head, k.0, false) {
@@ -805,11 +718,11 @@ impl FlowTable {
 
     /// Under the provider stripe of `k`: whether any linked slot (live or
     /// being set up) holds `k`.
-    fn provider_linked(&self, bucket: usize, k: ProviderKey) -> bool {
+    fn provider_linked(&self, bucket: usize, k: ProviderKey<F>) -> bool {
         let mut cur = self.pidx.heads[bucket].load(Ordering::Acquire);
         while cur != NONE {
             let s = &self.slots[(cur - 1) as usize];
-            if load128(&s.pkey) & PKEY_MASK == k.0 {
+            if F::split_provider(F::load(&s.pkey)).0 == k.0 {
                 return true;
             }
             cur = s.pnext.load(Ordering::Acquire);
@@ -845,11 +758,11 @@ impl FlowTable {
     /// it. `setup` returns `(pool, state bits)` or `None` to give up.
     pub fn insert(
         &self,
-        ck: ConsumerKey,
+        ck: ConsumerKey<F>,
         ep: EndpointId,
         now: Now,
-        setup: impl FnOnce(&mut dyn FnMut(ProviderKey) -> bool) -> Option<(PoolId, u32)>,
-    ) -> Result<Inserted, InsertError> {
+        setup: impl FnOnce(&mut dyn FnMut(ProviderKey<F>) -> bool) -> Option<(PoolId, u32)>,
+    ) -> Result<Inserted<F>, InsertError> {
         let cb = self.bucket(ck.0, &self.cidx);
         let _g = self.cidx.lock(cb);
         if let Some(v) = self.find_consumer(ck) {
@@ -863,13 +776,13 @@ impl FlowTable {
         // written below also sees the removal that bumped the generation.
         fence(Ordering::Release);
         let slot = &self.slots[i as usize];
-        let ep_bits = u128::from(ep.0 & MAX_ENDPOINT_ID) << EP_SHIFT;
+        let ep = EndpointId(ep.0 & MAX_ENDPOINT_ID);
         let mut linked = false;
-        let mut claim = |pk: ProviderKey| -> bool {
+        let mut claim = |pk: ProviderKey<F>| -> bool {
             if linked {
                 return false;
             }
-            linked = self.link_provider(i, pk, ep_bits);
+            linked = self.link_provider(i, pk, ep);
             linked
         };
         let Some((pool, bits)) = setup(&mut claim) else {
@@ -883,11 +796,11 @@ impl FlowTable {
             self.give_slot(i);
             return Err(InsertError::Refused);
         }
-        store128(&slot.ckey, ck.0);
+        F::store(&slot.ckey, ck.0);
         let cold = &self.cold[i as usize];
         cold.pool.store(pool.0, Ordering::Relaxed);
         cold.created.store(now.0, Ordering::Relaxed);
-        cold.check.store(self.slot_sum(ck.0, load128(&slot.pkey), pool.0, now.0), Ordering::Relaxed);
+        cold.check.store(self.slot_sum(ck.0, F::load(&slot.pkey), pool.0, now.0), Ordering::Relaxed);
         slot.last_seen.store(now.0, Ordering::Relaxed);
         slot.bytes_in.store(0, Ordering::Relaxed);
         slot.bytes_out.store(0, Ordering::Relaxed);
@@ -901,31 +814,31 @@ impl FlowTable {
         slot.meta.store(gen | bits, Ordering::Release);
         self.cidx.heads[cb].store(i + 1, Ordering::Release);
         self.live.fetch_add(1, Ordering::Relaxed);
-        let pw = load128(&slot.pkey);
+        let pk = F::split_provider(F::load(&slot.pkey)).0;
         Ok(Inserted::New(FlowView {
             slot: i,
             gen: gen >> GEN_SHIFT,
             ckey: ck,
-            pkey: ProviderKey(pw & PKEY_MASK),
-            endpoint: EndpointId(ep.0 & MAX_ENDPOINT_ID),
+            pkey: ProviderKey(pk),
+            endpoint: ep,
             state: bits,
         }))
     }
 
-    fn link_provider(&self, i: u32, pk: ProviderKey, ep_bits: u128) -> bool {
+    fn link_provider(&self, i: u32, pk: ProviderKey<F>, ep: EndpointId) -> bool {
         let pb = self.bucket(pk.0, &self.pidx);
         let _g = self.pidx.lock(pb);
         if self.provider_linked(pb, pk) {
             return false;
         }
         let slot = &self.slots[i as usize];
-        store128(&slot.pkey, pk.0 | ep_bits);
+        F::store(&slot.pkey, F::join_provider(pk.0, ep.0));
         slot.pnext.store(self.pidx.heads[pb].load(Ordering::Relaxed), Ordering::Relaxed);
         self.pidx.heads[pb].store(i + 1, Ordering::Release);
         true
     }
 
-    fn unlink(idx: &Index, bucket: usize, i: u32, next: impl Fn(&FlowSlot) -> &AtomicU32, slots: &[FlowSlot]) {
+    fn unlink(idx: &Index, bucket: usize, i: u32, next: impl Fn(&FlowSlot<F>) -> &AtomicU32, slots: &[FlowSlot<F>]) {
         let mut link = &idx.heads[bucket];
         loop {
             let cur = link.load(Ordering::Relaxed);
@@ -944,7 +857,7 @@ impl FlowTable {
     }
 
     fn unlink_provider(&self, i: u32) {
-        let pk = load128(&self.slots[i as usize].pkey) & PKEY_MASK;
+        let pk = F::split_provider(F::load(&self.slots[i as usize].pkey)).0;
         let pb = self.bucket(pk, &self.pidx);
         let _g = self.pidx.lock(pb);
         Self::unlink(&self.pidx, pb, i, |s| &s.pnext, &self.slots);
@@ -958,7 +871,7 @@ impl FlowTable {
     /// process's sweep brings the bit in step, [`FlowTable::set_counted`]).
     /// Returns the bits before and after, or `None` when the flow ended.
     #[inline]
-    fn change_state(&self, v: &FlowView, f: impl Fn(u32) -> u32) -> Option<Changed> {
+    fn change_state(&self, v: &FlowView<F>, f: impl Fn(u32) -> u32) -> Option<Changed> {
         let meta = &self.slots[v.slot as usize].meta;
         let mut cur = meta.load(Ordering::Relaxed);
         loop {
@@ -988,7 +901,7 @@ impl FlowTable {
     /// [`Changed::counted_closed`], and only it takes the flow off the open
     /// counts).
     #[inline]
-    pub fn add_state(&self, v: &FlowView, bits: u32) -> Option<Changed> {
+    pub fn add_state(&self, v: &FlowView<F>, bits: u32) -> Option<Changed> {
         self.change_state(v, |b| b | bits)
     }
 
@@ -996,14 +909,14 @@ impl FlowTable {
     /// the same 5-tuple): state back to "consumer SYN seen". A flow that has
     /// ended stays ended. [`Changed::reopened`] tells the one call that must
     /// count the flow as open again.
-    pub fn reopen(&self, v: &FlowView) -> Option<Changed> {
+    pub fn reopen(&self, v: &FlowView<F>) -> Option<Changed> {
         self.change_state(v, |b| state::C_SYN | (b & state::COUNTED_CLOSED))
     }
 
     /// Brings flow `v`'s [`state::COUNTED_CLOSED`] in step with its TCP
     /// phase (after another process changed its state during a hand-over);
     /// the caller adjusts the counts by what [`Changed`] says.
-    pub fn set_counted(&self, v: &FlowView) -> Option<Changed> {
+    pub fn set_counted(&self, v: &FlowView<F>) -> Option<Changed> {
         self.change_state(v, |b| b)
     }
 
@@ -1011,7 +924,7 @@ impl FlowTable {
     /// provider) and refreshes its idle timer, which is written only when
     /// the second changed.
     #[inline(always)]
-    pub fn note_packet(&self, v: &FlowView, now: Now, inbound: bool, n: u64) {
+    pub fn note_packet(&self, v: &FlowView<F>, now: Now, inbound: bool, n: u64) {
         let s = &self.slots[v.slot as usize];
         if s.last_seen.load(Ordering::Relaxed) != now.0 {
             s.last_seen.store(now.0, Ordering::Relaxed);
@@ -1037,7 +950,7 @@ impl FlowTable {
     /// it moved to, must land inside that span, as RFC 5961 makes an
     /// in-window RST land inside the receive window.
     #[inline(always)]
-    pub fn note_seq(&self, v: &FlowView, inbound: bool, end: u32, syn: bool) {
+    pub fn note_seq(&self, v: &FlowView<F>, inbound: bool, end: u32, syn: bool) {
         let s = &self.slots[v.slot as usize];
         let c = if inbound { &s.next_c } else { &s.next_p };
         let ahead = end.wrapping_sub(c.load(Ordering::Relaxed));
@@ -1049,7 +962,7 @@ impl FlowTable {
     /// TCP: the sequence numbers right after the highest each side sent
     /// (consumer, provider), as [`note_seq`](Self::note_seq) recorded them.
     #[inline]
-    pub fn next_seqs(&self, v: &FlowView) -> (u32, u32) {
+    pub fn next_seqs(&self, v: &FlowView<F>) -> (u32, u32) {
         let s = &self.slots[v.slot as usize];
         (s.next_c.load(Ordering::Relaxed), s.next_p.load(Ordering::Relaxed))
     }
@@ -1058,7 +971,7 @@ impl FlowTable {
     /// or `None` when it had already ended (another caller removed it).
     /// Exactly one caller gets `Some` for a flow, so exactly one frees its
     /// port.
-    pub fn remove(&self, v: &FlowView) -> Option<u32> {
+    pub fn remove(&self, v: &FlowView<F>) -> Option<u32> {
         self.remove_if(v, |_| true)
     }
 
@@ -1066,7 +979,7 @@ impl FlowTable {
     /// state bits, checked in the removing compare-and-swap (a closed flow
     /// reclaimed for a new one must not be one that opened again
     /// meanwhile).
-    pub fn remove_if(&self, v: &FlowView, ok: impl Fn(u32) -> bool) -> Option<u32> {
+    pub fn remove_if(&self, v: &FlowView<F>, ok: impl Fn(u32) -> bool) -> Option<u32> {
         let i = v.slot;
         let slot = &self.slots[i as usize];
         let mut cur = slot.meta.load(Ordering::Acquire);
@@ -1094,26 +1007,26 @@ impl FlowTable {
     }
 
     /// The live flow in slot `slot` at generation `gen`, if it still is.
-    pub fn record_at(&self, slot: u32, gen: u32) -> Option<FlowRecord> {
+    pub fn record_at(&self, slot: u32, gen: u32) -> Option<FlowRecord<F>> {
         self.record(slot).filter(|r| r.view.gen == gen)
     }
 
     /// PROXY protocol: the consumer's initial sequence number of flow `v`,
     /// as recorded.
     #[inline]
-    pub fn proxy_isn(&self, v: &FlowView) -> u32 {
+    pub fn proxy_isn(&self, v: &FlowView<F>) -> u32 {
         self.cold[v.slot as usize].isn.load(Ordering::Relaxed)
     }
 
     /// The pool flow `v`'s port came from.
     #[inline]
-    pub fn pool_of(&self, v: &FlowView) -> PoolId {
+    pub fn pool_of(&self, v: &FlowView<F>) -> PoolId {
         PoolId(self.cold[v.slot as usize].pool.load(Ordering::Relaxed))
     }
 
     /// Records the consumer's initial sequence number of flow `v` (its SYN).
     #[inline]
-    pub fn set_proxy_isn(&self, v: &FlowView, isn: u32) {
+    pub fn set_proxy_isn(&self, v: &FlowView<F>, isn: u32) {
         self.cold[v.slot as usize].isn.store(isn, Ordering::Relaxed);
     }
 
@@ -1121,7 +1034,7 @@ impl FlowTable {
     /// consumer's segment that completed the handshake: its acknowledgement
     /// (the backend's ISN + 1), its window and its timestamps, if any.
     #[inline]
-    pub fn set_proxy_ack(&self, v: &FlowView, peer: u32, window: u16, ts: Option<(u32, u32)>) {
+    pub fn set_proxy_ack(&self, v: &FlowView<F>, peer: u32, window: u16, ts: Option<(u32, u32)>) {
         let c = &self.cold[v.slot as usize];
         c.peer.store(peer, Ordering::Relaxed);
         let (val, ecr) = ts.unwrap_or((0, 0));
@@ -1133,7 +1046,7 @@ impl FlowTable {
     /// What [`set_proxy_ack`](Self::set_proxy_ack) recorded: the
     /// acknowledgement, the window and the timestamps.
     #[inline]
-    pub fn proxy_ack(&self, v: &FlowView) -> (u32, u16, Option<(u32, u32)>) {
+    pub fn proxy_ack(&self, v: &FlowView<F>) -> (u32, u16, Option<(u32, u32)>) {
         let c = &self.cold[v.slot as usize];
         let w = c.window.load(Ordering::Relaxed);
         let ts = (w >> 16 & 1 != 0).then(|| (c.ts_val.load(Ordering::Relaxed), c.ts_ecr.load(Ordering::Relaxed)));
@@ -1141,7 +1054,7 @@ impl FlowTable {
     }
 
     /// Slot `i` as a [`FlowRecord`], if it holds a live flow.
-    pub fn record(&self, i: u32) -> Option<FlowRecord> {
+    pub fn record(&self, i: u32) -> Option<FlowRecord<F>> {
         let s = self.slots.get(i as usize)?;
         let m1 = s.meta.load(Ordering::Acquire);
         if m1 & state::LIVE == 0 {
@@ -1162,7 +1075,7 @@ impl FlowTable {
     }
 
     /// Calls `f` with every live flow.
-    pub fn for_each_live(&self, mut f: impl FnMut(&FlowRecord)) {
+    pub fn for_each_live(&self, mut f: impl FnMut(&FlowRecord<F>)) {
         let hw = self.high_water[0].load(Ordering::Relaxed);
         for i in 0..hw {
             if let Some(r) = self.record(i) {
@@ -1225,20 +1138,6 @@ mod tests {
             Ok(Inserted::New(v)) => v,
             other => panic!("expected a new flow, got {other:?}"),
         }
-    }
-
-    #[test]
-    fn keys_round_trip() {
-        let k = ConsumerKey::new(7, 17, 0x0102_0304, 5353, 0x0a0b_0c0d, 53);
-        assert_eq!(
-            (k.network(), k.proto(), k.consumer_addr(), k.consumer_port(), k.endpoint_addr(), k.endpoint_port()),
-            (7, 17, 0x0102_0304, 5353, 0x0a0b_0c0d, 53)
-        );
-        let p = ProviderKey::new(6, 0xc0a8_6404, 40000, 0xc0a8_320a, 5432);
-        assert_eq!(
-            (p.proto(), p.nat_addr(), p.nat_port(), p.backend_addr(), p.backend_port()),
-            (6, 0xc0a8_6404, 40000, 0xc0a8_320a, 5432)
-        );
     }
 
     #[test]
@@ -1343,8 +1242,40 @@ mod tests {
         assert_eq!(std::mem::size_of::<FlowSlot>(), 64);
         assert_eq!(std::mem::align_of::<FlowSlot>(), 64);
         assert_eq!(std::mem::size_of::<Cold>(), 40);
-        let t = FlowTable::new(1 << 16);
+        let t = <FlowTable>::new(1 << 16);
         assert!(t.bytes_per_flow() <= 128, "{}", t.bytes_per_flow());
+        // IPv6 keys are wider: their own table, two lines a slot; the IPv4
+        // slot does not grow.
+        assert_eq!(std::mem::size_of::<FlowSlot<V6>>(), 128);
+    }
+
+    #[test]
+    fn an_ipv6_table_finds_its_flows_from_both_sides() {
+        let t = FlowTable::<V6>::new(100);
+        let (a, b, nat, be) =
+            (0xfd00_u128 << 112 | 0x10, 0xfd00_u128 << 112 | 0x5, 0x2001_0db8_u128 << 96, 0xfd01_u128 << 112);
+        let ck = |port| ConsumerKey::v6(1, 6, a, port, b, 443);
+        let pk = |port| ProviderKey::v6(6, nat, port, be, 8443);
+        for i in 0..50u16 {
+            let r = t.insert(ck(1000 + i), EndpointId(0xab_cdef), Now(1), |claim| {
+                assert!(claim(pk(2000 + i)));
+                Some((PoolId(1), state::C_SYN))
+            });
+            assert!(matches!(r, Ok(Inserted::New(_))));
+        }
+        // Keys differing in the high words only are different flows.
+        let other = ConsumerKey::v6(1, 6, a | 1 << 100, 1000, b, 443);
+        assert!(t.find_consumer(other).is_none());
+        for i in 0..50u16 {
+            let v = t.find_consumer(ck(1000 + i)).expect("consumer side");
+            assert_eq!((v.pkey, v.endpoint), (pk(2000 + i), EndpointId(0xab_cdef)));
+            assert_eq!(t.find_provider(pk(2000 + i)).map(|p| p.slot), Some(v.slot));
+            assert_eq!(v.protocol(), Protocol::Tcp);
+        }
+        let v = t.find_consumer(ck(1000)).expect("there");
+        assert!(t.remove(&v).is_some());
+        assert!(t.find_consumer(ck(1000)).is_none() && t.find_provider(pk(2000)).is_none());
+        assert_eq!(t.len(), 49);
     }
 
     #[test]

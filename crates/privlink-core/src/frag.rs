@@ -15,6 +15,7 @@
 //! Tables are per worker: the kernel's TUN queue choice hashes a fragment by
 //! its addresses only, so all fragments of a datagram reach one queue.
 
+use crate::addr::{Family, V4};
 use crate::types::{Egress, EndpointId, Now};
 
 /// How long a datagram's fragments are waited for.
@@ -24,31 +25,32 @@ const ARENA: usize = 64 * 1024;
 const MAX_HELD: usize = 8;
 
 /// A datagram, as it arrived: network (`u16::MAX` for the provider side),
-/// source, destination, protocol, IP identification.
+/// source, destination, protocol, IP identification (16 bits in IPv4's
+/// header, 32 in IPv6's Fragment header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FragKey {
+pub struct FragKey<F: Family = V4> {
     pub net: u16,
-    pub src: u32,
-    pub dst: u32,
+    pub src: F::Addr,
+    pub dst: F::Addr,
     pub proto: u8,
-    pub id: u16,
+    pub id: u32,
 }
 
 /// What the first fragment was translated to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mapping {
-    pub src: u32,
-    pub dst: u32,
+pub struct Mapping<F: Family = V4> {
+    pub src: F::Addr,
+    pub dst: F::Addr,
     pub egress: Egress,
     pub mtu: u16,
     pub endpoint: EndpointId,
 }
 
 #[derive(Debug)]
-struct Entry {
-    key: FragKey,
+struct Entry<F: Family> {
+    key: FragKey<F>,
     expires: Now,
-    mapping: Option<Mapping>,
+    mapping: Option<Mapping<F>>,
     held: [(u32, u32); MAX_HELD],
     n_held: usize,
 }
@@ -56,21 +58,21 @@ struct Entry {
 /// A held fragment released for sending: where it goes and its bytes in
 /// the arena.
 #[derive(Debug, Clone, Copy)]
-pub struct Ready {
+pub struct Ready<F: Family = V4> {
     /// The network the fragment came from (`u16::MAX`: the provider).
     pub net: u16,
-    pub mapping: Mapping,
+    pub mapping: Mapping<F>,
     start: u32,
     len: u32,
 }
 
 /// Per-worker fragment state.
 #[derive(Debug)]
-pub struct Fragments {
-    entries: Vec<Entry>,
+pub struct Fragments<F: Family = V4> {
+    entries: Vec<Entry<F>>,
     arena: Box<[u8]>,
     used: usize,
-    ready: Vec<Ready>,
+    ready: Vec<Ready<F>>,
     /// Fragments given up on since the last [`take_dropped`](Self::take_dropped),
     /// with the network they came from.
     dropped: Vec<(u16, u64)>,
@@ -78,7 +80,7 @@ pub struct Fragments {
     earliest: Now,
 }
 
-impl Default for Fragments {
+impl<F: Family> Default for Fragments<F> {
     fn default() -> Self {
         Fragments {
             entries: Vec::with_capacity(MAX_DATAGRAMS),
@@ -93,16 +95,16 @@ impl Default for Fragments {
 
 /// What [`Fragments::later`] decided for a non-first fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Later {
+pub enum Later<F: Family = V4> {
     /// The first fragment was seen: rewrite with this mapping.
-    Translate(Mapping),
+    Translate(Mapping<F>),
     /// Held until the first fragment comes.
     Held,
     /// No room to hold it: drop (counted by the caller).
     Full,
 }
 
-impl Fragments {
+impl<F: Family> Fragments<F> {
     /// Gives up on datagrams past their time; cheap when none is due.
     #[inline]
     pub fn tick(&mut self, now: Now) {
@@ -129,7 +131,7 @@ impl Fragments {
         self.earliest = self.entries.iter().map(|e| e.expires).min().unwrap_or(Now(u32::MAX));
     }
 
-    fn entry(&mut self, key: FragKey, now: Now) -> Option<&mut Entry> {
+    fn entry(&mut self, key: FragKey<F>, now: Now) -> Option<&mut Entry<F>> {
         self.expire(now);
         if let Some(i) = self.entries.iter().position(|e| e.key == key) {
             return Some(&mut self.entries[i]);
@@ -150,7 +152,7 @@ impl Fragments {
 
     /// Records the first fragment's translation and releases the fragments
     /// held for it (see [`take_ready`](Self::take_ready)).
-    pub fn first(&mut self, key: FragKey, mapping: Mapping, now: Now) {
+    pub fn first(&mut self, key: FragKey<F>, mapping: Mapping<F>, now: Now) {
         let Some(e) = self.entry(key, now) else {
             return;
         };
@@ -164,7 +166,7 @@ impl Fragments {
     }
 
     /// A fragment other than the first.
-    pub fn later(&mut self, key: FragKey, pkt: &[u8], now: Now) -> Later {
+    pub fn later(&mut self, key: FragKey<F>, pkt: &[u8], now: Now) -> Later<F> {
         let arena_left = ARENA - self.used;
         let Some(e) = self.entry(key, now) else { return Later::Full };
         if let Some(m) = e.mapping {
@@ -189,7 +191,7 @@ impl Fragments {
 
     /// Hands each released fragment (its bytes, to be rewritten by the
     /// caller) and empties the list.
-    pub fn take_ready(&mut self, mut f: impl FnMut(u16, Mapping, &mut [u8])) {
+    pub fn take_ready(&mut self, mut f: impl FnMut(u16, Mapping<F>, &mut [u8])) {
         for r in self.ready.drain(..) {
             let (s, l) = (r.start as usize, r.len as usize);
             f(r.net, r.mapping, &mut self.arena[s..s + l]);

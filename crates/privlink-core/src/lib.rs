@@ -10,6 +10,7 @@
 //!
 //! See `docs/ARCHITECTURE.md` for a packet's walk through these modules.
 
+pub mod addr;
 pub mod checksum;
 pub mod conntrack;
 pub mod counters;

@@ -29,6 +29,7 @@
 //! (`HDR_ACKED`); the header itself is rebuilt from the flow's keys, its
 //! endpoint's link id and its service's TLV kind whenever it is sent.
 
+use crate::addr::{End, Family, V4};
 use crate::flow::{FlowTable, FlowView};
 use crate::spec::ProxyTlv;
 
@@ -36,12 +37,25 @@ use crate::spec::ProxyTlv;
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Version 2, command PROXY.
 const VER_CMD: u8 = 0x21;
-/// AF_INET, STREAM.
-const FAM_TCP4: u8 = 0x11;
+/// The address family and protocol byte: AF_INET or AF_INET6, STREAM.
+const fn family_byte<F: Family>() -> u8 {
+    if F::VERSION == 4 {
+        0x11
+    } else {
+        0x21
+    }
+}
 
-/// Bytes of the header for `tlv`.
+/// Bytes of the header for `tlv` with IPv4 addresses.
 pub fn header_len(tlv: ProxyTlv) -> usize {
-    16 + 12 + tlv_len(tlv)
+    header_len_for::<V4>(tlv)
+}
+
+/// Bytes of the header for `tlv` with addresses of family `F` (two
+/// addresses and two ports after the 16 fixed bytes: 12 for IPv4, 36 for
+/// IPv6; PROXY protocol v2 §2.2).
+pub fn header_len_for<F: Family>(tlv: ProxyTlv) -> usize {
+    16 + 2 * (F::ADDR_BYTES + 2) + tlv_len(tlv)
 }
 
 fn tlv_len(tlv: ProxyTlv) -> usize {
@@ -70,20 +84,23 @@ pub fn link_id_shown(tlv: Option<ProxyTlv>, link_id: u64) -> String {
     }
 }
 
-/// Writes the header (consumer `src:sport` as it sent them, endpoint
-/// `dst:dport`) into `out`; returns its length.
-pub fn write_header(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src: u32, sport: u16, dst: u32, dport: u16) -> usize {
-    let n = header_len(tlv);
+/// Writes the header (the consumer's end `src` as it sent it, the
+/// endpoint's `dst`) into `out`; returns its length
+/// ([`header_len_for`]). The family is the consumer's: an IPv6 consumer's
+/// header carries IPv6 addresses whatever the backend's family.
+pub fn write_header<F: Family>(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src: End<F>, dst: End<F>) -> usize {
+    let n = header_len_for::<F>(tlv);
+    let a = F::ADDR_BYTES;
     let o = &mut out[..n];
     o[..12].copy_from_slice(&SIGNATURE);
     o[12] = VER_CMD;
-    o[13] = FAM_TCP4;
+    o[13] = family_byte::<F>();
     o[14..16].copy_from_slice(&((n - 16) as u16).to_be_bytes());
-    o[16..20].copy_from_slice(&src.to_be_bytes());
-    o[20..24].copy_from_slice(&dst.to_be_bytes());
-    o[24..26].copy_from_slice(&sport.to_be_bytes());
-    o[26..28].copy_from_slice(&dport.to_be_bytes());
-    let t = &mut o[28..];
+    F::put_addr(&mut o[16..], src.addr);
+    F::put_addr(&mut o[16 + a..], dst.addr);
+    o[16 + 2 * a..18 + 2 * a].copy_from_slice(&src.port.to_be_bytes());
+    o[18 + 2 * a..20 + 2 * a].copy_from_slice(&dst.port.to_be_bytes());
+    let t = &mut o[20 + 2 * a..];
     match tlv {
         ProxyTlv::None => {}
         ProxyTlv::Azure => {
@@ -124,9 +141,7 @@ pub(crate) fn segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyT
         window,
         ts,
     };
-    crate::wire::build_tcp(out, seg, |o| {
-        write_header(o, tlv, link_id, c.consumer_addr(), c.consumer_port(), c.endpoint_addr(), c.endpoint_port())
-    })
+    crate::wire::build_tcp(out, seg, |o| write_header(o, tlv, link_id, c.consumer(), c.endpoint()))
 }
 
 /// Whether flow `v` (its state as read) waits for its PROXY header to be
@@ -170,30 +185,53 @@ impl crate::Engine {
 mod tests {
     use super::*;
 
+    fn e(addr: u32, port: u16) -> End {
+        End::new(addr, port)
+    }
+
     #[test]
     fn headers_are_laid_out_as_the_specification_and_the_clouds_say() {
         let mut b = [0u8; 64];
-        let n = write_header(&mut b, ProxyTlv::None, 7, 0x0a01_000a, 40000, 0x0a01_0005, 80);
+        let n = write_header(&mut b, ProxyTlv::None, 7, End::<V4>::new(0x0a01_000a, 40000), End::new(0x0a01_0005, 80));
         assert_eq!(n, 28);
         assert_eq!(&b[..12], b"\r\n\r\n\0\r\nQUIT\n");
         assert_eq!(&b[12..16], &[0x21, 0x11, 0, 12]);
         assert_eq!(&b[16..28], &[10, 1, 0, 10, 10, 1, 0, 5, 0x9c, 0x40, 0, 80]);
 
-        let n = write_header(&mut b, ProxyTlv::Azure, 0x1234_5678_9abc_def0, 1, 2, 3, 4);
+        let n = write_header(&mut b, ProxyTlv::Azure, 0x1234_5678_9abc_def0, e(1, 2), e(3, 4));
         assert_eq!((n, &b[14..16]), (36, &[0u8, 20][..]));
         assert_eq!(&b[28..36], &[0xEE, 0, 5, 0x01, 0xf0, 0xde, 0xbc, 0x9a]);
 
-        let n = write_header(&mut b, ProxyTlv::Aws, 0xabc, 1, 2, 3, 4);
+        let n = write_header(&mut b, ProxyTlv::Aws, 0xabc, e(1, 2), e(3, 4));
         assert_eq!(n, 54);
         assert_eq!(&b[28..32], &[0xEA, 0, 23, 0x01]);
         assert_eq!(&b[32..54], b"vpce-00000000000000abc");
 
-        let n = write_header(&mut b, ProxyTlv::Gcp, 0x0102_0304_0506_0708, 1, 2, 3, 4);
+        let n = write_header(&mut b, ProxyTlv::Gcp, 0x0102_0304_0506_0708, e(1, 2), e(3, 4));
         assert_eq!(n, 39);
         assert_eq!(&b[28..39], &[0xE0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
         for t in ProxyTlv::ALL {
-            assert_eq!(write_header(&mut b, t, 1, 1, 2, 3, 4), header_len(t));
+            assert_eq!(write_header(&mut b, t, 1, e(1, 2), e(3, 4)), header_len(t));
         }
+    }
+
+    #[test]
+    fn an_ipv6_consumers_header_carries_its_ipv6_addresses() {
+        let mut b = [0u8; 96];
+        let (src, dst) = (std::net::Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 0x10), std::net::Ipv6Addr::LOCALHOST);
+        let n = write_header::<crate::addr::V6>(
+            &mut b,
+            ProxyTlv::Gcp,
+            0x0102_0304_0506_0708,
+            End::new(u128::from(src), 40000),
+            End::new(u128::from(dst), 443),
+        );
+        assert_eq!((n, header_len_for::<crate::addr::V6>(ProxyTlv::Gcp)), (16 + 36 + 11, n));
+        assert_eq!(&b[12..16], &[0x21, 0x21, 0, 47]);
+        assert_eq!(&b[16..32], &src.octets());
+        assert_eq!(&b[32..48], &dst.octets());
+        assert_eq!(&b[48..52], &[0x9c, 0x40, 0x01, 0xbb]);
+        assert_eq!(&b[52..63], &[0xE0, 0, 8, 1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     #[test]
@@ -205,7 +243,7 @@ mod tests {
         assert_eq!(link_id_shown(None, id), "1311768467463790320");
         // What the header carries is what is shown.
         let mut b = [0u8; 64];
-        write_header(&mut b, ProxyTlv::Azure, id, 1, 2, 3, 4);
+        write_header(&mut b, ProxyTlv::Azure, id, e(1, 2), e(3, 4));
         assert_eq!(
             u32::from_le_bytes([b[32], b[33], b[34], b[35]]).to_string(),
             link_id_shown(Some(ProxyTlv::Azure), id)
@@ -227,7 +265,7 @@ mod tests {
             window: 512,
             ts: Some((0x0102_0304, 0x0506_0708)),
         };
-        let n = crate::wire::build_tcp(&mut b, seg, |o| write_header(o, ProxyTlv::Azure, 9, 1, 2, 3, 4));
+        let n = crate::wire::build_tcp(&mut b, seg, |o| write_header(o, ProxyTlv::Azure, 9, e(1, 2), e(3, 4)));
         let p = SlicedPacket::from_ip(&b[..n]).expect("parses");
         let Some(etherparse::NetSlice::Ipv4(ip)) = p.net else { panic!() };
         let ih = ip.header().to_header();

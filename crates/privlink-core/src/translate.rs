@@ -35,6 +35,7 @@
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;
 //! 12. count.
 
+use crate::addr::{self, End};
 use crate::conntrack::{self, pure_syn, Rst, TcpUpdate, RECLAIM_TRIES};
 use crate::engine::Engine;
 use crate::events::{NatEvent, NatEventKind};
@@ -54,9 +55,6 @@ pub(crate) enum Dir {
     /// Provider -> consumer, read from the provider device.
     Out,
 }
-
-/// An address and port (or ICMP echo identifier).
-type End = (u32, u16);
 
 impl Dir {
     /// Whether this is the consumer -> service direction of the counters.
@@ -100,8 +98,8 @@ impl Dir {
     fn ends(self, v: &FlowView) -> (End, End) {
         let (c, p) = (v.ckey, v.pkey);
         match self {
-            Dir::In(_) => ((p.nat_addr(), p.nat_port()), (p.backend_addr(), p.backend_port())),
-            Dir::Out => ((c.endpoint_addr(), c.endpoint_port()), (c.consumer_addr(), c.consumer_port())),
+            Dir::In(_) => (p.nat(), p.backend()),
+            Dir::Out => (c.endpoint(), c.consumer()),
         }
     }
 
@@ -110,8 +108,8 @@ impl Dir {
     #[inline]
     fn echo_ident(self, (src, dst): (End, End)) -> u16 {
         match self {
-            Dir::In(_) => src.1,
-            Dir::Out => dst.1,
+            Dir::In(_) => src.port,
+            Dir::Out => dst.port,
         }
     }
 }
@@ -210,7 +208,7 @@ impl Ctx<'_> {
                 Err(_) => return Verdict::Drop(DropReason::Malformed),
             }
         }
-        if wire::is_martian_source(src) {
+        if addr::is_martian_v4(src) {
             return Verdict::Drop(DropReason::MartianSource);
         }
         // 2. Address: a consumer reaches its network's endpoints, nothing else.
@@ -252,7 +250,7 @@ impl Ctx<'_> {
             Transport::Icmp { .. } | Transport::Other(_) => return Verdict::Drop(DropReason::UnsupportedProtocol),
         };
         // 5. Look up: the port rule (consumer side) and the flow.
-        let (near, far) = dir.near_far((src, seg.sport), (dst, seg.dport));
+        let (near, far) = dir.near_far(End::new(src, seg.sport), End::new(dst, seg.dport));
         let found = self.find(dir, seg.proto, near, far);
         let (ep, backend_port) = match at {
             Some(ep) => {
@@ -321,7 +319,7 @@ impl Ctx<'_> {
         let flows = &self.engine.flows;
         // 11. Rewrite.
         let ends = dir.ends(&v);
-        let ((nsrc, nsport), (ndst, ndport)) = ends;
+        let (End { addr: nsrc, port: nsport }, End { addr: ndst, port: ndport }) = ends;
         let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
         let pseudo = pkt.forward_rewrite(nsrc, ndst);
         let l4 = pkt.payload_mut();
@@ -333,7 +331,7 @@ impl Ctx<'_> {
         flows.note_packet(&v, self.now, dir.inbound(), len as u64);
         ep.shared.counters.get(self.w).add(dir.inbound(), len, segments);
         if first_fragment {
-            let key = FragKey { net: dir.frag_net(), src, dst, proto: proto_num, id: ident };
+            let key = FragKey { net: dir.frag_net(), src, dst, proto: proto_num, id: u32::from(ident) };
             let m = Mapping { src: nsrc, dst: ndst, egress, mtu, endpoint: ep.shared.id };
             self.frags.first(key, m, self.now);
         }
@@ -615,8 +613,8 @@ impl Ctx<'_> {
         let Some(q) = wire::parse_icmp_error(&buf[ihl..]) else { return Verdict::Drop(DropReason::NoFlow) };
         // Look up: the quoted packet must be one privlink sent this side.
         let (near, far, ours) = match dir {
-            Dir::In(_) => ((q.dst, q.dport), (q.src, q.sport), at.is_some_and(|ep| ep.ip == q.src)),
-            Dir::Out => ((q.src, q.sport), (q.dst, q.dport), q.src == dst),
+            Dir::In(_) => (End::new(q.dst, q.dport), End::new(q.src, q.sport), at.is_some_and(|ep| ep.ip == q.src)),
+            Dir::Out => (End::new(q.src, q.sport), End::new(q.dst, q.dport), q.src == dst),
         };
         let found = Protocol::from_number(q.proto).filter(|_| ours).and_then(|p| self.find(dir, p, near, far));
         let Some(v) = found else { return Verdict::Drop(DropReason::NoFlow) };
@@ -653,7 +651,7 @@ impl Ctx<'_> {
         }
         let (from, to) = dir.ends(&v);
         let mut pkt = Ipv4Packet::new_unchecked(&mut *buf);
-        pkt.forward_rewrite(from.0, to.0);
+        pkt.forward_rewrite(from.addr, to.addr);
         // The quoted packet went the other way: its ends are swapped.
         wire::rewrite_quoted(pkt.payload_mut(), &q, to, from);
         ep.shared.counters.get(self.w).add(dir.inbound(), len, 1);
@@ -670,7 +668,7 @@ impl Ctx<'_> {
             src: pkt.src_addr(),
             dst: pkt.dst_addr(),
             proto: pkt.protocol(),
-            id: pkt.ident(),
+            id: u32::from(pkt.ident()),
         };
         match self.frags.later(key, buf, self.now) {
             Later::Held => Verdict::Held,
@@ -800,15 +798,15 @@ pub(crate) fn count_drop(engine: &Engine, snap: &Snapshot, w: usize, dir: Dir, r
 /// A consumer-side flow key; an ICMP echo's endpoint side has no port.
 #[inline(always)]
 fn consumer_key(net: NetworkId, proto: Protocol, consumer: End, endpoint: End) -> ConsumerKey {
-    let eport = if proto == Protocol::Icmp { 0 } else { endpoint.1 };
-    ConsumerKey::new(net.0, proto.number(), consumer.0, consumer.1, endpoint.0, eport)
+    let eport = if proto == Protocol::Icmp { 0 } else { endpoint.port };
+    ConsumerKey::new(net.0, proto.number(), consumer.addr, consumer.port, endpoint.addr, eport)
 }
 
 /// A provider-side flow key; an ICMP echo's backend side has no port.
 #[inline(always)]
 fn provider_key(proto: Protocol, nat: End, backend: End) -> ProviderKey {
-    let bport = if proto == Protocol::Icmp { 0 } else { backend.1 };
-    ProviderKey::new(proto.number(), nat.0, nat.1, backend.0, bport)
+    let bport = if proto == Protocol::Icmp { 0 } else { backend.port };
+    ProviderKey::new(proto.number(), nat.addr, nat.port, backend.addr, bport)
 }
 
 /// The drop reason for a buffer that is no valid IPv4 packet: a well-formed

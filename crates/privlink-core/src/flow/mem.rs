@@ -87,8 +87,13 @@ impl<T> Arr<T> {
 
 /// What identifies a region's layout; checked before a table is attached.
 pub const MAGIC: [u8; 8] = *b"PRVLFLOW";
-/// Bumped whenever the slot format, the layout or the index hash changes.
-pub const VERSION: u32 = 3;
+/// Bumped whenever the slot format, the layout, the header or the index
+/// hash changes. Format 4 added [`Header::family`]; a format 3 region
+/// (IPv4 only, slots laid out as format 4's IPv4 slots) is still attached
+/// by an IPv4 table, so a hand-over from the build before works.
+pub const VERSION: u32 = 4;
+/// The format before [`VERSION`] that an IPv4 table still attaches.
+pub const VERSION_IPV4_ONLY: u32 = 3;
 
 /// The first bytes of a region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,9 +108,14 @@ pub struct Header {
     pub buckets: u32,
     /// The index hash's keys: every process on the region hashes alike.
     pub keys: [u64; 2],
-    /// FNV-1a of the fields above: a header overwritten with anything else
-    /// does not validate.
+    /// FNV-1a of the fields above (and, from format 4, of `family`): a
+    /// header overwritten with anything else does not validate.
     pub check: u64,
+    /// The IP version of the flows the table holds (4, 6; 0 in a format 3
+    /// region, which held IPv4 only). After `check` so that format 3's
+    /// fields keep their offsets.
+    pub family: u32,
+    pub reserved: u32,
 }
 
 impl Header {
@@ -122,6 +132,9 @@ impl Header {
         }
         eat(&self.keys[0].to_le_bytes());
         eat(&self.keys[1].to_le_bytes());
+        if self.version >= 4 {
+            eat(&self.family.to_le_bytes());
+        }
         h
     }
 }
@@ -133,6 +146,10 @@ pub struct Layout {
     pub reuse_delay: u32,
     pub slots: usize,
     pub buckets: usize,
+    /// Bytes per slot (the family's: 64 for IPv4, 128 for IPv6).
+    pub slot_size: usize,
+    /// The family's IP version (4, 6).
+    pub family: u8,
 }
 
 /// Bytes reserved for the header at the start of a region.
@@ -143,18 +160,30 @@ fn up64(n: usize) -> usize {
 }
 
 impl Layout {
+    /// The layout of an IPv4 table.
     pub fn new(max_flows: u32, reuse_delay: u32) -> Layout {
+        Layout::of::<crate::addr::V4>(max_flows, reuse_delay)
+    }
+    /// The layout of a table of family `F`.
+    pub fn of<F: crate::addr::Family>(max_flows: u32, reuse_delay: u32) -> Layout {
         let max_flows = max_flows.clamp(1, 1 << 31);
         // Twice as many buckets as flows: chains stay short (a hit visits 1.25
         // slots on average), and every extra slot visited is a cache miss.
         let buckets = (max_flows as usize).next_power_of_two().max(16) * 2;
-        Layout { max_flows, reuse_delay, slots: max_flows as usize + reuse_delay as usize, buckets }
+        Layout {
+            max_flows,
+            reuse_delay,
+            slots: max_flows as usize + reuse_delay as usize,
+            buckets,
+            slot_size: std::mem::size_of::<super::FlowSlot<F>>(),
+            family: F::VERSION,
+        }
     }
     pub(crate) fn slots_at(&self) -> usize {
         HEADER_BYTES
     }
     pub(crate) fn cold_at(&self) -> usize {
-        self.slots_at() + up64(self.slots * std::mem::size_of::<super::FlowSlot>())
+        self.slots_at() + up64(self.slots * self.slot_size)
     }
     pub(crate) fn cidx_at(&self) -> usize {
         self.cold_at() + up64(self.slots * std::mem::size_of::<super::Cold>())
@@ -166,17 +195,27 @@ impl Layout {
     pub fn bytes(&self) -> usize {
         self.pidx_at() + up64(self.buckets * 4)
     }
+    /// The header a region of this layout carries.
     pub(crate) fn header(&self, keys: [u64; 2]) -> Header {
+        self.header_as(VERSION, u32::from(self.family), keys)
+    }
+    /// The header a format 3 region of this (IPv4) layout carries.
+    pub(crate) fn header_ipv4_only(&self, keys: [u64; 2]) -> Header {
+        self.header_as(VERSION_IPV4_ONLY, 0, keys)
+    }
+    fn header_as(&self, version: u32, family: u32, keys: [u64; 2]) -> Header {
         let mut h = Header {
             magic: MAGIC,
-            version: VERSION,
-            slot_size: std::mem::size_of::<super::FlowSlot>() as u32,
+            version,
+            slot_size: self.slot_size as u32,
             cold_size: std::mem::size_of::<super::Cold>() as u32,
             max_flows: self.max_flows,
             reuse_delay: self.reuse_delay,
             buckets: self.buckets as u32,
             keys,
             check: 0,
+            family,
+            reserved: 0,
         };
         h.check = h.sum();
         h
@@ -190,8 +229,10 @@ pub enum AttachError {
     Size { have: usize, need: usize },
     #[error("not a privlink flow table (bad magic or header checksum)")]
     NotATable,
-    #[error("flow table format {0}, this build reads {VERSION}")]
+    #[error("flow table format {0}, this build reads {VERSION} (and {VERSION_IPV4_ONLY} for IPv4)")]
     Version(u32),
+    #[error("flow table holds IPv{have} flows, this table is for IPv{want}")]
+    Family { have: u32, want: u8 },
     #[error("flow table laid out for max_flows {have} (slots of {slot} bytes), the configuration asks for {want}")]
     Layout { have: u32, slot: u32, want: u32 },
 }

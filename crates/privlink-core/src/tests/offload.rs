@@ -70,7 +70,7 @@ proptest! {
         gso in prop_oneof![Just(0u16), 500u16..1460],
     ) {
         let (_e, mut w) = engine();
-        prop_assume!(!wire::is_martian_source(u32::from_be_bytes(src)));
+        prop_assume!(!crate::addr::is_martian_v4(u32::from_be_bytes(src)));
         prop_assume!(gso > 0 || payload.len() <= 1400);
         let mut syn = tcp(src, sport, EP, 80, "S", b"");
         prop_assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));

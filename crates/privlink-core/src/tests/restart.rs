@@ -132,20 +132,68 @@ fn a_slot_cut_short_by_a_crash_is_never_forwarded() {
     }
 }
 
+/// Rewrites `r`'s header as `f` makes it from the current one.
+fn rewrite_header(r: &TestRegion, f: impl Fn(flow::Header) -> flow::Header) {
+    // SAFETY: the region starts with a header page; no table writes the
+    // header after creating it.
+    unsafe {
+        let h = std::ptr::read_volatile(r.ptr as *const flow::Header);
+        std::ptr::write_volatile(r.ptr as *mut flow::Header, f(h));
+    }
+}
+
+#[test]
+fn a_format_3_region_is_taken_over_and_another_family_or_format_is_refused() {
+    let s = small();
+    let r = region_for(&s);
+    let (old, _) = engine_on(&r, None, &Ids::default());
+    let mut w = old.worker(0);
+    let ports = open_flows(&mut w);
+    let ids = old.ids();
+    std::mem::forget(w);
+    std::mem::forget(old);
+    let region: Arc<dyn flow::Region> = r.clone();
+    // The header says which family the table holds.
+    let err = flow::FlowTable::<flow::V6>::attach(region.clone(), s.max_flows, flow::AttachMode::Recover).err();
+    assert_eq!(err, Some(flow::AttachError::Family { have: 4, want: 6 }));
+    // What the build before wrote: format 3, no family (IPv4 only), the
+    // same slots.
+    let l = flow::Layout::new(s.max_flows, flow::REUSE_DELAY);
+    rewrite_header(&r, |h| l.header_ipv4_only(h.keys));
+    let err = flow::FlowTable::<flow::V6>::attach(region.clone(), s.max_flows, flow::AttachMode::Recover).err();
+    assert_eq!(err, Some(flow::AttachError::Version(3)), "format 3 held no IPv6 table");
+    let (new, found) = engine_on(&r, Some(flow::AttachMode::Recover), &ids);
+    assert_eq!(found, flow::Attached { flows: 20, torn: 0 });
+    assert_eq!(new.adopt_flows(Now(6)), Adopted { flows: 20, ended: 0 });
+    let mut w = new.worker(0);
+    for (i, &port) in ports.iter().enumerate() {
+        assert!(still_mapped(&mut w, i as u16, port), "flow {i} carried on from format 3");
+    }
+    // Older formats are refused with their number.
+    rewrite_header(&r, |mut h| {
+        h.version = 2;
+        h.check = h.sum();
+        h
+    });
+    let err = <flow::FlowTable>::attach(region, s.max_flows, flow::AttachMode::Recover).err();
+    assert_eq!(err, Some(flow::AttachError::Version(2)));
+    assert_eq!(err.map(|e| e.to_string()).as_deref(), Some("flow table format 2, this build reads 4 (and 3 for IPv4)"));
+}
+
 #[test]
 fn a_region_that_is_not_this_table_is_refused() {
     let s = small();
     let r = region_for(&s);
     let region: Arc<dyn flow::Region> = r.clone();
-    let err = flow::FlowTable::attach(region.clone(), s.max_flows, flow::AttachMode::Recover).err();
+    let err = <flow::FlowTable>::attach(region.clone(), s.max_flows, flow::AttachMode::Recover).err();
     assert_eq!(err, Some(flow::AttachError::NotATable), "zeroes");
-    drop(flow::FlowTable::create_in(region.clone(), s.max_flows).expect("fresh"));
-    let err = flow::FlowTable::attach(region.clone(), s.max_flows / 2, flow::AttachMode::Recover).err();
+    drop(<flow::FlowTable>::create_in(region.clone(), s.max_flows).expect("fresh"));
+    let err = <flow::FlowTable>::attach(region.clone(), s.max_flows / 2, flow::AttachMode::Recover).err();
     assert!(matches!(err, Some(flow::AttachError::Layout { .. })), "{err:?}");
     for i in 0..64 {
         r.poke(i, |_| (i as u8).wrapping_mul(151));
     }
-    let err = flow::FlowTable::attach(region, s.max_flows, flow::AttachMode::Recover).err();
+    let err = <flow::FlowTable>::attach(region, s.max_flows, flow::AttachMode::Recover).err();
     assert_eq!(err, Some(flow::AttachError::NotATable), "garbage");
 }
 

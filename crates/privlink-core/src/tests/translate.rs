@@ -171,7 +171,7 @@ proptest! {
     fn translation_checksums_equal_full_recomputation((pkt, kind) in arb_packet()) {
         let (_e, mut w) = engine();
         let src = Ipv4Addr::new(pkt[12], pkt[13], pkt[14], pkt[15]);
-        prop_assume!(!wire::is_martian_source(u32::from(src)));
+        prop_assume!(!crate::addr::is_martian_v4(u32::from(src)));
         let original = pkt.clone();
         let mut p = pkt;
         prop_assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));

@@ -3,6 +3,7 @@
 //! echo identifiers.
 
 use super::*;
+use crate::addr::End;
 use crate::checksum::Delta;
 
 /// ICMP message types used here.
@@ -124,14 +125,14 @@ pub fn parse_icmp_error(icmp: &[u8]) -> Option<Quoted> {
 /// Rewrites the quoted packet of an ICMP error in place (addresses, ports
 /// or echo identifier, the quoted IP header checksum, and the quoted
 /// transport checksum where the quote holds it), then the ICMP checksum.
-pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: (u32, u16), dst: (u32, u16)) {
+pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: End, dst: End) {
     let mut pseudo = Delta::default();
-    pseudo.dword(q.src, src.0);
-    pseudo.dword(q.dst, dst.0);
+    pseudo.dword(q.src, src.addr);
+    pseudo.dword(q.dst, dst.addr);
     {
         let h = &mut icmp[q.ip..q.l4];
-        h[field::SRC].copy_from_slice(&src.0.to_be_bytes());
-        h[field::DST].copy_from_slice(&dst.0.to_be_bytes());
+        h[field::SRC].copy_from_slice(&src.addr.to_be_bytes());
+        h[field::DST].copy_from_slice(&dst.addr.to_be_bytes());
         let c = pseudo.apply(be16(h, field::CHECKSUM));
         put16(h, field::CHECKSUM, c);
     }
@@ -139,7 +140,7 @@ pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: (u32, u16), dst: (u32, u
     match q.proto {
         proto::ICMP => {
             // A quoted echo: the identifier is the "port" on both sides.
-            let id = if l4[0] == icmp_type::ECHO_REQUEST { src.1 } else { dst.1 };
+            let id = if l4[0] == icmp_type::ECHO_REQUEST { src.port } else { dst.port };
             let mut d = Delta::default();
             d.word(be16(l4, field::ICMP_IDENT), id);
             put16(l4, field::ICMP_IDENT, id);
@@ -150,10 +151,10 @@ pub fn rewrite_quoted(icmp: &mut [u8], q: &Quoted, src: (u32, u16), dst: (u32, u
         }
         p => {
             let mut d = pseudo;
-            d.word(be16(l4, field::SRC_PORT), src.1);
-            d.word(be16(l4, field::DST_PORT), dst.1);
-            put16(l4, field::SRC_PORT, src.1);
-            put16(l4, field::DST_PORT, dst.1);
+            d.word(be16(l4, field::SRC_PORT), src.port);
+            d.word(be16(l4, field::DST_PORT), dst.port);
+            put16(l4, field::SRC_PORT, src.port);
+            put16(l4, field::DST_PORT, dst.port);
             let at = if p == proto::TCP { field::TCP_CHECKSUM } else { field::UDP_CHECKSUM };
             if l4.len() >= at.end {
                 let old = be16(l4, at.clone());

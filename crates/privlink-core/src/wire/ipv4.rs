@@ -228,14 +228,6 @@ pub fn packet_len(buf: &[u8]) -> usize {
     }
 }
 
-/// A source no router forwards from (RFC 1812 5.3.7): "this network"
-/// (0/8), loopback, multicast, reserved (240/4) and broadcast.
-#[inline]
-pub fn is_martian_source(addr: u32) -> bool {
-    let first = addr >> 24;
-    first == 0 || first == 127 || first >= 224
-}
-
 /// Whether an IPv4 header's options (`header[20..]`) hold a loose or strict
 /// source route, which privlink drops as routers do by default (Linux's
 /// `accept_source_route = 0`). `Err` when the option list is malformed.
