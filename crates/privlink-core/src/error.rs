@@ -19,6 +19,8 @@ pub enum CoreError {
     DanglingEndpoint(String),
     #[error("too many endpoints created over this daemon's life (16,777,215); restart it")]
     TooManyEndpoints,
+    #[error("too many networks attached over this daemon's life (65,536); restart it")]
+    TooManyNetworks,
     #[error("endpoint {0}: address {1} is already an endpoint in its network")]
     DuplicateEndpointAddress(String, Ipv4Addr),
 }

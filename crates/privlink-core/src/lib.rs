@@ -15,7 +15,7 @@ pub mod checksum;
 pub mod conntrack;
 pub mod counters;
 pub mod engine;
-pub use engine::{apply, expiry, listing, restart};
+pub use engine::{apply, expiry, ids, listing, restart};
 pub mod error;
 pub mod events;
 pub mod flow;

@@ -1,13 +1,13 @@
-//! The connection workflow and the control API.
+//! The connection workflow's I/O and the control API.
 //!
-//! Connection states follow Private Link: an endpoint whose tenant is not in
-//! its service's `visibility` is `rejected` and never connects; a visible
-//! tenant in `auto_approve` is `approved` at once; any other starts
-//! `pending` and carries nothing until an operator approves it. An endpoint
-//! that leaves the config (with or without its service) becomes
-//! `disconnected`. States live in the [`Store`]; the engine is told of every
-//! change at once (approve lets traffic through, reject or disconnect ends
-//! the endpoint's flows and returns their ports).
+//! What a connection's state should be is decided by the pure functions of
+//! [`crate::approval`]; here their changes are written to the
+//! [`ConnectionStore`] (a compare-and-swap per record, decided again from
+//! fresh records when another writer got there first), appended to the
+//! events file, and told to the engine at once (approve lets traffic
+//! through, reject or disconnect ends the endpoint's flows and returns
+//! their ports). Store errors answer as 404 (not found), 409 (changed
+//! meanwhile, or not allowed), 503 (store unavailable) and 500 (corrupt).
 //!
 //! The API is HTTP/JSON on the unix socket `[control] socket` (mode 0600),
 //! served by axum on the daemon's control runtime:
@@ -29,8 +29,9 @@
 //! whatever produced it (a handler, a rejected extractor, an unknown path or
 //! method, an oversized body), is answered as `{"error": "..."}`.
 
+use crate::approval::{self, Decided, Refused};
 use crate::dataplane::now_since;
-use crate::store::{unix_now, AuditEntry, Change, Connection, Store};
+use crate::store::{unix_now, AuditEntry, Change, Connection, ConnectionStore, StoreError};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -50,121 +51,103 @@ use std::time::Instant;
 #[derive(Debug)]
 pub struct Control {
     pub engine: Arc<Engine>,
-    pub store: Store,
+    pub store: Arc<dyn ConnectionStore>,
+    /// `[flow_logs] events_file`: each committed change is appended there
+    /// as one JSON line.
+    pub events_file: std::sync::Mutex<Option<std::path::PathBuf>>,
     pub config: ArcSwap<Config>,
     pub started: Instant,
     /// The engine clock's epoch.
     pub epoch: Instant,
 }
 
-/// The state an endpoint's connection should have under `config`, given
-/// what the store remembers.
-fn desired_state(config: &Config, ep: &privlink_config::Endpoint, stored: Option<&Connection>) -> ConnectionState {
-    let (Some(net), Some(svc)) = (config.network(&ep.network), config.service(&ep.service)) else {
-        return ConnectionState::Disconnected;
-    };
-    if !svc.visible_to(&net.tenant) {
-        return ConnectionState::Rejected;
-    }
-    match stored {
-        // A pending connection of a tenant that auto-approval now covers is
-        // approved, as Azure approves pending connections when a
-        // subscription is added to auto-approval.
-        Some(c) if c.state == "pending" && svc.auto_approves(&net.tenant) => ConnectionState::Approved,
-        // The operator's word stands while the endpoint is the same link
-        // (a rejection the config made for visibility is re-evaluated).
-        Some(c)
-            if c.service == ep.service
-                && c.tenant == net.tenant
-                && c.state != "disconnected"
-                && !(c.state == "rejected" && c.decided_by == "config") =>
-        {
-            ConnectionState::parse(&c.state).unwrap_or(ConnectionState::Pending)
-        }
-        _ if svc.auto_approves(&net.tenant) => ConnectionState::Approved,
-        _ => ConnectionState::Pending,
-    }
-}
+/// Times a batch is decided again from fresh records after a conflict.
+const CONFLICT_RETRIES: usize = 3;
 
-/// Brings the store in line with `config` (new connections, visibility
-/// changes, endpoints gone) and returns every configured endpoint's state.
-pub fn reconcile(store: &Store, config: &Config) -> Result<HashMap<String, ConnectionState>> {
-    let now = unix_now();
-    let mut states = HashMap::new();
-    let mut all: HashMap<String, Connection> = store.all()?.into_iter().map(|c| (c.endpoint.clone(), c)).collect();
-    let mut changes = Vec::new();
-    for ep in &config.endpoints {
-        let stored = all.remove(&ep.name);
-        let state = desired_state(config, ep, stored.as_ref());
-        let tenant = config.network(&ep.network).map(|n| n.tenant.clone()).unwrap_or_default();
-        // A connection keeps its link id for its life; a new one (or a
-        // record from before link ids) gets a fresh one.
-        let link_id = stored
-            .as_ref()
-            .filter(|c| c.state != "disconnected" && c.link_id != 0)
-            .map_or_else(|| rand::random::<u64>() >> 1 | 1, |c| c.link_id);
-        let same = stored.as_ref().is_some_and(|c| {
-            c.state == state.as_str()
-                && c.service == ep.service
-                && c.network == ep.network
-                && c.tenant == tenant
-                && c.link_id == link_id
-        });
-        if !same {
-            let why = match state {
-                ConnectionState::Rejected => {
-                    format!("tenant {tenant} is not in the visibility of service {}", ep.service)
+impl Control {
+    /// Writes `changes` (see [`ConnectionStore::put_if_revision`]), then
+    /// appends them to the events file.
+    pub fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        self.store.put_if_revision(changes)?;
+        self.append_events(changes);
+        Ok(())
+    }
+
+    /// Brings the store in line with `config` (new connections, visibility
+    /// changes, endpoints gone; [`approval::plan`]) and returns every
+    /// configured endpoint's state.
+    pub fn reconcile(&self, config: &Config) -> Result<HashMap<String, ConnectionState>, StoreError> {
+        let mut tries = 0;
+        loop {
+            let stored = self.store.list()?;
+            let plan = approval::plan(config, stored, unix_now(), &mut || privlink_core::ids::link_id(rand::random()));
+            match self.commit(&plan.changes) {
+                Err(StoreError::Conflict(_)) if tries < CONFLICT_RETRIES => tries += 1,
+                Err(e) => return Err(e),
+                Ok(()) => {
+                    for c in &plan.changes {
+                        match c.conn.state {
+                            ConnectionState::Rejected => {
+                                let why = c.message.as_deref().unwrap_or("");
+                                tracing::warn!(endpoint = %c.conn.endpoint, "{why}: connection rejected");
+                            }
+                            ConnectionState::Disconnected => {
+                                tracing::info!(endpoint = %c.conn.endpoint, "connection disconnected");
+                            }
+                            _ => {}
+                        }
+                    }
+                    return Ok(plan.states);
                 }
-                ConnectionState::Approved => "auto-approved".to_string(),
-                _ => "connection requested".to_string(),
-            };
-            if state == ConnectionState::Rejected {
-                tracing::warn!(endpoint = %ep.name, "{why}: connection rejected");
             }
-            let c = Connection {
-                endpoint: ep.name.clone(),
-                service: ep.service.clone(),
-                network: ep.network.clone(),
-                tenant,
-                state: state.as_str().to_string(),
-                request_message: None,
-                response_message: Some(why.clone()),
-                created: stored.as_ref().filter(|c| c.state != "disconnected").map_or(now, |c| c.created),
-                updated: now,
-                decided_by: "config".into(),
-                link_id,
-            };
-            changes.push(Change {
-                conn: c,
-                from: stored.as_ref().map(|c| c.state.clone()),
-                message: Some(why),
-                by: "config".into(),
-            });
-        }
-        states.insert(ep.name.clone(), state);
-    }
-    // What is left of the store is no longer configured.
-    for c in all.into_values() {
-        if c.state != "disconnected" && !states.contains_key(&c.endpoint) {
-            let why = "endpoint or service removed from the config";
-            let gone = Connection {
-                state: "disconnected".into(),
-                response_message: Some(why.into()),
-                updated: now,
-                decided_by: "config".into(),
-                ..c.clone()
-            };
-            tracing::info!(endpoint = %c.endpoint, "connection disconnected");
-            changes.push(Change { conn: gone, from: Some(c.state), message: Some(why.into()), by: "config".into() });
         }
     }
-    store.put_all(&changes)?;
-    Ok(states)
-}
 
-/// Every connection's link id, by endpoint.
-pub fn link_ids(store: &Store) -> Result<HashMap<String, u64>> {
-    Ok(store.all()?.into_iter().map(|c| (c.endpoint, c.link_id)).collect())
+    /// Every connection's link id, by endpoint.
+    pub fn link_ids(&self) -> Result<HashMap<String, u64>, StoreError> {
+        Ok(self.store.list()?.into_iter().map(|c| (c.endpoint, c.link_id)).collect())
+    }
+
+    /// Appends every later change to `path` as JSON lines (`None`: stop).
+    pub fn set_events_file(&self, path: Option<std::path::PathBuf>) {
+        *self.events_file.lock().unwrap_or_else(|e| e.into_inner()) = path;
+    }
+
+    /// Connection changes as JSON lines (approve, reject, disconnect, ...);
+    /// a file that cannot be written is logged, never fatal.
+    fn append_events(&self, changes: &[Change]) {
+        if changes.is_empty() {
+            return;
+        }
+        let Some(path) = self.events_file.lock().unwrap_or_else(|e| e.into_inner()).clone() else { return };
+        let mut text = String::new();
+        for c in changes {
+            let line = serde_json::json!({
+                "time": c.conn.updated,
+                "event": "connection_state",
+                "endpoint": c.conn.endpoint,
+                "service": c.conn.service,
+                "network": c.conn.network,
+                "tenant": c.conn.tenant,
+                "link_id": c.conn.link_id,
+                "from": c.from.map(ConnectionState::as_str),
+                "to": c.conn.state.as_str(),
+                "by": c.by,
+                "message": c.message,
+            });
+            text.push_str(&line.to_string());
+            text.push('\n');
+        }
+        use std::io::Write;
+        let r = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(text.as_bytes()));
+        if let Err(e) = r {
+            tracing::warn!("cannot append connection events to {}: {e}", path.display());
+        }
+    }
 }
 
 /// An API error: a status and a one-line message.
@@ -177,9 +160,25 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<anyhow::Error> for ApiError {
-    fn from(e: anyhow::Error) -> Self {
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let status = match e {
+            StoreError::NotFound(_) => StatusCode::NOT_FOUND,
+            StoreError::Conflict(_) => StatusCode::CONFLICT,
+            StoreError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Corrupt(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<Refused> for ApiError {
+    fn from(e: Refused) -> Self {
+        let status = match e {
+            Refused::NoEndpoint(_) => StatusCode::NOT_FOUND,
+            Refused::NotVisible { .. } => StatusCode::CONFLICT,
+        };
+        ApiError(status, e.to_string())
     }
 }
 
@@ -229,7 +228,7 @@ pub struct FlowView {
 }
 
 async fn list(State(c): State<Arc<Control>>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    let mut all = c.store.all()?;
+    let mut all = c.store.list()?;
     all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
     let config = c.config.load();
     Ok(Json(all.iter().map(|x| shown(&config, x)).collect()))
@@ -257,40 +256,31 @@ fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Resu
         return Err(ApiError(StatusCode::BAD_REQUEST, format!("message longer than {MAX_MESSAGE} bytes")));
     }
     let config = c.config.load();
-    let Some(ep) = config.endpoints.iter().find(|e| e.name == endpoint) else {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no endpoint `{endpoint}` in the running config")));
-    };
-    let Some(stored) = c.store.get(endpoint)? else {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no connection for endpoint `{endpoint}`")));
-    };
-    let (net, svc) = (config.network(&ep.network), config.service(&ep.service));
-    if to == ConnectionState::Approved && !net.zip(svc).is_some_and(|(n, s)| s.visible_to(&n.tenant)) {
-        return Err(ApiError(
-            StatusCode::CONFLICT,
-            format!(
-                "tenant {} is not in the visibility of service {}: it cannot be approved",
-                stored.tenant, ep.service
-            ),
-        ));
+    if !config.endpoints.iter().any(|e| e.name == endpoint) {
+        return Err(Refused::NoEndpoint(endpoint.to_string()).into());
     }
-    if stored.state == to.as_str() {
-        // Nothing changes: nothing is written (the audit records changes).
-        return Ok(stored);
-    }
-    let updated = Connection {
-        state: to.as_str().to_string(),
-        response_message: decision.message.clone(),
-        updated: unix_now(),
-        decided_by: "operator".into(),
-        ..stored.clone()
+    // Decided from the record as read, written only if it is still that;
+    // decided again from a fresh read when another writer got there first.
+    let mut tries = 0;
+    let (stored, updated) = loop {
+        let stored = c.store.get(endpoint)?;
+        let from = stored.state;
+        match approval::decide(&config, endpoint, stored, to, decision.message.clone(), unix_now())? {
+            Decided::Unchanged(same) => return Ok(same),
+            Decided::Change(change) => match c.commit(std::slice::from_ref(&change)) {
+                Err(StoreError::Conflict(_)) if tries < CONFLICT_RETRIES => tries += 1,
+                Err(e) => return Err(e.into()),
+                // Durable first, then the dataplane: what we answer is what
+                // a restart sees.
+                Ok(()) => break (from, change.conn),
+            },
+        }
     };
-    // Durable first, then the dataplane: what we answer is what a restart sees.
-    c.store.put(&updated, Some(&stored.state), decision.message.as_deref(), "operator")?;
     c.engine.set_connection_state(endpoint, to, now_since(c.epoch));
     // Operator text goes into the log escaped: a newline or an escape
     // sequence in a message cannot forge a log line.
     let message: String = decision.message.as_deref().unwrap_or("").escape_default().collect();
-    tracing::info!(endpoint, from = %stored.state, to = %to, message = %message, "connection changed by operator");
+    tracing::info!(endpoint, from = %stored, to = %to, message = %message, "connection changed by operator");
     Ok(updated)
 }
 
@@ -336,15 +326,15 @@ async fn flows(State(c): State<Arc<Control>>, Query(q): Query<EndpointFilter>) -
 
 async fn audit(State(c): State<Arc<Control>>, Query(q): Query<AuditQuery>) -> Result<Json<Vec<AuditEntry>>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    Ok(Json(c.store.audit_page(q.endpoint.as_deref(), q.after.unwrap_or(0), limit)?))
+    Ok(Json(c.store.audit(q.endpoint.as_deref(), q.after.unwrap_or(0), limit)?))
 }
 
 async fn status(State(c): State<Arc<Control>>) -> Result<Json<serde_json::Value>, ApiError> {
     let snap = c.engine.snapshot();
     let config = c.config.load();
     let mut by_state: HashMap<String, usize> = HashMap::new();
-    for conn in c.store.all()? {
-        *by_state.entry(conn.state).or_default() += 1;
+    for conn in c.store.list()? {
+        *by_state.entry(conn.state.as_str().to_string()).or_default() += 1;
     }
     Ok(Json(serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -496,92 +486,120 @@ pub fn bind(path: &Path) -> Result<(tokio::net::UnixListener, SocketFile)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
-    const BASE: &str = r#"
+    const CONFIG: &str = r#"
 [provider]
 tun = "p0"
 [[network]]
 name = "na"
 tenant = "contoso"
 tun = "a0"
-[[network]]
-name = "nb"
-tenant = "fabrikam"
-tun = "b0"
 [[service]]
 name = "s"
 nat_ips = ["192.168.100.1"]
 backends = ["192.168.50.1"]
 ports = [{ protocol = "tcp", port = 80 }]
-visibility = VIS
-auto_approve = ["contoso"]
+visibility = ["*"]
 [[endpoint]]
 name = "ea"
 network = "na"
 ip = "10.0.0.5"
 service = "s"
 "#;
-    const EB: &str = "[[endpoint]]\nname = \"eb\"\nnetwork = \"nb\"\nip = \"10.0.0.5\"\nservice = \"s\"\n";
 
-    fn cfg(vis: &str, with_b: bool) -> Config {
-        let text = BASE.replace("VIS", vis) + if with_b { EB } else { "" };
-        Config::parse(&text, "t.toml").expect("valid")
+    /// A store whose reads find one pending record of `ea` (or fail with
+    /// `read`) and whose writes fail with `write`.
+    #[derive(Debug)]
+    struct Failing {
+        read: Option<StoreError>,
+        write: StoreError,
+        writes: AtomicUsize,
     }
 
-    fn store(name: &str) -> (Store, std::path::PathBuf) {
-        let d = std::env::temp_dir().join(format!("privlink-reconcile-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        (Store::open(&d).expect("store"), d)
+    impl ConnectionStore for Failing {
+        fn get(&self, endpoint: &str) -> Result<Connection, StoreError> {
+            if let Some(e) = &self.read {
+                return Err(e.clone());
+            }
+            if endpoint != "ea" {
+                return Err(StoreError::NotFound(endpoint.into()));
+            }
+            Ok(Connection {
+                endpoint: "ea".into(),
+                service: "s".into(),
+                network: "na".into(),
+                tenant: "contoso".into(),
+                state: ConnectionState::Pending,
+                request_message: None,
+                response_message: None,
+                created: 1,
+                updated: 1,
+                decided_by: "config".into(),
+                link_id: 3,
+                revision: 5,
+            })
+        }
+        fn list(&self) -> Result<Vec<Connection>, StoreError> {
+            Ok(vec![self.get("ea")?])
+        }
+        fn put_if_revision(&self, _: &[Change]) -> Result<(), StoreError> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            Err(self.write.clone())
+        }
+        fn audit(&self, _: Option<&str>, _: u64, _: usize) -> Result<Vec<AuditEntry>, StoreError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn control(read: Option<StoreError>, write: StoreError) -> Control {
+        control_on(Arc::new(Failing { read, write, writes: AtomicUsize::new(0) }))
+    }
+
+    fn control_on(store: Arc<Failing>) -> Control {
+        Control {
+            engine: Engine::new(privlink_core::Settings::default()),
+            store,
+            events_file: std::sync::Mutex::new(None),
+            config: ArcSwap::from_pointee(Config::parse(CONFIG, "t.toml").expect("valid")),
+            started: Instant::now(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn status(r: Result<Connection, ApiError>) -> StatusCode {
+        r.expect_err("refused").0
     }
 
     #[test]
-    fn states_follow_visibility_auto_approval_and_removal() {
-        let (s, dir) = store("flow");
-        let st = reconcile(&s, &cfg(r#"["*"]"#, true)).expect("reconcile");
-        assert_eq!(st["ea"], ConnectionState::Approved);
-        assert_eq!(st["eb"], ConnectionState::Pending);
-        // An operator's approval is kept across reconciles.
-        let mut b = s.get("eb").expect("get").expect("eb");
-        b.state = "approved".into();
-        b.decided_by = "operator".into();
-        s.put(&b, Some("pending"), Some("ok"), "operator").expect("put");
-        assert_eq!(reconcile(&s, &cfg(r#"["*"]"#, true)).expect("r")["eb"], ConnectionState::Approved);
-        // Visibility narrows: rejected by the config.
-        assert_eq!(reconcile(&s, &cfg(r#"["contoso"]"#, true)).expect("r")["eb"], ConnectionState::Rejected);
-        // Visibility widens again: re-evaluated (fabrikam is not auto-approved).
-        assert_eq!(reconcile(&s, &cfg(r#"["*"]"#, true)).expect("r")["eb"], ConnectionState::Pending);
-        // The endpoint leaves the config: disconnected, and the record stays.
-        let st = reconcile(&s, &cfg(r#"["*"]"#, false)).expect("r");
-        assert!(!st.contains_key("eb"));
-        assert_eq!(s.get("eb").expect("get").map(|c| c.state), Some("disconnected".into()));
-        let trail: Vec<String> = s.audit(Some("eb")).expect("audit").into_iter().map(|e| e.to).collect();
-        assert_eq!(trail, ["pending", "approved", "rejected", "pending", "disconnected"]);
-        let _ = std::fs::remove_dir_all(&dir);
+    fn store_errors_answer_as_404_409_503_and_500() {
+        let busy = StoreError::Unavailable("handed over".into());
+        let c = control(Some(busy.clone()), busy.clone());
+        assert_eq!(status(decide(&c, "ea", ConnectionState::Approved, b"")), StatusCode::SERVICE_UNAVAILABLE);
+        let c = control(None, busy);
+        assert_eq!(status(decide(&c, "ea", ConnectionState::Approved, b"")), StatusCode::SERVICE_UNAVAILABLE);
+        let c = control(Some(StoreError::NotFound("ea".into())), StoreError::Corrupt("x".into()));
+        assert_eq!(status(decide(&c, "ea", ConnectionState::Approved, b"")), StatusCode::NOT_FOUND);
+        let c = control(Some(StoreError::Corrupt("bad json".into())), StoreError::Corrupt("x".into()));
+        assert_eq!(status(decide(&c, "ea", ConnectionState::Approved, b"")), StatusCode::INTERNAL_SERVER_ERROR);
+        // Not configured: 404 without asking the store.
+        let c = control(None, StoreError::Corrupt("x".into()));
+        assert_eq!(status(decide(&c, "nope", ConnectionState::Approved, b"")), StatusCode::NOT_FOUND);
     }
 
     #[test]
-    fn widening_auto_approve_approves_pending_connections_but_not_rejected_ones() {
-        let (s, dir) = store("widen");
-        let st = reconcile(&s, &cfg(r#"["*"]"#, true)).expect("reconcile");
-        assert_eq!(st["eb"], ConnectionState::Pending);
-        let widened = || {
-            let text = BASE
-                .replace("VIS", r#"["*"]"#)
-                .replace(r#"auto_approve = ["contoso"]"#, r#"auto_approve = ["contoso", "fabrikam"]"#)
-                + EB;
-            Config::parse(&text, "t.toml").expect("valid")
-        };
-        // As Azure does when a subscription joins auto-approval: pending
-        // connections of that tenant are approved.
-        let st = reconcile(&s, &widened()).expect("reconcile");
-        assert_eq!(st["eb"], ConnectionState::Approved);
-        assert_eq!(s.get("eb").expect("get").map(|c| c.state), Some("approved".into()));
-        // An operator's rejection stands.
-        let mut b = s.get("eb").expect("get").expect("eb");
-        b.state = "rejected".into();
-        b.decided_by = "operator".into();
-        s.put(&b, Some("approved"), Some("no"), "operator").expect("put");
-        assert_eq!(reconcile(&s, &widened()).expect("r")["eb"], ConnectionState::Rejected);
-        let _ = std::fs::remove_dir_all(&dir);
+    fn a_decision_that_keeps_losing_the_race_answers_409_after_deciding_again() {
+        let f = Arc::new(Failing { read: None, write: StoreError::Conflict("ea".into()), writes: AtomicUsize::new(0) });
+        let c = control_on(f.clone());
+        let err = decide(&c, "ea", ConnectionState::Approved, b"").expect_err("conflict");
+        assert_eq!(err.0, StatusCode::CONFLICT, "{}", err.1);
+        assert!(err.1.contains("changed meanwhile"), "{}", err.1);
+        assert_eq!(f.writes.load(Ordering::Relaxed), CONFLICT_RETRIES + 1);
+    }
+
+    #[test]
+    fn reconcile_retries_a_conflict_then_reports_it() {
+        let c = control(None, StoreError::Conflict("ea".into()));
+        assert_eq!(c.reconcile(&c.config.load()), Err(StoreError::Conflict("ea".into())));
     }
 }

@@ -14,12 +14,13 @@
 //! attaching and checking the table, during a hand-over
 //! ([`crate::handover`]) by sharing it with the running daemon.
 
-use crate::control::{reconcile, Control};
+use crate::control::Control;
 use crate::dataplane::{now_since, Dataplane, DeviceSet};
 use crate::device::Device;
 use crate::handover::{Predecessor, Successor};
+use crate::state::StateLock;
 use crate::state::{DeviceRec, Manifest, Opened, RunDir, Sidecar};
-use crate::store::{StateLock, Store};
+use crate::store::RedbStore;
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
 use privlink_config::{Config, Network};
@@ -44,7 +45,6 @@ struct Daemon {
     devices: Arc<ArcSwap<DeviceSet>>,
     /// The config each live network device was made from.
     made_from: HashMap<String, (NetworkId, Network)>,
-    next_network: u16,
     epoch: Instant,
     /// `epoch` as a `CLOCK_MONOTONIC` reading (kept in the sidecar).
     epoch_mono: u64,
@@ -59,8 +59,6 @@ struct Daemon {
     run_dir: RunDir,
     /// Persistent devices this daemon (or the one before it) made.
     manifest: Manifest,
-    /// Network ids the previous daemon gave (its flows name them).
-    net_seeds: HashMap<String, u16>,
     /// Whether the sidecar and manifest are this daemon's to write (not
     /// yet during a hand-over: the old daemon may still carry on).
     owns_state: bool,
@@ -179,8 +177,7 @@ impl Daemon {
         } else {
             (StateLock::acquire(&config.state_dir)?, None)
         };
-        let store = Store::open(&config.state_dir)?;
-        store.set_events_file(config.flow_logs.events_file.clone());
+        let store = Arc::new(RedbStore::open(&config.state_dir)?);
         let run_dir = RunDir::for_state_dir(&config.state_dir)?;
         let sidecar = run_dir.read_sidecar();
         let mode = if takeover { AttachMode::Share } else { AttachMode::Recover };
@@ -204,18 +201,15 @@ impl Daemon {
         let epoch_mono = sidecar.as_ref().map_or_else(crate::state::mono_ns, |s| s.epoch_mono_ns);
         let epoch = crate::state::instant_of(epoch_mono);
         let engine = Engine::with_flows(settings, table);
-        let mut net_seeds = HashMap::new();
-        let mut next_network = 0;
         if let Some(s) = &sidecar {
             engine.seed_ids(&s.ids());
-            net_seeds = s.networks.iter().cloned().collect();
-            next_network = s.next_network;
         }
         let manifest = Manifest::read(&config.state_dir);
         let previous = manifest.clone();
         let control = Arc::new(Control {
             engine: engine.clone(),
             store,
+            events_file: std::sync::Mutex::new(config.flow_logs.events_file.clone()),
             config: ArcSwap::from_pointee(config.clone()),
             started: Instant::now(),
             epoch,
@@ -244,7 +238,6 @@ impl Daemon {
             workers,
             devices,
             made_from: HashMap::new(),
-            next_network,
             epoch,
             epoch_mono,
             control,
@@ -253,7 +246,6 @@ impl Daemon {
             flow_log: None,
             run_dir,
             manifest,
-            net_seeds,
             owns_state: !takeover,
         };
         if let Err(e) = d.converge(&config) {
@@ -346,14 +338,7 @@ impl Daemon {
         if let Err(e) = self.manifest.write(&self.config.state_dir) {
             tracing::error!("cannot write the device manifest: {e:#}");
         }
-        let networks = self.made_from.iter().map(|(name, (id, _))| (name.clone(), id.0)).collect();
-        let sc = Sidecar::new(
-            self.epoch_mono,
-            self.config.dataplane.max_flows,
-            networks,
-            self.next_network,
-            &self.engine.ids(),
-        );
+        let sc = Sidecar::new(self.epoch_mono, self.config.dataplane.max_flows, &self.engine.ids());
         if let Err(e) = self.run_dir.write_sidecar(&sc) {
             tracing::error!("cannot write the flow table's sidecar: {e:#}");
         }
@@ -384,12 +369,12 @@ impl Daemon {
     fn hand_over(&mut self, stream: std::os::unix::net::UnixStream) -> Result<Predecessor> {
         let mut p = Predecessor::accept(stream)?;
         self.engine.flows().freeze();
-        self.control.store.close();
+        self.control.store.release();
         self.persist_state();
         let r = p.frozen(self.lock.fd()).and_then(|()| p.wait_forwarding());
         if let Err(e) = r {
             self.engine.flows().thaw();
-            if let Err(e2) = self.control.store.reopen() {
+            if let Err(e2) = self.control.store.resume() {
                 tracing::error!("{e2:#}; approvals cannot change until a restart");
             }
             return Err(e);
@@ -467,11 +452,15 @@ impl Daemon {
                         return Err(e);
                     }
                 };
-            let id = match self.net_seeds.remove(&n.name) {
-                Some(id) => NetworkId(id),
-                None => {
-                    self.next_network += 1;
-                    NetworkId(self.next_network - 1)
+            let id = match self.engine.network_id(&n.name) {
+                Ok(id) => id,
+                Err(e) => {
+                    for (_, d) in &created {
+                        if !self.manifest.owns(d.netns.as_deref(), &d.name, d.ifindex) {
+                            d.unpersist();
+                        }
+                    }
+                    return Err(e.into());
                 }
             };
             tracing::info!(network = %n.name, device = %n.tun, netns = n.netns.as_deref().unwrap_or("-"), "network attached");
@@ -479,8 +468,8 @@ impl Daemon {
             self.made_from.insert(n.name.clone(), (id, n.clone()));
         }
         // 3. Connection states, then the engine.
-        let states = reconcile(&self.control.store, config)?;
-        let links = crate::control::link_ids(&self.control.store)?;
+        let states = self.control.reconcile(config)?;
+        let links = self.control.link_ids()?;
         let desired = to_desired(config, &self.made_from, &states, &links);
         let now = now_since(self.epoch);
         let report = self.engine.apply(&desired, now).context("configuration refused by the engine")?;

@@ -2,6 +2,7 @@
 //! the command line and calls in here; the end-to-end tests use [`netns`]
 //! to build their namespaces the same way the demo does.
 
+pub mod approval;
 pub mod client;
 pub mod control;
 pub mod daemon;

@@ -13,6 +13,9 @@
 //!   interface index, so that a restart re-attaches its own devices and
 //!   still refuses anybody else's.
 //!
+//! - the state directory's lock ([`StateLock`]): one daemon per state
+//!   directory.
+//!
 //! A file that does not validate is renamed aside with a log line saying
 //! why, and the daemon starts with an empty table: nothing from it is used.
 
@@ -118,14 +121,14 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    pub fn new(epoch_mono_ns: u64, max_flows: u32, networks: Vec<(String, u16)>, next_network: u16, ids: &Ids) -> Self {
+    pub fn new(epoch_mono_ns: u64, max_flows: u32, ids: &Ids) -> Self {
         Sidecar {
             version: SIDECAR_VERSION,
             boot_id: boot_id(),
             epoch_mono_ns,
             max_flows,
-            networks,
-            next_network,
+            networks: ids.networks.clone(),
+            next_network: ids.next_network,
             next_endpoint: ids.next_endpoint,
             next_pool: ids.next_pool,
             endpoints: ids
@@ -159,6 +162,8 @@ impl Sidecar {
         Ids {
             next_endpoint: self.next_endpoint,
             next_pool: self.next_pool,
+            next_network: self.next_network,
+            networks: self.networks.clone(),
             endpoints: self
                 .endpoints
                 .iter()
@@ -448,5 +453,63 @@ impl RunDir {
     /// A clean stop: nothing is left behind.
     pub fn remove(&self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The lock that makes one state directory serve one daemon at a time: an
+/// exclusive `flock(2)` on `privlink.lock` in it, held for the daemon's
+/// life and released by the kernel however the process ends (so a crash
+/// never leaves a stale lock). The file holds the owner's pid, for the
+/// error a second daemon prints.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+}
+
+impl StateLock {
+    pub fn acquire(dir: &Path) -> Result<StateLock> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        let path = dir.join("privlink.lock");
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            anyhow::bail!(
+                "state directory {} is in use by another privlink (pid {}); one daemon per state directory",
+                dir.display(),
+                pid.trim()
+            );
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(StateLock { _file: file })
+    }
+
+    /// The lock a running daemon passed over the hand-over socket: the same
+    /// open file, so the lock was never free. Records this process's pid.
+    pub fn adopt(fd: std::os::fd::OwnedFd) -> Result<StateLock> {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::File::from(fd);
+        file.set_len(0)?;
+        file.rewind()?;
+        writeln!(file, "{}", std::process::id())?;
+        Ok(StateLock { _file: file })
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._file.as_fd()
     }
 }

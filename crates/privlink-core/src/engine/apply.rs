@@ -9,7 +9,7 @@ use crate::pool::PortPool;
 use crate::snapshot::{EndpointShared, EndpointView, NetworkShared, Picker, PoolEntry, ServiceView, Snapshot, Tally};
 use crate::spec::Desired;
 use crate::types::DropReason;
-use crate::types::{EndpointId, Now, PoolId, Protocol};
+use crate::types::{Now, Protocol};
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, AtomicU8};
@@ -148,11 +148,7 @@ impl Engine {
                     match old_pools.get(&key) {
                         Some(p) if p.range == s.nat_ports => p.clone(),
                         replaced => {
-                            let seed_key = (s.name.clone(), ip, proto, *s.nat_ports.start(), *s.nat_ports.end());
-                            let id = st.seeds.pools.remove(&seed_key).unwrap_or_else(|| {
-                                st.next_pool += 1;
-                                PoolId(st.next_pool)
-                            });
+                            let id = st.ids.pool((s.name.clone(), ip, proto, *s.nat_ports.start(), *s.nat_ports.end()));
                             let seed = match self.settings.seed {
                                 0 => rand::random::<u64>(),
                                 n => n ^ u64::from(id.0).wrapping_mul(0x9e37_79b9_7f4a_7c15),
@@ -217,15 +213,8 @@ impl Engine {
                     o.shared.clone()
                 }
                 None => {
-                    if st.next_endpoint > crate::flow::MAX_ENDPOINT_ID {
-                        return Err(CoreError::TooManyEndpoints);
-                    }
+                    let id = st.ids.endpoint((e.name.clone(), net.name.clone(), e.ip, svc.name.clone()))?;
                     report.endpoints_added.push(e.name.clone());
-                    let seed_key = (e.name.clone(), net.name.clone(), e.ip, svc.name.clone());
-                    let id = st.seeds.endpoints.remove(&seed_key).unwrap_or_else(|| {
-                        st.next_endpoint += 1;
-                        EndpointId(st.next_endpoint - 1)
-                    });
                     // The series of these labels go on: from the endpoint
                     // this one replaces (another address), or from one that
                     // left the config earlier.
@@ -290,7 +279,7 @@ impl Engine {
                 }
             }
         }
-        let mut by_id = vec![0u32; st.next_endpoint as usize];
+        let mut by_id = vec![0u32; st.ids.next_endpoint as usize];
         for (i, e) in endpoints.iter().enumerate() {
             by_id[e.shared.id.0 as usize] = i as u32 + 1;
         }

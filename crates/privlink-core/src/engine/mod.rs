@@ -12,6 +12,7 @@
 pub mod apply;
 mod closed;
 pub mod expiry;
+pub mod ids;
 pub mod listing;
 pub mod restart;
 
@@ -50,8 +51,8 @@ pub const RESEND_QUEUE: usize = 4096;
 
 #[derive(Debug, Default)]
 pub(crate) struct ApplyState {
-    pub(crate) next_endpoint: u32,
-    pub(crate) next_pool: u32,
+    /// Every id given out ([`ids`]).
+    pub(crate) ids: ids::IdAllocator,
     /// Counts of endpoints, networks and pools that left the config, by
     /// their metric labels, taken up again by whatever comes back under the
     /// same labels: metric series stay monotonic.
@@ -62,8 +63,6 @@ pub(crate) struct ApplyState {
     /// ([`Engine::adopt_flows`]): applying must not end any of them before
     /// their ports and counts are taken back.
     pub(crate) adopting: bool,
-    /// Ids to give again (a restart: see [`crate::restart`]).
-    pub(crate) seeds: crate::restart::Seeds,
     /// Flows created per (service, backend), kept across reloads.
     pub(crate) backend_created: HashMap<(String, std::net::Ipv4Addr), Arc<std::sync::atomic::AtomicU64>>,
 }
@@ -100,6 +99,12 @@ impl Engine {
             resends: crossbeam_queue::ArrayQueue::new(RESEND_QUEUE),
             settings,
         })
+    }
+
+    /// The id of a network attached under `name` (see [`ids`]): the id it
+    /// had in the process before when seeded so, else one never given out.
+    pub fn network_id(&self, name: &str) -> Result<crate::types::NetworkId, crate::CoreError> {
+        self.apply_lock.lock().unwrap_or_else(|e| e.into_inner()).ids.network(name)
     }
 
     pub fn settings(&self) -> &Settings {

@@ -48,21 +48,17 @@ pub struct Ids {
     /// Ids at or above these were never given out.
     pub next_endpoint: u32,
     pub next_pool: u32,
+    pub next_network: u16,
     pub endpoints: Vec<EndpointIdEntry>,
     pub pools: Vec<PoolIdEntry>,
+    /// Network names and their ids.
+    pub networks: Vec<(String, u16)>,
 }
 
 /// Key of a seeded endpoint id: name, network, address, service.
 pub(crate) type EndpointSeedKey = (String, String, Ipv4Addr, String);
 /// Key of a seeded pool id: service, NAT IP, protocol, port range.
 pub(crate) type PoolSeedKey = (String, Ipv4Addr, Protocol, u16, u16);
-
-/// Ids a new engine gives again when the same thing is configured.
-#[derive(Debug, Default)]
-pub(crate) struct Seeds {
-    pub(crate) endpoints: HashMap<EndpointSeedKey, EndpointId>,
-    pub(crate) pools: HashMap<PoolSeedKey, PoolId>,
-}
 
 /// What [`Engine::adopt_flows`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -88,7 +84,13 @@ impl Engine {
     pub fn ids(&self) -> Ids {
         let st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let snap = self.snap.load();
-        let mut ids = Ids { next_endpoint: st.next_endpoint, next_pool: st.next_pool, ..Ids::default() };
+        let mut ids = Ids {
+            next_endpoint: st.ids.next_endpoint,
+            next_pool: st.ids.next_pool,
+            next_network: u16::try_from(st.ids.next_network).unwrap_or(u16::MAX),
+            networks: snap.networks_by_id().map(|(id, n)| (n.name.clone(), id.0)).collect(),
+            ..Ids::default()
+        };
         for e in &snap.endpoints {
             let s = &e.shared;
             ids.endpoints.push(EndpointIdEntry {
@@ -117,17 +119,7 @@ impl Engine {
     /// the same ids when they are configured again unchanged, and never
     /// give out an id `ids` may still name.
     pub fn seed_ids(&self, ids: &Ids) {
-        let mut st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
-        st.next_endpoint = st.next_endpoint.max(ids.next_endpoint);
-        st.next_pool = st.next_pool.max(ids.next_pool);
-        for e in &ids.endpoints {
-            st.seeds.endpoints.insert((e.name.clone(), e.network.clone(), e.ip, e.service.clone()), e.id);
-            st.next_endpoint = st.next_endpoint.max(e.id.0 + 1);
-        }
-        for p in &ids.pools {
-            st.seeds.pools.insert((p.service.clone(), p.nat_ip, p.protocol, p.first, p.last), p.id);
-            st.next_pool = st.next_pool.max(p.id.0);
-        }
+        self.apply_lock.lock().unwrap_or_else(|e| e.into_inner()).ids.seed(ids);
     }
 
     /// After the first [`apply`](Engine::apply) over an attached table:
