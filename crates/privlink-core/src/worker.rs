@@ -135,10 +135,13 @@ impl Worker {
     /// outbox has one) and queues every write it leads to: the packet
     /// itself (staged for coalescing when small), an ICMP answer, its
     /// fragments, fragments it released. Then the daemon drains the outbox.
-    pub fn handle(&mut self, out: &mut Outbox, len: usize, src: Source, now: Now) {
+    /// Returns the packet's verdict, already acted on (the daemon needs
+    /// nothing from it; tests read it): counted, except a read shorter
+    /// than the virtio-net header, which is `Drop(Malformed)` uncounted.
+    pub fn handle(&mut self, out: &mut Outbox, len: usize, src: Source, now: Now) -> Verdict {
         let hdr = out.header_len();
         if len < hdr {
-            return;
+            return Verdict::Drop(DropReason::Malformed);
         }
         let (head, pkt) = out.read_parts(len);
         let off = if hdr > 0 { parse_vnet_hdr(head) } else { Offload::default() };
@@ -177,6 +180,7 @@ impl Worker {
         if self.has_ready() {
             self.take_ready(|to, mtu, bytes| out.write_fragments(to, bytes, mtu));
         }
+        verdict
     }
 
     /// Queues, on this worker's outbox toward the provider, the PROXY

@@ -180,7 +180,7 @@ fn run_worker(
                             let ms = STARTED.get().map_or(0, |t| t.elapsed().as_millis() as u64);
                             tracing::info!(worker = w, since_start_ms = ms, "first packet");
                         }
-                        worker.handle(&mut out, len, src, now)
+                        worker.handle(&mut out, len, src, now);
                     }
                     Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => break,
                     Err(e) => {

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 fn short_connection(w: &mut Worker, sport: u16, now: Now) -> Verdict {
     let a = Source::Network(NET_A);
     let mut syn = tcp_seq(CLIENT, sport, EP, 80, true, 1000, None, b"");
-    let v = w.process(&mut syn, a, now);
+    let v = step(w, &mut syn, a, now);
     if v != Verdict::Forward(Egress::Provider) {
         return v;
     }
@@ -23,7 +23,7 @@ fn short_connection(w: &mut Worker, sport: u16, now: Now) -> Verdict {
         (tcp_fin(CLIENT, sport, EP, 80, 1004, 5002), a),
     ] {
         let mut p = p;
-        assert!(matches!(w.process(&mut p, src, now), Verdict::Forward(_)));
+        assert!(matches!(step(w, &mut p, src, now), Verdict::Forward(_)));
     }
     v
 }
@@ -59,7 +59,7 @@ fn closed_connections_do_not_count_against_max_flows() {
     let mut admitted = 0;
     for i in 0..8 {
         let mut syn = tcp_seq(CLIENT, 40000 + i, EP, 80, true, 1000, None, b"");
-        if w.process(&mut syn, Source::Network(NET_A), Now(2)) == Verdict::Forward(Egress::Provider) {
+        if step(&mut w, &mut syn, Source::Network(NET_A), Now(2)) == Verdict::Forward(Egress::Provider) {
             admitted += 1;
         }
     }
@@ -80,12 +80,12 @@ fn a_reopened_flow_counts_again_and_respects_the_bound() {
     // The same 5-tuple again: reopened, open again.
     assert_eq!(short_connection(&mut w, 30000, Now(2)), Verdict::Forward(Egress::Provider));
     let mut syn = tcp_seq(CLIENT, 30000, EP, 80, true, 9000, None, b"");
-    assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(3)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(3)), Verdict::Forward(Egress::Provider));
     assert_eq!((ep.flows_active.load(Relaxed), ep.flows_closed.load(Relaxed)), (1, 0));
     // Another connection is over the bound; so is reopening a closed one
     // while the bound is reached.
     let mut other = tcp_seq(CLIENT, 30001, EP, 80, true, 1000, None, b"");
-    assert_eq!(w.process(&mut other, Source::Network(NET_A), Now(3)), Verdict::Drop(DropReason::EndpointFlowLimit));
+    assert_eq!(step(&mut w, &mut other, Source::Network(NET_A), Now(3)), Verdict::Drop(DropReason::EndpointFlowLimit));
     assert_eq!(e.flows().len(), 1);
 }
 
@@ -102,7 +102,7 @@ fn an_exhausted_pool_ends_its_oldest_closed_flow_for_a_new_one() {
     while q.pop().is_some() {}
     // A third connection: the oldest closed flow (port of 30000) gives way.
     let mut syn = tcp_seq(CLIENT, 30002, EP, 80, true, 1000, None, b"");
-    assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(3)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(3)), Verdict::Forward(Egress::Provider));
     let listed = e.flow_list(None, Now(3));
     let ports: Vec<u16> = listed.iter().map(|f| f.consumer.1).collect();
     assert!(!ports.contains(&30000) && ports.contains(&30001) && ports.contains(&30002), "{ports:?}");
@@ -112,9 +112,9 @@ fn an_exhausted_pool_ends_its_oldest_closed_flow_for_a_new_one() {
     // Two open flows hold both ports (each to the one backend): a fourth
     // is refused, and nothing open was ended for it.
     let mut syn = tcp_seq(CLIENT, 30003, EP, 80, true, 1000, None, b"");
-    assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(4)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(4)), Verdict::Forward(Egress::Provider));
     let mut syn = tcp_seq(CLIENT, 30004, EP, 80, true, 1000, None, b"");
-    assert!(matches!(w.process(&mut syn, Source::Network(NET_A), Now(4)), Verdict::Reply { .. }));
+    assert!(matches!(step(&mut w, &mut syn, Source::Network(NET_A), Now(4)), Verdict::Reply { .. }));
     assert_eq!(pool.pool.exhausted(), 1);
     assert_eq!(e.flows().len(), 2);
     // No NAT tuple is live twice.
@@ -135,16 +135,16 @@ fn a_full_table_ends_the_oldest_closed_flow_of_any_pool() {
     }
     assert_eq!(e.flows().len(), 4);
     let mut syn = tcp_seq(CLIENT, 31000, EP, 80, true, 1000, None, b"");
-    assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(9)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(9)), Verdict::Forward(Egress::Provider));
     let ports: Vec<u16> = e.flow_list(None, Now(9)).iter().map(|f| f.consumer.1).collect();
     assert!(!ports.contains(&30000) && ports.contains(&31000), "the oldest closed went: {ports:?}");
     // Open flows fill the table: the next new flow is refused.
     for i in 0..3 {
         let mut syn = tcp_seq(CLIENT, 32000 + i, EP, 80, true, 1000, None, b"");
-        assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(10)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(10)), Verdict::Forward(Egress::Provider));
     }
     let mut syn = tcp_seq(CLIENT, 33000, EP, 80, true, 1000, None, b"");
-    assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(10)), Verdict::Drop(DropReason::FlowTableFull));
+    assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(10)), Verdict::Drop(DropReason::FlowTableFull));
 }
 
 /// An established flow of `pe-a` from consumer port 40000; returns its NAT
@@ -153,15 +153,15 @@ fn a_full_table_ends_the_oldest_closed_flow_of_any_pool() {
 fn established(w: &mut Worker) -> u16 {
     let a = Source::Network(NET_A);
     let mut syn = tcp_seq(CLIENT, 40000, EP, 80, true, 1000, None, b"");
-    assert_eq!(w.process(&mut syn, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(w, &mut syn, a, Now(1)), Verdict::Forward(Egress::Provider));
     let nport = inspect(&syn).1;
     let (be, nat) = (BACKEND_A.octets(), NAT_A.octets());
     let mut sa = tcp_seq(be, 8080, nat, nport, true, 5000, Some(1001), b"");
-    assert!(matches!(w.process(&mut sa, Source::Provider, Now(1)), Verdict::Forward(_)));
+    assert!(matches!(step(w, &mut sa, Source::Provider, Now(1)), Verdict::Forward(_)));
     let mut d = tcp_seq(CLIENT, 40000, EP, 80, false, 1001, Some(5001), b"hello");
-    assert!(matches!(w.process(&mut d, a, Now(1)), Verdict::Forward(_)));
+    assert!(matches!(step(w, &mut d, a, Now(1)), Verdict::Forward(_)));
     let mut d = tcp_seq(be, 8080, nat, nport, false, 5001, Some(1006), b"hey");
-    assert!(matches!(w.process(&mut d, Source::Provider, Now(1)), Verdict::Forward(_)));
+    assert!(matches!(step(w, &mut d, Source::Provider, Now(1)), Verdict::Forward(_)));
     nport
 }
 
@@ -179,14 +179,14 @@ fn only_a_rst_at_the_exact_next_sequence_number_ends_a_flow() {
         (tcp_rst(CLIENT, 40000, EP, 80, 1006u32.wrapping_add(1 << 31), None), Source::Network(NET_A)),
         (tcp_rst(be, 8080, nat, nport, 5003, None), Source::Provider),
     ] {
-        assert!(matches!(w.process(&mut p, src, Now(2)), Verdict::Forward(_)));
+        assert!(matches!(step(&mut w, &mut p, src, Now(2)), Verdict::Forward(_)));
         assert_eq!(state(&e), "established");
     }
     // The idle connection lives on past the closed timeout.
     assert_eq!(e.expire(Now(2 + e.settings().timeouts.tcp_closed)), 0);
     // Exact: the backend's next sequence number.
     let mut p = tcp_rst(be, 8080, nat, nport, 5004, Some(1006));
-    assert!(matches!(w.process(&mut p, Source::Provider, Now(100)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut p, Source::Provider, Now(100)), Verdict::Forward(_)));
     assert_eq!(state(&e), "closed");
 }
 
@@ -220,18 +220,18 @@ fn a_rst_answering_data_after_its_senders_fin_ends_the_flow() {
                 Source::Provider,
             )
         };
-        assert!(matches!(w.process(&mut fin, fin_src, Now(2)), Verdict::Forward(_)));
+        assert!(matches!(step(&mut w, &mut fin, fin_src, Now(2)), Verdict::Forward(_)));
         assert_eq!(state(&e), "closing");
         let data_src = if consumer_closes { Source::Provider } else { a };
-        assert!(matches!(w.process(&mut data, data_src, Now(2)), Verdict::Forward(_)));
-        assert!(matches!(w.process(&mut rst, rst_src, Now(2)), Verdict::Forward(_)));
+        assert!(matches!(step(&mut w, &mut data, data_src, Now(2)), Verdict::Forward(_)));
+        assert!(matches!(step(&mut w, &mut rst, rst_src, Now(2)), Verdict::Forward(_)));
         assert_eq!(state(&e), "closed", "consumer closes: {consumer_closes}");
     }
     // Without a FIN before it, the same number is not the sender's next.
     let (e, mut w) = engine();
     established(&mut w);
     let mut rst = tcp_rst(CLIENT, 40000, EP, 80, 1005, None);
-    assert!(matches!(w.process(&mut rst, a, Now(2)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut rst, a, Now(2)), Verdict::Forward(_)));
     assert_eq!(e.flow_list(None, Now(2))[0].state, "established");
 }
 
@@ -240,7 +240,7 @@ fn a_rst_from_the_consumer_at_its_next_sequence_number_ends_the_flow() {
     let (e, mut w) = engine();
     established(&mut w);
     let mut p = tcp_rst(CLIENT, 40000, EP, 80, 1006, Some(5004));
-    assert!(matches!(w.process(&mut p, Source::Network(NET_A), Now(2)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut p, Source::Network(NET_A), Now(2)), Verdict::Forward(_)));
     assert_eq!(e.flow_list(None, Now(2))[0].state, "closed");
 }
 
@@ -248,15 +248,15 @@ fn a_rst_from_the_consumer_at_its_next_sequence_number_ends_the_flow() {
 fn a_refused_connection_ends_with_the_rst_that_acknowledges_its_syn() {
     let (e, mut w) = engine();
     let mut syn = tcp_seq(CLIENT, 40000, EP, 80, true, 7000, None, b"");
-    assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     let nport = inspect(&syn).1;
     let (be, nat) = (BACKEND_A.octets(), NAT_A.octets());
     // A RST that does not acknowledge the SYN changes nothing.
     let mut p = tcp_rst(be, 8080, nat, nport, 0, Some(6999));
-    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
     assert_eq!(e.flow_list(None, Now(1))[0].state, "opening");
     let mut p = tcp_rst(be, 8080, nat, nport, 0, Some(7001));
-    assert!(matches!(w.process(&mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut p, Source::Provider, Now(1)), Verdict::Forward(_)));
     assert_eq!(e.flow_list(None, Now(1))[0].state, "closed");
 }
 
@@ -269,21 +269,21 @@ fn a_blind_forged_segment_cannot_set_up_an_exact_rst() {
     // end. Both are forwarded (the backend discards them); the flow stays.
     let far = 1006u32.wrapping_add(1 << 30);
     let mut forged = tcp_seq(CLIENT, 40000, EP, 80, false, far, Some(5004), b"xxxx");
-    assert!(matches!(w.process(&mut forged, a, Now(2)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut forged, a, Now(2)), Verdict::Forward(_)));
     let mut rst = tcp_rst(CLIENT, 40000, EP, 80, far + 4, None);
-    assert!(matches!(w.process(&mut rst, a, Now(2)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut rst, a, Now(2)), Verdict::Forward(_)));
     assert_eq!(e.flow_list(None, Now(2))[0].state, "established");
     // A SYN in the middle of the connection moves nothing either.
     let mut syn = tcp_seq(CLIENT, 40000, EP, 80, true, 77, None, b"");
-    w.process(&mut syn, a, Now(2));
+    step(&mut w, &mut syn, a, Now(2));
     let mut rst = tcp_rst(CLIENT, 40000, EP, 80, 78, None);
-    w.process(&mut rst, a, Now(2));
+    step(&mut w, &mut rst, a, Now(2));
     assert_eq!(e.flow_list(None, Now(2))[0].state, "established");
     // The real stream goes on and its own RST still closes.
     let mut d = tcp_seq(CLIENT, 40000, EP, 80, false, 1006, Some(5004), b"more");
-    assert!(matches!(w.process(&mut d, a, Now(3)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut d, a, Now(3)), Verdict::Forward(_)));
     let mut rst = tcp_rst(CLIENT, 40000, EP, 80, 1010, None);
-    assert!(matches!(w.process(&mut rst, a, Now(3)), Verdict::Forward(_)));
+    assert!(matches!(step(&mut w, &mut rst, a, Now(3)), Verdict::Forward(_)));
     assert_eq!(e.flow_list(None, Now(3))[0].state, "closed");
 }
 
@@ -318,10 +318,10 @@ fn timeouts_follow_a_fake_clock() {
 
     // UDP: idle 300 s, then the port is quarantined 120 s.
     let mut u = udp(CLIENT, 1, EP, 53, b"");
-    w.process(&mut u, a, Now(0));
+    step(&mut w, &mut u, a, Now(0));
     assert_eq!(e.expire(Now(299)), 0);
     let mut again = udp(CLIENT, 1, EP, 53, b"");
-    w.process(&mut again, a, Now(100)); // refresh
+    step(&mut w, &mut again, a, Now(100)); // refresh
     assert_eq!(e.expire(Now(399)), 0);
     assert_eq!(e.expire(Now(400)), 1);
     assert_eq!(udp_pool.pool.available(), 1, "expired port is quarantined");
@@ -330,36 +330,36 @@ fn timeouts_follow_a_fake_clock() {
 
     // TCP: opening times out after the transitory 240 s.
     let mut s = tcp(CLIENT, 2, EP, 80, "S", b"");
-    w.process(&mut s, a, Now(1000));
+    step(&mut w, &mut s, a, Now(1000));
     assert_eq!(e.expire(Now(1239)), 0);
     assert_eq!(e.expire(Now(1240)), 1);
 
     // TCP: established waits 7440 s; a full close frees the port early and
     // without quarantine.
     let mut s = tcp(CLIENT, 3, EP, 80, "S", b"");
-    w.process(&mut s, a, Now(2000));
+    step(&mut w, &mut s, a, Now(2000));
     let (_, nport, _, _, _) = inspect(&s);
     let mut sa = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "SA", b"");
-    assert_eq!(w.process(&mut sa, Source::Provider, Now(2000)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut sa, Source::Provider, Now(2000)), Verdict::Forward(Egress::Network(NET_A)));
     let mut ack = tcp(CLIENT, 3, EP, 80, "A", b"");
-    w.process(&mut ack, a, Now(2000));
+    step(&mut w, &mut ack, a, Now(2000));
     assert_eq!(e.flow_list(None, Now(2000))[0].state, "established");
     assert_eq!(e.expire(Now(2000 + 7439)), 0);
     let before = tcp_pool.pool.available();
     let mut fin = tcp(CLIENT, 3, EP, 80, "FA", b"");
-    w.process(&mut fin, a, Now(9500));
+    step(&mut w, &mut fin, a, Now(9500));
     let mut fin2 = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "FA", b"");
-    w.process(&mut fin2, Source::Provider, Now(9500));
+    step(&mut w, &mut fin2, Source::Provider, Now(9500));
     assert_eq!(e.flow_list(None, Now(9500))[0].state, "closed");
     // The same 5-tuple opening again while the flow lingers gets the same
     // NAT port (the backend may hold that 4-tuple in TIME_WAIT).
     let mut syn = tcp(CLIENT, 3, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut syn, a, Now(9530)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, a, Now(9530)), Verdict::Forward(Egress::Provider));
     assert_eq!(inspect(&syn).1, nport, "reopened on the same port");
     assert_eq!(e.flow_list(None, Now(9530))[0].state, "opening");
     // The RST at the consumer's next sequence number (the SYN took 1000).
     let mut rst = tcp_rst(CLIENT, 3, EP, 80, 1001, None);
-    w.process(&mut rst, a, Now(9540));
+    step(&mut w, &mut rst, a, Now(9540));
     assert_eq!(e.flow_list(None, Now(9540))[0].state, "closed");
     assert_eq!(e.expire(Now(9599)), 0);
     assert_eq!(e.expire(Now(9600)), 1);
@@ -367,13 +367,13 @@ fn timeouts_follow_a_fake_clock() {
 
     // RST closes too; ICMP query flows use the ICMP timeout.
     let mut s = tcp(CLIENT, 4, EP, 80, "S", b"");
-    w.process(&mut s, a, Now(20000));
+    step(&mut w, &mut s, a, Now(20000));
     let mut r = tcp_rst(CLIENT, 4, EP, 80, 1001, None);
-    w.process(&mut r, a, Now(20000));
+    step(&mut w, &mut r, a, Now(20000));
     assert_eq!(e.expire(Now(20059)), 0);
     assert_eq!(e.expire(Now(20060)), 1);
     let mut p = ping(CLIENT, EP, 5, false);
-    w.process(&mut p, a, Now(30000));
+    step(&mut w, &mut p, a, Now(30000));
     assert_eq!(e.expire(Now(30059)), 0);
     assert_eq!(e.expire(Now(30060)), 1);
 }

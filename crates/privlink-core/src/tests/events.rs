@@ -9,17 +9,17 @@ fn nat_events_record_creates_deletes_and_exhaustion() {
     let (e, mut w) = engine_with(s, &desired(2000..=2000, ConnectionState::Approved));
     let q = e.events().expect("queue");
     let mut p = udp(CLIENT, 5000, EP, 53, b"q");
-    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     let ev = q.pop().expect("create");
     assert_eq!(ev.kind, NatEventKind::Create);
     assert_eq!((ev.ckey.consumer_port(), ev.pkey.nat_port(), ev.pkey.backend_port()), (5000, 2000, 5353));
     // The same packet again: an existing flow, no event.
     let mut p = udp(CLIENT, 5000, EP, 53, b"q");
-    w.process(&mut p, Source::Network(NET_A), Now(1));
+    step(&mut w, &mut p, Source::Network(NET_A), Now(1));
     assert!(q.pop().is_none());
     // A second flow to the same backend port finds the one port taken.
     let mut p = udp(CLIENT, 5001, EP, 53, b"q");
-    assert!(matches!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Reply { .. } | Verdict::Drop(_)));
+    assert!(matches!(step(&mut w, &mut p, Source::Network(NET_A), Now(1)), Verdict::Reply { .. } | Verdict::Drop(_)));
     let ev = q.pop().expect("exhaustion");
     assert_eq!((ev.kind, ev.ckey.consumer_port(), ev.pkey.nat_port()), (NatEventKind::PortsExhausted, 5001, 0));
     assert_eq!(e.expire(Now(10_000)), 1);

@@ -14,7 +14,7 @@ fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_on
     let mut seen = HashSet::new();
     for port in 0..64u16 {
         let mut p = tcp(CLIENT, 7000 + port, EP, 80, "S", b"");
-        assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Forward(Egress::Provider));
         let (_, _, backend, _, _) = inspect(&p);
         seen.insert(backend);
         if backend == BACKEND_A {
@@ -26,12 +26,12 @@ fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_on
     assert!(e.set_backend_up("svc-a", BACKEND_A, false));
     for port in 0..64u16 {
         let mut p = tcp(CLIENT, 8000 + port, EP, 80, "S", b"");
-        assert_eq!(w.process(&mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(&mut w, &mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
         assert_eq!(inspect(&p).2, other, "a new flow went to the down backend");
     }
     let old = on_a.expect("a flow on BACKEND_A");
     let mut p = tcp(CLIENT, old, EP, 80, "A", b"still here");
-    assert_eq!(w.process(&mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
     assert_eq!(inspect(&p).2, BACKEND_A, "an existing flow keeps its backend");
     let states = e.backends();
     assert!(states.iter().any(|b| b.service == "svc-a" && b.backend == BACKEND_A && !b.up));
@@ -40,7 +40,7 @@ fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_on
     // port unreachable, at once.
     e.set_backend_up("svc-a", other, false);
     let mut syn = tcp(CLIENT, 9000, EP, 80, "S", b"");
-    let Verdict::Reply { reason: DropReason::NoHealthyBackend, len } = w.process(&mut syn, a, Now(3)) else {
+    let Verdict::Reply { reason: DropReason::NoHealthyBackend, len } = step(&mut w, &mut syn, a, Now(3)) else {
         panic!("a RST")
     };
     let rst = w.reply(len).to_vec();
@@ -51,13 +51,13 @@ fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_on
     let (s, _, dst, _, ok) = inspect(&rst);
     assert_eq!((s, dst, ok), (Ipv4Addr::from(EP), Ipv4Addr::from(CLIENT), true));
     let mut u = udp(CLIENT, 9001, EP, 53, b"q");
-    assert!(matches!(w.process(&mut u, a, Now(3)), Verdict::Reply { reason: DropReason::NoHealthyBackend, .. }));
+    assert!(matches!(step(&mut w, &mut u, a, Now(3)), Verdict::Reply { reason: DropReason::NoHealthyBackend, .. }));
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::NoHealthyBackend), 2);
     // Back up after a reload too: health is kept across reloads.
     e.apply(&d, Now(4)).expect("config");
     let mut p = tcp(CLIENT, 9100, EP, 80, "S", b"");
-    assert!(matches!(w.process(&mut p, a, Now(4)), Verdict::Reply { reason: DropReason::NoHealthyBackend, .. }));
+    assert!(matches!(step(&mut w, &mut p, a, Now(4)), Verdict::Reply { reason: DropReason::NoHealthyBackend, .. }));
     e.set_backend_up("svc-a", other, true);
     let mut p = tcp(CLIENT, 9101, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut p, a, Now(4)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, a, Now(4)), Verdict::Forward(Egress::Provider));
 }

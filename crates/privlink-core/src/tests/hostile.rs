@@ -29,9 +29,9 @@ fn martian_sources_never_make_a_flow() {
         [240, 0, 0, 1],
     ] {
         let mut p = udp(src, 1000, EP, 53, b"x");
-        assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src:?}");
+        assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src:?}");
         let mut s = tcp(src, 1000, EP, 80, "S", b"");
-        assert_eq!(w.process(&mut s, a, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src:?}");
+        assert_eq!(step(&mut w, &mut s, a, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src:?}");
     }
     assert_eq!(e.flows().len(), 0);
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::MartianSource), 14);
@@ -43,12 +43,12 @@ fn invalid_tcp_flag_combinations_are_dropped_both_ways() {
     let a = Source::Network(NET_A);
     for flags in ["SF", "SR", "", "F", "FR"] {
         let mut p = tcp(CLIENT, 1000, EP, 80, flags, b"");
-        assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Drop(DropReason::InvalidTcpFlags), "{flags:?}");
+        assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Drop(DropReason::InvalidTcpFlags), "{flags:?}");
     }
     assert_eq!(e.flows().len(), 0, "SYN+FIN makes no flow");
     // A real connection; then a bad combination from the backend.
     let mut syn = tcp(CLIENT, 1000, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut syn, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, a, Now(1)), Verdict::Forward(Egress::Provider));
     swap(&mut syn);
     syn[20 + 13] = 0x03; // SYN+FIN
     let ihl = 20;
@@ -63,11 +63,11 @@ fn invalid_tcp_flag_combinations_are_dropped_both_ways() {
     pseudo.extend_from_slice(&fixed[20..]);
     let c = checksum::checksum(&pseudo);
     fixed[ihl + 16..ihl + 18].copy_from_slice(&c.to_be_bytes());
-    assert_eq!(w.process(&mut fixed, Source::Provider, Now(1)), Verdict::Drop(DropReason::InvalidTcpFlags));
+    assert_eq!(step(&mut w, &mut fixed, Source::Provider, Now(1)), Verdict::Drop(DropReason::InvalidTcpFlags));
     // Valid ones still pass.
     for flags in ["A", "FA", "RA", "R"] {
         let mut p = tcp(CLIENT, 1000, EP, 80, flags, b"");
-        assert_ne!(w.process(&mut p, a, Now(1)), Verdict::Drop(DropReason::InvalidTcpFlags), "{flags:?}");
+        assert_ne!(step(&mut w, &mut p, a, Now(1)), Verdict::Drop(DropReason::InvalidTcpFlags), "{flags:?}");
     }
 }
 
@@ -80,16 +80,16 @@ fn source_routed_packets_are_dropped_and_harmless_options_pass() {
     for kind in [0x83u8, 0x89] {
         let opts = [kind, 7, 4, b[0], b[1], b[2], b[3], 0];
         let mut p = with_ip_options(&udp(CLIENT, 1000, EP, 53, b"x"), &opts);
-        assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Drop(DropReason::SourceRoute), "{kind:#x}");
+        assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Drop(DropReason::SourceRoute), "{kind:#x}");
         let mut s = with_ip_options(&tcp(CLIENT, 1000, EP, 80, "S", b""), &opts);
-        assert_eq!(w.process(&mut s, a, Now(1)), Verdict::Drop(DropReason::SourceRoute), "{kind:#x}");
+        assert_eq!(step(&mut w, &mut s, a, Now(1)), Verdict::Drop(DropReason::SourceRoute), "{kind:#x}");
     }
     assert_eq!(e.flows().len(), 0);
     // An option list of NOPs and an end marker is forwarded.
     let mut p = with_ip_options(&udp(CLIENT, 1000, EP, 53, b"x"), &[1, 1, 1, 0]);
-    assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Forward(Egress::Provider));
     assert!(inspect(&p).4, "checksums still right");
     // A truncated option is malformed.
     let mut p = with_ip_options(&udp(CLIENT, 1000, EP, 53, b"x"), &[0x83, 9, 4, 0]);
-    assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Drop(DropReason::Malformed));
+    assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Drop(DropReason::Malformed));
 }

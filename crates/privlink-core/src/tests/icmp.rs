@@ -7,7 +7,7 @@ use super::*;
 fn icmp_errors_never_touch_flows() {
     let (e, mut w) = engine();
     let mut u = udp(CLIENT, 1, EP, 53, b"");
-    w.process(&mut u, Source::Network(NET_A), Now(0));
+    step(&mut w, &mut u, Source::Network(NET_A), Now(0));
     let (_, nport, _, _, _) = inspect(&u);
     // A port unreachable from the backend about that flow.
     let mut err = Vec::new();
@@ -15,7 +15,7 @@ fn icmp_errors_never_touch_flows() {
         .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
         .write(&mut err, &udp(NAT_A.octets(), nport, BACKEND_A.octets(), 5353, b"")[..28])
         .expect("build");
-    assert_eq!(w.process(&mut err, Source::Provider, Now(200)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut err, Source::Provider, Now(200)), Verdict::Forward(Egress::Network(NET_A)));
     // Translated for the consumer: from the endpoint, about the datagram the
     // consumer sent, every checksum right.
     let (s, _, d, _, ok) = inspect(&err);
@@ -35,14 +35,14 @@ fn icmp_errors_never_touch_flows() {
         .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
         .write(&mut again, &udp(NAT_A.octets(), nport, BACKEND_A.octets(), 5353, b"")[..28])
         .expect("build");
-    assert_eq!(w.process(&mut again, Source::Provider, Now(301)), Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(step(&mut w, &mut again, Source::Provider, Now(301)), Verdict::Drop(DropReason::NoFlow));
 }
 
 #[test]
 fn icmp_errors_from_the_consumer_and_bad_ones() {
     let (_e, mut w) = engine();
     let mut syn = tcp(CLIENT, 40000, EP, 80, "S", b"");
-    w.process(&mut syn, Source::Network(NET_A), Now(0));
+    step(&mut w, &mut syn, Source::Network(NET_A), Now(0));
     let (_, nport, _, _, _) = inspect(&syn);
     // The consumer answers the endpoint's SYN-ACK with an unreachable.
     let mut synack = tcp(EP, 80, CLIENT, 40000, "SA", b"");
@@ -54,7 +54,7 @@ fn icmp_errors_from_the_consumer_and_bad_ones() {
         .write(&mut err, &quote)
         .expect("build");
     let mut bad = err.clone();
-    assert_eq!(w.process(&mut err, Source::Network(NET_A), Now(5)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut err, Source::Network(NET_A), Now(5)), Verdict::Forward(Egress::Provider));
     let (s, _, d, _, ok) = inspect(&err);
     assert!(ok);
     assert_eq!((s, d), (NAT_A, BACKEND_A));
@@ -66,7 +66,7 @@ fn icmp_errors_from_the_consumer_and_bad_ones() {
     // A bad ICMP checksum: dropped.
     let n = bad.len();
     bad[n - 1] ^= 0xff;
-    assert_eq!(w.process(&mut bad, Source::Network(NET_A), Now(5)), Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(step(&mut w, &mut bad, Source::Network(NET_A), Now(5)), Verdict::Drop(DropReason::NoFlow));
 }
 
 #[test]
@@ -82,7 +82,7 @@ fn generated_icmp_is_rate_limited_and_never_about_errors_fragments_or_broadcasts
     for i in 0..150u16 {
         let mut p = udp(CLIENT, 1000 + i, EP, 53, b"");
         expire(&mut p);
-        match w.process(&mut p, a, Now(7)) {
+        match step(&mut w, &mut p, a, Now(7)) {
             Verdict::Reply { reason: DropReason::TtlExpired, .. } => replies += 1,
             Verdict::Drop(DropReason::TtlExpired) => {}
             v => panic!("{v:?}"),
@@ -92,25 +92,25 @@ fn generated_icmp_is_rate_limited_and_never_about_errors_fragments_or_broadcasts
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::TtlExpired), 150);
     let mut p = udp(CLIENT, 999, EP, 53, b"");
     expire(&mut p);
-    assert!(matches!(w.process(&mut p, a, Now(8)), Verdict::Reply { .. }), "a new second, a new budget");
+    assert!(matches!(step(&mut w, &mut p, a, Now(8)), Verdict::Reply { .. }), "a new second, a new budget");
 
     // Never about an ICMP error (one about a live flow, so that it gets as
     // far as the TTL step).
     let mut open = udp(CLIENT, 1, EP, 53, b"");
-    assert_eq!(w.process(&mut open, a, Now(9)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut open, a, Now(9)), Verdict::Forward(Egress::Provider));
     let mut err = Vec::new();
     PacketBuilder::ipv4(CLIENT, EP, 1)
         .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::Port))
         .write(&mut err, &udp(EP, 53, CLIENT, 1, b"")[..28])
         .expect("build");
-    assert_eq!(w.process(&mut err, a, Now(9)), Verdict::Drop(DropReason::TtlExpired), "dropped, no answer");
+    assert_eq!(step(&mut w, &mut err, a, Now(9)), Verdict::Drop(DropReason::TtlExpired), "dropped, no answer");
     // Never to a broadcast or multicast source (martian: dropped first).
     let mut p = udp([255, 255, 255, 255], 1, EP, 53, b"");
     expire(&mut p);
-    assert_eq!(w.process(&mut p, a, Now(9)), Verdict::Drop(DropReason::MartianSource));
+    assert_eq!(step(&mut w, &mut p, a, Now(9)), Verdict::Drop(DropReason::MartianSource));
     let mut p = udp([224, 0, 0, 1], 1, EP, 53, b"");
     expire(&mut p);
-    assert_eq!(w.process(&mut p, a, Now(9)), Verdict::Drop(DropReason::MartianSource));
+    assert_eq!(step(&mut w, &mut p, a, Now(9)), Verdict::Drop(DropReason::MartianSource));
     // Never about a later fragment.
     let mut big = udp(CLIENT, 5, EP, 53, &[0u8; 3000]);
     big[6] = 0;
@@ -118,5 +118,5 @@ fn generated_icmp_is_rate_limited_and_never_about_errors_fragments_or_broadcasts
     let mut later = fragments_of(&big, 1500).pop().expect("fragment");
     expire(&mut later);
     // Held for its first fragment (reassembly comes before TTL); no answer.
-    assert_eq!(w.process(&mut later, a, Now(9)), Verdict::Held);
+    assert_eq!(step(&mut w, &mut later, a, Now(9)), Verdict::Held);
 }

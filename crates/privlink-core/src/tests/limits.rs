@@ -11,12 +11,12 @@ fn syn_flood_leaves_existing_flows_working_and_the_pool_recovers() {
     let a = Source::Network(NET_A);
     // An established flow from another client before the flood.
     let mut syn = tcp([10, 1, 0, 99], 5555, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut syn, a, Now(0)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, a, Now(0)), Verdict::Forward(Egress::Provider));
     let (_, nport, _, _, _) = inspect(&syn);
     let mut sa = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "SA", b"");
-    w.process(&mut sa, Source::Provider, Now(0));
+    step(&mut w, &mut sa, Source::Provider, Now(0));
     let mut ack = tcp([10, 1, 0, 99], 5555, EP, 80, "A", b"");
-    w.process(&mut ack, a, Now(0));
+    step(&mut w, &mut ack, a, Now(0));
 
     // 100,000 SYNs from distinct source ports (and addresses).
     let mut forwarded = 0;
@@ -24,7 +24,7 @@ fn syn_flood_leaves_existing_flows_working_and_the_pool_recovers() {
     for i in 0..100_000u32 {
         let src = [10, 2, (i >> 16) as u8, (i >> 8) as u8];
         let mut p = tcp(src, 1024 + (i % 60_000) as u16, EP, 80, "S", b"");
-        match w.process(&mut p, a, Now(1)) {
+        match step(&mut w, &mut p, a, Now(1)) {
             Verdict::Forward(_) => forwarded += 1,
             Verdict::Reply { reason: DropReason::PortsExhausted, .. } | Verdict::Drop(DropReason::PortsExhausted) => {
                 exhausted += 1
@@ -38,9 +38,9 @@ fn syn_flood_leaves_existing_flows_working_and_the_pool_recovers() {
     assert_eq!(e.flows().len(), 100);
     // The established flow still works both ways.
     let mut data = tcp([10, 1, 0, 99], 5555, EP, 80, "A", b"still here");
-    assert_eq!(w.process(&mut data, a, Now(2)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut data, a, Now(2)), Verdict::Forward(Egress::Provider));
     let mut back = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), nport, "A", b"yes");
-    assert_eq!(w.process(&mut back, Source::Provider, Now(2)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut back, Source::Provider, Now(2)), Verdict::Forward(Egress::Network(NET_A)));
     // The half-open flows go after the transitory timeout (240 s); their
     // ports come back after the 120 s quarantine.
     let snap = e.snapshot();
@@ -51,7 +51,7 @@ fn syn_flood_leaves_existing_flows_working_and_the_pool_recovers() {
     e.expire(Now(241 + pool::QUARANTINE_SECS));
     assert_eq!(pool.pool.available(), 99);
     let mut fresh = tcp([10, 3, 0, 1], 1000, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut fresh, a, Now(400)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut fresh, a, Now(400)), Verdict::Forward(Egress::Provider));
 }
 
 #[test]
@@ -63,7 +63,7 @@ fn one_network_cannot_take_the_whole_flow_table() {
     let mut a_made = 0;
     for port in 0..1500u16 {
         let mut p = udp(CLIENT, 10_000 + port, EP, 53, b"x");
-        match w.process(&mut p, Source::Network(NET_A), Now(1)) {
+        match step(&mut w, &mut p, Source::Network(NET_A), Now(1)) {
             Verdict::Forward(Egress::Provider) => a_made += 1,
             Verdict::Drop(DropReason::FlowTableFull) => {}
             v => panic!("{v:?}"),
@@ -74,12 +74,16 @@ fn one_network_cannot_take_the_whole_flow_table() {
     assert_eq!(a_made, 750, "A's share");
     for port in 0..20u16 {
         let mut p = udp(CLIENT, 20_000 + port, EP, 53, b"x");
-        assert_eq!(w.process(&mut p, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider), "B {port}");
+        assert_eq!(
+            step(&mut w, &mut p, Source::Network(NET_B), Now(1)),
+            Verdict::Forward(Egress::Provider),
+            "B {port}"
+        );
     }
     // A's flows end: its share is free again.
     e.expire(Now(10_000));
     let mut p = udp(CLIENT, 30_000, EP, 53, b"x");
-    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(10_000)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(10_000)), Verdict::Forward(Egress::Provider));
 }
 
 // ---- Per-endpoint limits and source rules. ----
@@ -103,7 +107,7 @@ fn an_endpoint_holds_at_most_its_max_flows_and_others_still_connect() {
     let mut made = 0;
     for port in 0..30u16 {
         let mut p = tcp(CLIENT, 5000 + port, EP, 80, "S", b"");
-        match w.process(&mut p, a, Now(1)) {
+        match step(&mut w, &mut p, a, Now(1)) {
             Verdict::Forward(_) => made += 1,
             Verdict::Drop(DropReason::EndpointFlowLimit) => {}
             v => panic!("{v:?}"),
@@ -112,13 +116,13 @@ fn an_endpoint_holds_at_most_its_max_flows_and_others_still_connect() {
     assert_eq!(made, 20);
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::EndpointFlowLimit), 10);
     let mut p = tcp(CLIENT, 6000, [10, 1, 0, 6], 80, "S", b"");
-    assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Forward(Egress::Provider), "the other endpoint connects");
+    assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Forward(Egress::Provider), "the other endpoint connects");
     let snap = e.snapshot();
     let pe = snap.endpoint_by_name("pe-a").expect("pe-a");
     assert_eq!(pe.shared.flows_active.load(std::sync::atomic::Ordering::Relaxed), 20);
     // Packets of existing flows are not limited.
     let mut again = tcp(CLIENT, 5000, EP, 80, "A", b"data");
-    assert_eq!(w.process(&mut again, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut again, a, Now(1)), Verdict::Forward(Egress::Provider));
 }
 
 #[test]
@@ -128,9 +132,9 @@ fn source_rules_admit_only_allowed_consumers_and_a_reload_ends_disallowed_flows(
     let (e, mut w) = engine_with(small(), &d);
     let a = Source::Network(NET_A);
     let mut ok = udp(CLIENT, 1000, EP, 53, b"x"); // 10.1.0.10
-    assert_eq!(w.process(&mut ok, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut ok, a, Now(1)), Verdict::Forward(Egress::Provider));
     let mut no = udp([10, 1, 0, 20], 1000, EP, 53, b"x");
-    assert_eq!(w.process(&mut no, a, Now(1)), Verdict::Drop(DropReason::SourceNotAllowed));
+    assert_eq!(step(&mut w, &mut no, a, Now(1)), Verdict::Drop(DropReason::SourceNotAllowed));
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::SourceNotAllowed), 1);
     assert_eq!(e.flows().len(), 1);
     // The reload narrows the rule: the allowed flow of .10 ends, its packets drop.
@@ -139,9 +143,9 @@ fn source_rules_admit_only_allowed_consumers_and_a_reload_ends_disallowed_flows(
     assert_eq!(report.flows_ended, 1);
     assert_eq!(report.endpoints_kept, vec!["pe-a".to_string(), "pe-b".to_string()]);
     let mut ok = udp(CLIENT, 1000, EP, 53, b"x");
-    assert_eq!(w.process(&mut ok, a, Now(2)), Verdict::Drop(DropReason::SourceNotAllowed));
+    assert_eq!(step(&mut w, &mut ok, a, Now(2)), Verdict::Drop(DropReason::SourceNotAllowed));
     let mut now_ok = udp([10, 1, 0, 20], 1000, EP, 53, b"x");
-    assert_eq!(w.process(&mut now_ok, a, Now(2)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut now_ok, a, Now(2)), Verdict::Forward(Egress::Provider));
 }
 
 // ---- Backend health. ----

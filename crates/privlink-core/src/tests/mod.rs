@@ -205,12 +205,64 @@ enum Sent {
 
 /// Reads `pkt` (behind a zeroed virtio-net header) into the outbox and
 /// hands it to the worker.
-fn handle(w: &mut Worker, out: &mut Outbox, pkt: &[u8], src: Source, now: Now) {
+fn handle(w: &mut Worker, out: &mut Outbox, pkt: &[u8], src: Source, now: Now) -> Verdict {
     let hdr = out.header_len();
     let buf = out.read_buf();
     buf[..hdr].fill(0);
     buf[hdr..hdr + pkt.len()].copy_from_slice(pkt);
-    w.handle(out, hdr + pkt.len(), src, now);
+    w.handle(out, hdr + pkt.len(), src, now)
+}
+
+/// One packet through the path the daemon takes: read into an outbox,
+/// [`Worker::handle`]d, the outbox drained. The packet that leaves (its
+/// fragments reassembled, when it was fragmented) is copied back over
+/// `pkt`, as [`Worker::process`] would have left it; an ICMP answer stays
+/// in `w.reply(len)`. Every test drives the worker through this unless it is
+/// about what `process` leaves for its caller to send: fragments released
+/// later (`fragments.rs`, which reads `take_ready`) and PROXY header
+/// segments (`proxy.rs`, `proxy_handshake.rs`, which read `take_extra`;
+/// `outbox.rs` checks how `handle` orders them).
+fn step(w: &mut Worker, pkt: &mut [u8], src: Source, now: Now) -> Verdict {
+    let mut out = Outbox::new(false);
+    let v = handle(w, &mut out, pkt, src, now);
+    w.end_batch(&mut out);
+    let sent = drain(&mut out);
+    let leaving = |to: Egress| -> Vec<Vec<u8>> {
+        sent.iter()
+            .filter_map(|s| match s {
+                Sent::One(e, b) if *e == to => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let copy_back = |pkt: &mut [u8], bytes: &[u8]| {
+        assert!(bytes.len() <= pkt.len(), "a packet grew: {} -> {}", pkt.len(), bytes.len());
+        pkt[..bytes.len()].copy_from_slice(bytes);
+    };
+    match v {
+        Verdict::Forward(to) => {
+            // The packet itself; a PROXY header segment may leave before or
+            // after it on the same device: the read packet is the one with
+            // the read packet's IP identification.
+            let id = &pkt[4..6].to_vec();
+            let mine = leaving(to).into_iter().filter(|b| b.len() >= 6 && &b[4..6] == id).last();
+            copy_back(pkt, &mine.expect("the forwarded packet left"));
+        }
+        Verdict::Fragment { to, mtu } => {
+            let frags = leaving(to);
+            assert!(frags.iter().all(|f| f.len() <= usize::from(mtu)), "fragments within the MTU");
+            copy_back(pkt, &reassemble(&frags));
+        }
+        Verdict::Reply { len, .. } => {
+            let back = match src {
+                Source::Network(n) => Egress::Network(n),
+                Source::Provider => Egress::Provider,
+            };
+            assert!(leaving(back).iter().any(|b| b[..] == *w.reply(len)), "the ICMP answer left");
+        }
+        Verdict::Drop(_) | Verdict::Held => {}
+    }
+    v
 }
 
 fn drain(out: &mut Outbox) -> Vec<Sent> {
@@ -229,7 +281,7 @@ fn with_flows(b_state: ConnectionState) -> (Arc<Engine>, Worker, Vec<u8>, Vec<u8
     let mut replies = Vec::new();
     for net in [NET_A, NET_B] {
         let mut p = udp(CLIENT, 1000, EP, 53, b"x");
-        assert_eq!(w.process(&mut p, Source::Network(net), Now(1)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(&mut w, &mut p, Source::Network(net), Now(1)), Verdict::Forward(Egress::Provider));
         swap(&mut p);
         replies.push(p);
     }

@@ -21,7 +21,7 @@ fn complete(p: &mut [u8]) {
 fn offload_partial_checksum_and_gso_super_packets() {
     let (e, mut w) = engine();
     let mut syn = tcp(CLIENT, 40000, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut syn, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
     let (_, nport, _, _, _) = inspect(&syn);
 
     // Consumer -> provider: a 3-segment super-packet with a partial checksum.
@@ -73,7 +73,7 @@ proptest! {
         prop_assume!(!crate::addr::is_martian_v4(u32::from_be_bytes(src)));
         prop_assume!(gso > 0 || payload.len() <= 1400);
         let mut syn = tcp(src, sport, EP, 80, "S", b"");
-        prop_assert_eq!(w.process(&mut syn, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));
+        prop_assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));
         let mut p = tcp(src, sport, EP, 80, "A", &payload);
         make_partial(&mut p);
         let off = Offload { csum_partial: true, gso_size: gso };

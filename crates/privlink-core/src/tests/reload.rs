@@ -8,8 +8,8 @@ fn reload_keeps_unchanged_flows_and_ends_removed_ones() {
     let (e, mut w) = engine();
     let mut a = tcp(CLIENT, 1, EP, 80, "S", b"");
     let mut b = tcp(CLIENT, 1, EP, 80, "S", b"");
-    w.process(&mut a, Source::Network(NET_A), Now(0));
-    w.process(&mut b, Source::Network(NET_B), Now(0));
+    step(&mut w, &mut a, Source::Network(NET_A), Now(0));
+    step(&mut w, &mut b, Source::Network(NET_B), Now(0));
     let (_, pa, _, _, _) = inspect(&a);
     assert_eq!(e.flows().len(), 2);
     let mut d = desired(1024..=65535, ConnectionState::Approved);
@@ -30,14 +30,14 @@ fn reload_keeps_unchanged_flows_and_ends_removed_ones() {
     assert_eq!(report.flows_ended, 1);
     assert_eq!(e.flows().len(), 1);
     let mut ra = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), pa, "SA", b"");
-    assert_eq!(w.process(&mut ra, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut ra, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
     let mut n = tcp(CLIENT, 1, [10, 1, 0, 6], 80, "S", b"");
-    assert_eq!(w.process(&mut n, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut n, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     assert_eq!(inspect(&n).2, BACKEND_B);
     // Reject ends the endpoint's flows and drops its packets.
     assert!(e.set_connection_state("pe-a", ConnectionState::Rejected, Now(2)));
     let mut again = tcp(CLIENT, 1, EP, 80, "A", b"");
-    assert_eq!(w.process(&mut again, Source::Network(NET_A), Now(2)), Verdict::Drop(DropReason::NotApproved));
+    assert_eq!(step(&mut w, &mut again, Source::Network(NET_A), Now(2)), Verdict::Drop(DropReason::NotApproved));
     assert_eq!(e.flow_list(Some("pe-a"), Now(2)).len(), 0);
 }
 
@@ -61,14 +61,14 @@ fn a_reload_that_changes_nat_ports_under_live_flows_gives_every_port_back() {
     let a = Source::Network(NET_A);
     for port in 0..10 {
         let mut p = tcp(CLIENT, 2000 + port, EP, 80, "S", b"");
-        assert_eq!(w.process(&mut p, a, Now(1)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Forward(Egress::Provider));
     }
     // The range grows under the live flows, which end with their old pool;
     // new flows take ports of the new range, overlapping the old one.
     e.apply(&desired(5000..=5019, ConnectionState::Approved), Now(2)).expect("config");
     for port in 0..15 {
         let mut p = tcp(CLIENT, 3000 + port, EP, 80, "S", b"");
-        assert_eq!(w.process(&mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(&mut w, &mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
     }
     // Every flow ends; past the quarantine each pool is whole again.
     e.apply(&desired(5000..=5019, ConnectionState::Approved), Now(3)).expect("config");
@@ -91,12 +91,12 @@ fn counters_stay_monotonic_when_an_endpoint_or_network_leaves_and_returns() {
     let send = |w: &mut Worker, n: u16, now: u32| {
         for i in 0..n {
             let mut p = udp(CLIENT, 3000 + i, EP, 53, b"x");
-            assert_eq!(w.process(&mut p, a, Now(now)), Verdict::Forward(Egress::Provider));
+            assert_eq!(step(w, &mut p, a, Now(now)), Verdict::Forward(Egress::Provider));
         }
     };
     send(&mut w, 30, 1);
     let mut bad = udp(CLIENT, 1, [10, 1, 0, 99], 53, b"");
-    assert_eq!(w.process(&mut bad, a, Now(1)), Verdict::Drop(DropReason::NoEndpoint));
+    assert_eq!(step(&mut w, &mut bad, a, Now(1)), Verdict::Drop(DropReason::NoEndpoint));
     // pe-a and its network vnet-a leave the config, then come back.
     let mut without = full.clone();
     without.endpoints.retain(|x| x.name != "pe-a");
@@ -108,7 +108,7 @@ fn counters_stay_monotonic_when_an_endpoint_or_network_leaves_and_returns() {
     e.apply(&full, Now(3)).expect("config");
     send(&mut w, 45, 4);
     let mut bad = udp(CLIENT, 1, [10, 1, 0, 99], 53, b"");
-    assert_eq!(w.process(&mut bad, a, Now(4)), Verdict::Drop(DropReason::NoEndpoint));
+    assert_eq!(step(&mut w, &mut bad, a, Now(4)), Verdict::Drop(DropReason::NoEndpoint));
     let snap = e.snapshot();
     let ep = snap.endpoint_by_name("pe-a").expect("pe-a is back");
     assert_eq!(ep.shared.totals().1, 75, "packets in over both lives of pe-a");

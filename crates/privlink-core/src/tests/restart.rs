@@ -65,7 +65,7 @@ fn open_flows(w: &mut Worker) -> Vec<u16> {
     let mut ports = Vec::new();
     for i in 0..20 {
         let mut p = tcp(CLIENT, 41000 + i, EP, 80, "S", b"");
-        assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(5)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(w, &mut p, Source::Network(NET_A), Now(5)), Verdict::Forward(Egress::Provider));
         ports.push(inspect(&p).1);
     }
     ports
@@ -74,9 +74,9 @@ fn open_flows(w: &mut Worker) -> Vec<u16> {
 /// Whether consumer port `41000 + i` still maps to NAT port `port`, both ways.
 fn still_mapped(w: &mut Worker, i: u16, port: u16) -> bool {
     let mut p = tcp(CLIENT, 41000 + i, EP, 80, "A", b"x");
-    let out = w.process(&mut p, Source::Network(NET_A), Now(6)) == Verdict::Forward(Egress::Provider);
+    let out = step(w, &mut p, Source::Network(NET_A), Now(6)) == Verdict::Forward(Egress::Provider);
     let mut r = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), port, "A", b"y");
-    let back = w.process(&mut r, Source::Provider, Now(6)) == Verdict::Forward(Egress::Network(NET_A));
+    let back = step(w, &mut r, Source::Provider, Now(6)) == Verdict::Forward(Egress::Network(NET_A));
     out && inspect(&p).1 == port && back && inspect(&r).3 == 41000 + i
 }
 
@@ -103,7 +103,7 @@ fn a_crashed_engines_flows_go_on_in_the_next_one_with_their_ports() {
     assert_eq!(now_avail, avail, "the adopted ports are in use");
     // A new flow never takes a port a carried-on flow holds.
     let mut p = tcp(CLIENT, 50000, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(6)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(6)), Verdict::Forward(Egress::Provider));
     assert!(!ports.contains(&inspect(&p).1));
     assert_eq!(new.flows().len(), 21);
 }
@@ -126,7 +126,7 @@ fn a_slot_cut_short_by_a_crash_is_never_forwarded() {
     new.adopt_flows(Now(6));
     let mut w = new.worker(0);
     let mut p = tcp(CLIENT, 41000, EP, 80, "A", b"x");
-    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(6)), Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(6)), Verdict::Drop(DropReason::NoFlow));
     for (i, &port) in ports.iter().enumerate().skip(1) {
         assert!(still_mapped(&mut w, i as u16, port));
     }
@@ -213,15 +213,15 @@ fn during_a_hand_over_both_engines_forward_and_only_the_new_one_creates() {
         assert!(still_mapped(&mut wn, i as u16, port), "new forwards flow {i}");
     }
     let mut p = tcp(CLIENT, 50000, EP, 80, "S", b"");
-    assert_eq!(wo.process(&mut p, Source::Network(NET_A), Now(6)), Verdict::Drop(DropReason::FlowTableFull));
+    assert_eq!(step(&mut wo, &mut p, Source::Network(NET_A), Now(6)), Verdict::Drop(DropReason::FlowTableFull));
     assert_eq!(old.expire(Now(100_000)), 0, "a frozen engine ends nothing");
     let mut p = tcp(CLIENT, 50000, EP, 80, "S", b"");
-    assert_eq!(wn.process(&mut p, Source::Network(NET_A), Now(6)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut wn, &mut p, Source::Network(NET_A), Now(6)), Verdict::Forward(Egress::Provider));
     let port = inspect(&p).1;
     assert!(!ports.contains(&port));
     // The old one sees the new one's flow too (one table).
     let mut r2 = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), port, "SA", b"");
-    assert_eq!(wo.process(&mut r2, Source::Provider, Now(6)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut wo, &mut r2, Source::Provider, Now(6)), Verdict::Forward(Egress::Network(NET_A)));
 }
 
 #[test]
@@ -231,7 +231,7 @@ fn a_restart_with_an_endpoint_removed_ends_its_flows_and_keeps_the_rest() {
     let mut w = old.worker(0);
     let ports = open_flows(&mut w);
     let mut u = udp(CLIENT, 5000, EP, 53, b"q");
-    assert_eq!(w.process(&mut u, Source::Network(NET_B), Now(5)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut u, Source::Network(NET_B), Now(5)), Verdict::Forward(Egress::Provider));
     let ids = old.ids();
     std::mem::forget(w);
     std::mem::forget(old);

@@ -19,7 +19,7 @@ fn every_drop_reason() {
         (vec![0x45, 0, 0], Source::Provider, DropReason::Malformed),
     ];
     for (mut p, src, want) in cases {
-        assert_eq!(w.process(&mut p, src, Now(1)), Verdict::Drop(want), "{want}");
+        assert_eq!(step(&mut w, &mut p, src, Now(1)), Verdict::Drop(want), "{want}");
     }
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::PortNotAllowed), 2);
     assert_eq!(dropped(&e, Some("vnet-b"), DropReason::NotApproved), 1);
@@ -30,13 +30,13 @@ fn every_drop_reason() {
     let mut g = udp(CLIENT, 1, EP, 53, b"");
     g[9] = 47;
     fix_ip_checksum(&mut g);
-    assert_eq!(w.process(&mut g, a, Now(1)), Verdict::Drop(DropReason::UnsupportedProtocol));
+    assert_eq!(step(&mut w, &mut g, a, Now(1)), Verdict::Drop(DropReason::UnsupportedProtocol));
 
     // ttl_expired: answered with time exceeded from the endpoint address.
     let mut t = tcp(CLIENT, 1, EP, 80, "S", b"");
     t[8] = 1;
     fix_ip_checksum(&mut t);
-    let Verdict::Reply { reason: DropReason::TtlExpired, len } = w.process(&mut t, a, Now(1)) else {
+    let Verdict::Reply { reason: DropReason::TtlExpired, len } = step(&mut w, &mut t, a, Now(1)) else {
         panic!("ttl reply")
     };
     let (s, _, dst, _, ok) = inspect(w.reply(len));
@@ -47,9 +47,9 @@ fn every_drop_reason() {
     // ports_exhausted: the pool has one port and one backend, so a second
     // consumer port would need the same provider tuple.
     let mut f1 = tcp(CLIENT, 1, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut f1, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut f1, a, Now(1)), Verdict::Forward(Egress::Provider));
     let mut f2 = tcp(CLIENT, 2, EP, 80, "S", b"");
-    let Verdict::Reply { reason: DropReason::PortsExhausted, len } = w.process(&mut f2, a, Now(1)) else {
+    let Verdict::Reply { reason: DropReason::PortsExhausted, len } = step(&mut w, &mut f2, a, Now(1)) else {
         panic!("exhausted")
     };
     assert_eq!((w.reply(len)[20], w.reply(len)[21]), (3, 13));
@@ -59,9 +59,9 @@ fn every_drop_reason() {
 
     // flow_table_full: max_flows is 2 (the TCP flow plus this UDP one).
     let mut u1 = udp(CLIENT, 1, EP, 53, b"");
-    assert_eq!(w.process(&mut u1, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut u1, a, Now(1)), Verdict::Forward(Egress::Provider));
     let mut u2 = udp(CLIENT, 2, EP, 53, b"");
-    assert_eq!(w.process(&mut u2, a, Now(1)), Verdict::Drop(DropReason::FlowTableFull));
+    assert_eq!(step(&mut w, &mut u2, a, Now(1)), Verdict::Drop(DropReason::FlowTableFull));
 
     // too_big: network B has MTU 1400; a 1450-byte DF reply from the backend
     // gets "fragmentation needed" with MTU 1400.
@@ -69,12 +69,12 @@ fn every_drop_reason() {
     let (e2, mut w2) = engine();
     let _ = &e2;
     let mut syn = tcp(CLIENT, 9, EP, 80, "S", b"");
-    assert_eq!(w2.process(&mut syn, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w2, &mut syn, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
     let (_, nport, _, _, _) = inspect(&syn);
     let mut big = tcp(BACKEND_B.octets(), 8080, NAT_B.octets(), nport, "A", &[7u8; 1410]);
     big[6] |= 0x40;
     fix_ip_checksum(&mut big);
-    let Verdict::Reply { reason: DropReason::TooBig, len } = w2.process(&mut big, Source::Provider, Now(1)) else {
+    let Verdict::Reply { reason: DropReason::TooBig, len } = step(&mut w2, &mut big, Source::Provider, Now(1)) else {
         panic!("too big")
     };
     let r = w2.reply(len);
@@ -107,7 +107,7 @@ fn malformed_inputs_never_panic() {
     cases.push(v);
     let n = cases.len() as u64;
     for mut c in cases {
-        assert_eq!(w.process(&mut c, Source::Network(NET_A), Now(1)), Verdict::Drop(DropReason::Malformed));
+        assert_eq!(step(&mut w, &mut c, Source::Network(NET_A), Now(1)), Verdict::Drop(DropReason::Malformed));
     }
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::Malformed), n);
 }
@@ -121,7 +121,7 @@ fn ttl1(p: &mut [u8]) {
 fn each_step_of_the_consumer_side_gives_its_reason() {
     let (_e, mut w) = engine_with(small(), &desired(1024..=65535, ConnectionState::Pending));
     let (a, b) = (Source::Network(NET_A), Source::Network(NET_B));
-    let run = |w: &mut Worker, mut p: Vec<u8>, s: Source| w.process(&mut p, s, Now(1));
+    let run = |w: &mut Worker, mut p: Vec<u8>, s: Source| step(w, &mut p, s, Now(1));
     // 1. validate
     assert_eq!(run(&mut w, vec![0x45, 0, 0], a), Verdict::Drop(DropReason::Malformed));
     // 2. address
@@ -157,7 +157,7 @@ fn each_step_of_the_consumer_side_gives_its_reason() {
     assert_eq!(run(&mut w, tcp(CLIENT, 1, EP, 80, "A", b""), a), Verdict::Drop(DropReason::NoFlow));
     // 10 to 12. TCP state, rewrite, count
     let mut syn = tcp(CLIENT, 2, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut syn, a, Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut syn, a, Now(1)), Verdict::Forward(Egress::Provider));
     let (s, _, d, dp, ok) = inspect(&syn);
     assert_eq!((s, d, dp, ok), (NAT_A, BACKEND_A, 8080, true));
     let snap = _e.snapshot();
@@ -172,7 +172,7 @@ fn each_step_of_the_consumer_side_gives_its_reason() {
 fn each_step_of_the_provider_side_gives_its_reason() {
     let (e, mut w, a_reply, b_reply) = with_flows(ConnectionState::Approved);
     let p = Source::Provider;
-    let run = |w: &mut Worker, mut pkt: Vec<u8>| w.process(&mut pkt, p, Now(1));
+    let run = |w: &mut Worker, mut pkt: Vec<u8>| step(w, &mut pkt, p, Now(1));
     // 1. validate
     assert_eq!(run(&mut w, vec![0x45, 0, 0]), Verdict::Drop(DropReason::Malformed));
     // 3. reassemble
@@ -200,10 +200,10 @@ fn each_step_of_the_provider_side_gives_its_reason() {
     assert!(matches!(run(&mut w, long), Verdict::Reply { reason: DropReason::TooBig, .. }));
     // 11, 12. rewrite, count: each reply reaches its own tenant.
     let mut r = a_reply.clone();
-    assert_eq!(w.process(&mut r, p, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut r, p, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
     assert_eq!(inspect(&r), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 1000, true));
     let mut r = b_reply.clone();
-    assert_eq!(w.process(&mut r, p, Now(1)), Verdict::Forward(Egress::Network(NET_B)));
+    assert_eq!(step(&mut w, &mut r, p, Now(1)), Verdict::Forward(Egress::Network(NET_B)));
     // 6. approve, before TTL: a flow whose endpoint is no longer approved
     // (caught between the state change and its sweep) answers nothing.
     let snap = e.snapshot();

@@ -8,7 +8,7 @@ use super::*;
 fn tcp_round_trip_translates_and_keeps_checksums() {
     let (e, mut w) = engine();
     let mut p = tcp(CLIENT, 40000, EP, 80, "S", b"");
-    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     let (s, sp, d, dp, ok) = inspect(&p);
     assert!(ok, "checksums after translation");
     assert_eq!((s, d, dp), (NAT_A, BACKEND_A, 8080));
@@ -16,7 +16,7 @@ fn tcp_round_trip_translates_and_keeps_checksums() {
     assert_eq!(p[8], 63, "TTL decremented");
 
     let mut r = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), sp, "SA", b"hello");
-    assert_eq!(w.process(&mut r, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut r, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
     let (s, sp2, d, dp2, ok) = inspect(&r);
     assert!(ok);
     assert_eq!((s, sp2, d, dp2), (Ipv4Addr::from(EP), 80, Ipv4Addr::from(CLIENT), 40000));
@@ -34,8 +34,8 @@ fn overlapping_tenants_stay_apart() {
     let (_e, mut w) = engine();
     let mut a = tcp(CLIENT, 40000, EP, 80, "S", b"");
     let mut b = a.clone();
-    assert_eq!(w.process(&mut a, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
-    assert_eq!(w.process(&mut b, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut a, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut b, Source::Network(NET_B), Now(1)), Verdict::Forward(Egress::Provider));
     let (sa, pa, da, _, _) = inspect(&a);
     let (sb, pb, db, _, _) = inspect(&b);
     assert_eq!((sa, da), (NAT_A, BACKEND_A));
@@ -43,33 +43,33 @@ fn overlapping_tenants_stay_apart() {
     // Replies go back to the network each flow came from.
     let mut ra = tcp(BACKEND_A.octets(), 8080, NAT_A.octets(), pa, "SA", b"");
     let mut rb = tcp(BACKEND_B.octets(), 8080, NAT_B.octets(), pb, "SA", b"");
-    assert_eq!(w.process(&mut ra, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
-    assert_eq!(w.process(&mut rb, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_B)));
+    assert_eq!(step(&mut w, &mut ra, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut rb, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_B)));
     // B's backend cannot reach A's flow by guessing A's NAT port on B's NAT IP.
     let mut x = tcp(BACKEND_B.octets(), 8080, NAT_A.octets(), pa, "A", b"");
-    assert_eq!(w.process(&mut x, Source::Provider, Now(1)), Verdict::Drop(DropReason::NoFlow));
+    assert_eq!(step(&mut w, &mut x, Source::Provider, Now(1)), Verdict::Drop(DropReason::NoFlow));
 }
 
 #[test]
 fn udp_and_icmp_echo() {
     let (_e, mut w) = engine();
     let mut u = udp(CLIENT, 5000, EP, 53, b"query");
-    assert_eq!(w.process(&mut u, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut u, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     let (s, sp, d, dp, ok) = inspect(&u);
     assert!(ok);
     assert_eq!((s, d, dp), (NAT_A, BACKEND_A, 5353));
     swap(&mut u);
-    assert_eq!(w.process(&mut u, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut u, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
     assert_eq!(inspect(&u), (Ipv4Addr::from(EP), 53, Ipv4Addr::from(CLIENT), 5000, true));
     let _ = sp;
 
     let mut p = ping(CLIENT, EP, 77, false);
-    assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     let (s, id, d, _, ok) = inspect(&p);
     assert!(ok);
     assert_eq!((s, d), (NAT_A, BACKEND_A));
     let mut r = ping(BACKEND_A.octets(), NAT_A.octets(), id, true);
-    assert_eq!(w.process(&mut r, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
+    assert_eq!(step(&mut w, &mut r, Source::Provider, Now(1)), Verdict::Forward(Egress::Network(NET_A)));
     assert_eq!(inspect(&r), (Ipv4Addr::from(EP), 77, Ipv4Addr::from(CLIENT), 0, true));
 }
 
@@ -78,7 +78,7 @@ fn udp_zero_checksum_stays_zero() {
     let (_e, mut w) = engine();
     let mut u = udp(CLIENT, 5000, EP, 53, b"q");
     u[26..28].copy_from_slice(&[0, 0]);
-    assert_eq!(w.process(&mut u, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+    assert_eq!(step(&mut w, &mut u, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     assert_eq!(&u[26..28], &[0, 0]);
     assert!(inspect(&u).4);
 }
@@ -88,7 +88,7 @@ fn a_burst_of_one_new_flow_takes_one_port() {
     let (e, mut w) = engine();
     for _ in 0..50 {
         let mut p = udp(CLIENT, 7000, EP, 53, b"x");
-        assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
+        assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     }
     assert_eq!(e.flows().len(), 1);
     let snap = e.snapshot();
@@ -104,14 +104,14 @@ fn one_consumer_address_keeps_one_nat_ip() {
     let mut nats = HashSet::new();
     for port in 0..200u16 {
         let mut p = tcp(CLIENT, 10_000 + port, EP, 80, "S", b"");
-        w.process(&mut p, Source::Network(NET_A), Now(0));
+        step(&mut w, &mut p, Source::Network(NET_A), Now(0));
         nats.insert(inspect(&p).0);
     }
     assert_eq!(nats.len(), 1);
     let mut spread = HashSet::new();
     for host in 1..=64u8 {
         let mut p = tcp([10, 1, 1, host], 10_000, EP, 80, "S", b"");
-        w.process(&mut p, Source::Network(NET_A), Now(0));
+        step(&mut w, &mut p, Source::Network(NET_A), Now(0));
         spread.insert(inspect(&p).0);
     }
     assert!(spread.len() >= 6, "64 consumers over 8 NAT IPs used {}", spread.len());
@@ -130,7 +130,7 @@ fn concurrent_workers_never_share_a_live_tuple() {
                     // Threads overlap on half their flows, racing on setup.
                     let port = if i % 2 == 0 { 20_000 + i } else { 30_000 + i + 1000 * t as u16 };
                     let mut p = udp(CLIENT, port, EP, 53, b"");
-                    if w.process(&mut p, Source::Network(NET_A), Now(0)) == Verdict::Forward(Egress::Provider) {
+                    if step(&mut w, &mut p, Source::Network(NET_A), Now(0)) == Verdict::Forward(Egress::Provider) {
                         fwd += 1;
                     }
                 }
@@ -174,7 +174,7 @@ proptest! {
         prop_assume!(!crate::addr::is_martian_v4(u32::from(src)));
         let original = pkt.clone();
         let mut p = pkt;
-        prop_assert_eq!(w.process(&mut p, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));
+        prop_assert_eq!(step(&mut w, &mut p, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));
         let (s, _, d, _, ok) = inspect(&p);
         prop_assert!(ok, "checksums differ from etherparse's recomputation");
         prop_assert_eq!((s, d), (NAT_A, BACKEND_A));
@@ -184,7 +184,7 @@ proptest! {
         // The backend answers with the mirror image; reversing gives back
         // the original packet, mirrored, with TTL down by two.
         swap(&mut p);
-        prop_assert_eq!(w.process(&mut p, Source::Provider, Now(0)), Verdict::Forward(Egress::Network(NET_A)));
+        prop_assert_eq!(step(&mut w, &mut p, Source::Provider, Now(0)), Verdict::Forward(Egress::Network(NET_A)));
         prop_assert!(inspect(&p).4);
         let mut want = original.clone();
         swap(&mut want);
@@ -198,6 +198,6 @@ proptest! {
         let (_e, mut w) = engine();
         let mut b = bytes;
         let src = if provider { Source::Provider } else { Source::Network(NET_A) };
-        let _ = w.process(&mut b, src, Now(0));
+        let _ = step(&mut w, &mut b, src, Now(0));
     }
 }

@@ -56,7 +56,7 @@ fn a_total_length_past_what_was_read_is_still_malformed() {
     let (e, mut w) = engine();
     let mut q = udp(CLIENT, 1000, EP, 53, b"8 bytes!");
     q.pop();
-    assert_eq!(w.process(&mut q, Source::Network(NET_A), Now(1)), Verdict::Drop(DropReason::Malformed));
+    assert_eq!(step(&mut w, &mut q, Source::Network(NET_A), Now(1)), Verdict::Drop(DropReason::Malformed));
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::Malformed), 1);
 }
 
