@@ -245,7 +245,7 @@ fn step(w: &mut Worker, pkt: &mut [u8], src: Source, now: Now) -> Verdict {
             // after it on the same device: the read packet is the one with
             // the read packet's IP identification.
             let id = &pkt[4..6].to_vec();
-            let mine = leaving(to).into_iter().filter(|b| b.len() >= 6 && &b[4..6] == id).last();
+            let mine = leaving(to).into_iter().rfind(|b| b.len() >= 6 && &b[4..6] == id);
             copy_back(pkt, &mine.expect("the forwarded packet left"));
         }
         Verdict::Fragment { to, mtu } => {
