@@ -15,8 +15,9 @@
 //!   per side, the sequence number right after the highest that side sent
 //!   (8 bytes): the opening SYN sets it, later segments raise it by at
 //!   most [`MAX_SEQ_ADVANCE`](crate::flow::MAX_SEQ_ADVANCE), so a blind
-//!   forger must land inside that span to set up an exact RST (windows are
-//!   not tracked: there is no room in the slot). A RST from a side must
+//!   forger must land inside that span to move it (windows are not
+//!   tracked: there is no room in the slot; a series of forged segments
+//!   can walk it, docs/NAT-BEHAVIOUR.md says what that costs a flow). A RST from a side must
 //!   carry exactly that number, or, after that side's FIN, the FIN's own
 //!   (the RST of a closed socket answering late data, which Linux's
 //!   receiver accepts as `rcv_nxt - 1`). Before the backend answered, a RST from it

@@ -12,7 +12,7 @@
 //! endpoint that leaves the config (with or without its service) becomes
 //! `disconnected`.
 
-use crate::store::{Change, Connection};
+use crate::store::{Change, Connection, Guard};
 use privlink_config::Config;
 use privlink_core::ConnectionState;
 use std::collections::HashMap;
@@ -55,6 +55,9 @@ pub struct Plan {
     /// The records to write (new connections, changed states, endpoints
     /// gone), each at the revision it was read at.
     pub changes: Vec<Change>,
+    /// Every record read and not written, at the revision it was read at:
+    /// `states` hold only while none of them moved.
+    pub guards: Vec<Guard>,
 }
 
 /// The plan for `config` over the `stored` records at unix time `now`; a
@@ -64,6 +67,7 @@ pub fn plan(config: &Config, stored: Vec<Connection>, now: u64, new_link_id: &mu
     let mut states = HashMap::new();
     let mut all: HashMap<String, Connection> = stored.into_iter().map(|c| (c.endpoint.clone(), c)).collect();
     let mut changes = Vec::new();
+    let mut guards = Vec::new();
     for ep in &config.endpoints {
         let stored = all.remove(&ep.name);
         let state = desired_state(config, ep, stored.as_ref());
@@ -112,6 +116,8 @@ pub fn plan(config: &Config, stored: Vec<Connection>, now: u64, new_link_id: &mu
                 message: Some(why),
                 by: "config".into(),
             });
+        } else {
+            guards.push(Guard { endpoint: ep.name.clone(), expected: stored.as_ref().map(|c| c.revision) });
         }
         states.insert(ep.name.clone(), state);
     }
@@ -119,7 +125,9 @@ pub fn plan(config: &Config, stored: Vec<Connection>, now: u64, new_link_id: &mu
     let mut gone: Vec<Connection> = all.into_values().collect();
     gone.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
     for c in gone {
-        if c.state != ConnectionState::Disconnected && !states.contains_key(&c.endpoint) {
+        if c.state == ConnectionState::Disconnected || states.contains_key(&c.endpoint) {
+            guards.push(Guard { endpoint: c.endpoint.clone(), expected: Some(c.revision) });
+        } else {
             let why = "endpoint or service removed from the config";
             changes.push(Change {
                 from: Some(c.state),
@@ -136,7 +144,7 @@ pub fn plan(config: &Config, stored: Vec<Connection>, now: u64, new_link_id: &mu
             });
         }
     }
-    Plan { states, changes }
+    Plan { states, changes, guards }
 }
 
 /// Why an operator's decision was refused.
@@ -278,8 +286,12 @@ service = "s"
         assert_eq!(p.changes.len(), 1);
         assert_eq!((p.changes[0].conn.state, p.changes[0].from), (Disconnected, Some(Pending)));
         apply(&mut r, &p.changes);
-        // Nothing to do twice.
-        assert_eq!(plan(&cfg(r#"["*"]"#, false), r.clone(), 80, &mut || 1).changes, []);
+        // Nothing to do twice; what was read is guarded.
+        let again = plan(&cfg(r#"["*"]"#, false), r.clone(), 80, &mut || 1);
+        assert_eq!(again.changes, []);
+        let mut guarded: Vec<_> = again.guards.iter().map(|g| (g.endpoint.as_str(), g.expected)).collect();
+        guarded.sort();
+        assert_eq!(guarded, [("ea", Some(get(&r, "ea").revision)), ("eb", Some(get(&r, "eb").revision))]);
     }
 
     #[test]

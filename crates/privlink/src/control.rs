@@ -31,7 +31,7 @@
 
 use crate::approval::{self, Decided, Refused};
 use crate::dataplane::now_since;
-use crate::store::{unix_now, AuditEntry, Change, Connection, ConnectionStore, StoreError};
+use crate::store::{unix_now, AuditEntry, Change, Connection, ConnectionStore, Guard, StoreError};
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use axum::extract::{Path as UrlPath, Query, State};
@@ -55,6 +55,11 @@ pub struct Control {
     /// `[flow_logs] events_file`: each committed change is appended there
     /// as one JSON line.
     pub events_file: std::sync::Mutex<Option<std::path::PathBuf>>,
+    /// Held from deciding connection states to telling the engine (a
+    /// reload's reconcile through its `Engine::apply`, an API decision
+    /// through `set_connection_state`), so the engine is told in the
+    /// order the store was written.
+    pub decisions: std::sync::Mutex<()>,
     pub config: ArcSwap<Config>,
     pub started: Instant,
     /// The engine clock's epoch.
@@ -65,23 +70,25 @@ pub struct Control {
 const CONFLICT_RETRIES: usize = 3;
 
 impl Control {
-    /// Writes `changes` (see [`ConnectionStore::put_if_revision`]), then
-    /// appends them to the events file.
-    pub fn commit(&self, changes: &[Change]) -> Result<(), StoreError> {
-        self.store.put_if_revision(changes)?;
+    /// Writes `changes` if `guards` and they are as read (see
+    /// [`ConnectionStore::put_if_revision`]), then appends them to the
+    /// events file.
+    pub fn commit(&self, guards: &[Guard], changes: &[Change]) -> Result<(), StoreError> {
+        self.store.put_if_revision(guards, changes)?;
         self.append_events(changes);
         Ok(())
     }
 
     /// Brings the store in line with `config` (new connections, visibility
     /// changes, endpoints gone; [`approval::plan`]) and returns every
-    /// configured endpoint's state.
+    /// configured endpoint's state. The caller holds
+    /// [`decisions`](Self::decisions) until the engine has the states.
     pub fn reconcile(&self, config: &Config) -> Result<HashMap<String, ConnectionState>, StoreError> {
         let mut tries = 0;
         loop {
             let stored = self.store.list()?;
             let plan = approval::plan(config, stored, unix_now(), &mut || privlink_core::ids::link_id(rand::random()));
-            match self.commit(&plan.changes) {
+            match self.commit(&plan.guards, &plan.changes) {
                 Err(StoreError::Conflict(_)) if tries < CONFLICT_RETRIES => tries += 1,
                 Err(e) => return Err(e),
                 Ok(()) => {
@@ -261,13 +268,14 @@ fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Resu
     }
     // Decided from the record as read, written only if it is still that;
     // decided again from a fresh read when another writer got there first.
+    let _decisions = c.decisions.lock().unwrap_or_else(|e| e.into_inner());
     let mut tries = 0;
     let (stored, updated) = loop {
         let stored = c.store.get(endpoint)?;
         let from = stored.state;
         match approval::decide(&config, endpoint, stored, to, decision.message.clone(), unix_now())? {
             Decided::Unchanged(same) => return Ok(same),
-            Decided::Change(change) => match c.commit(std::slice::from_ref(&change)) {
+            Decided::Change(change) => match c.commit(&[], std::slice::from_ref(&change)) {
                 Err(StoreError::Conflict(_)) if tries < CONFLICT_RETRIES => tries += 1,
                 Err(e) => return Err(e.into()),
                 // Durable first, then the dataplane: what we answer is what
@@ -543,7 +551,7 @@ service = "s"
         fn list(&self) -> Result<Vec<Connection>, StoreError> {
             Ok(vec![self.get("ea")?])
         }
-        fn put_if_revision(&self, _: &[Change]) -> Result<(), StoreError> {
+        fn put_if_revision(&self, _: &[Guard], _: &[Change]) -> Result<(), StoreError> {
             self.writes.fetch_add(1, Ordering::Relaxed);
             Err(self.write.clone())
         }
@@ -561,6 +569,7 @@ service = "s"
             engine: Engine::new(privlink_core::Settings::default()),
             store,
             events_file: std::sync::Mutex::new(None),
+            decisions: std::sync::Mutex::new(()),
             config: ArcSwap::from_pointee(Config::parse(CONFIG, "t.toml").expect("valid")),
             started: Instant::now(),
             epoch: Instant::now(),

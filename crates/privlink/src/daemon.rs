@@ -210,6 +210,7 @@ impl Daemon {
             engine: engine.clone(),
             store,
             events_file: std::sync::Mutex::new(config.flow_logs.events_file.clone()),
+            decisions: std::sync::Mutex::new(()),
             config: ArcSwap::from_pointee(config.clone()),
             started: Instant::now(),
             epoch,
@@ -455,7 +456,7 @@ impl Daemon {
             let id = match self.engine.network_id(&n.name) {
                 Ok(id) => id,
                 Err(e) => {
-                    for (_, d) in &created {
+                    for d in created.iter().map(|(_, d)| d).chain([&dev]) {
                         if !self.manifest.owns(d.netns.as_deref(), &d.name, d.ifindex) {
                             d.unpersist();
                         }
@@ -468,11 +469,14 @@ impl Daemon {
             self.made_from.insert(n.name.clone(), (id, n.clone()));
         }
         // 3. Connection states, then the engine.
+        let control = self.control.clone();
+        let _decisions = control.decisions.lock().unwrap_or_else(|e| e.into_inner());
         let states = self.control.reconcile(config)?;
         let links = self.control.link_ids()?;
         let desired = to_desired(config, &self.made_from, &states, &links);
         let now = now_since(self.epoch);
         let report = self.engine.apply(&desired, now).context("configuration refused by the engine")?;
+        drop(_decisions);
         for e in &report.endpoints_added {
             if let Some(ep) = config.endpoints.iter().find(|x| &x.name == e) {
                 let state = states.get(e).copied().unwrap_or(ConnectionState::Pending);

@@ -113,7 +113,8 @@ pub struct Sidecar {
     pub max_flows: u32,
     /// Network name -> id.
     pub networks: Vec<(String, u16)>,
-    pub next_network: u16,
+    /// Network ids at or above this were never given (65,536: all were).
+    pub next_network: u32,
     pub next_endpoint: u32,
     pub next_pool: u32,
     pub endpoints: Vec<EndpointRec>,

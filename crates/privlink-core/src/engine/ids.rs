@@ -36,7 +36,7 @@ impl IdAllocator {
     pub(crate) fn seed(&mut self, ids: &Ids) {
         self.next_endpoint = self.next_endpoint.max(ids.next_endpoint);
         self.next_pool = self.next_pool.max(ids.next_pool);
-        self.next_network = self.next_network.max(u32::from(ids.next_network));
+        self.next_network = self.next_network.max(ids.next_network);
         for e in &ids.endpoints {
             self.seeds_endpoints.insert((e.name.clone(), e.network.clone(), e.ip, e.service.clone()), e.id);
             self.next_endpoint = self.next_endpoint.max(e.id.0 + 1);

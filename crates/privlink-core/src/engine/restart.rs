@@ -48,7 +48,7 @@ pub struct Ids {
     /// Ids at or above these were never given out.
     pub next_endpoint: u32,
     pub next_pool: u32,
-    pub next_network: u16,
+    pub next_network: u32,
     pub endpoints: Vec<EndpointIdEntry>,
     pub pools: Vec<PoolIdEntry>,
     /// Network names and their ids.
@@ -87,7 +87,7 @@ impl Engine {
         let mut ids = Ids {
             next_endpoint: st.ids.next_endpoint,
             next_pool: st.ids.next_pool,
-            next_network: u16::try_from(st.ids.next_network).unwrap_or(u16::MAX),
+            next_network: st.ids.next_network,
             networks: snap.networks_by_id().map(|(id, n)| (n.name.clone(), id.0)).collect(),
             ..Ids::default()
         };

@@ -214,53 +214,49 @@ fn handle(w: &mut Worker, out: &mut Outbox, pkt: &[u8], src: Source, now: Now) -
 }
 
 /// One packet through the path the daemon takes: read into an outbox,
-/// [`Worker::handle`]d, the outbox drained. The packet that leaves (its
-/// fragments reassembled, when it was fragmented) is copied back over
-/// `pkt`, as [`Worker::process`] would have left it; an ICMP answer stays
-/// in `w.reply(len)`. Every test drives the worker through this unless it is
-/// about what `process` leaves for its caller to send: fragments released
-/// later (`fragments.rs`, which reads `take_ready`) and PROXY header
-/// segments (`proxy.rs`, `proxy_handshake.rs`, which read `take_extra`;
+/// [`Worker::handle`]d, the outbox drained. Exactly what the verdict says
+/// must leave (one packet, its fragments, one ICMP answer back, or
+/// nothing), and what leaves replaces `pkt` (fragments reassembled).
+/// Every test drives the worker through this unless it is about what
+/// `process` leaves for its caller to send: fragments released later
+/// (`fragments.rs`, which reads `take_ready`) and PROXY header segments
+/// (`proxy.rs`, `proxy_handshake.rs`, which read `take_extra`;
 /// `outbox.rs` checks how `handle` orders them).
-fn step(w: &mut Worker, pkt: &mut [u8], src: Source, now: Now) -> Verdict {
+fn step(w: &mut Worker, pkt: &mut Vec<u8>, src: Source, now: Now) -> Verdict {
     let mut out = Outbox::new(false);
     let v = handle(w, &mut out, pkt, src, now);
     w.end_batch(&mut out);
-    let sent = drain(&mut out);
-    let leaving = |to: Egress| -> Vec<Vec<u8>> {
-        sent.iter()
-            .filter_map(|s| match s {
-                Sent::One(e, b) if *e == to => Some(b.clone()),
-                _ => None,
-            })
-            .collect()
+    let sent: Vec<(Egress, Vec<u8>)> = drain(&mut out)
+        .into_iter()
+        .map(|s| match s {
+            Sent::One(to, b) => (to, b),
+            Sent::Coalesced(..) => panic!("no coalescing without a virtio-net header"),
+        })
+        .collect();
+    let back = match src {
+        Source::Network(n) => Egress::Network(n),
+        Source::Provider => Egress::Provider,
     };
-    let copy_back = |pkt: &mut [u8], bytes: &[u8]| {
-        assert!(bytes.len() <= pkt.len(), "a packet grew: {} -> {}", pkt.len(), bytes.len());
-        pkt[..bytes.len()].copy_from_slice(bytes);
-    };
+    // Exactly what the verdict says leaves, nothing else; what leaves
+    // replaces the packet (shorter when it was trimmed or stripped).
     match v {
         Verdict::Forward(to) => {
-            // The packet itself; a PROXY header segment may leave before or
-            // after it on the same device: the read packet is the one with
-            // the read packet's IP identification.
-            let id = &pkt[4..6].to_vec();
-            let mine = leaving(to).into_iter().rfind(|b| b.len() >= 6 && &b[4..6] == id);
-            copy_back(pkt, &mine.expect("the forwarded packet left"));
+            let [(e, bytes)] = &sent[..] else { panic!("{v:?}: {} writes, one expected", sent.len()) };
+            assert_eq!(*e, to, "written where the verdict says");
+            assert!(bytes.len() <= pkt.len(), "a packet grew: {} -> {}", pkt.len(), bytes.len());
+            *pkt = bytes.clone();
         }
         Verdict::Fragment { to, mtu } => {
-            let frags = leaving(to);
-            assert!(frags.iter().all(|f| f.len() <= usize::from(mtu)), "fragments within the MTU");
-            copy_back(pkt, &reassemble(&frags));
+            assert!(sent.len() > 1, "{v:?}: fragments leave");
+            assert!(sent.iter().all(|(e, f)| *e == to && f.len() <= usize::from(mtu)), "fragments within the MTU");
+            let frags: Vec<Vec<u8>> = sent.into_iter().map(|(_, f)| f).collect();
+            *pkt = reassemble(&frags);
         }
         Verdict::Reply { len, .. } => {
-            let back = match src {
-                Source::Network(n) => Egress::Network(n),
-                Source::Provider => Egress::Provider,
-            };
-            assert!(leaving(back).iter().any(|b| b[..] == *w.reply(len)), "the ICMP answer left");
+            let [(e, bytes)] = &sent[..] else { panic!("{v:?}: {} writes, one expected", sent.len()) };
+            assert_eq!((*e, &bytes[..]), (back, w.reply(len)), "the ICMP answer goes back where the packet came from");
         }
-        Verdict::Drop(_) | Verdict::Held => {}
+        Verdict::Drop(_) | Verdict::Held => assert!(sent.is_empty(), "{v:?} but {} writes", sent.len()),
     }
     v
 }

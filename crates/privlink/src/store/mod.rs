@@ -66,6 +66,14 @@ pub struct Change {
     pub by: String,
 }
 
+/// A record a batch was decided from but does not write: the batch is
+/// written only if it is still at `expected` (`None`: still absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub endpoint: String,
+    pub expected: Option<u64>,
+}
+
 /// One change, as the audit trail keeps it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -108,10 +116,12 @@ pub trait ConnectionStore: Send + Sync + std::fmt::Debug {
     /// Every record, with its revision.
     fn list(&self) -> Result<Vec<Connection>, StoreError>;
     /// Writes every change and its audit entry, all or nothing, if each
-    /// record's revision is still its change's `expected`; else
-    /// [`StoreError::Conflict`] naming the first that moved, and nothing
-    /// is written. Returns when the write is durable.
-    fn put_if_revision(&self, changes: &[Change]) -> Result<(), StoreError>;
+    /// record's revision is still its change's `expected` and each
+    /// guard's record still its guard's (what the batch was decided from
+    /// but does not write); else [`StoreError::Conflict`] naming the first
+    /// that moved, and nothing is written. Returns when the write is
+    /// durable.
+    fn put_if_revision(&self, guards: &[Guard], changes: &[Change]) -> Result<(), StoreError>;
     /// At most `limit` audit entries after sequence number `after`,
     /// optionally of one endpoint, oldest first.
     fn audit(&self, endpoint: Option<&str>, after: u64, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;

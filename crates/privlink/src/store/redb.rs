@@ -16,7 +16,7 @@
 //! serialised by redb's single write transaction, so checking the revisions
 //! and writing in that transaction is the compare-and-swap.
 
-use super::{AuditEntry, Change, Connection, ConnectionStore, StoreError};
+use super::{AuditEntry, Change, Connection, ConnectionStore, Guard, StoreError};
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -109,7 +109,7 @@ impl ConnectionStore for RedbStore {
         })
     }
 
-    fn put_if_revision(&self, changes: &[Change]) -> Result<(), StoreError> {
+    fn put_if_revision(&self, guards: &[Guard], changes: &[Change]) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -118,14 +118,18 @@ impl ConnectionStore for RedbStore {
         let tx = db.begin_write().map_err(unavailable)?;
         {
             let mut t = tx.open_table(CONNECTIONS).map_err(unavailable)?;
-            for c in changes {
-                let current = match t.get(c.conn.endpoint.as_str()).map_err(unavailable)? {
+            let checks = guards
+                .iter()
+                .map(|g| (&g.endpoint, g.expected))
+                .chain(changes.iter().map(|c| (&c.conn.endpoint, c.expected)));
+            for (endpoint, expected) in checks {
+                let current = match t.get(endpoint.as_str()).map_err(unavailable)? {
                     Some(v) => Some(decode(v.value())?.revision),
                     None => None,
                 };
-                if current != c.expected {
+                if current != expected {
                     // Dropped without commit: nothing is written.
-                    return Err(StoreError::Conflict(c.conn.endpoint.clone()));
+                    return Err(StoreError::Conflict(endpoint.clone()));
                 }
             }
             let mut meta = tx.open_table(META).map_err(unavailable)?;
@@ -208,13 +212,16 @@ mod tests {
     /// Writes `c` over what is stored (the revision it was read at).
     fn put(s: &RedbStore, c: Connection, message: Option<&str>, by: &str) -> Result<(), StoreError> {
         let before = s.get(&c.endpoint).ok();
-        s.put_if_revision(&[Change {
-            from: before.as_ref().map(|b| b.state),
-            expected: before.map(|b| b.revision),
-            conn: c,
-            message: message.map(str::to_string),
-            by: by.to_string(),
-        }])
+        s.put_if_revision(
+            &[],
+            &[Change {
+                from: before.as_ref().map(|b| b.state),
+                expected: before.map(|b| b.revision),
+                conn: c,
+                message: message.map(str::to_string),
+                by: by.to_string(),
+            }],
+        )
     }
 
     fn tmp(name: &str) -> std::path::PathBuf {
@@ -263,19 +270,33 @@ mod tests {
             message: None,
             by: "operator".into(),
         });
-        assert_eq!(s.put_if_revision(&stale), Err(StoreError::Conflict("b".into())));
+        assert_eq!(s.put_if_revision(&[], &stale), Err(StoreError::Conflict("b".into())));
         // Nothing of the batch was written, `a` included.
         assert_eq!(s.get("a").map(|c| (c.state, c.revision)), Ok((Pending, a.revision)));
         assert_eq!(s.get("b").map(|c| c.state), Ok(Approved));
         assert_eq!(s.audit(None, 0, 100).expect("audit").len(), 3);
         // Creating what exists is a conflict too.
         let create = Change { conn: conn("a", Approved), from: None, expected: None, message: None, by: "x".into() };
-        assert_eq!(s.put_if_revision(&[create]), Err(StoreError::Conflict("a".into())));
+        assert_eq!(s.put_if_revision(&[], &[create]), Err(StoreError::Conflict("a".into())));
+        // A guard on a record the batch does not write: `b` moved since.
+        let guard = Guard { endpoint: "b".into(), expected: Some(b.revision) };
+        let write_a = Change {
+            from: Some(Pending),
+            expected: Some(a.revision),
+            conn: Connection { state: Approved, ..a.clone() },
+            message: None,
+            by: "config".into(),
+        };
+        assert_eq!(s.put_if_revision(&[guard], std::slice::from_ref(&write_a)), Err(StoreError::Conflict("b".into())));
+        assert_eq!(s.get("a").map(|c| c.state), Ok(Pending));
+        let guard = Guard { endpoint: "b".into(), expected: Some(s.get("b").expect("b").revision) };
+        s.put_if_revision(&[guard], &[write_a]).expect("b as read");
         // Released for a hand-over: unavailable until resumed.
         s.release();
         assert!(matches!(s.list(), Err(StoreError::Unavailable(_))));
         s.resume().expect("resume");
         assert_eq!(s.list().map(|l| l.len()), Ok(2));
+        assert_eq!(s.get("a").map(|c| c.state), Ok(Approved));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
