@@ -110,6 +110,20 @@ impl Control {
         }
     }
 
+    /// Tells the engine `states` (what [`reconcile`](Self::reconcile)
+    /// returned) for the endpoints it runs whose state differs, under the
+    /// same hold of [`decisions`](Self::decisions) as the reconcile.
+    pub fn set_states(&self, states: &HashMap<String, ConnectionState>, now: privlink_core::Now) {
+        let snap = self.engine.snapshot();
+        for e in &snap.endpoints {
+            if let Some(&want) = states.get(&e.shared.name) {
+                if e.shared.state() != want {
+                    self.engine.set_connection_state(&e.shared.name, want, now);
+                }
+            }
+        }
+    }
+
     /// Every connection's link id, by endpoint.
     pub fn link_ids(&self) -> Result<HashMap<String, u64>, StoreError> {
         Ok(self.store.list()?.into_iter().map(|c| (c.endpoint, c.link_id)).collect())
@@ -604,6 +618,66 @@ service = "s"
         assert_eq!(err.0, StatusCode::CONFLICT, "{}", err.1);
         assert!(err.1.contains("changed meanwhile"), "{}", err.1);
         assert_eq!(f.writes.load(Ordering::Relaxed), CONFLICT_RETRIES + 1);
+    }
+
+    #[test]
+    fn the_engine_ends_in_the_state_the_store_holds_under_concurrent_reloads_and_decisions() {
+        // A reload (reconcile, then the states to the engine) racing an
+        // operator flipping one connection: whatever interleaving, once
+        // both stop the engine runs what the store holds.
+        let dir = std::env::temp_dir().join(format!("privlink-decisions-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let config = Config::parse(CONFIG, "t.toml").expect("valid");
+        let c = Arc::new(Control {
+            engine: Engine::new(privlink_core::Settings::default()),
+            store: Arc::new(crate::store::RedbStore::open(&dir).expect("store")),
+            events_file: std::sync::Mutex::new(None),
+            decisions: std::sync::Mutex::new(()),
+            config: ArcSwap::from_pointee(config.clone()),
+            started: Instant::now(),
+            epoch: Instant::now(),
+        });
+        let ids = config
+            .networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), (privlink_core::NetworkId(i as u16), n.clone())))
+            .collect();
+        let states = c.reconcile(&config).expect("reconcile");
+        let desired = crate::daemon::to_desired(&config, &ids, &states, &c.link_ids().expect("links"));
+        c.engine.apply(&desired, privlink_core::Now(0)).expect("apply");
+        let engine_state = |c: &Control| {
+            let snap = c.engine.snapshot();
+            snap.endpoints.iter().find(|e| e.shared.name == "ea").map(|e| e.shared.state())
+        };
+        for round in 0..20 {
+            let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let reloads = {
+                let (c, config, done) = (c.clone(), config.clone(), done.clone());
+                std::thread::spawn(move || {
+                    // Until the operator stops: the reload in flight then
+                    // may have read before the last decision.
+                    while !done.load(Ordering::Relaxed) {
+                        let _d = c.decisions.lock().unwrap_or_else(|e| e.into_inner());
+                        let states = c.reconcile(&config).expect("reconcile");
+                        // A reload's engine apply and device work take
+                        // milliseconds between the two.
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                        c.set_states(&states, privlink_core::Now(0));
+                    }
+                })
+            };
+            for i in 0..10 {
+                let to = if (round + i) % 2 == 0 { ConnectionState::Rejected } else { ConnectionState::Approved };
+                decide(&c, "ea", to, b"").expect("decided");
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            done.store(true, Ordering::Relaxed);
+            reloads.join().expect("reloads");
+            let stored = c.store.get("ea").expect("record").state;
+            assert_eq!(engine_state(&c), Some(stored), "round {round}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

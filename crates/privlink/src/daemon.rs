@@ -109,7 +109,7 @@ fn open_device(
     Ok(dev)
 }
 
-fn to_desired(
+pub(crate) fn to_desired(
     config: &Config,
     ids: &HashMap<String, (NetworkId, Network)>,
     states: &HashMap<String, ConnectionState>,
@@ -476,7 +476,6 @@ impl Daemon {
         let desired = to_desired(config, &self.made_from, &states, &links);
         let now = now_since(self.epoch);
         let report = self.engine.apply(&desired, now).context("configuration refused by the engine")?;
-        drop(_decisions);
         for e in &report.endpoints_added {
             if let Some(ep) = config.endpoints.iter().find(|x| &x.name == e) {
                 let state = states.get(e).copied().unwrap_or(ConnectionState::Pending);
@@ -484,14 +483,8 @@ impl Daemon {
             }
         }
         // Kept endpoints whose state the reload changed (visibility edits).
-        let snap = self.engine.snapshot();
-        for e in &snap.endpoints {
-            if let Some(&want) = states.get(&e.shared.name) {
-                if e.shared.state() != want {
-                    self.engine.set_connection_state(&e.shared.name, want, now);
-                }
-            }
-        }
+        self.control.set_states(&states, now);
+        drop(_decisions);
         for e in &report.endpoints_removed {
             tracing::info!(endpoint = %e, "endpoint detached");
         }
