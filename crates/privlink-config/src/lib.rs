@@ -62,6 +62,10 @@ impl Error {
     }
 }
 
+/// `[dataplane] busy_poll` when not given (see docs/OPERATIONS.md,
+/// "Latency").
+pub const DEFAULT_BUSY_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dataplane {
     /// 0 = one per core.
@@ -70,6 +74,10 @@ pub struct Dataplane {
     pub offload: bool,
     pub max_flows: u32,
     pub timeouts: Timeouts,
+    /// How long a worker keeps polling without sleeping after its last
+    /// packet (adaptive busy polling; zero: it always sleeps in `poll(2)`).
+    /// 0 to 10 ms.
+    pub busy_poll: std::time::Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,6 +289,7 @@ struct Raw {
 struct RawDataplane {
     workers: Option<S<i64>>,
     offload: Option<S<bool>>,
+    busy_poll: Option<S<String>>,
     max_flows: Option<S<i64>>,
     tcp_established_idle: Option<S<i64>>,
     tcp_transitory_idle: Option<S<i64>>,
@@ -501,6 +510,24 @@ impl Cx<'_> {
         }
     }
 
+    /// `[dataplane] busy_poll`: a duration from 0 to 10 ms (`"0"` turns it
+    /// off).
+    fn busy_poll(&mut self, v: &Option<S<String>>) -> std::time::Duration {
+        let Some(s) = v else { return DEFAULT_BUSY_POLL };
+        let text = s.get_ref().trim();
+        let d = if text == "0" { Ok(std::time::Duration::ZERO) } else { humantime::parse_duration(text) };
+        match d {
+            Ok(d) if d <= std::time::Duration::from_millis(10) => d,
+            _ => {
+                self.err(
+                    s.span().start,
+                    format!("busy_poll: `{}` is not a duration from 0 to 10ms (like \"50us\")", shown(s.get_ref())),
+                );
+                DEFAULT_BUSY_POLL
+            }
+        }
+    }
+
     /// A service's `health` table.
     fn health(&mut self, h: &S<RawHealth>, ports: &[PortRule]) -> Option<Health> {
         let at = h.span().start;
@@ -584,6 +611,7 @@ impl Cx<'_> {
         let dataplane = Dataplane {
             workers: self.int(&d.workers, 0..=256, 0, "workers") as u32,
             offload: d.offload.as_ref().is_none_or(|o| *o.get_ref()),
+            busy_poll: self.busy_poll(&d.busy_poll),
             max_flows: self.int(
                 &d.max_flows,
                 1..=(1 << 31),
@@ -965,6 +993,23 @@ service = "orders-db"
         assert_eq!(s.ports[1].backend_port, 53);
         assert!(s.visible_to("anyone") && s.auto_approves("contoso") && !s.auto_approves("fabrikam"));
         assert_eq!(c.endpoints.len(), 2);
+    }
+
+    #[test]
+    fn busy_poll_takes_0_to_10ms_and_refuses_the_rest_with_its_position() {
+        let c = Config::parse(GOOD, "t.toml").expect("valid");
+        assert_eq!(c.dataplane.busy_poll, DEFAULT_BUSY_POLL);
+        let with = |v: &str| GOOD.replacen("[dataplane]\n", &format!("[dataplane]\nbusy_poll = \"{v}\"\n"), 1);
+        for (v, want) in [("0", 0), ("0s", 0), ("50us", 50), ("10ms", 10_000)] {
+            let c = Config::parse(&with(v), "t.toml").expect(v);
+            assert_eq!(c.dataplane.busy_poll, std::time::Duration::from_micros(want), "{v}");
+        }
+        for v in ["11ms", "fast", "-1us", ""] {
+            let e = errors(&with(v));
+            assert_eq!(e.len(), 1, "{v}: {e:?}");
+            assert!(e[0].starts_with("t.toml:") && e[0].contains("busy_poll: `"), "{v}: {e:?}");
+            assert!(e[0].contains("is not a duration from 0 to 10ms"), "{v}: {e:?}");
+        }
     }
 
     #[test]

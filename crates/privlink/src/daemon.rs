@@ -622,7 +622,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
     // exporter) take their counter handles from it.
     let handle = crate::metrics::install()?;
     let (mut daemon, successor) = Daemon::start(path, takeover)?;
-    let dataplane = Dataplane::start(&daemon.engine, &daemon.devices, daemon.epoch).context("cannot start workers")?;
+    let dataplane = Dataplane::start(&daemon.engine, &daemon.devices, daemon.epoch, daemon.config.dataplane.busy_poll)
+        .context("cannot start workers")?;
     if let Some(s) = successor {
         // Both daemons forward now; the old one lets go. systemd (with
         // NotifyAccess=all) follows this process from here on.

@@ -12,6 +12,12 @@
 //! (userspace GRO, as wireguard-go does). Per packet, then, one read and at
 //! most one write.
 //!
+//! Adaptive busy polling (`[dataplane] busy_poll`): for that long after a
+//! packet a worker polls without sleeping (yielding the core between
+//! empty polls), so the answer to a request it just forwarded finds it
+//! awake: on a virtual machine the wake-up, not the translation, is most
+//! of a round trip through privlink (docs/BENCHMARKS.md, "Latency").
+//!
 //! The set of devices can change on reload: workers pick up a new
 //! [`DeviceSet`] through an `arc_swap::Cache` between batches, and the poll
 //! timeout bounds how long an idle worker takes to notice (and to stop).
@@ -109,10 +115,13 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
+    /// Starts one worker per `engine`'s worker slot; each keeps polling
+    /// without sleeping for `busy_poll` after its last packet.
     pub fn start(
         engine: &Arc<Engine>,
         devices: &Arc<ArcSwap<DeviceSet>>,
         epoch: Instant,
+        busy_poll: std::time::Duration,
     ) -> std::io::Result<Dataplane> {
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(IoErrors::default());
@@ -123,7 +132,7 @@ impl Dataplane {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("privlink-w{w}"))
-                    .spawn(move || run_worker(worker, devices, stop, errors, epoch))?,
+                    .spawn(move || run_worker(worker, devices, stop, errors, epoch, busy_poll))?,
             );
         }
         Ok(Dataplane { stop, threads, errors })
@@ -144,8 +153,12 @@ fn run_worker(
     stop: Arc<AtomicBool>,
     errors: Arc<IoErrors>,
     epoch: Instant,
+    busy_poll: std::time::Duration,
 ) {
     let w = worker.index();
+    // Adaptive busy polling: while a packet came within `busy_poll`, poll
+    // without sleeping; then sleep in poll(2) again.
+    let mut last_packet: Option<Instant> = None;
     let mut cache = Cache::new(devices);
     let mut set: Arc<DeviceSet> = cache.load().clone();
     let mut out = Outbox::new(set.vnet_hdr);
@@ -157,16 +170,26 @@ fn run_worker(
             set = cache.load().clone();
             polled = Polled::new(&set, w);
         }
-        let ready = polled.wait();
+        let spinning = last_packet.is_some_and(|t| t.elapsed() < busy_poll);
+        let ready = polled.wait(if spinning { 0 } else { POLL_MS });
         // What the control thread asked to send (PROXY headers again)
         // leaves through this worker's outbox too.
         if worker.send_resends(&mut out) > 0 {
             out.drain(|o| write(&set, w, o, &mut gro, &errors));
         }
         if !ready {
+            if spinning {
+                // Anything else runnable on this core (the clients and
+                // servers of the traffic, on a small host) goes first.
+                // SAFETY: no arguments; always succeeds on Linux.
+                unsafe { libc::sched_yield() };
+            } else {
+                last_packet = None;
+            }
             continue;
         }
         let now = now_since(epoch);
+        let mut got = false;
         for i in 0..polled.fds.len() {
             if !polled.readable(i, &errors) {
                 continue;
@@ -175,6 +198,7 @@ fn run_worker(
             for _ in 0..BATCH {
                 match dev.queue(w).recv(out.read_buf()) {
                     Ok(len) => {
+                        got = true;
                         if first {
                             first = false;
                             let ms = STARTED.get().map_or(0, |t| t.elapsed().as_millis() as u64);
@@ -193,6 +217,9 @@ fn run_worker(
             worker.end_batch(&mut out);
             out.drain(|o| write(&set, w, o, &mut gro, &errors));
         }
+        if got && !busy_poll.is_zero() {
+            last_packet = Some(Instant::now());
+        }
     }
 }
 
@@ -209,10 +236,11 @@ impl Polled {
         Polled { fds, srcs }
     }
 
-    /// `poll(2)` for at most [`POLL_MS`]; whether any queue is ready.
-    fn wait(&mut self) -> bool {
+    /// `poll(2)` for at most `timeout_ms` (0: does not sleep); whether any
+    /// queue is ready.
+    fn wait(&mut self, timeout_ms: i32) -> bool {
         // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd.
-        unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, POLL_MS) > 0 }
+        unsafe { libc::poll(self.fds.as_mut_ptr(), self.fds.len() as libc::nfds_t, timeout_ms) > 0 }
     }
 
     /// Whether queue `i` has packets; a queue reporting an error (its
