@@ -179,8 +179,9 @@ fn run_worker(
         }
         if !ready {
             if spinning {
-                // Anything else runnable on this core (the clients and
-                // servers of the traffic, on a small host) goes first.
+                // A hint that anything else runnable on this core (the
+                // clients and servers of the traffic, on a small host)
+                // may go first.
                 // SAFETY: no arguments; always succeeds on Linux.
                 unsafe { libc::sched_yield() };
             } else {
