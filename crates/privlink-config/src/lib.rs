@@ -514,9 +514,7 @@ impl Cx<'_> {
     /// off).
     fn busy_poll(&mut self, v: &Option<S<String>>) -> std::time::Duration {
         let Some(s) = v else { return DEFAULT_BUSY_POLL };
-        let text = s.get_ref().trim();
-        let d = if text == "0" { Ok(std::time::Duration::ZERO) } else { humantime::parse_duration(text) };
-        match d {
+        match humantime::parse_duration(s.get_ref().trim()) {
             Ok(d) if d <= std::time::Duration::from_millis(10) => d,
             _ => {
                 self.err(

@@ -202,7 +202,7 @@ pub fn decide(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ConnectionState::*;
 
@@ -232,7 +232,10 @@ service = "s"
 "#;
     const EB: &str = "[[endpoint]]\nname = \"eb\"\nnetwork = \"nb\"\nip = \"10.0.0.5\"\nservice = \"s\"\n";
 
-    fn cfg(vis: &str, with_b: bool) -> Config {
+    /// Two tenants' networks (`na` of contoso, `nb` of fabrikam), service
+    /// `s` visible to `vis` and auto-approving contoso, endpoint `ea` in
+    /// `na` and, `with_b`, `eb` in `nb`.
+    pub(crate) fn cfg(vis: &str, with_b: bool) -> Config {
         let text = BASE.replace("VIS", vis) + if with_b { EB } else { "" };
         Config::parse(&text, "t.toml").expect("valid")
     }

@@ -510,25 +510,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    const CONFIG: &str = r#"
-[provider]
-tun = "p0"
-[[network]]
-name = "na"
-tenant = "contoso"
-tun = "a0"
-[[service]]
-name = "s"
-nat_ips = ["192.168.100.1"]
-backends = ["192.168.50.1"]
-ports = [{ protocol = "tcp", port = 80 }]
-visibility = ["*"]
-[[endpoint]]
-name = "ea"
-network = "na"
-ip = "10.0.0.5"
-service = "s"
-"#;
+    /// Endpoint `ea` of contoso, visible to everyone.
+    fn config() -> Config {
+        crate::approval::tests::cfg(r#"["*"]"#, false)
+    }
 
     /// A store whose reads find one pending record of `ea` (or fail with
     /// `read`) and whose writes fail with `write`.
@@ -584,7 +569,7 @@ service = "s"
             store,
             events_file: std::sync::Mutex::new(None),
             decisions: std::sync::Mutex::new(()),
-            config: ArcSwap::from_pointee(Config::parse(CONFIG, "t.toml").expect("valid")),
+            config: ArcSwap::from_pointee(config()),
             started: Instant::now(),
             epoch: Instant::now(),
         }
@@ -627,7 +612,7 @@ service = "s"
         // both stop the engine runs what the store holds.
         let dir = std::env::temp_dir().join(format!("privlink-decisions-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let config = Config::parse(CONFIG, "t.toml").expect("valid");
+        let config = config();
         let c = Arc::new(Control {
             engine: Engine::new(privlink_core::Settings::default()),
             store: Arc::new(crate::store::RedbStore::open(&dir).expect("store")),

@@ -80,17 +80,24 @@ fn still_mapped(w: &mut Worker, i: u16, port: u16) -> bool {
     out && inspect(&p).1 == port && back && inspect(&r).3 == 41000 + i
 }
 
-#[test]
-fn a_crashed_engines_flows_go_on_in_the_next_one_with_their_ports() {
-    let r = region_for(&small());
-    let (old, _) = engine_on(&r, None, &Ids::default());
+/// An engine on `r` that opens 20 TCP flows ([`open_flows`]) and dies:
+/// nothing of it runs again, its memory stays. Returns the flows' NAT
+/// ports, the ids it gave out and the NAT ports its pools had left.
+fn crash_with_flows(r: &Arc<TestRegion>) -> (Vec<u16>, Ids, u32) {
+    let (old, _) = engine_on(r, None, &Ids::default());
     let mut w = old.worker(0);
     let ports = open_flows(&mut w);
     let ids = old.ids();
     let avail = old.snapshot().pools.values().map(|p| p.pool.available()).sum::<u32>();
-    // The old process dies: nothing of it runs again, its memory stays.
     std::mem::forget(w);
     std::mem::forget(old);
+    (ports, ids, avail)
+}
+
+#[test]
+fn a_crashed_engines_flows_go_on_in_the_next_one_with_their_ports() {
+    let r = region_for(&small());
+    let (ports, ids, avail) = crash_with_flows(&r);
 
     let (new, found) = engine_on(&r, Some(flow::AttachMode::Recover), &ids);
     assert_eq!(found, flow::Attached { flows: 20, torn: 0 });
@@ -111,12 +118,7 @@ fn a_crashed_engines_flows_go_on_in_the_next_one_with_their_ports() {
 #[test]
 fn a_slot_cut_short_by_a_crash_is_never_forwarded() {
     let r = region_for(&small());
-    let (old, _) = engine_on(&r, None, &Ids::default());
-    let mut w = old.worker(0);
-    let ports = open_flows(&mut w);
-    let ids = old.ids();
-    std::mem::forget(w);
-    std::mem::forget(old);
+    let (ports, ids, _) = crash_with_flows(&r);
     // Flow 0 sits in slot 0; change its provider key as a torn write would
     // leave it (the NAT port's bytes, which the check covers).
     let slot0 = flow::HEADER_BYTES;
@@ -146,12 +148,7 @@ fn rewrite_header(r: &TestRegion, f: impl Fn(flow::Header) -> flow::Header) {
 fn a_format_3_region_is_taken_over_and_another_family_or_format_is_refused() {
     let s = small();
     let r = region_for(&s);
-    let (old, _) = engine_on(&r, None, &Ids::default());
-    let mut w = old.worker(0);
-    let ports = open_flows(&mut w);
-    let ids = old.ids();
-    std::mem::forget(w);
-    std::mem::forget(old);
+    let (ports, ids, _) = crash_with_flows(&r);
     let region: Arc<dyn flow::Region> = r.clone();
     // The header says which family the table holds.
     let err = flow::FlowTable::<flow::V6>::attach(region.clone(), s.max_flows, flow::AttachMode::Recover).err();
