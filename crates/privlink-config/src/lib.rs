@@ -208,6 +208,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// `[flow_logs]`: where NAT events and connection changes go.
     pub flow_logs: FlowLogs,
+    /// `[store]`: the etcd cluster that holds services, networks and
+    /// endpoints (`None`: they are in this file).
+    pub store: Option<Store>,
     pub provider: Provider,
     pub networks: Vec<Network>,
     pub services: Vec<Service>,
@@ -227,6 +230,123 @@ pub struct FlowLogs {
     pub events_file: Option<PathBuf>,
 }
 
+/// `[store]`: where the services, networks and endpoints of a fleet live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Store {
+    /// etcd client URLs (`http://HOST:PORT`), tried in turn.
+    pub etcd: Vec<String>,
+    /// Key prefix: starts with `/`, no trailing `/` (default `/privlink`).
+    pub prefix: String,
+    /// This host's name in the store (default: the kernel's host name).
+    pub host: String,
+    /// TTL of the host's lease, whole seconds (default 5 s; etcd raises a
+    /// TTL under its own minimum, about 2 s with its default timings).
+    pub lease_ttl: std::time::Duration,
+}
+
+/// What kind of object one store document holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocKind {
+    Service,
+    Network,
+    Endpoint,
+}
+
+impl DocKind {
+    /// The TOML array-of-tables name (`service`, `network`, `endpoint`).
+    pub fn table(self) -> &'static str {
+        match self {
+            DocKind::Service => "service",
+            DocKind::Network => "network",
+            DocKind::Endpoint => "endpoint",
+        }
+    }
+}
+
+/// One object read from the store: the body of one `[[service]]`,
+/// `[[network]]` or `[[endpoint]]` table (TOML, without the header), named
+/// in errors as `etcd:<key>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Doc {
+    pub key: String,
+    pub kind: DocKind,
+    /// The object's name: the key's last component, which must equal the
+    /// table's `name`.
+    pub name: String,
+    pub text: String,
+}
+
+/// The store's key layout under `[store] prefix` (see docs/OPERATIONS.md,
+/// "Fleet"): services are shared, a host reads only its own subtree.
+///
+/// - `<prefix>/services/<name>`: one `[[service]]` table's body
+/// - `<prefix>/hosts/<host>/networks/<name>`: one `[[network]]`
+/// - `<prefix>/hosts/<host>/endpoints/<name>`: one `[[endpoint]]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub prefix: String,
+    pub host: String,
+}
+
+impl Layout {
+    /// Every service's key starts with this.
+    pub fn services(&self) -> String {
+        format!("{}/services/", self.prefix)
+    }
+    /// Every key of this host starts with this.
+    pub fn host_root(&self) -> String {
+        format!("{}/hosts/{}/", self.prefix, self.host)
+    }
+    /// The key of an object of `kind` named `name`.
+    pub fn key(&self, kind: DocKind, name: &str) -> String {
+        match kind {
+            DocKind::Service => format!("{}{name}", self.services()),
+            DocKind::Network => format!("{}networks/{name}", self.host_root()),
+            DocKind::Endpoint => format!("{}endpoints/{name}", self.host_root()),
+        }
+    }
+    /// What `key` holds, if it is one of this host's documents (`None` for
+    /// keys privlink does not read as config, such as connection states).
+    pub fn parse_key(&self, key: &str) -> Option<(DocKind, String)> {
+        let (kind, name) = if let Some(n) = key.strip_prefix(&self.services()) {
+            (DocKind::Service, n)
+        } else if let Some(rest) = key.strip_prefix(&self.host_root()) {
+            if let Some(n) = rest.strip_prefix("networks/") {
+                (DocKind::Network, n)
+            } else if let Some(n) = rest.strip_prefix("endpoints/") {
+                (DocKind::Endpoint, n)
+            } else {
+                return None;
+            }
+        } else {
+            return None;
+        };
+        (!name.is_empty() && !name.contains('/')).then(|| (kind, name.to_string()))
+    }
+}
+
+/// Splits a single-host config's text into store documents (one per
+/// network, service and endpoint, keyed by `layout`), for `privlink store
+/// load`. The text must be a valid config ([`Config::parse`] first): this
+/// only re-serializes its tables (comments are not kept).
+pub fn documents(text: &str, layout: &Layout) -> Result<Vec<Doc>, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| e.message().to_string())?;
+    let mut docs = Vec::new();
+    for kind in [DocKind::Service, DocKind::Network, DocKind::Endpoint] {
+        let Some(list) = table.get(kind.table()) else { continue };
+        let list = list.as_array().ok_or_else(|| format!("`{}` is not an array of tables", kind.table()))?;
+        for t in list {
+            let name = t.get("name").and_then(toml::Value::as_str).ok_or("a table without a name")?.to_string();
+            let t = t.as_table().ok_or("not a table")?;
+            // One `key = value` line each, values inline: the document is
+            // the body of one table, so it may hold no table headers.
+            let text: String = t.iter().map(|(k, v)| format!("{k} = {v}\n")).collect();
+            docs.push(Doc { key: layout.key(kind, &name), kind, name, text });
+        }
+    }
+    Ok(docs)
+}
+
 impl Config {
     pub fn network(&self, name: &str) -> Option<&Network> {
         self.networks.iter().find(|n| n.name == name)
@@ -244,9 +364,93 @@ impl Config {
         Ok(c)
     }
 
+    /// A daemon's config with `[store]`: the local file (`text`, named
+    /// `file`) holds everything but the networks, services and endpoints,
+    /// which come from the store's `docs`. Validated together, as one
+    /// file would be; an error inside a document is reported at
+    /// `etcd:<key>:LINE:COL`. A local file that still holds networks,
+    /// services or endpoints is refused (they belong in the store:
+    /// `privlink store load`).
+    pub fn parse_with_store(text: &str, file: &str, docs: &[Doc]) -> Result<Config, Error> {
+        let local = Config::parse(text, file)?;
+        if local.store.is_none() {
+            return Err(Error::Invalid(vec![ConfigError {
+                file: file.to_string(),
+                line: 1,
+                col: 1,
+                message: "no `[store]` table".into(),
+            }]));
+        }
+        // The file alone first: no objects of its own.
+        let mut errors = Vec::new();
+        if let Ok(raw) = toml::from_str::<Raw>(text) {
+            let cx = Cx { text, file, segments: Vec::new(), errors: Vec::new() };
+            let at = raw.network.first().map(|n| (n.span().start, "networks"));
+            let at = at.or(raw.service.first().map(|n| (n.span().start, "services")));
+            let at = at.or(raw.endpoint.first().map(|n| (n.span().start, "endpoints")));
+            if let Some((at, what)) = at {
+                errors.push(cx.error_at(
+                    at,
+                    format!("with [store], {what} live in the store, not in this file (move them with `privlink store load`)"),
+                ));
+            }
+        }
+        // Each document alone: one table of its kind, named as its key.
+        for d in docs {
+            let doc_cx =
+                Cx { text: &d.text, file: &format!("etcd:{}", d.key), segments: Vec::new(), errors: Vec::new() };
+            let name = match d.kind {
+                DocKind::Service => toml::from_str::<RawService>(&d.text).map(|r| r.name),
+                DocKind::Network => toml::from_str::<RawNetwork>(&d.text).map(|r| r.name),
+                DocKind::Endpoint => toml::from_str::<RawEndpoint>(&d.text).map(|r| r.name),
+            };
+            match name {
+                Err(e) => {
+                    let at = e.span().map_or(0, |s| s.start);
+                    errors.push(doc_cx.error_at(at, e.message().trim().replace('\n', " ")));
+                }
+                Ok(Some(n)) if n.get_ref() != &d.name => errors.push(doc_cx.error_at(
+                    n.span().start,
+                    format!("name `{}` differs from the key's `{}`", shown(n.get_ref()), shown(&d.name)),
+                )),
+                Ok(_) => {}
+            }
+        }
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        // Then all together: the file, and each document under a header of
+        // its own kind (positions map back to the document).
+        let mut all = String::with_capacity(text.len() + docs.iter().map(|d| d.text.len() + 16).sum::<usize>());
+        all.push_str(text);
+        let mut segments = Vec::with_capacity(docs.len());
+        for d in docs {
+            all.push('\n');
+            let header = all.len();
+            all.push_str(&format!("[[{}]]\n", d.kind.table()));
+            segments.push(Segment { header, body: all.len(), name: format!("etcd:{}", d.key) });
+            all.push_str(&d.text);
+        }
+        let cx = Cx { text: &all, file, segments, errors: Vec::new() };
+        let mut c = match toml::from_str::<Raw>(&all) {
+            Ok(raw) => cx.validate(raw)?,
+            Err(e) => {
+                let at = e.span().map_or(0, |s| s.start);
+                let mut msg = e.message().trim().replace('\n', " ");
+                if at >= text.len() && msg.starts_with("unknown field") {
+                    // A table header inside a document ends the document's table.
+                    msg.push_str(" (a store document holds one table's keys: write its tables inline, like `ports = [{ protocol = \"tcp\", port = 80 }]`)");
+                }
+                return Err(Error::Invalid(vec![cx.error_at(at, msg)]));
+            }
+        };
+        c.path = local.path;
+        Ok(c)
+    }
+
     /// Parses and validates `text`; `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Config, Error> {
-        let cx = Cx { text, file, errors: Vec::new() };
+        let cx = Cx { text, file, segments: Vec::new(), errors: Vec::new() };
         match toml::from_str::<Raw>(text) {
             Ok(raw) => cx.validate(raw),
             Err(e) => {
@@ -275,6 +479,7 @@ struct Raw {
     state: RawState,
     #[serde(default)]
     flow_logs: RawFlowLogs,
+    store: Option<S<RawStore>>,
     provider: Option<S<RawProvider>>,
     #[serde(default)]
     network: Vec<S<RawNetwork>>,
@@ -310,6 +515,15 @@ struct RawFlowLogs {
     collector: Option<S<String>>,
     queue: Option<S<i64>>,
     events_file: Option<S<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    etcd: Option<S<Vec<S<String>>>>,
+    prefix: Option<S<String>>,
+    host: Option<S<String>>,
+    lease_ttl: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -395,15 +609,34 @@ struct RawEndpoint {
 struct Cx<'a> {
     text: &'a str,
     file: &'a str,
+    /// Store documents appended to the file's text, in order: errors at
+    /// their offsets are reported in their own names and positions.
+    segments: Vec<Segment>,
     errors: Vec<ConfigError>,
+}
+
+/// Where one store document sits in the combined text.
+struct Segment {
+    /// Offset of the `[[kind]]` header privlink wrote before it.
+    header: usize,
+    /// Offset of the document's first byte.
+    body: usize,
+    /// `etcd:<key>`.
+    name: String,
 }
 
 impl Cx<'_> {
     fn error_at(&self, offset: usize, message: String) -> ConfigError {
-        let before = &self.text[..offset.min(self.text.len())];
+        let offset = offset.min(self.text.len());
+        let (file, start) = match self.segments.iter().rev().find(|s| s.header <= offset) {
+            // In the header privlink wrote: the document's first character.
+            Some(s) => (s.name.as_str(), s.body),
+            None => (self.file, 0),
+        };
+        let before = &self.text[start..offset.max(start)];
         let line = before.matches('\n').count() + 1;
         let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        ConfigError { file: self.file.to_string(), line, col, message }
+        ConfigError { file: file.to_string(), line, col, message }
     }
 
     fn err(&mut self, offset: usize, message: impl Into<String>) {
@@ -596,6 +829,80 @@ impl Cx<'_> {
         n.clone()
     }
 
+    /// The `[store]` table.
+    fn store(&mut self, s: &S<RawStore>) -> Store {
+        let at = s.span().start;
+        let s = s.get_ref();
+        let mut etcd = Vec::new();
+        if let Some(list) = self.need(&s.etcd, at, "etcd") {
+            if list.get_ref().is_empty() || list.get_ref().len() > 16 {
+                self.err(list.span().start, "etcd: give 1 to 16 client URLs (like \"http://127.0.0.1:2379\")");
+            }
+            for u in list.get_ref() {
+                let ok = u.get_ref().strip_prefix("http://").is_some_and(|rest| {
+                    let host_port = rest.strip_suffix('/').unwrap_or(rest);
+                    host_port
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                });
+                if ok {
+                    etcd.push(u.get_ref().clone());
+                } else {
+                    self.err(
+                        u.span().start,
+                        format!("etcd: `{}` is not http://HOST:PORT (TLS is not supported)", shown(u.get_ref())),
+                    );
+                }
+            }
+        }
+        let prefix = match &s.prefix {
+            None => "/privlink".to_string(),
+            Some(p) => {
+                let t = p.get_ref();
+                let ok = t.starts_with('/')
+                    && t.len() > 1
+                    && t.len() <= 128
+                    && !t.ends_with('/')
+                    && !t.contains("//")
+                    && t.chars().all(|c| name_char(c) || c == '/');
+                if !ok {
+                    self.err(
+                        p.span().start,
+                        format!("prefix: `{}` is not a key prefix like \"/privlink\" (no trailing '/')", shown(t)),
+                    );
+                }
+                t.clone()
+            }
+        };
+        let host = match &s.host {
+            Some(h) => self.name(h, "host", &mut HashSet::new()),
+            None => {
+                let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                let h = h.trim();
+                if h.is_empty() || h.len() > MAX_NAME || !h.chars().all(name_char) {
+                    self.err(at, format!("[store]: the host name `{}` cannot name this host: set `host`", shown(h)));
+                }
+                h.to_string()
+            }
+        };
+        let lease_ttl = match &s.lease_ttl {
+            None => std::time::Duration::from_secs(5),
+            Some(t) => match humantime::parse_duration(t.get_ref()) {
+                Ok(d) if d >= std::time::Duration::from_secs(1) && d <= std::time::Duration::from_secs(3600) => {
+                    std::time::Duration::from_secs(d.as_secs_f64().ceil() as u64)
+                }
+                _ => {
+                    self.err(
+                        t.span().start,
+                        format!("lease_ttl: `{}` is not a duration from 1s to 1h", shown(t.get_ref())),
+                    );
+                    std::time::Duration::from_secs(5)
+                }
+            },
+        };
+        Store { etcd, prefix, host, lease_ttl }
+    }
+
     fn mtu(&mut self, v: &Option<S<i64>>) -> u16 {
         self.int(v, 576..=65535, 1500, "mtu") as u16
     }
@@ -647,6 +954,7 @@ impl Cx<'_> {
             events_file: raw.flow_logs.events_file.as_ref().map(|s| PathBuf::from(s.get_ref())),
         };
         let state_dir = PathBuf::from(raw.state.dir.as_ref().map_or("/var/lib/privlink", |s| s.get_ref()));
+        let store = raw.store.as_ref().map(|s| self.store(s));
 
         let mut devices: HashSet<(Option<String>, String)> = HashSet::new();
         let provider = match &raw.provider {
@@ -912,6 +1220,7 @@ impl Cx<'_> {
             control_socket,
             state_dir,
             flow_logs,
+            store,
             provider,
             networks,
             services,
@@ -1008,6 +1317,85 @@ service = "orders-db"
             assert!(e[0].starts_with("t.toml:") && e[0].contains("busy_poll: `"), "{v}: {e:?}");
             assert!(e[0].contains("is not a duration from 0 to 10ms"), "{v}: {e:?}");
         }
+    }
+
+    const STORE: &str = "[store]\netcd = [\"http://127.0.0.1:2379\"]\nhost = \"h1\"\n\n";
+
+    /// GOOD's local part with a `[store]`, and its objects as documents.
+    fn fleet() -> (String, Vec<Doc>) {
+        let layout = Layout { prefix: "/privlink".into(), host: "h1".into() };
+        let docs = documents(GOOD, &layout).expect("split");
+        let local = GOOD[..GOOD.find("[[network]]").expect("networks")].to_string();
+        (format!("{STORE}{local}"), docs)
+    }
+
+    #[test]
+    fn store_documents_validate_together_as_the_single_file_does() {
+        let (local, docs) = fleet();
+        assert_eq!(docs.len(), 5);
+        assert_eq!(docs[0].key, "/privlink/services/orders-db");
+        assert_eq!(docs[1].key, "/privlink/hosts/h1/networks/vnet-a");
+        assert_eq!(docs[4].key, "/privlink/hosts/h1/endpoints/pe-b");
+        let layout = Layout { prefix: "/privlink".into(), host: "h1".into() };
+        for d in &docs {
+            assert_eq!(layout.parse_key(&d.key), Some((d.kind, d.name.clone())));
+        }
+        assert_eq!(layout.parse_key("/privlink/hosts/h2/networks/x"), None);
+        assert_eq!(layout.parse_key("/privlink/hosts/h1/connections/pe-a"), None);
+        let c = Config::parse_with_store(&local, "p.toml", &docs).expect("valid");
+        let single = Config::parse(GOOD, "p.toml").expect("valid");
+        assert_eq!((c.networks, c.services, c.endpoints), (single.networks, single.services, single.endpoints));
+        let store = c.store.expect("store");
+        assert_eq!((store.prefix.as_str(), store.host.as_str()), ("/privlink", "h1"));
+        assert_eq!(store.lease_ttl, std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_error_in_a_store_document_names_its_key_and_position() {
+        let (local, mut docs) = fleet();
+        // A semantic error (unknown service), in the document's line 4.
+        docs[3].text = docs[3].text.replace("service = \"orders-db\"", "service = \"nope\"");
+        let line = docs[3].text.lines().position(|l| l.starts_with("service")).expect("line") + 1;
+        let e = Config::parse_with_store(&local, "p.toml", &docs).expect_err("unknown service").lines();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with(&format!("etcd:/privlink/hosts/h1/endpoints/pe-a:{line}:11: ")), "{e:?}");
+        // A foreign table inside a document, a name differing from its key,
+        // a syntax error: each refused at its document.
+        let (_, mut docs) = fleet();
+        docs[0].text.push_str("\n[dataplane]\nworkers = 9\n");
+        docs[1].text = docs[1].text.replace("name = \"vnet-a\"", "name = \"vnet-x\"");
+        docs[2].text = "name = = 1".into();
+        let e = Config::parse_with_store(&local, "p.toml", &docs).expect_err("three").lines();
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(e[0].starts_with("etcd:/privlink/services/orders-db:") && e[0].contains("unknown field `dataplane`"));
+        assert!(e[1].contains("/networks/vnet-a:") && e[1].contains("name `vnet-x` differs from the key's `vnet-a`"));
+        assert!(e[2].starts_with("etcd:/privlink/hosts/h1/networks/vnet-b:1:"), "{e:?}");
+        // A table header inside a document: refused with how to write it.
+        let (_, mut docs) = fleet();
+        let without: String =
+            docs[0].text.lines().filter(|l| !l.starts_with("ports")).map(|l| format!("{l}\n")).collect();
+        docs[0].text = format!("{without}[[ports]]\nprotocol = \"tcp\"\nport = 5432\n");
+        let e = Config::parse_with_store(&local, "p.toml", &docs).expect_err("header").lines();
+        assert!(
+            e[0].starts_with("etcd:/privlink/services/orders-db:") && e[0].contains("write its tables inline"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn with_a_store_the_file_keeps_no_objects_and_store_values_are_checked() {
+        let e = Config::parse_with_store(&format!("{STORE}{GOOD}"), "p.toml", &[]).expect_err("objects").lines();
+        assert!(e[0].starts_with("p.toml:") && e[0].contains("with [store], networks live in the store"), "{e:?}");
+        let bad = "[store]\netcd = [\"https://x:1\", \"http://h\"]\nprefix = \"privlink/\"\nhost = \"a b\"\nlease_ttl = \"2h\"\n";
+        let e = errors(&format!("{bad}{GOOD}"));
+        assert_eq!(e.len(), 5, "{e:?}");
+        assert!(e[0].starts_with("t.toml:2:9: etcd: `https://x:1` is not http://HOST:PORT"), "{e:?}");
+        assert!(e[1].starts_with("t.toml:2:24: etcd: `http://h`"), "{e:?}");
+        assert!(e[2].starts_with("t.toml:3:10: prefix:"), "{e:?}");
+        assert!(e[3].starts_with("t.toml:4:8: host name `a b`"), "{e:?}");
+        assert!(e[4].starts_with("t.toml:5:13: lease_ttl:"), "{e:?}");
+        let e = errors(&format!("[store]\nhost = \"h\"\n{GOOD}"));
+        assert!(e[0].contains("missing field `etcd`"), "{e:?}");
     }
 
     #[test]

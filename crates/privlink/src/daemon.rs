@@ -20,6 +20,7 @@ use crate::device::Device;
 use crate::handover::{Predecessor, Successor};
 use crate::state::StateLock;
 use crate::state::{DeviceRec, Manifest, Opened, RunDir, Sidecar};
+use crate::store::etcd::Etcd;
 use crate::store::RedbStore;
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
@@ -62,6 +63,84 @@ struct Daemon {
     /// Whether the sidecar and manifest are this daemon's to write (not
     /// yet during a hand-over: the old daemon may still carry on).
     owns_state: bool,
+    /// With `[store]`: the etcd cluster the networks, services and
+    /// endpoints are read from.
+    etcd: Option<Etcd>,
+    /// The store revision the running configuration was read at (0:
+    /// none, or from the copy in the state directory).
+    store_revision: i64,
+}
+
+/// Where a host keeps the last store documents it applied, for a start
+/// while etcd cannot be reached.
+const STORE_COPY: &str = "store-documents.json";
+
+/// Reads the config: the file, and with `[store]` this host's documents
+/// from etcd, validated together (`Config::parse_with_store`). At start
+/// (`at_start`), when etcd cannot be reached, the copy of the documents
+/// last applied (in the state directory) stands in; on a reload the
+/// running configuration stays instead. Returns the store revision read
+/// (0 without a store or from the copy).
+fn read_config(path: &Path, etcd: &mut Option<Etcd>, at_start: bool) -> Result<(Config, i64)> {
+    let file = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let Some(store) = file.store.clone() else { return Ok((file, 0)) };
+    let e = match etcd {
+        Some(e) => e,
+        None => etcd.insert(Etcd::connect(&store)?),
+    };
+    let copy = file.state_dir.join(STORE_COPY);
+    let (docs, revision) = match e.read() {
+        Ok((docs, revision)) => {
+            metrics::gauge!("privlink_store_up").set(1.0);
+            (docs, revision)
+        }
+        Err(err) if at_start => {
+            metrics::gauge!("privlink_store_up").set(0.0);
+            let docs = read_copy(&copy, &e.layout)
+                .with_context(|| format!("{err}, and no copy of the last store documents to start from"))?;
+            tracing::warn!("{err}: starting from the copy of the documents last applied ({})", copy.display());
+            (docs, 0)
+        }
+        Err(err) => {
+            metrics::gauge!("privlink_store_up").set(0.0);
+            return Err(err.into());
+        }
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut c =
+        Config::parse_with_store(&text, &path.display().to_string(), &docs).map_err(|e| anyhow::anyhow!("{e}"))?;
+    c.path = path.to_path_buf();
+    if revision > 0 {
+        if let Err(err) = write_copy(&copy, &docs) {
+            tracing::warn!("cannot keep a copy of the store documents in {}: {err:#}", copy.display());
+        }
+    }
+    Ok((c, revision))
+}
+
+fn write_copy(path: &Path, docs: &[privlink_config::Doc]) -> Result<()> {
+    let list: Vec<serde_json::Value> =
+        docs.iter().map(|d| serde_json::json!({ "key": d.key, "text": d.text })).collect();
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn read_copy(path: &Path, layout: &privlink_config::Layout) -> Result<Vec<privlink_config::Doc>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&bytes).context("not a list of documents")?;
+    list.iter()
+        .map(|v| {
+            let key = v["key"].as_str().context("a document without a key")?;
+            let text = v["text"].as_str().context("a document without a text")?;
+            let (kind, name) = layout.parse_key(key).with_context(|| format!("`{key}` is not this host's key"))?;
+            Ok(privlink_config::Doc { key: key.to_string(), kind, name, text: text.to_string() })
+        })
+        .collect()
 }
 
 /// What a device is made from: a device found with another recipe is made
@@ -157,7 +236,11 @@ impl Daemon {
     /// Starts on `path`'s config: fresh, after a crash (carrying on what
     /// the table and devices hold), or taking over from a running daemon.
     fn start(path: &Path, takeover: bool) -> Result<(Daemon, Option<Successor>)> {
-        let config = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut etcd = None;
+        let (config, revision) = read_config(path, &mut etcd, true)?;
+        if let Some(e) = &etcd {
+            tracing::info!(host = %e.layout.host, prefix = %e.layout.prefix, revision, "configuration read from the store");
+        }
         let workers = match config.dataplane.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n as usize,
@@ -248,6 +331,8 @@ impl Daemon {
             run_dir,
             manifest,
             owns_state: !takeover,
+            etcd,
+            store_revision: revision,
         };
         if let Err(e) = d.converge(&config) {
             d.undo_start(&previous, fresh);
@@ -539,15 +624,19 @@ impl Daemon {
     }
 
     fn reload(&mut self) {
-        let new = match Config::load(&self.path) {
+        let (new, revision) = match read_config(&self.path, &mut self.etcd, false) {
             Ok(c) => c,
             Err(e) => {
-                for line in e.lines() {
+                for line in format!("{e:#}").lines() {
                     tracing::error!("reload refused: {line}");
                 }
                 return;
             }
         };
+        if new.store != self.config.store {
+            tracing::error!("reload refused: [store] changed; that needs a restart");
+            return;
+        }
         if new.provider != self.config.provider {
             tracing::error!("reload refused: [provider] changed; that needs a restart");
             return;
@@ -567,7 +656,14 @@ impl Daemon {
                     Ok(p) => self.prober = p,
                     Err(e) => tracing::error!("health probes not running: {e:#}"),
                 }
-                tracing::info!(generation = self.engine.snapshot().generation, "configuration reloaded")
+                if revision > 0 {
+                    self.store_revision = revision;
+                }
+                tracing::info!(
+                    generation = self.engine.snapshot().generation,
+                    store_revision = self.store_revision,
+                    "configuration reloaded"
+                )
             }
             Err(e) => {
                 // Something the check could not foresee (the kernel refused a
@@ -651,6 +747,26 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
     crate::handover::listen(&state_dir, move |s| {
         let _ = tx2.lock().unwrap_or_else(|e| e.into_inner()).send(Cmd::HandOver(s));
     })?;
+    if let Some(e) = &daemon.etcd {
+        let tx3 = std::sync::Mutex::new(tx.clone());
+        e.watch(daemon.store_revision, move |c| {
+            use crate::store::etcd::Change;
+            match c {
+                Change::Up => metrics::gauge!("privlink_store_up").set(1.0),
+                Change::Down => {
+                    metrics::gauge!("privlink_store_up").set(0.0);
+                    tracing::warn!("store: the watch broke; keeping the last state applied, retrying");
+                }
+                Change::Resync => {
+                    metrics::counter!("privlink_store_resyncs_total").increment(1);
+                    let _ = tx3.lock().unwrap_or_else(|e| e.into_inner()).send(Cmd::StoreChanged);
+                }
+                Change::Documents => {
+                    let _ = tx3.lock().unwrap_or_else(|e| e.into_inner()).send(Cmd::StoreChanged);
+                }
+            }
+        });
+    }
     let h2 = handed.clone();
     let ctl = std::thread::Builder::new()
         .name("privlink-ctl".into())
@@ -734,6 +850,8 @@ fn spawn_successor() {
 /// What the runtime asks of the reconfiguration thread.
 enum Cmd {
     Reload,
+    /// The store's documents changed (or may have: a resync).
+    StoreChanged,
     HandOver(std::os::unix::net::UnixStream),
     Stop,
 }
@@ -753,6 +871,10 @@ fn reconfigure(
         match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(Cmd::Reload) => {
                 tracing::info!("SIGHUP: reloading {}", daemon.path.display());
+                daemon.reload();
+            }
+            Ok(Cmd::StoreChanged) => {
+                tracing::info!("store changed: reloading");
                 daemon.reload();
             }
             Ok(Cmd::HandOver(stream)) => {

@@ -62,6 +62,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Move a single-host config into the fleet's etcd store and back.
+    Store {
+        #[command(subcommand)]
+        action: StoreAction,
+    },
     /// Print the man page (roff), generated from these definitions.
     #[command(hide = true)]
     Man,
@@ -99,6 +104,99 @@ enum ConnAction {
         #[arg(long)]
         message: Option<String>,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum StoreAction {
+    /// Write FILE's services, networks and endpoints into etcd as host
+    /// NAME's (its networks and endpoints no longer in FILE are deleted).
+    Load {
+        /// A single-host config (validated first). Its [store] names etcd
+        /// and the prefix, unless --etcd is given.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The host the networks and endpoints are for.
+        #[arg(long)]
+        host: String,
+        /// etcd client URL (http://HOST:PORT), instead of FILE's [store].
+        #[arg(long)]
+        etcd: Option<String>,
+    },
+    /// Print the services and this host's networks and endpoints held in
+    /// etcd, as TOML that `store load` reads.
+    Dump {
+        /// A config with [store] (the daemon's).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Another host than the config's own.
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+/// `privlink store load|dump`.
+fn store(action: StoreAction) -> anyhow::Result<()> {
+    use privlink::store::etcd::{dump, Etcd};
+    let load =
+        |path: &PathBuf| privlink_config::Config::load(path).map_err(|e| anyhow::anyhow!("{}", e.lines().join("\n")));
+    match action {
+        StoreAction::Load { config, host, etcd } => {
+            let c = load(&config)?;
+            let mut store = match (c.store.clone(), etcd) {
+                (Some(mut s), Some(url)) => {
+                    s.etcd = vec![url];
+                    s
+                }
+                (Some(s), None) => s,
+                (None, Some(url)) => privlink_config::Store {
+                    etcd: vec![url],
+                    prefix: "/privlink".into(),
+                    host: host.clone(),
+                    lease_ttl: std::time::Duration::from_secs(5),
+                },
+                (None, None) => {
+                    anyhow::bail!("{}: no [store] table; say where etcd is with --etcd URL", config.display())
+                }
+            };
+            // The host name is checked as a config would check it.
+            let probe = format!("[store]\netcd = [\"http://x:1\"]\nhost = {host:?}\n[provider]\ntun = \"x\"\n");
+            privlink_config::Config::parse(&probe, "--host")
+                .map_err(|e| anyhow::anyhow!("{}", e.lines().join("\n")))?;
+            store.host = host;
+            let e = Etcd::connect(&store)?;
+            let text = std::fs::read_to_string(&config)?;
+            let docs = privlink_config::documents(&text, &e.layout).map_err(|m| anyhow::anyhow!("{m}"))?;
+            let ops = e.load(&docs)?;
+            println!(
+                "{}: {} services, {} networks, {} endpoints loaded for host {} under {} ({ops} operations)",
+                config.display(),
+                c.services.len(),
+                c.networks.len(),
+                c.endpoints.len(),
+                e.layout.host,
+                e.layout.prefix
+            );
+            Ok(())
+        }
+        StoreAction::Dump { config, host } => {
+            let c = load(&config)?;
+            let Some(mut store) = c.store else {
+                anyhow::bail!("{}: no [store] table", config.display());
+            };
+            if let Some(h) = host {
+                store.host = h;
+            }
+            let e = Etcd::connect(&store)?;
+            let (docs, revision) = e.read()?;
+            print!(
+                "# privlink store dump: host {}, prefix {}, revision {revision}\n\n{}",
+                store.host,
+                store.prefix,
+                dump(&docs)
+            );
+            Ok(())
+        }
+    }
 }
 
 /// Where to find the daemon's control socket.
@@ -215,6 +313,7 @@ fn main() -> ExitCode {
         Command::Connections { action, target, json } => connections(action, &target, json),
         Command::Flows { endpoint, target, json } => flows(endpoint, &target, json),
         Command::Status { target, json } => status(&target, json),
+        Command::Store { action } => store(action),
         Command::Man => {
             let mut out = Vec::new();
             match clap_mangen::Man::new(Cli::command()).render(&mut out) {

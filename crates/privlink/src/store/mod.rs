@@ -12,6 +12,7 @@
 //! write is decided elsewhere, by pure functions ([`crate::approval`]); the
 //! API turns the typed [`StoreError`]s into 404, 409 and 503.
 
+pub mod etcd;
 mod redb;
 
 pub use self::redb::RedbStore;

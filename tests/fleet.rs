@@ -1,0 +1,207 @@
+//! The fleet's shared state (`[store]`): a real etcd (the distribution's
+//! `etcd-server`) on loopback, `privlink store load|dump`, and the daemon
+//! reading its networks, services and endpoints from etcd, applying
+//! changes as a reload does, refusing a bad value with its key named, and
+//! forwarding on with what it last applied while etcd is away.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A single-member etcd cluster on free loopback ports, killed on drop.
+struct Etcd {
+    child: Child,
+    url: String,
+    data: std::path::PathBuf,
+    peer: String,
+}
+
+impl Etcd {
+    fn start(dir: &Path) -> Etcd {
+        let client = privlink::testbed::free_port().expect("port");
+        let peer = privlink::testbed::free_port().expect("port");
+        let (url, peer) = (format!("http://{client}"), format!("http://{peer}"));
+        let data = dir.join("etcd");
+        let mut e = Etcd { child: Self::spawn(&data, &url, &peer), url, data, peer };
+        e.wait_up();
+        e
+    }
+
+    fn spawn(data: &Path, url: &str, peer: &str) -> Child {
+        Command::new("etcd")
+            .args(["--name", "t", "--data-dir"])
+            .arg(data)
+            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+            .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+            .args(["--initial-cluster", &format!("t={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd")
+    }
+
+    fn wait_up(&mut self) {
+        assert!(eventually(20, || self.ctl(&["endpoint", "health"]).0), "etcd did not come up");
+    }
+
+    /// `etcdctl ARGS` against this cluster: (success, output).
+    fn ctl(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.url, "--dial-timeout", "2s"])
+            .args(args)
+            .output()
+            .expect("etcdctl");
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.data, &self.url, &self.peer);
+        self.wait_up();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The bed's config with its networks, services and endpoints cut out and a
+/// `[store]` in their place: what a fleet host's file holds.
+fn local_config(bed: &Bed, etcd: &Etcd) -> String {
+    let full = bed.config_text(&Opts::default(), "");
+    let local = &full[..full.find("[[network]]").expect("networks")];
+    format!("[store]\netcd = [\"{}\"]\nhost = \"h1\"\n{local}", etcd.url)
+}
+
+/// Whether a TCP connection from `ns` through the endpoint gets its
+/// backend's greeting.
+fn reaches(ns: &str) -> bool {
+    connect(ns, EP, 80, Duration::from_millis(700)).is_ok_and(|mut s| !line(&mut s).is_empty())
+}
+
+#[test]
+fn a_host_runs_from_etcd_follows_its_changes_and_keeps_forwarding_without_it() {
+    if !privileged() || !have("etcd") || !have("etcdctl") {
+        return;
+    }
+    let mut bed = Bed::new("fleet", Opts::default());
+    let mut etcd = Etcd::start(&bed.dir);
+
+    // `store load` moves the single-host file in: one key per object.
+    let (code, out, err) = bed.cli(&["store", "load", "--host", "h1", "--etcd", &etcd.url]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("2 services, 2 networks, 2 endpoints loaded for host h1 under /privlink"), "{out}");
+    let (_, keys) = etcd.ctl(&["get", "/privlink/", "--prefix", "--keys-only"]);
+    let keys: Vec<&str> = keys.lines().filter(|l| !l.is_empty()).collect();
+    assert_eq!(
+        keys,
+        [
+            "/privlink/hosts/h1/endpoints/pe-a",
+            "/privlink/hosts/h1/endpoints/pe-b",
+            "/privlink/hosts/h1/networks/vnet-a",
+            "/privlink/hosts/h1/networks/vnet-b",
+            "/privlink/services/billing",
+            "/privlink/services/orders",
+        ]
+    );
+
+    // The host's file now holds no objects: the daemon reads them from etcd.
+    let full = std::fs::read_to_string(&bed.config).expect("config");
+    std::fs::write(&bed.config, local_config(&bed, &etcd)).expect("write");
+    bed.start();
+    assert!(bed.log().contains("configuration read from the store"), "{}", bed.log());
+    assert!(transfer_intact(&bed.a, 1 << 20).contains("orders"));
+    assert!(transfer_intact(&bed.b, 1 << 20).contains("billing"));
+    assert_eq!(bed.metric("privlink_store_up", &[]), 1.0);
+
+    // `store dump` gives back what `store load` reads: load it for another
+    // host and the same documents appear under that host.
+    let (code, dump, err) = bed.cli(&["store", "dump"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(dump.contains("[[service]]") && dump.contains("name = \"pe-b\""), "{dump}");
+    let other = bed.dir.join("other.toml");
+    let provider = &full[..full.find("[[network]]").expect("networks")];
+    std::fs::write(&other, format!("{provider}\n{dump}")).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_privlink"))
+        .args(["store", "load", "--host", "h2", "--etcd", &etcd.url, "--config"])
+        .arg(&other)
+        .output()
+        .expect("privlink");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for k in ["networks/vnet-a", "endpoints/pe-b"] {
+        let (a, b) = (
+            etcd.ctl(&["get", &format!("/privlink/hosts/h1/{k}"), "--print-value-only"]).1,
+            etcd.ctl(&["get", &format!("/privlink/hosts/h2/{k}"), "--print-value-only"]).1,
+        );
+        assert!(!a.is_empty() && a == b, "{k}: {a} / {b}");
+    }
+
+    // A change in etcd applies as a reload does: pe-b goes, pe-a's live
+    // connection is not disturbed, and pe-b comes back when its key does.
+    let mut held = connect(&bed.a, EP, 7, Duration::from_secs(2)).expect("held connection");
+    let pe_b = etcd.ctl(&["get", "/privlink/hosts/h1/endpoints/pe-b", "--print-value-only"]).1;
+    assert!(etcd.ctl(&["del", "/privlink/hosts/h1/endpoints/pe-b"]).0);
+    assert!(eventually(2, || !reaches(&bed.b)), "pe-b still answers:\n{}", bed.log());
+    assert!(reaches(&bed.a));
+    assert_echo(&mut held, b"still here\n");
+    assert!(etcd.ctl(&["put", "/privlink/hosts/h1/endpoints/pe-b", pe_b.trim_end()]).0);
+    assert!(eventually(2, || reaches(&bed.b)), "pe-b did not come back:\n{}", bed.log());
+
+    // A bad value is refused with its key and position; the last good
+    // state stays.
+    let billing = etcd.ctl(&["get", "/privlink/services/billing", "--print-value-only"]).1;
+    assert!(etcd.ctl(&["put", "/privlink/services/billing", "name = \"billing\"\nnat_ips = = 1"]).0);
+    let refused = "reload refused: etcd:/privlink/services/billing:2:11: extra `=`";
+    assert!(eventually(3, || bed.log().contains(refused)), "{}", bed.log());
+    assert!(reaches(&bed.b) && reaches(&bed.a));
+    // A semantic error too (an unknown network), at its line and column.
+    let pe_b_bad = pe_b.replace("network = \"vnet-b\"", "network = \"vnet-z\"");
+    let line = pe_b_bad.lines().position(|l| l.starts_with("network")).expect("network line") + 1;
+    assert!(etcd.ctl(&["put", "/privlink/services/billing", billing.trim_end()]).0);
+    assert!(etcd.ctl(&["put", "/privlink/hosts/h1/endpoints/pe-b", pe_b_bad.trim_end()]).0);
+    let refused = format!("reload refused: etcd:/privlink/hosts/h1/endpoints/pe-b:{line}:11: unknown network `vnet-z`");
+    assert!(eventually(3, || bed.log().contains(&refused)), "{refused}\n{}", bed.log());
+    assert!(reaches(&bed.b));
+    assert!(etcd.ctl(&["put", "/privlink/hosts/h1/endpoints/pe-b", pe_b.trim_end()]).0);
+
+    // etcd away: established and new flows go on; the gauge says so; a
+    // daemon started meanwhile runs from the copy of what was applied.
+    etcd.stop();
+    assert!(eventually(40, || bed.metric("privlink_store_up", &[]) == 0.0), "store_up stayed 1");
+    assert_echo(&mut held, b"etcd is gone\n");
+    assert!(reaches(&bed.a) && reaches(&bed.b));
+    drop(held);
+    bed.stop_daemon();
+    bed.start();
+    assert!(bed.log().contains("starting from the copy of the documents last applied"), "{}", bed.log());
+    assert!(transfer_intact(&bed.a, 1 << 20).contains("orders"));
+    assert!(reaches(&bed.b));
+
+    // etcd back: the watch resumes and changes apply again.
+    etcd.restart();
+    assert!(eventually(20, || bed.metric("privlink_store_up", &[]) == 1.0), "store_up stayed 0:\n{}", bed.log());
+    assert!(etcd.ctl(&["del", "/privlink/hosts/h1/endpoints/pe-a"]).0);
+    assert!(eventually(3, || !reaches(&bed.a)), "pe-a still answers:\n{}", bed.log());
+}
+
+fn assert_echo(s: &mut std::net::TcpStream, msg: &[u8]) {
+    use std::io::{Read, Write};
+    s.write_all(msg).expect("write on the held connection");
+    let mut got = vec![0u8; msg.len()];
+    s.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    s.read_exact(&mut got).expect("echo on the held connection");
+    assert_eq!(got, msg);
+}
