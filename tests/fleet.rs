@@ -205,3 +205,141 @@ fn assert_echo(s: &mut std::net::TcpStream, msg: &[u8]) {
     s.read_exact(&mut got).expect("echo on the held connection");
     assert_eq!(got, msg);
 }
+
+/// A second fleet host's daemon (its own config, state, provider device),
+/// stopped cleanly on drop.
+struct Host2 {
+    child: Option<Child>,
+    metrics: std::net::SocketAddr,
+    state: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Host2 {
+    fn start(bed: &Bed, etcd: &Etcd) -> Host2 {
+        let metrics = privlink::testbed::free_port().expect("port");
+        let dir = bed.dir.display().to_string();
+        let text = local_config(bed, etcd)
+            .replace("host = \"h1\"", "host = \"h2\"")
+            .replace(&bed.metrics.to_string(), &metrics.to_string())
+            .replace(&format!("{dir}/control.sock"), &format!("{dir}/h2.sock"))
+            .replace(&format!("{dir}/state"), &format!("{dir}/state2"))
+            .replace("tun = \"plp0\"", "tun = \"plq0\"");
+        let config = bed.dir.join("h2.toml");
+        std::fs::write(&config, text).expect("write");
+        let log = bed.dir.join("h2.log");
+        let err = std::fs::File::create(&log).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_privlink"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("privlink");
+        let h = Host2 { child: Some(child), metrics, state: bed.dir.join("state2"), log };
+        assert!(
+            eventually(20, || privlink::testbed::scrape(metrics).is_some()),
+            "host 2 did not come up:\n{}",
+            h.log()
+        );
+        h
+    }
+
+    fn held(&self, service: &str) -> f64 {
+        privlink::testbed::scrape(self.metrics)
+            .map_or(-1.0, |t| metric(&t, "privlink_nat_ips_held", &[("service", service)]))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Host2 {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- host 2 log ---\n{}", self.log());
+        }
+        if let Ok(r) = privlink::state::RunDir::for_state_dir(&self.state) {
+            r.remove();
+        }
+    }
+}
+
+/// The NAT address the orders backend saw in a greeting (`peer=ADDR:PORT`).
+fn nat_of(greeting: &str) -> String {
+    let peer = greeting.split_whitespace().find_map(|w| w.strip_prefix("peer=")).unwrap_or("");
+    peer.rsplit_once(':').map_or(peer, |(a, _)| a).to_string()
+}
+
+/// The device the provider namespace routes `addr` through.
+fn route_dev(ns: &str, addr: &str) -> String {
+    let out = Command::new("ip").args(["-n", ns, "route", "get", addr]).output().expect("ip");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_whitespace().skip_while(|w| *w != "dev").nth(1).unwrap_or("").to_string()
+}
+
+#[test]
+fn two_hosts_share_a_services_nat_addresses_by_lease_and_a_survivor_takes_a_dead_hosts() {
+    if !privileged() || !have("etcd") || !have("etcdctl") {
+        return;
+    }
+    let mut bed = Bed::new("lease", Opts::default());
+    let etcd = Etcd::start(&bed.dir);
+    let (code, out, err) = bed.cli(&["store", "load", "--host", "h1", "--etcd", &etcd.url]);
+    assert_eq!(code, 0, "{out}{err}");
+    // orders gets two NAT addresses; vnet-b and pe-b (now to orders) move
+    // to host h2.
+    let get = |k: &str| etcd.ctl(&["get", k, "--print-value-only"]).1.trim_end().to_string();
+    let orders =
+        get("/privlink/services/orders").replace("[\"192.168.100.4\"]", "[\"192.168.100.4\", \"192.168.100.5\"]");
+    assert!(etcd.ctl(&["put", "/privlink/services/orders", &orders]).0);
+    let (net_b, pe_b) = (get("/privlink/hosts/h1/networks/vnet-b"), get("/privlink/hosts/h1/endpoints/pe-b"));
+    assert!(etcd.ctl(&["put", "/privlink/hosts/h2/networks/vnet-b", &net_b]).0);
+    assert!(etcd.ctl(&["put", "/privlink/hosts/h2/endpoints/pe-b", &pe_b.replace("\"billing\"", "\"orders\"")]).0);
+    assert!(etcd.ctl(&["del", "/privlink/hosts/h1/endpoints/pe-b"]).0);
+    assert!(etcd.ctl(&["del", "/privlink/hosts/h1/networks/vnet-b"]).0);
+
+    std::fs::write(&bed.config, local_config(&bed, &etcd)).expect("write");
+    bed.start();
+    let h2 = Host2::start(&bed, &etcd);
+
+    // A fair share each: one address per host, never the same one.
+    let one_each =
+        |bed: &Bed| bed.metric("privlink_nat_ips_held", &[("service", "orders")]) == 1.0 && h2.held("orders") == 1.0;
+    assert!(eventually(10, || one_each(&bed)), "not one each:\n{}\n{}", bed.log(), h2.log());
+    let (x, y) = (nat_of(&transfer_intact(&bed.a, 1 << 20)), nat_of(&transfer_intact(&bed.b, 1 << 20)));
+    assert!(x.starts_with("192.168.100.") && y.starts_with("192.168.100.") && x != y, "h1 {x}, h2 {y}");
+    assert_eq!((route_dev(&bed.prov, &x), route_dev(&bed.prov, &y)), ("plp0".into(), "plq0".into()));
+    let (_, keys) = etcd.ctl(&["get", "/privlink/nat/orders/", "--prefix"]);
+    assert!(
+        keys.contains(&format!("/privlink/nat/orders/{x}\nh1"))
+            && keys.contains(&format!("/privlink/nat/orders/{y}\nh2")),
+        "{keys}"
+    );
+
+    // h1 dies: its lease expires (5 s), h2 claims the address (its share
+    // is now both), and the route moves onto h2's device.
+    bed.kill9();
+    assert!(eventually(15, || h2.held("orders") == 2.0), "h2 did not take h1's address:\n{}", h2.log());
+    assert!(eventually(3, || route_dev(&bed.prov, &x) == "plq0"), "{x} still routed to {}", route_dev(&bed.prov, &x));
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..8 {
+        seen.insert(nat_of(&transfer_intact(&bed.b, 64 << 10)));
+    }
+    assert!(seen.iter().all(|a| *a == x || *a == y), "{seen:?}");
+
+    // h1 back (after its lease expired): h2 gives one back, h1 claims it.
+    bed.start();
+    assert!(eventually(10, || one_each(&bed)), "not one each again:\n{}\n{}", bed.log(), h2.log());
+    assert!(h2.log().contains("NAT address given back (beyond this host's share)"), "{}", h2.log());
+    let x2 = nat_of(&transfer_intact(&bed.a, 1 << 20));
+    assert!(eventually(3, || route_dev(&bed.prov, &x2) == "plp0"), "{x2} routed to {}", route_dev(&bed.prov, &x2));
+    assert!(transfer_intact(&bed.b, 1 << 20).contains("orders"));
+}

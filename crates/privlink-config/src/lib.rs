@@ -14,7 +14,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
 
-pub use privlink_core::{PortRule, Protocol, ProxyTlv, Timeouts, MAX_BACKENDS, MAX_NAT_IPS};
+pub use privlink_core::{PortRule, Protocol, ProxyTlv, Timeouts, MAX_BACKENDS, MAX_NAT_IPS, MAX_NAT_IPS_STORE};
 
 /// Largest config file read: anything bigger is refused before it is read
 /// whole (a path like /dev/zero would otherwise grow without bound).
@@ -1023,10 +1023,16 @@ impl Cx<'_> {
             let svc_name = name.clone().unwrap_or_default();
             let mut nat_ips = Vec::new();
             if let Some(list) = self.need(&s.nat_ips, at, "nat_ips") {
-                if list.get_ref().is_empty() || list.get_ref().len() > MAX_NAT_IPS {
+                // Azure's 8 on one host; a fleet shares up to 256 by lease.
+                let max = if store.is_some() { MAX_NAT_IPS_STORE } else { MAX_NAT_IPS };
+                if list.get_ref().is_empty() || list.get_ref().len() > max {
                     self.err(
                         list.span().start,
-                        format!("nat_ips: {} given, must be 1 to {MAX_NAT_IPS}", list.get_ref().len()),
+                        format!(
+                            "nat_ips: {} given, must be 1 to {max}{}",
+                            list.get_ref().len(),
+                            if store.is_some() { "" } else { " (up to 256 with [store])" }
+                        ),
                     );
                 }
                 for ip in list.get_ref() {

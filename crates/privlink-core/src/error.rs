@@ -9,7 +9,7 @@ pub enum CoreError {
     NoBackends(String),
     #[error("service {0}: {1} backends (at most {max})", max = crate::spec::MAX_BACKENDS)]
     TooManyBackends(String, usize),
-    #[error("service {0}: {1} NAT IPs (must be 1 to 8)")]
+    #[error("service {0}: {1} NAT IPs (at most 256)")]
     NatIpCount(String, usize),
     #[error("service {0}: empty or invalid NAT port range")]
     PortRange(String),

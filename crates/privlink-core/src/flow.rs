@@ -260,6 +260,8 @@ pub enum InsertError {
     Limit,
     /// The service has no healthy backend.
     NoBackend,
+    /// This host holds none of the service's NAT addresses.
+    NoNatIp,
 }
 
 /// A flow's state bits before and after a change ([`FlowTable::add_state`],

@@ -44,7 +44,7 @@ pub use restart::{Adopted, EndpointIdEntry, Ids, PoolIdEntry};
 pub use snapshot::{EndpointShared, NetworkShared, Picker, PoolEntry, Snapshot, Tally};
 pub use spec::{
     Desired, EndpointLimits, EndpointSpec, NetworkSpec, PortRule, ProxyTlv, ServiceSpec, Settings, Timeouts,
-    MAX_BACKENDS, MAX_NAT_IPS,
+    MAX_BACKENDS, MAX_NAT_IPS, MAX_NAT_IPS_STORE,
 };
 pub use types::*;
 pub use worker::Worker;

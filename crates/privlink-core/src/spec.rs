@@ -10,6 +10,9 @@ use std::ops::RangeInclusive;
 
 /// Most NAT IPs one service may have.
 pub const MAX_NAT_IPS: usize = 8;
+/// NAT addresses per service with `[store]` (a fleet shares them, each host
+/// owning some by lease; GCP's NAT subnets are prefixes).
+pub const MAX_NAT_IPS_STORE: usize = 256;
 
 /// Most backends one service may have: Maglev's table (65,537 entries)
 /// spreads flows evenly while it holds well over 50 entries per backend.

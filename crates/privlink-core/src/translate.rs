@@ -303,6 +303,7 @@ impl Ctx<'_> {
                     // Refused at once rather than left to time out: a TCP
                     // RST, for UDP port unreachable (rate-limited, as ICMP).
                     Err(InsertError::NoBackend) => return self.refuse(buf, seg.proto, dst),
+                    Err(InsertError::NoNatIp) => return Verdict::Drop(DropReason::NoNatIp),
                     Err(InsertError::Refused) => {
                         return self.answer(buf, dst, icmp_type::DEST_UNREACHABLE, 13, 0, DropReason::PortsExhausted)
                     }
@@ -526,6 +527,9 @@ impl Ctx<'_> {
     ) -> Result<FlowView, InsertError> {
         let svc = &self.snap.services[ep.service];
         let flows = &self.engine.flows;
+        if svc.nat_ips.is_empty() {
+            return Err(InsertError::NoNatIp);
+        }
         let nat_idx = nat_ip_index(ck.network(), ck.consumer_addr(), svc.nat_ips.len());
         let nat_ip = svc.nat_ips[nat_idx];
         let pool = &svc.pools[nat_idx][proto.index()];

@@ -148,6 +148,10 @@ drop_reasons! {
         EndpointFlowLimit => "endpoint_flow_limit",
         SourceNotAllowed => "source_not_allowed",
         NoHealthyBackend => "no_healthy_backend",
+        /// A new flow to a service of which this host holds no NAT address
+        /// (with `[store]`, addresses are owned by lease; docs/OPERATIONS.md,
+        /// "Fleet").
+        NoNatIp => "no_nat_ip",
     }
 }
 

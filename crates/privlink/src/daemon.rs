@@ -21,6 +21,7 @@ use crate::handover::{Predecessor, Successor};
 use crate::state::StateLock;
 use crate::state::{DeviceRec, Manifest, Opened, RunDir, Sidecar};
 use crate::store::etcd::Etcd;
+use crate::store::lease::{Held, Owner, Serving};
 use crate::store::RedbStore;
 use anyhow::{bail, Context, Result};
 use arc_swap::ArcSwap;
@@ -65,7 +66,13 @@ struct Daemon {
     owns_state: bool,
     /// With `[store]`: the etcd cluster the networks, services and
     /// endpoints are read from.
-    etcd: Option<Etcd>,
+    etcd: Option<Arc<Etcd>>,
+    /// With `[store]`: the NAT addresses this host holds by lease, per
+    /// service (only those are used), and what it serves (for the claims).
+    held: Option<Arc<std::sync::Mutex<Held>>>,
+    serving: Serving,
+    /// The lease, until `run` hands it to the claiming thread.
+    owner: Option<Owner>,
     /// The store revision the running configuration was read at (0:
     /// none, or from the copy in the state directory).
     store_revision: i64,
@@ -81,12 +88,12 @@ const STORE_COPY: &str = "store-documents.json";
 /// last applied (in the state directory) stands in; on a reload the
 /// running configuration stays instead. Returns the store revision read
 /// (0 without a store or from the copy).
-fn read_config(path: &Path, etcd: &mut Option<Etcd>, at_start: bool) -> Result<(Config, i64)> {
+fn read_config(path: &Path, etcd: &mut Option<Arc<Etcd>>, at_start: bool) -> Result<(Config, i64)> {
     let file = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     let Some(store) = file.store.clone() else { return Ok((file, 0)) };
     let e = match etcd {
         Some(e) => e,
-        None => etcd.insert(Etcd::connect(&store)?),
+        None => etcd.insert(Arc::new(Etcd::connect(&store)?)),
     };
     let copy = file.state_dir.join(STORE_COPY);
     let (docs, revision) = match e.read() {
@@ -116,6 +123,33 @@ fn read_config(path: &Path, etcd: &mut Option<Etcd>, at_start: bool) -> Result<(
         }
     }
     Ok((c, revision))
+}
+
+/// Where a host keeps the NAT addresses it last held (a start while etcd
+/// cannot be reached uses them: no lease expires without etcd's leader).
+const HELD_COPY: &str = "store-held.json";
+
+fn write_held(state_dir: &Path, held: &Held) -> Result<()> {
+    let path = state_dir.join(HELD_COPY);
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec(held)?)?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(())
+}
+
+fn read_held(state_dir: &Path) -> Held {
+    std::fs::read(state_dir.join(HELD_COPY)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+/// The services this host serves (those its endpoints front), with their
+/// configured NAT addresses.
+fn served(config: &Config) -> std::collections::BTreeMap<String, Vec<Ipv4Addr>> {
+    config
+        .services
+        .iter()
+        .filter(|s| config.endpoints.iter().any(|e| e.service == s.name))
+        .map(|s| (s.name.clone(), s.nat_ips.clone()))
+        .collect()
 }
 
 fn write_copy(path: &Path, docs: &[privlink_config::Doc]) -> Result<()> {
@@ -238,8 +272,31 @@ impl Daemon {
     fn start(path: &Path, takeover: bool) -> Result<(Daemon, Option<Successor>)> {
         let mut etcd = None;
         let (config, revision) = read_config(path, &mut etcd, true)?;
-        if let Some(e) = &etcd {
+        let (mut owner, mut held) = (None, None);
+        if let (Some(e), Some(store)) = (&etcd, &config.store) {
             tracing::info!(host = %e.layout.host, prefix = %e.layout.prefix, revision, "configuration read from the store");
+            // The lease and a first round of claims before anything is
+            // applied, so the first flows find their addresses.
+            let first = Owner::start(e.clone(), store.lease_ttl, &config.state_dir).and_then(|mut o| {
+                o.round(&served(&config))?;
+                Ok(o)
+            });
+            let h = match first {
+                Ok(o) => {
+                    let h = o.held().clone();
+                    if let Err(e) = write_held(&config.state_dir, &h) {
+                        tracing::warn!("cannot keep the NAT addresses held: {e:#}");
+                    }
+                    owner = Some(o);
+                    h
+                }
+                Err(err) => {
+                    let h = read_held(&config.state_dir);
+                    tracing::warn!("{err}: using the NAT addresses held last ({h:?}) until etcd answers");
+                    h
+                }
+            };
+            held = Some(Arc::new(std::sync::Mutex::new(h)));
         }
         let workers = match config.dataplane.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -332,6 +389,9 @@ impl Daemon {
             manifest,
             owns_state: !takeover,
             etcd,
+            held,
+            serving: Serving::default(),
+            owner,
             store_revision: revision,
         };
         if let Err(e) = d.converge(&config) {
@@ -558,7 +618,22 @@ impl Daemon {
         let _decisions = control.decisions.lock().unwrap_or_else(|e| e.into_inner());
         let states = self.control.reconcile(config)?;
         let links = self.control.link_ids()?;
-        let desired = to_desired(config, &self.made_from, &states, &links);
+        let held_config;
+        let eff = match &self.held {
+            None => config,
+            Some(h) => {
+                *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = served(config);
+                // A fleet host uses only the addresses it holds.
+                let h = h.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut c = config.clone();
+                for s in &mut c.services {
+                    s.nat_ips = crate::store::lease::usable(&h, &s.name, &s.nat_ips);
+                }
+                held_config = c;
+                &held_config
+            }
+        };
+        let desired = to_desired(eff, &self.made_from, &states, &links);
         let now = now_since(self.epoch);
         let report = self.engine.apply(&desired, now).context("configuration refused by the engine")?;
         for e in &report.endpoints_added {
@@ -596,7 +671,10 @@ impl Daemon {
             }
         }
         if let Some(p) = &set.provider {
-            let nat: BTreeSet<Ipv4Addr> = config.services.iter().flat_map(|s| s.nat_ips.iter().copied()).collect();
+            // (A fleet host: only the addresses it holds. A replace moves
+            // a route another host's device had; a delete takes only this
+            // device's own.)
+            let nat: BTreeSet<Ipv4Addr> = eff.services.iter().flat_map(|s| s.nat_ips.iter().copied()).collect();
             p.set_routes(&nat)?;
         }
         self.devices.store(Arc::new(set));
@@ -767,6 +845,7 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
             }
         });
     }
+    let claims = start_claims(&mut daemon, tx.clone())?;
     let h2 = handed.clone();
     let ctl = std::thread::Builder::new()
         .name("privlink-ctl".into())
@@ -806,6 +885,12 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
     drop(rt);
     let (daemon, predecessor) = ctl.join().map_err(|_| anyhow::anyhow!("the reconfiguration thread panicked"))?;
     dataplane.stop();
+    if let Some((stop, t)) = claims {
+        // A clean stop gives the addresses back at once; a hand-over keeps
+        // the lease for the successor (it resumes it from the state dir).
+        stop.store(if predecessor.is_some() { 1 } else { 2 }, Ordering::Release);
+        let _ = t.join();
+    }
     match predecessor {
         Some(p) => {
             // The successor forwards and owns the devices and the table:
@@ -820,6 +905,70 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
         }
     }
     result
+}
+
+/// How often a fleet host renews its lease and revisits its claims.
+const CLAIM_ROUND: Duration = Duration::from_secs(1);
+
+/// With `[store]`: the thread that keeps the host's lease and claims its
+/// share of NAT addresses (`crate::store::lease`), telling the
+/// reconfiguration thread when what it holds changed. Stopped through the
+/// returned flag: 1 keeps the lease (a hand-over), 2 revokes it.
+#[allow(clippy::type_complexity)]
+fn start_claims(
+    daemon: &mut Daemon,
+    tx: std::sync::mpsc::Sender<Cmd>,
+) -> Result<Option<(Arc<std::sync::atomic::AtomicU8>, std::thread::JoinHandle<()>)>> {
+    let (Some(held), Some(etcd), Some(store)) = (daemon.held.clone(), daemon.etcd.clone(), daemon.config.store.clone())
+    else {
+        return Ok(None);
+    };
+    let mut owner = daemon.owner.take();
+    let serving = daemon.serving.clone();
+    let state_dir = daemon.config.state_dir.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicU8::new(0));
+    let stop2 = stop.clone();
+    let t = std::thread::Builder::new()
+        .name("privlink-lease".into())
+        .spawn(move || {
+            let mut was_down = false;
+            while stop2.load(Ordering::Acquire) == 0 {
+                if owner.is_none() {
+                    owner = Owner::start(etcd.clone(), store.lease_ttl, &state_dir).ok();
+                }
+                if let Some(o) = owner.as_mut() {
+                    let want = serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    match o.round(&want) {
+                        Ok(changed) => {
+                            if was_down {
+                                tracing::info!("store: lease renewed again");
+                                was_down = false;
+                            }
+                            if changed {
+                                *held.lock().unwrap_or_else(|e| e.into_inner()) = o.held().clone();
+                                if let Err(e) = write_held(&state_dir, o.held()) {
+                                    tracing::warn!("cannot keep the NAT addresses held: {e:#}");
+                                }
+                                let _ = tx.send(Cmd::NatChanged);
+                            }
+                        }
+                        Err(e) if !was_down => {
+                            tracing::warn!("store: {e}; keeping the NAT addresses held");
+                            was_down = true;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                std::thread::sleep(CLAIM_ROUND);
+            }
+            if stop2.load(Ordering::Acquire) == 2 {
+                if let Some(o) = owner {
+                    o.revoke();
+                }
+            }
+        })
+        .context("cannot start the lease thread")?;
+    Ok(Some((stop, t)))
 }
 
 /// SIGUSR2: starts this binary again (the file at its path now: a newer
@@ -852,6 +1001,8 @@ enum Cmd {
     Reload,
     /// The store's documents changed (or may have: a resync).
     StoreChanged,
+    /// The NAT addresses this host holds changed.
+    NatChanged,
     HandOver(std::os::unix::net::UnixStream),
     Stop,
 }
@@ -872,6 +1023,14 @@ fn reconfigure(
             Ok(Cmd::Reload) => {
                 tracing::info!("SIGHUP: reloading {}", daemon.path.display());
                 daemon.reload();
+            }
+            Ok(Cmd::NatChanged) => {
+                let held = daemon.held.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone());
+                tracing::info!(held = ?held.unwrap_or_default(), "NAT addresses held changed: applying");
+                let config = daemon.config.clone();
+                if let Err(e) = daemon.converge(&config) {
+                    tracing::error!("cannot apply the NAT addresses held: {e:#}");
+                }
             }
             Ok(Cmd::StoreChanged) => {
                 tracing::info!("store changed: reloading");

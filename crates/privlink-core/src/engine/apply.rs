@@ -329,7 +329,9 @@ fn validate(d: &Desired) -> Result<(), CoreError> {
         if s.backends.len() > crate::spec::MAX_BACKENDS {
             return Err(CoreError::TooManyBackends(s.name.clone(), s.backends.len()));
         }
-        if s.nat_ips.is_empty() || s.nat_ips.len() > crate::spec::MAX_NAT_IPS {
+        // None: this host holds none of the service's addresses (a fleet
+        // host); new flows then drop as `no_nat_ip`.
+        if s.nat_ips.len() > crate::spec::MAX_NAT_IPS_STORE {
             return Err(CoreError::NatIpCount(s.name.clone(), s.nat_ips.len()));
         }
         if s.nat_ports.start() > s.nat_ports.end() || *s.nat_ports.start() == 0 {

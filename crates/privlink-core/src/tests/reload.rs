@@ -48,11 +48,38 @@ fn bad_desired_is_refused_without_panic() {
     d.services[0].backends.clear();
     assert_eq!(e.apply(&d, Now(0)), Err(CoreError::NoBackends("svc-a".into())));
     let mut d = desired(1024..=65535, ConnectionState::Approved);
-    d.services[0].nat_ips = vec![NAT_A; 9];
+    d.services[0].nat_ips = vec![NAT_A; 257];
     assert!(matches!(e.apply(&d, Now(0)), Err(CoreError::NatIpCount(..))));
     let mut d = desired(1024..=65535, ConnectionState::Approved);
     d.endpoints[1].network = 0;
     assert!(matches!(e.apply(&d, Now(0)), Err(CoreError::DuplicateEndpointAddress(..))));
+}
+
+#[test]
+fn a_service_whose_nat_addresses_this_host_lost_ends_their_flows_and_drops_new_ones() {
+    // A fleet host that holds none of a service's addresses (lost by
+    // lease): its flows on them end, new ones drop as `no_nat_ip`, and the
+    // other service is untouched.
+    let (e, mut w) = engine();
+    let mut a = tcp(CLIENT, 1, EP, 80, "S", b"");
+    let mut b = tcp(CLIENT, 1, EP, 80, "S", b"");
+    step(&mut w, &mut a, Source::Network(NET_A), Now(0));
+    step(&mut w, &mut b, Source::Network(NET_B), Now(0));
+    assert_eq!(e.flows().len(), 2);
+    let mut d = desired(1024..=65535, ConnectionState::Approved);
+    d.services[0].nat_ips.clear();
+    let report = e.apply(&d, Now(1)).expect("apply");
+    assert_eq!(report.flows_ended, 1);
+    assert_eq!(e.flow_list(Some("pe-a"), Now(1)).len(), 0);
+    assert_eq!(e.flow_list(Some("pe-b"), Now(1)).len(), 1);
+    let mut n = tcp(CLIENT, 2, EP, 80, "S", b"");
+    assert_eq!(step(&mut w, &mut n, Source::Network(NET_A), Now(1)), Verdict::Drop(DropReason::NoNatIp));
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::NoNatIp), 1);
+    // Given back (claimed again), new flows go out from it.
+    e.apply(&desired(1024..=65535, ConnectionState::Approved), Now(2)).expect("apply");
+    let mut n = tcp(CLIENT, 3, EP, 80, "S", b"");
+    assert_eq!(step(&mut w, &mut n, Source::Network(NET_A), Now(2)), Verdict::Forward(Egress::Provider));
+    assert_eq!(inspect(&n).0, NAT_A);
 }
 
 #[test]

@@ -70,6 +70,18 @@ impl Etcd {
         Ok(Etcd { rt, client, layout: Layout { prefix: store.prefix.clone(), host: store.host.clone() } })
     }
 
+    /// Runs one request (`f` gets a client handle) to completion on this
+    /// module's runtime. Not from inside an async context.
+    pub fn block<T, Fut>(&self, f: impl FnOnce(Client) -> Fut) -> Result<T, etcd_client::Error>
+    where
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let fut = f(self.client.clone());
+        self.rt.block_on(async move { tokio::time::timeout(TIMEOUT, fut).await }).unwrap_or_else(|_| {
+            Err(etcd_client::Error::IoError(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")))
+        })
+    }
+
     /// This host's documents (every service, its own networks and
     /// endpoints), read page by page at one revision; with that revision.
     pub fn read(&self) -> Result<(Vec<Doc>, i64), StoreError> {

@@ -13,6 +13,7 @@
 //! API turns the typed [`StoreError`]s into 404, 409 and 503.
 
 pub mod etcd;
+pub mod lease;
 mod redb;
 
 pub use self::redb::RedbStore;

@@ -1,0 +1,306 @@
+//! NAT addresses owned by lease: which of a service's NAT addresses this
+//! host may use, in a fleet that shares them through etcd.
+//!
+//! Why a lease: no address and port may be handed out by two hosts at
+//! once, and a host that dies must give its addresses back without anyone
+//! deciding it is dead. Each host keeps one etcd lease alive; everything it
+//! owns is a key on that lease, and etcd deletes those keys when the lease
+//! expires (`lease_ttl` after the last renewal). As Cilium's node keys and
+//! Calico's IPAM blocks do, an address is claimed by creating its key only
+//! if it is absent, in one transaction, so two hosts never both succeed.
+//!
+//! Keys (all on the host's lease):
+//! - `<prefix>/hosts/<host>/alive`: the host is up.
+//! - `<prefix>/serving/<service>/<host>`: the host serves the service (has
+//!   an endpoint of it); the fair share is the service's addresses divided
+//!   by the hosts serving it, rounded up.
+//! - `<prefix>/nat/<service>/<ip>` = `<host>`: the host owns the address.
+//!
+//! Every round (about a second) a host renews its lease, claims free
+//! addresses up to its fair share, and gives back addresses beyond it (so
+//! a host that joins gets its share). While etcd cannot be reached nothing
+//! moves: the host keeps what it holds (etcd expires no lease without a
+//! leader). A lease found expired (the host was away past `lease_ttl`)
+//! means its addresses may be someone else's now: it holds none until it
+//! claims again.
+//!
+//! The lease id is kept in the state directory (`store-lease`), so a
+//! restart or hand-over within `lease_ttl` resumes the same lease and
+//! keeps the addresses and their flows.
+
+use super::etcd::Etcd;
+use super::StoreError;
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Per service, the NAT addresses a host holds (or may use).
+pub type Held = BTreeMap<String, BTreeSet<Ipv4Addr>>;
+
+/// The services this host serves, with each one's configured NAT
+/// addresses. Set by the daemon on every (re)load; read by each round.
+pub type Serving = Arc<Mutex<BTreeMap<String, Vec<Ipv4Addr>>>>;
+
+fn down(e: etcd_client::Error) -> StoreError {
+    StoreError::Unavailable(format!("etcd: {e}"))
+}
+
+/// This host's lease and what it holds under it.
+#[derive(Debug)]
+pub struct Owner {
+    etcd: Arc<Etcd>,
+    ttl: Duration,
+    /// Where the lease id is kept between runs.
+    file: PathBuf,
+    lease: i64,
+    held: Held,
+}
+
+impl Owner {
+    /// Resumes the lease kept in `state_dir` if etcd still has it, else
+    /// grants a new one of `ttl` (whole seconds).
+    pub fn start(etcd: Arc<Etcd>, ttl: Duration, state_dir: &Path) -> Result<Owner, StoreError> {
+        let file = state_dir.join("store-lease");
+        let kept = std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse::<i64>().ok());
+        let mut o = Owner { etcd, ttl, file, lease: 0, held: Held::new() };
+        if let Some(id) = kept {
+            let alive = o.etcd.block(|mut c| async move { c.lease_time_to_live(id, None).await.map(|r| r.ttl()) });
+            if alive.map_err(down)? > 0 {
+                o.lease = id;
+                tracing::info!(lease = id, "store: resuming the lease of the last run");
+            }
+        }
+        if o.lease == 0 {
+            o.grant()?;
+        }
+        Ok(o)
+    }
+
+    fn grant(&mut self) -> Result<(), StoreError> {
+        let secs = self.ttl.as_secs().max(1) as i64;
+        let id =
+            self.etcd.block(|mut c| async move { c.lease_grant(secs, None).await.map(|r| r.id()) }).map_err(down)?;
+        self.lease = id;
+        self.held.clear();
+        let _ = std::fs::create_dir_all(self.file.parent().unwrap_or(Path::new(".")));
+        if let Err(e) = std::fs::write(&self.file, id.to_string()) {
+            tracing::warn!("cannot keep the lease id in {}: {e}", self.file.display());
+        }
+        tracing::info!(lease = id, ttl_s = secs, "store: lease granted");
+        Ok(())
+    }
+
+    /// The lease's id.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// What this host holds now.
+    pub fn held(&self) -> &Held {
+        &self.held
+    }
+
+    /// One round: renew the lease, mark this host alive and serving, and
+    /// claim or give back addresses to reach each service's fair share.
+    /// Returns whether what this host holds changed. An error leaves what
+    /// it holds as it was (etcd unreachable: nothing moves).
+    pub fn round(&mut self, serving: &BTreeMap<String, Vec<Ipv4Addr>>) -> Result<bool, StoreError> {
+        let before = self.held.clone();
+        let id = self.lease;
+        let ttl = self
+            .etcd
+            .block(|mut c| async move {
+                let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+                keeper.keep_alive().await?;
+                Ok::<i64, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
+            })
+            .map_err(down)?;
+        if ttl <= 0 {
+            tracing::warn!(lease = id, "store: the lease expired (away past lease_ttl): its addresses are given up");
+            for (service, ips) in &self.held {
+                for ip in ips {
+                    tracing::warn!(service = %service, nat_ip = %ip, "NAT address lost with the lease");
+                }
+            }
+            self.grant()?;
+        }
+        let layout = self.etcd.layout.clone();
+        let (lease, host) = (self.lease, layout.host.clone());
+        let prefix = layout.prefix.clone();
+        let alive = format!("{}alive", layout.host_root());
+        let served: Vec<String> = serving.keys().cloned().collect();
+        // Alive and serving keys (puts are idempotent).
+        let mut ops = vec![TxnOp::put(alive, "1", Some(PutOptions::new().with_lease(lease)))];
+        for s in &served {
+            ops.push(TxnOp::put(
+                format!("{prefix}/serving/{s}/{host}"),
+                "1",
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+        }
+        self.etcd.block(|mut c| async move { c.txn(Txn::new().and_then(ops)).await.map(drop) }).map_err(down)?;
+
+        let mut held = Held::new();
+        for (service, ips) in serving {
+            let p = format!("{prefix}/serving/{service}/");
+            let hosts = self.count(&p)?.max(1);
+            let share = ips.len().div_ceil(hosts);
+            let owners = self.owners(&format!("{prefix}/nat/{service}/"))?;
+            let mut mine: Vec<Ipv4Addr> = ips
+                .iter()
+                .copied()
+                .filter(|ip| owners.get(ip).is_some_and(|(h, l)| *h == host && *l == lease))
+                .collect();
+            // Beyond the share: give back the highest first.
+            while mine.len() > share {
+                let ip = mine.pop().unwrap_or(Ipv4Addr::UNSPECIFIED);
+                let key = format!("{prefix}/nat/{service}/{ip}");
+                let (k2, l) = (key.clone(), lease);
+                self.etcd
+                    .block(|mut c| async move {
+                        let t = Txn::new()
+                            .when([Compare::lease(k2.clone(), CompareOp::Equal, l)])
+                            .and_then([TxnOp::delete(k2, None)]);
+                        c.txn(t).await.map(drop)
+                    })
+                    .map_err(down)?;
+                tracing::info!(service = %service, nat_ip = %ip, share, hosts, "NAT address given back (beyond this host's share)");
+            }
+            // Below it: claim free ones, starting at a place of this host's
+            // own so that hosts claiming at once mostly try different ones.
+            let free: Vec<Ipv4Addr> = ips.iter().copied().filter(|ip| !owners.contains_key(ip)).collect();
+            let start = if free.is_empty() { 0 } else { (fnv(&host) as usize) % free.len() };
+            for ip in free.iter().cycle().skip(start).take(free.len()) {
+                if mine.len() >= share {
+                    break;
+                }
+                let key = format!("{prefix}/nat/{service}/{ip}");
+                let (k2, h2, l) = (key.clone(), host.clone(), lease);
+                let won = self
+                    .etcd
+                    .block(|mut c| async move {
+                        let t = Txn::new()
+                            .when([Compare::version(k2.clone(), CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(k2, h2, Some(PutOptions::new().with_lease(l)))]);
+                        c.txn(t).await.map(|r| r.succeeded())
+                    })
+                    .map_err(down)?;
+                if won {
+                    tracing::info!(service = %service, nat_ip = %ip, share, hosts, "NAT address claimed");
+                    mine.push(*ip);
+                }
+            }
+            held.insert(service.clone(), mine.into_iter().collect());
+        }
+        // Services no longer served: their addresses go back at once.
+        for (service, ips) in &before {
+            if serving.contains_key(service) {
+                continue;
+            }
+            self.release(service, ips)?;
+            let key = format!("{prefix}/serving/{service}/{host}");
+            self.etcd.block(|mut c| async move { c.delete(key, None).await.map(drop) }).map_err(down)?;
+        }
+        self.held = held;
+        for (service, ips) in &self.held {
+            metrics::gauge!("privlink_nat_ips_held", "service" => service.clone()).set(ips.len() as f64);
+        }
+        for service in before.keys().filter(|s| !self.held.contains_key(*s)) {
+            metrics::gauge!("privlink_nat_ips_held", "service" => service.clone()).set(0.0);
+        }
+        Ok(self.held != before)
+    }
+
+    /// Deletes this host's claims on `ips` of `service` (only keys still on
+    /// its lease).
+    fn release(&self, service: &str, ips: &BTreeSet<Ipv4Addr>) -> Result<(), StoreError> {
+        let prefix = self.etcd.layout.prefix.clone();
+        for ip in ips {
+            let key = format!("{prefix}/nat/{service}/{ip}");
+            let l = self.lease;
+            self.etcd
+                .block(|mut c| async move {
+                    let t = Txn::new()
+                        .when([Compare::lease(key.clone(), CompareOp::Equal, l)])
+                        .and_then([TxnOp::delete(key, None)]);
+                    c.txn(t).await.map(drop)
+                })
+                .map_err(down)?;
+        }
+        Ok(())
+    }
+
+    /// Ends the lease (a clean stop): etcd deletes every key on it, so
+    /// other hosts may claim the addresses at once.
+    pub fn revoke(self) {
+        let id = self.lease;
+        match self.etcd.block(|mut c| async move { c.lease_revoke(id).await.map(drop) }) {
+            Ok(()) => {
+                tracing::info!(lease = id, "store: lease revoked; its NAT addresses are free");
+                let _ = std::fs::remove_file(&self.file);
+            }
+            // Kept in the state directory: a start before it expires
+            // resumes it, with its addresses.
+            Err(e) => tracing::warn!(lease = id, "store: cannot revoke the lease ({e}); it expires by itself"),
+        }
+    }
+
+    /// How many keys start with `prefix`.
+    fn count(&self, prefix: &str) -> Result<usize, StoreError> {
+        let p = prefix.to_string();
+        self.etcd
+            .block(|mut c| async move {
+                c.get(p, Some(GetOptions::new().with_prefix().with_count_only())).await.map(|r| r.count() as usize)
+            })
+            .map_err(down)
+    }
+
+    /// The owners (host, lease) of the addresses under `prefix`.
+    fn owners(&self, prefix: &str) -> Result<BTreeMap<Ipv4Addr, (String, i64)>, StoreError> {
+        let p = prefix.to_string();
+        let kvs = self
+            .etcd
+            .block(
+                |mut c| async move { c.get(p, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs()) },
+            )
+            .map_err(down)?;
+        Ok(kvs
+            .iter()
+            .filter_map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let ip = key.rsplit('/').next()?.parse::<Ipv4Addr>().ok()?;
+                Some((ip, (String::from_utf8_lossy(kv.value()).to_string(), kv.lease())))
+            })
+            .collect())
+    }
+}
+
+/// FNV-1a of a host name: where its claims start.
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+}
+
+/// The addresses of `service` a fleet host may use: those it holds.
+pub fn usable(held: &Held, service: &str, configured: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+    let h = held.get(service);
+    configured.iter().copied().filter(|ip| h.is_some_and(|h| h.contains(ip))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_uses_only_the_configured_addresses_it_holds() {
+        let a = Ipv4Addr::new(192, 168, 100, 4);
+        let b = Ipv4Addr::new(192, 168, 100, 5);
+        let mut held = Held::new();
+        assert!(usable(&held, "s", &[a, b]).is_empty());
+        held.insert("s".into(), [b, Ipv4Addr::new(1, 1, 1, 1)].into_iter().collect());
+        assert_eq!(usable(&held, "s", &[a, b]), vec![b]);
+        assert!(usable(&held, "t", &[a, b]).is_empty());
+    }
+}
