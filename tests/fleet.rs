@@ -324,6 +324,20 @@ fn two_hosts_share_a_services_nat_addresses_by_lease_and_a_survivor_takes_a_dead
         "{keys}"
     );
 
+    // An operator on h1 decides h2's endpoint: the record in etcd changes
+    // (compare-and-swap on its revision) and h2 applies it.
+    let (code, out, err) = bed.cli(&["connections", "reject", "pe-b", "--message", "from h1"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rejected"), "{out}");
+    let rec = get("/privlink/hosts/h2/connections/pe-b");
+    assert!(rec.contains("\"state\":\"rejected\"") && rec.contains("from h1"), "{rec}");
+    assert!(eventually(2, || !reaches(&bed.b)), "pe-b still answers after its rejection:\n{}", h2.log());
+    let (code, out, err) = bed.cli(&["connections", "approve", "pe-b"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(eventually(2, || reaches(&bed.b)), "pe-b not back after its approval:\n{}", h2.log());
+    let (code, _, err) = bed.cli(&["connections", "approve", "pe-nowhere"]);
+    assert!(code != 0 && err.contains("pe-nowhere"), "{err}");
+
     // h1 dies: its lease expires (5 s), h2 claims the address (its share
     // is now both), and the route moves onto h2's device.
     bed.kill9();

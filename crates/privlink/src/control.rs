@@ -278,6 +278,9 @@ fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Resu
     }
     let config = c.config.load();
     if !config.endpoints.iter().any(|e| e.name == endpoint) {
+        if c.store.shared() {
+            return decide_remote(c, &config, endpoint, to, decision.message);
+        }
         return Err(Refused::NoEndpoint(endpoint.to_string()).into());
     }
     // Decided from the record as read, written only if it is still that;
@@ -304,6 +307,56 @@ fn decide(c: &Control, endpoint: &str, to: ConnectionState, body: &[u8]) -> Resu
     let message: String = decision.message.as_deref().unwrap_or("").escape_default().collect();
     tracing::info!(endpoint, from = %stored, to = %to, message = %message, "connection changed by operator");
     Ok(updated)
+}
+
+/// A decision on another fleet host's endpoint: written to its record in
+/// the shared store (compare-and-swap on its revision); that host's watch
+/// applies it. The service (shared) says whether its tenant may see it.
+fn decide_remote(
+    c: &Control,
+    config: &Config,
+    endpoint: &str,
+    to: ConnectionState,
+    message: Option<String>,
+) -> Result<Connection, ApiError> {
+    let _decisions = c.decisions.lock().unwrap_or_else(|e| e.into_inner());
+    let mut tries = 0;
+    loop {
+        let stored = match c.store.get(endpoint) {
+            Err(StoreError::NotFound(_)) => return Err(Refused::NoEndpoint(endpoint.to_string()).into()),
+            r => r?,
+        };
+        let visible = config.service(&stored.service).is_some_and(|s| s.visible_to(&stored.tenant));
+        if to == ConnectionState::Approved && !visible {
+            return Err(Refused::NotVisible { tenant: stored.tenant.clone(), service: stored.service.clone() }.into());
+        }
+        if stored.state == to {
+            return Ok(stored);
+        }
+        let now = unix_now();
+        let change = Change {
+            from: Some(stored.state),
+            expected: Some(stored.revision),
+            message: message.clone(),
+            by: "operator".into(),
+            conn: Connection {
+                state: to,
+                response_message: message.clone(),
+                updated: now,
+                decided_by: "operator".into(),
+                ..stored.clone()
+            },
+        };
+        match c.commit(&[], std::slice::from_ref(&change)) {
+            Err(StoreError::Conflict(_)) if tries < CONFLICT_RETRIES => tries += 1,
+            Err(e) => return Err(e.into()),
+            Ok(()) => {
+                let message: String = message.as_deref().unwrap_or("").escape_default().collect();
+                tracing::info!(endpoint, from = %stored.state, to = %to, message = %message, "connection of another host's endpoint changed by operator");
+                return Ok(change.conn);
+            }
+        }
+    }
 }
 
 async fn approve(

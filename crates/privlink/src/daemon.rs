@@ -317,7 +317,11 @@ impl Daemon {
         } else {
             (StateLock::acquire(&config.state_dir)?, None)
         };
-        let store = Arc::new(RedbStore::open(&config.state_dir)?);
+        let local = Arc::new(RedbStore::open(&config.state_dir)?);
+        let store: Arc<dyn crate::store::ConnectionStore> = match &etcd {
+            Some(e) => Arc::new(crate::store::EtcdStore::open(e.clone(), local, &config.state_dir)?),
+            None => local,
+        };
         let run_dir = RunDir::for_state_dir(&config.state_dir)?;
         let sidecar = run_dir.read_sidecar();
         let mode = if takeover { AttachMode::Share } else { AttachMode::Recover };

@@ -71,14 +71,25 @@ impl Etcd {
     }
 
     /// Runs one request (`f` gets a client handle) to completion on this
-    /// module's runtime. Not from inside an async context.
+    /// module's runtime, within [`TIMEOUT`]. Called from async code (the
+    /// control API's handlers), it blocks a thread of its own, not the
+    /// caller's runtime.
     pub fn block<T, Fut>(&self, f: impl FnOnce(Client) -> Fut) -> Result<T, etcd_client::Error>
     where
-        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send,
+        T: Send,
     {
         let fut = f(self.client.clone());
-        self.rt.block_on(async move { tokio::time::timeout(TIMEOUT, fut).await }).unwrap_or_else(|_| {
-            Err(etcd_client::Error::IoError(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")))
+        let run = move || {
+            self.rt.block_on(async move { tokio::time::timeout(TIMEOUT, fut).await }).unwrap_or_else(|_| {
+                Err(etcd_client::Error::IoError(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")))
+            })
+        };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return run();
+        }
+        std::thread::scope(|s| s.spawn(run).join()).unwrap_or_else(|_| {
+            Err(etcd_client::Error::IoError(std::io::Error::other("the etcd request's thread panicked")))
         })
     }
 
@@ -198,7 +209,10 @@ impl Etcd {
                                 if let Some(kv) = e.kv() {
                                     next = next.max(kv.mod_revision() + 1);
                                     let key = String::from_utf8_lossy(kv.key());
-                                    ours |= layout.parse_key(&key).is_some();
+                                    // Its documents, and its connections (decided
+                                    // on any host).
+                                    ours |= layout.parse_key(&key).is_some()
+                                        || key.starts_with(&format!("{}connections/", layout.host_root()));
                                 }
                             }
                             // A progress notification: everything up to its

@@ -13,9 +13,11 @@
 //! API turns the typed [`StoreError`]s into 404, 409 and 503.
 
 pub mod etcd;
+mod fleet;
 pub mod lease;
 mod redb;
 
+pub use self::fleet::EtcdStore;
 pub use self::redb::RedbStore;
 
 use privlink_core::ConnectionState;
@@ -111,7 +113,8 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// The connection store. Implementations: [`RedbStore`] (one host).
+/// The connection store. Implementations: [`RedbStore`] (one host),
+/// [`EtcdStore`] (a fleet).
 pub trait ConnectionStore: Send + Sync + std::fmt::Debug {
     /// The record of `endpoint`, with its revision.
     fn get(&self, endpoint: &str) -> Result<Connection, StoreError>;
@@ -134,6 +137,11 @@ pub trait ConnectionStore: Send + Sync + std::fmt::Debug {
     /// Takes the store back after a hand-over that did not happen.
     fn resume(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+    /// Whether other hosts share these records (a fleet's etcd): then a
+    /// record may be another host's endpoint's.
+    fn shared(&self) -> bool {
+        false
     }
 }
 

@@ -86,6 +86,34 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Appends the audit entries of `changes` (written elsewhere: a
+    /// fleet's records live in etcd, its audit trail on each host).
+    pub fn append_audit(&self, changes: &[Change]) -> Result<(), StoreError> {
+        let g = self.db()?;
+        let db = g.as_ref().ok_or_else(|| unavailable("closed"))?;
+        let tx = db.begin_write().map_err(unavailable)?;
+        {
+            let mut audit = tx.open_table(AUDIT).map_err(unavailable)?;
+            let first = audit.last().map_err(unavailable)?.map_or(1, |(k, _)| k.value() + 1);
+            for (seq, c) in (first..).zip(changes) {
+                let entry = AuditEntry {
+                    seq,
+                    at: c.conn.updated,
+                    endpoint: c.conn.endpoint.clone(),
+                    from: c.from,
+                    to: c.conn.state,
+                    message: c.message.clone(),
+                    by: c.by.clone(),
+                };
+                let entry = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                audit.insert(seq, entry.as_slice()).map_err(unavailable)?;
+            }
+        }
+        tx.commit().map_err(|e| unavailable(format!("cannot commit: {e}")))
+    }
+}
+
 impl ConnectionStore for RedbStore {
     fn get(&self, endpoint: &str) -> Result<Connection, StoreError> {
         self.read(|tx| {
