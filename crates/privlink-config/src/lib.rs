@@ -1402,6 +1402,15 @@ service = "orders-db"
         assert!(e[4].starts_with("t.toml:5:13: lease_ttl:"), "{e:?}");
         let e = errors(&format!("[store]\nhost = \"h\"\n{GOOD}"));
         assert!(e[0].contains("missing field `etcd`"), "{e:?}");
+        // Up to 256 NAT addresses with a store (8 without).
+        let ips =
+            |n: u32| (1..=n).map(|i| format!("\"10.200.{}.{}\"", i / 256, i % 256)).collect::<Vec<_>>().join(", ");
+        let many = |n| GOOD.replace("nat_ips = [\"192.168.100.4\"]", &format!("nat_ips = [{}]", ips(n)));
+        let e = errors(&many(9));
+        assert!(e[0].contains("nat_ips: 9 given, must be 1 to 8 (up to 256 with [store])"), "{e:?}");
+        assert_eq!(errors(&format!("{STORE}{}", many(256))), Vec::<String>::new());
+        let e = errors(&format!("{STORE}{}", many(257)));
+        assert!(e[0].contains("nat_ips: 257 given, must be 1 to 256"), "{e:?}");
     }
 
     #[test]

@@ -527,7 +527,10 @@ impl Ctx<'_> {
     ) -> Result<FlowView, InsertError> {
         let svc = &self.snap.services[ep.service];
         let flows = &self.engine.flows;
-        if svc.nat_ips.is_empty() {
+        // No address held, or the lease not renewed in time (the
+        // addresses may be another host's by now).
+        if svc.nat_ips.is_empty() || self.now.0 > self.engine.lease_deadline.load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Err(InsertError::NoNatIp);
         }
         let nat_idx = nat_ip_index(ck.network(), ck.consumer_addr(), svc.nat_ips.len());

@@ -149,6 +149,31 @@ pub fn status_table(json: &str) -> Result<String> {
         v["flows_active"],
         v["max_flows"]
     );
+    if let Some(st) = v["store"].as_object() {
+        let since = st.get("since").and_then(serde_json::Value::as_u64).unwrap_or(0);
+        let since = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(since));
+        let up = st.get("up").and_then(serde_json::Value::as_bool).unwrap_or(false);
+        out.push_str(&format!(
+            "store: {} since {since} (host {})\n",
+            if up { "up" } else { "down" },
+            printable(st.get("host").and_then(serde_json::Value::as_str).unwrap_or("?"))
+        ));
+        let held: Vec<String> = st
+            .get("held")
+            .and_then(serde_json::Value::as_object)
+            .into_iter()
+            .flatten()
+            .map(|(svc, ips)| {
+                let ips: Vec<&str> =
+                    ips.as_array().into_iter().flatten().filter_map(serde_json::Value::as_str).collect();
+                format!("{} {}", printable(svc), if ips.is_empty() { "none".to_string() } else { ips.join(", ") })
+            })
+            .collect();
+        out.push_str(&format!(
+            "NAT addresses held: {}\n\n",
+            if held.is_empty() { "none".into() } else { held.join("; ") }
+        ));
+    }
     out.push_str(&format!("{:<20} {:<16} {:<6} {}\n", "SERVICE", "BACKEND", "STATE", "FLOWS-CREATED"));
     for b in v["backends"].as_array().into_iter().flatten() {
         out.push_str(&format!(

@@ -64,6 +64,39 @@ pub struct Control {
     pub started: Instant,
     /// The engine clock's epoch.
     pub epoch: Instant,
+    /// With `[store]`: whether etcd answers, since when, and the NAT
+    /// addresses held (for `privlink status`).
+    pub fleet: std::sync::Mutex<Option<FleetStatus>>,
+}
+
+/// A fleet host's view of its store, as `privlink status` shows it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FleetStatus {
+    pub host: String,
+    pub up: bool,
+    /// Unix seconds of the last change of `up`.
+    pub since: u64,
+    pub held: crate::store::lease::Held,
+}
+
+impl Control {
+    /// Records whether etcd answers (a change of `up` restarts `since`).
+    pub fn set_store_up(&self, up: bool) {
+        let mut f = self.fleet.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = f.as_mut() {
+            if f.up != up {
+                f.up = up;
+                f.since = unix_now();
+            }
+        }
+    }
+
+    /// Records the NAT addresses held.
+    pub fn set_held(&self, held: &crate::store::lease::Held) {
+        if let Some(f) = self.fleet.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            f.held = held.clone();
+        }
+    }
 }
 
 /// Times a batch is decided again from fresh records after a conflict.
@@ -422,6 +455,7 @@ async fn status(State(c): State<Arc<Control>>) -> Result<Json<serde_json::Value>
         "flows_active": c.engine.flows().len(),
         "max_flows": c.engine.flows().capacity(),
         "connections": by_state,
+        "store": *c.fleet.lock().unwrap_or_else(|e| e.into_inner()),
         "backends": c.engine.backends().iter().map(|b| serde_json::json!({
             "service": b.service,
             "backend": b.backend.to_string(),
@@ -625,6 +659,7 @@ mod tests {
             config: ArcSwap::from_pointee(config()),
             started: Instant::now(),
             epoch: Instant::now(),
+            fleet: std::sync::Mutex::new(None),
         }
     }
 
@@ -674,6 +709,7 @@ mod tests {
             config: ArcSwap::from_pointee(config.clone()),
             started: Instant::now(),
             epoch: Instant::now(),
+            fleet: std::sync::Mutex::new(None),
         });
         let ids = config
             .networks

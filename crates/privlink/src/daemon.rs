@@ -358,6 +358,12 @@ impl Daemon {
             config: ArcSwap::from_pointee(config.clone()),
             started: Instant::now(),
             epoch,
+            fleet: std::sync::Mutex::new(config.store.as_ref().map(|st| crate::control::FleetStatus {
+                host: st.host.clone(),
+                up: revision > 0,
+                since: crate::store::unix_now(),
+                held: held.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default(),
+            })),
         });
         let p = &config.provider;
         let offload = config.dataplane.offload;
@@ -831,12 +837,17 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
     })?;
     if let Some(e) = &daemon.etcd {
         let tx3 = std::sync::Mutex::new(tx.clone());
+        let control = daemon.control.clone();
         e.watch(daemon.store_revision, move |c| {
             use crate::store::etcd::Change;
             match c {
-                Change::Up => metrics::gauge!("privlink_store_up").set(1.0),
+                Change::Up => {
+                    metrics::gauge!("privlink_store_up").set(1.0);
+                    control.set_store_up(true);
+                }
                 Change::Down => {
                     metrics::gauge!("privlink_store_up").set(0.0);
+                    control.set_store_up(false);
                     tracing::warn!("store: the watch broke; keeping the last state applied, retrying");
                 }
                 Change::Resync => {
@@ -913,6 +924,10 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
 
 /// How often a fleet host renews its lease and revisits its claims.
 const CLAIM_ROUND: Duration = Duration::from_secs(1);
+/// After `lease_ttl` without a renewal a fleet host makes no new flow until
+/// etcd confirms its lease, says it expired, or stays unreachable this
+/// much longer (then it carries on with the addresses it holds).
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(3);
 
 /// With `[store]`: the thread that keeps the host's lease and claims its
 /// share of NAT addresses (`crate::store::lease`), telling the
@@ -928,6 +943,12 @@ fn start_claims(
         return Ok(None);
     };
     let mut owner = daemon.owner.take();
+    let (engine, epoch, control) = (daemon.engine.clone(), daemon.epoch, daemon.control.clone());
+    let ttl_s = store.lease_ttl.as_secs() as u32;
+    let deadline = move || Some(privlink_core::Now(now_since(epoch).0.saturating_add(ttl_s)));
+    if owner.is_some() {
+        engine.set_lease_deadline(deadline());
+    }
     let serving = daemon.serving.clone();
     let state_dir = daemon.config.state_dir.clone();
     let stop = Arc::new(std::sync::atomic::AtomicU8::new(0));
@@ -936,6 +957,7 @@ fn start_claims(
         .name("privlink-lease".into())
         .spawn(move || {
             let mut was_down = false;
+            let mut last_ok = Instant::now();
             while stop2.load(Ordering::Acquire) == 0 {
                 if owner.is_none() {
                     owner = Owner::start(etcd.clone(), store.lease_ttl, &state_dir).ok();
@@ -944,11 +966,14 @@ fn start_claims(
                     let want = serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     match o.round(&want) {
                         Ok(changed) => {
+                            last_ok = Instant::now();
+                            engine.set_lease_deadline(deadline());
                             if was_down {
                                 tracing::info!("store: lease renewed again");
                                 was_down = false;
                             }
                             if changed {
+                                control.set_held(o.held());
                                 *held.lock().unwrap_or_else(|e| e.into_inner()) = o.held().clone();
                                 if let Err(e) = write_held(&state_dir, o.held()) {
                                     tracing::warn!("cannot keep the NAT addresses held: {e:#}");
@@ -962,6 +987,12 @@ fn start_claims(
                         }
                         Err(_) => {}
                     }
+                }
+                // etcd away past the TTL and a grace: no lease can have
+                // expired meanwhile (etcd expires none without a leader),
+                // so new flows go on with the addresses held.
+                if last_ok.elapsed() > store.lease_ttl + UNREACHABLE_GRACE && was_down {
+                    engine.set_lease_deadline(None);
                 }
                 std::thread::sleep(CLAIM_ROUND);
             }

@@ -44,6 +44,9 @@ pub struct Engine {
     /// control thread's scan ([`Engine::queue_proxy_resends`]), emptied
     /// by whichever worker looks first.
     pub(crate) resends: crossbeam_queue::ArrayQueue<crate::flow::FlowView>,
+    /// A fleet host's lease guard ([`Engine::set_lease_deadline`]): past
+    /// this second no new flow is made (`no_nat_ip`); `u32::MAX`: no guard.
+    pub(crate) lease_deadline: std::sync::atomic::AtomicU32,
 }
 
 /// Flows whose PROXY header waits to be sent again, at most, per second.
@@ -68,6 +71,16 @@ pub(crate) struct ApplyState {
 }
 
 impl Engine {
+    /// The lease guard of a fleet host: after second `until` (the last
+    /// renewal of its lease plus the lease's TTL) its NAT addresses may be
+    /// someone else's, so new flows drop as `no_nat_ip` until the lease is
+    /// confirmed again (`Some` later) or the guard is lifted (`None`: a
+    /// single host, or etcd away long enough that nothing can have moved).
+    /// Established flows are not affected. One relaxed load per new flow.
+    pub fn set_lease_deadline(&self, until: Option<crate::Now>) {
+        self.lease_deadline.store(until.map_or(u32::MAX, |n| n.0), Ordering::Relaxed);
+    }
+
     pub fn new(settings: Settings) -> Arc<Engine> {
         let flows = match settings.seed {
             0 => FlowTable::new(settings.max_flows),
@@ -90,6 +103,7 @@ impl Engine {
             pools: HashMap::new(),
         };
         Arc::new(Engine {
+            lease_deadline: std::sync::atomic::AtomicU32::new(u32::MAX),
             flows,
             net_flows: (0..=u16::MAX).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
             provider_drops: PerWorker::new(settings.workers),

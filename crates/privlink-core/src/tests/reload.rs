@@ -83,6 +83,23 @@ fn a_service_whose_nat_addresses_this_host_lost_ends_their_flows_and_drops_new_o
 }
 
 #[test]
+fn past_the_lease_deadline_new_flows_wait_and_established_ones_go_on() {
+    let (e, mut w) = engine();
+    let mut a = tcp(CLIENT, 1, EP, 80, "S", b"");
+    assert_eq!(step(&mut w, &mut a, Source::Network(NET_A), Now(0)), Verdict::Forward(Egress::Provider));
+    e.set_lease_deadline(Some(Now(5)));
+    let mut n = tcp(CLIENT, 2, EP, 80, "S", b"");
+    assert_eq!(step(&mut w, &mut n, Source::Network(NET_A), Now(5)), Verdict::Forward(Egress::Provider));
+    let mut n = tcp(CLIENT, 3, EP, 80, "S", b"");
+    assert_eq!(step(&mut w, &mut n, Source::Network(NET_A), Now(6)), Verdict::Drop(DropReason::NoNatIp));
+    let mut more = tcp(CLIENT, 1, EP, 80, "A", b"data");
+    assert_eq!(step(&mut w, &mut more, Source::Network(NET_A), Now(6)), Verdict::Forward(Egress::Provider));
+    e.set_lease_deadline(None);
+    let mut n = tcp(CLIENT, 3, EP, 80, "S", b"");
+    assert_eq!(step(&mut w, &mut n, Source::Network(NET_A), Now(7)), Verdict::Forward(Egress::Provider));
+}
+
+#[test]
 fn a_reload_that_changes_nat_ports_under_live_flows_gives_every_port_back() {
     let (e, mut w) = engine_with(small(), &desired(5000..=5009, ConnectionState::Approved));
     let a = Source::Network(NET_A);

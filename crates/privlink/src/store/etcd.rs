@@ -161,7 +161,7 @@ impl Etcd {
         })
     }
 
-    /// Watches every key under the prefix from `revision + 1` and calls
+    /// Watches the services and this host's subtree from `revision + 1` and calls
     /// `changed` (from the runtime's thread) after each batch of events
     /// that touches one of this host's documents, and after a resync
     /// (the stream broke or its revision was compacted: `changed` then
@@ -173,9 +173,14 @@ impl Etcd {
             let mut next = revision + 1;
             loop {
                 let mut c = client.clone();
-                let prefix = format!("{}/", layout.prefix);
-                let o = WatchOptions::new().with_prefix().with_start_revision(next).with_progress_notify();
-                if let Ok(mut stream) = c.watch(prefix, Some(o)).await {
+                // Two watches on one stream: the services, and this host's
+                // own subtree (other hosts' changes never wake it).
+                let o = || WatchOptions::new().with_prefix().with_start_revision(next).with_progress_notify();
+                let stream = match c.watch(layout.services(), Some(o())).await {
+                    Ok(mut s) => s.watch(layout.host_root(), Some(o())).await.map(|()| s),
+                    Err(e) => Err(e),
+                };
+                if let Ok(mut stream) = stream {
                     {
                         changed(Change::Up);
                         // A silent stream is asked for progress; one that
@@ -198,6 +203,11 @@ impl Etcd {
                             asked = false;
                             if r.compact_revision() > 0 {
                                 // Fell behind compaction: re-read at the newest.
+                                tracing::warn!(
+                                    from = next,
+                                    compacted = r.compact_revision(),
+                                    "store: the revision to resume from was compacted; re-reading everything"
+                                );
                                 next = 0;
                                 break;
                             }

@@ -77,10 +77,8 @@ impl EtcdStore {
     /// Keeps `list` (with revisions) in the state directory.
     fn keep_copy(&self, list: &[Connection]) {
         let Some(path) = &self.copy else { return };
-        let rows: Vec<serde_json::Value> = list
-            .iter()
-            .map(|c| serde_json::json!({ "revision": c.revision, "record": c }))
-            .collect();
+        let rows: Vec<serde_json::Value> =
+            list.iter().map(|c| serde_json::json!({ "revision": c.revision, "record": c })).collect();
         let tmp = path.with_extension("tmp");
         let r = serde_json::to_vec(&rows)
             .map_err(std::io::Error::other)
@@ -117,7 +115,8 @@ impl EtcdStore {
 impl ConnectionStore for EtcdStore {
     fn get(&self, endpoint: &str) -> Result<Connection, StoreError> {
         let own = format!("{}{endpoint}", self.root());
-        let kvs = self.etcd.block(|mut c| async move { c.get(own, None).await.map(|mut r| r.take_kvs()) }).map_err(down)?;
+        let kvs =
+            self.etcd.block(|mut c| async move { c.get(own, None).await.map(|mut r| r.take_kvs()) }).map_err(down)?;
         if let Some(kv) = kvs.first() {
             self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(endpoint);
             return decode(kv.key(), kv.value(), kv.mod_revision());
@@ -127,7 +126,9 @@ impl ConnectionStore for EtcdStore {
         let suffix = format!("/connections/{endpoint}");
         let kvs = self
             .etcd
-            .block(|mut c| async move { c.get(hosts, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs()) })
+            .block(|mut c| async move {
+                c.get(hosts, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs())
+            })
             .map_err(down)?;
         let found: Vec<_> = kvs.iter().filter(|kv| kv.key().ends_with(suffix.as_bytes())).collect();
         match found.as_slice() {
@@ -147,9 +148,9 @@ impl ConnectionStore for EtcdStore {
 
     fn list(&self) -> Result<Vec<Connection>, StoreError> {
         let root = self.root();
-        let kvs = self
-            .etcd
-            .block(|mut c| async move { c.get(root, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs()) });
+        let kvs = self.etcd.block(|mut c| async move {
+            c.get(root, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs())
+        });
         match kvs {
             Ok(kvs) => {
                 let list: Vec<Connection> =

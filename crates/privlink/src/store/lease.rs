@@ -110,14 +110,17 @@ impl Owner {
     pub fn round(&mut self, serving: &BTreeMap<String, Vec<Ipv4Addr>>) -> Result<bool, StoreError> {
         let before = self.held.clone();
         let id = self.lease;
-        let ttl = self
-            .etcd
-            .block(|mut c| async move {
-                let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
-                keeper.keep_alive().await?;
-                Ok::<i64, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
-            })
-            .map_err(down)?;
+        let ttl = self.etcd.block(|mut c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
+            keeper.keep_alive().await?;
+            Ok::<i64, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
+        });
+        let ttl = match ttl {
+            Ok(t) => t,
+            // etcd answered that the lease is gone (it expired).
+            Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => 0,
+            Err(e) => return Err(down(e)),
+        };
         if ttl <= 0 {
             tracing::warn!(lease = id, "store: the lease expired (away past lease_ttl): its addresses are given up");
             for (service, ips) in &self.held {
