@@ -281,8 +281,24 @@ pub struct FlowView {
     pub bytes_out: u64,
 }
 
+/// Runs `f` (which may wait on the store) off the control runtime when the
+/// store is shared (etcd: up to its request timeout), so `/metrics` and
+/// other requests are not held up; in place for the local store.
+async fn store_call<T: Send + 'static>(
+    c: &Arc<Control>,
+    f: impl FnOnce(&Control) -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    if !c.store.shared() {
+        return f(c);
+    }
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || f(&c))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("store call failed: {e}")))?
+}
+
 async fn list(State(c): State<Arc<Control>>) -> Result<Json<Vec<serde_json::Value>>, ApiError> {
-    let mut all = c.store.list()?;
+    let mut all = store_call(&c, |c| Ok(c.store.list()?)).await?;
     all.sort_by(|a, b| a.endpoint.cmp(&b.endpoint));
     let config = c.config.load();
     Ok(Json(all.iter().map(|x| shown(&config, x)).collect()))
@@ -363,6 +379,10 @@ fn decide_remote(
         if to == ConnectionState::Approved && !visible {
             return Err(Refused::NotVisible { tenant: stored.tenant.clone(), service: stored.service.clone() }.into());
         }
+        if stored.state == ConnectionState::Disconnected {
+            // Removed from its host's config: nothing to decide.
+            return Err(Refused::NoEndpoint(endpoint.to_string()).into());
+        }
         if stored.state == to {
             return Ok(stored);
         }
@@ -397,7 +417,8 @@ async fn approve(
     UrlPath(endpoint): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    decide(&c, &endpoint, ConnectionState::Approved, &body).map(|x| Json(shown(&c.config.load(), &x)))
+    let x = store_call(&c, move |c| decide(c, &endpoint, ConnectionState::Approved, &body)).await?;
+    Ok(Json(shown(&c.config.load(), &x)))
 }
 
 async fn reject(
@@ -405,7 +426,8 @@ async fn reject(
     UrlPath(endpoint): UrlPath<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    decide(&c, &endpoint, ConnectionState::Rejected, &body).map(|x| Json(shown(&c.config.load(), &x)))
+    let x = store_call(&c, move |c| decide(c, &endpoint, ConnectionState::Rejected, &body)).await?;
+    Ok(Json(shown(&c.config.load(), &x)))
 }
 
 async fn flows(State(c): State<Arc<Control>>, Query(q): Query<EndpointFilter>) -> Json<Vec<FlowView>> {
@@ -441,7 +463,7 @@ async fn status(State(c): State<Arc<Control>>) -> Result<Json<serde_json::Value>
     let snap = c.engine.snapshot();
     let config = c.config.load();
     let mut by_state: HashMap<String, usize> = HashMap::new();
-    for conn in c.store.list()? {
+    for conn in store_call(&c, |c| Ok(c.store.list()?)).await? {
         *by_state.entry(conn.state.as_str().to_string()).or_default() += 1;
     }
     Ok(Json(serde_json::json!({

@@ -73,6 +73,9 @@ struct Daemon {
     serving: Serving,
     /// The lease, until `run` hands it to the claiming thread.
     owner: Option<Owner>,
+    /// The last generation of `held` applied to the engine and routes (the
+    /// lease thread frees given-back addresses in etcd only after it).
+    nat_applied: Arc<std::sync::atomic::AtomicU64>,
     /// The store revision the running configuration was read at (0:
     /// none, or from the copy in the state directory).
     store_revision: i64,
@@ -87,10 +90,11 @@ const STORE_COPY: &str = "store-documents.json";
 /// (`at_start`), when etcd cannot be reached, the copy of the documents
 /// last applied (in the state directory) stands in; on a reload the
 /// running configuration stays instead. Returns the store revision read
-/// (0 without a store or from the copy).
-fn read_config(path: &Path, etcd: &mut Option<Arc<Etcd>>, at_start: bool) -> Result<(Config, i64)> {
+/// (0 without a store; the copy's own when started from it) and whether
+/// it came from etcd itself.
+fn read_config(path: &Path, etcd: &mut Option<Arc<Etcd>>, at_start: bool) -> Result<(Config, i64, bool)> {
     let file = Config::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let Some(store) = file.store.clone() else { return Ok((file, 0)) };
+    let Some(store) = file.store.clone() else { return Ok((file, 0, false)) };
     let e = match etcd {
         Some(e) => e,
         None => etcd.insert(Arc::new(Etcd::connect(&store)?)),
@@ -103,26 +107,35 @@ fn read_config(path: &Path, etcd: &mut Option<Arc<Etcd>>, at_start: bool) -> Res
         }
         Err(err) if at_start => {
             metrics::gauge!("privlink_store_up").set(0.0);
-            let docs = read_copy(&copy, &e.layout)
+            let (docs, revision) = read_copy(&copy, &e.layout)
                 .with_context(|| format!("{err}, and no copy of the last store documents to start from"))?;
-            tracing::warn!("{err}: starting from the copy of the documents last applied ({})", copy.display());
-            (docs, 0)
+            tracing::warn!(
+                revision,
+                "{err}: starting from the copy of the documents last applied ({})",
+                copy.display()
+            );
+            // The watch resumes from the copy's revision once etcd is back.
+            return finish(path, docs).map(|c| (c, revision, false));
         }
         Err(err) => {
             metrics::gauge!("privlink_store_up").set(0.0);
             return Err(err.into());
         }
     };
+    let c = finish(path, docs.clone())?;
+    if let Err(err) = write_copy(&copy, &docs, revision) {
+        tracing::warn!("cannot keep a copy of the store documents in {}: {err:#}", copy.display());
+    }
+    Ok((c, revision, true))
+}
+
+/// The file at `path` validated with `docs`.
+fn finish(path: &Path, docs: Vec<privlink_config::Doc>) -> Result<Config> {
     let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut c =
         Config::parse_with_store(&text, &path.display().to_string(), &docs).map_err(|e| anyhow::anyhow!("{e}"))?;
     c.path = path.to_path_buf();
-    if revision > 0 {
-        if let Err(err) = write_copy(&copy, &docs) {
-            tracing::warn!("cannot keep a copy of the store documents in {}: {err:#}", copy.display());
-        }
-    }
-    Ok((c, revision))
+    Ok(c)
 }
 
 /// Where a host keeps the NAT addresses it last held (a start while etcd
@@ -152,9 +165,10 @@ fn served(config: &Config) -> std::collections::BTreeMap<String, Vec<Ipv4Addr>> 
         .collect()
 }
 
-fn write_copy(path: &Path, docs: &[privlink_config::Doc]) -> Result<()> {
+fn write_copy(path: &Path, docs: &[privlink_config::Doc], revision: i64) -> Result<()> {
     let list: Vec<serde_json::Value> =
         docs.iter().map(|d| serde_json::json!({ "key": d.key, "text": d.text })).collect();
+    let list = serde_json::json!({ "revision": revision, "documents": list });
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -164,17 +178,21 @@ fn write_copy(path: &Path, docs: &[privlink_config::Doc]) -> Result<()> {
     Ok(())
 }
 
-fn read_copy(path: &Path, layout: &privlink_config::Layout) -> Result<Vec<privlink_config::Doc>> {
+fn read_copy(path: &Path, layout: &privlink_config::Layout) -> Result<(Vec<privlink_config::Doc>, i64)> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&bytes).context("not a list of documents")?;
-    list.iter()
+    let v: serde_json::Value = serde_json::from_slice(&bytes).context("not a copy of store documents")?;
+    let revision = v["revision"].as_i64().unwrap_or(0);
+    let list = v["documents"].as_array().context("not a copy of store documents")?;
+    let docs = list
+        .iter()
         .map(|v| {
             let key = v["key"].as_str().context("a document without a key")?;
             let text = v["text"].as_str().context("a document without a text")?;
             let (kind, name) = layout.parse_key(key).with_context(|| format!("`{key}` is not this host's key"))?;
             Ok(privlink_config::Doc { key: key.to_string(), kind, name, text: text.to_string() })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()?;
+    Ok((docs, revision))
 }
 
 /// What a device is made from: a device found with another recipe is made
@@ -271,14 +289,14 @@ impl Daemon {
     /// the table and devices hold), or taking over from a running daemon.
     fn start(path: &Path, takeover: bool) -> Result<(Daemon, Option<Successor>)> {
         let mut etcd = None;
-        let (config, revision) = read_config(path, &mut etcd, true)?;
+        let (config, revision, live) = read_config(path, &mut etcd, true)?;
         let (mut owner, mut held) = (None, None);
         if let (Some(e), Some(store)) = (&etcd, &config.store) {
             tracing::info!(host = %e.layout.host, prefix = %e.layout.prefix, revision, "configuration read from the store");
             // The lease and a first round of claims before anything is
             // applied, so the first flows find their addresses.
             let first = Owner::start(e.clone(), store.lease_ttl, &config.state_dir).and_then(|mut o| {
-                o.round(&served(&config))?;
+                o.round(&served(&config), true)?;
                 Ok(o)
             });
             let h = match first {
@@ -360,7 +378,7 @@ impl Daemon {
             epoch,
             fleet: std::sync::Mutex::new(config.store.as_ref().map(|st| crate::control::FleetStatus {
                 host: st.host.clone(),
-                up: revision > 0,
+                up: live,
                 since: crate::store::unix_now(),
                 held: held.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone()).unwrap_or_default(),
             })),
@@ -402,6 +420,7 @@ impl Daemon {
             held,
             serving: Serving::default(),
             owner,
+            nat_applied: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             store_revision: revision,
         };
         if let Err(e) = d.converge(&config) {
@@ -632,7 +651,6 @@ impl Daemon {
         let eff = match &self.held {
             None => config,
             Some(h) => {
-                *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = served(config);
                 // A fleet host uses only the addresses it holds.
                 let h = h.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let mut c = config.clone();
@@ -688,6 +706,11 @@ impl Daemon {
             p.set_routes(&nat)?;
         }
         self.devices.store(Arc::new(set));
+        if self.held.is_some() {
+            // What the lease thread claims for: set once this config runs
+            // (a converge that fails must not give addresses back).
+            *self.serving.lock().unwrap_or_else(|e| e.into_inner()) = served(config);
+        }
         self.config = config.clone();
         self.control.config.store(Arc::new(config.clone()));
         if self.owns_state {
@@ -711,8 +734,23 @@ impl Daemon {
         }
     }
 
+    /// Applies the NAT addresses held (generation `pending`), and says so
+    /// to the lease thread; left pending (tried again on the next tick)
+    /// when the kernel or the engine refuses.
+    fn apply_nat(&mut self, pending: &mut Option<u64>) {
+        let Some(generation) = *pending else { return };
+        let config = self.config.clone();
+        match self.converge(&config) {
+            Ok(()) => {
+                self.nat_applied.store(generation, Ordering::Release);
+                *pending = None;
+            }
+            Err(e) => tracing::error!("cannot apply the NAT addresses held (retrying in 1 s): {e:#}"),
+        }
+    }
+
     fn reload(&mut self) {
-        let (new, revision) = match read_config(&self.path, &mut self.etcd, false) {
+        let (new, revision, _) = match read_config(&self.path, &mut self.etcd, false) {
             Ok(c) => c,
             Err(e) => {
                 for line in format!("{e:#}").lines() {
@@ -944,12 +982,18 @@ fn start_claims(
     };
     let mut owner = daemon.owner.take();
     let (engine, epoch, control) = (daemon.engine.clone(), daemon.epoch, daemon.control.clone());
-    let ttl_s = store.lease_ttl.as_secs() as u32;
-    let deadline = move || Some(privlink_core::Now(now_since(epoch).0.saturating_add(ttl_s)));
-    if owner.is_some() {
-        engine.set_lease_deadline(deadline());
+    let ttl = store.lease_ttl;
+    // The last engine second in which a new flow may start: the whole
+    // seconds before the lease's earliest expiry (renewal + TTL).
+    let deadline = move |renewed: Instant| {
+        let expiry = renewed.saturating_duration_since(epoch) + ttl;
+        Some(privlink_core::Now((expiry.as_secs() as u32).saturating_sub(1)))
+    };
+    if let Some(o) = &owner {
+        engine.set_lease_deadline(deadline(o.renewed_at()));
     }
     let serving = daemon.serving.clone();
+    let applied = daemon.nat_applied.clone();
     let state_dir = daemon.config.state_dir.clone();
     let stop = Arc::new(std::sync::atomic::AtomicU8::new(0));
     let stop2 = stop.clone();
@@ -958,16 +1002,19 @@ fn start_claims(
         .spawn(move || {
             let mut was_down = false;
             let mut last_ok = Instant::now();
+            // Generations of `held` handed to the reconfiguration thread;
+            // `applied` is the last one it applied.
+            let mut reported = applied.load(Ordering::Acquire);
             while stop2.load(Ordering::Acquire) == 0 {
                 if owner.is_none() {
-                    owner = Owner::start(etcd.clone(), store.lease_ttl, &state_dir).ok();
+                    owner = Owner::start(etcd.clone(), ttl, &state_dir).ok();
                 }
                 if let Some(o) = owner.as_mut() {
                     let want = serving.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    match o.round(&want) {
+                    let in_use = applied.load(Ordering::Acquire) >= reported;
+                    match o.round(&want, in_use) {
                         Ok(changed) => {
                             last_ok = Instant::now();
-                            engine.set_lease_deadline(deadline());
                             if was_down {
                                 tracing::info!("store: lease renewed again");
                                 was_down = false;
@@ -978,7 +1025,15 @@ fn start_claims(
                                 if let Err(e) = write_held(&state_dir, o.held()) {
                                     tracing::warn!("cannot keep the NAT addresses held: {e:#}");
                                 }
-                                let _ = tx.send(Cmd::NatChanged);
+                                reported += 1;
+                                let _ = tx.send(Cmd::NatChanged(reported));
+                            }
+                            // New flows only on what the engine was told and
+                            // the lease now covers: until the reconfiguration
+                            // thread applied the change, the deadline stays
+                            // (after a lost lease it has passed already).
+                            if applied.load(Ordering::Acquire) >= reported {
+                                engine.set_lease_deadline(deadline(o.renewed_at()));
                             }
                         }
                         Err(e) if !was_down => {
@@ -988,10 +1043,12 @@ fn start_claims(
                         Err(_) => {}
                     }
                 }
-                // etcd away past the TTL and a grace: no lease can have
-                // expired meanwhile (etcd expires none without a leader),
-                // so new flows go on with the addresses held.
-                if last_ok.elapsed() > store.lease_ttl + UNREACHABLE_GRACE && was_down {
+                // etcd away past the TTL and a grace: as the fleet's design
+                // (issue 23, item 3) has it, a host then carries on with the
+                // addresses it holds (etcd expires no lease without a
+                // leader). A host cut off from a healthy etcd is the risk
+                // this takes: docs/OPERATIONS.md, "Fleet".
+                if last_ok.elapsed() > ttl + UNREACHABLE_GRACE && was_down {
                     engine.set_lease_deadline(None);
                 }
                 std::thread::sleep(CLAIM_ROUND);
@@ -1036,8 +1093,8 @@ enum Cmd {
     Reload,
     /// The store's documents changed (or may have: a resync).
     StoreChanged,
-    /// The NAT addresses this host holds changed.
-    NatChanged,
+    /// The NAT addresses this host holds changed (their generation).
+    NatChanged(u64),
     HandOver(std::os::unix::net::UnixStream),
     Stop,
 }
@@ -1053,19 +1110,18 @@ fn reconfigure(
 ) -> (Daemon, Option<Predecessor>) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut next_tick = Instant::now();
+    let mut nat_pending: Option<u64> = None;
     loop {
         match rx.recv_timeout(next_tick.saturating_duration_since(Instant::now())) {
             Ok(Cmd::Reload) => {
                 tracing::info!("SIGHUP: reloading {}", daemon.path.display());
                 daemon.reload();
             }
-            Ok(Cmd::NatChanged) => {
+            Ok(Cmd::NatChanged(generation)) => {
                 let held = daemon.held.as_ref().map(|h| h.lock().unwrap_or_else(|e| e.into_inner()).clone());
                 tracing::info!(held = ?held.unwrap_or_default(), "NAT addresses held changed: applying");
-                let config = daemon.config.clone();
-                if let Err(e) = daemon.converge(&config) {
-                    tracing::error!("cannot apply the NAT addresses held: {e:#}");
-                }
+                nat_pending = Some(generation);
+                daemon.apply_nat(&mut nat_pending);
             }
             Ok(Cmd::StoreChanged) => {
                 tracing::info!("store changed: reloading");
@@ -1089,6 +1145,9 @@ fn reconfigure(
                 }
                 daemon.recreate_lost();
                 daemon.resend_proxy_headers();
+                // A change of the addresses held that could not be applied
+                // is tried again each second.
+                daemon.apply_nat(&mut nat_pending);
             }
             Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => return (daemon, None),
         }

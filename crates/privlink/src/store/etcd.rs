@@ -170,9 +170,23 @@ impl Etcd {
         let client = self.client.clone();
         let layout = self.layout.clone();
         self.rt.spawn(async move {
+            // The revision to resume from: after the last event seen (0:
+            // the newest, after a compaction; a full re-read follows).
             let mut next = revision + 1;
+            // The watch broke (or never came up): tell the daemon once,
+            // and re-read everything once it is back.
+            let mut broken = false;
             loop {
                 let mut c = client.clone();
+                if next == 0 {
+                    match c.get(layout.prefix.clone(), Some(GetOptions::new().with_count_only())).await {
+                        Ok(r) => next = r.header().map_or(1, |h| h.revision() + 1),
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    }
+                }
                 // Two watches on one stream: the services, and this host's
                 // own subtree (other hosts' changes never wake it).
                 let o = || WatchOptions::new().with_prefix().with_start_revision(next).with_progress_notify();
@@ -181,74 +195,62 @@ impl Etcd {
                     Err(e) => Err(e),
                 };
                 if let Ok(mut stream) = stream {
-                    {
-                        changed(Change::Up);
-                        // A silent stream is asked for progress; one that
-                        // stays silent after that is dead (a half-open
-                        // connection, a partitioned member).
-                        let mut asked = false;
-                        loop {
-                            let m = tokio::time::timeout(PROGRESS, stream.message()).await;
-                            let r = match m {
-                                Ok(Ok(Some(r))) => r,
-                                Err(_) if !asked => {
-                                    asked = true;
-                                    if stream.request_progress().await.is_err() {
-                                        break;
-                                    }
-                                    continue;
+                    changed(Change::Up);
+                    if std::mem::take(&mut broken) {
+                        changed(Change::Resync);
+                    }
+                    // A silent stream is asked for progress; one that stays
+                    // silent after that is dead (a half-open connection, a
+                    // partitioned member).
+                    let mut asked = false;
+                    loop {
+                        let m = tokio::time::timeout(PROGRESS, stream.message()).await;
+                        let r = match m {
+                            Ok(Ok(Some(r))) => r,
+                            Err(_) if !asked => {
+                                asked = true;
+                                if stream.request_progress().await.is_err() {
+                                    break;
                                 }
-                                Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
-                            };
-                            asked = false;
-                            if r.compact_revision() > 0 {
-                                // Fell behind compaction: re-read at the newest.
-                                tracing::warn!(
-                                    from = next,
-                                    compacted = r.compact_revision(),
-                                    "store: the revision to resume from was compacted; re-reading everything"
-                                );
-                                next = 0;
-                                break;
+                                continue;
                             }
-                            if r.canceled() {
-                                break;
+                            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => break,
+                        };
+                        asked = false;
+                        if r.compact_revision() > 0 {
+                            tracing::warn!(
+                                from = next,
+                                compacted = r.compact_revision(),
+                                "store: the revision to resume from was compacted; re-reading everything"
+                            );
+                            next = 0;
+                            break;
+                        }
+                        if r.canceled() {
+                            break;
+                        }
+                        // Only events move the resume point (a progress
+                        // notification speaks for one of the two watches).
+                        let mut ours = false;
+                        for e in r.events() {
+                            if let Some(kv) = e.kv() {
+                                next = next.max(kv.mod_revision() + 1);
+                                let key = String::from_utf8_lossy(kv.key());
+                                // Its documents, and its connections (decided
+                                // on any host).
+                                ours |= layout.parse_key(&key).is_some()
+                                    || key.starts_with(&format!("{}connections/", layout.host_root()));
                             }
-                            let mut ours = false;
-                            for e in r.events() {
-                                if let Some(kv) = e.kv() {
-                                    next = next.max(kv.mod_revision() + 1);
-                                    let key = String::from_utf8_lossy(kv.key());
-                                    // Its documents, and its connections (decided
-                                    // on any host).
-                                    ours |= layout.parse_key(&key).is_some()
-                                        || key.starts_with(&format!("{}connections/", layout.host_root()));
-                                }
-                            }
-                            // A progress notification: everything up to its
-                            // revision has been delivered.
-                            if let (true, Some(h)) = (r.events().is_empty() && !r.created(), r.header()) {
-                                next = next.max(h.revision() + 1);
-                            }
-                            if ours {
-                                changed(Change::Documents);
-                            }
+                        }
+                        if ours {
+                            changed(Change::Documents);
                         }
                     }
                 }
-                changed(Change::Down);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                if next == 0 {
-                    // Compacted past us: start from now, after a full re-read.
-                    changed(Change::Resync);
-                    let mut c = client.clone();
-                    next = match c.get(layout.prefix.clone(), None).await {
-                        Ok(r) => r.header().map_or(1, |h| h.revision() + 1),
-                        Err(_) => 0,
-                    };
-                } else {
-                    changed(Change::Resync);
+                if !std::mem::replace(&mut broken, true) {
+                    changed(Change::Down);
                 }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         });
     }

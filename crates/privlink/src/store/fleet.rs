@@ -117,31 +117,43 @@ impl ConnectionStore for EtcdStore {
         let own = format!("{}{endpoint}", self.root());
         let kvs =
             self.etcd.block(|mut c| async move { c.get(own, None).await.map(|mut r| r.take_kvs()) }).map_err(down)?;
-        if let Some(kv) = kvs.first() {
+        let mine = kvs.first().map(|kv| decode(kv.key(), kv.value(), kv.mod_revision())).transpose()?;
+        if let Some(c) = mine.as_ref().filter(|c| c.state != privlink_core::ConnectionState::Disconnected) {
             self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(endpoint);
-            return decode(kv.key(), kv.value(), kv.mod_revision());
+            return Ok(c.clone());
         }
-        // Another host's endpoint?
+        // Another host's endpoint (one that moved leaves a disconnected
+        // record behind: the live one wins)?
         let hosts = format!("{}/hosts/", self.etcd.layout.prefix);
         let suffix = format!("/connections/{endpoint}");
+        let own_key = format!("{}{endpoint}", self.root());
         let kvs = self
             .etcd
             .block(|mut c| async move {
                 c.get(hosts, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs())
             })
             .map_err(down)?;
-        let found: Vec<_> = kvs.iter().filter(|kv| kv.key().ends_with(suffix.as_bytes())).collect();
-        match found.as_slice() {
-            [] => Err(StoreError::NotFound(endpoint.to_string())),
-            [kv] => {
-                let key = String::from_utf8_lossy(kv.key()).to_string();
-                self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint.to_string(), key);
-                decode(kv.key(), kv.value(), kv.mod_revision())
+        let mut live = Vec::new();
+        for kv in kvs.iter().filter(|kv| kv.key().ends_with(suffix.as_bytes()) && kv.key() != own_key.as_bytes()) {
+            let c = decode(kv.key(), kv.value(), kv.mod_revision())?;
+            if c.state != privlink_core::ConnectionState::Disconnected {
+                live.push((String::from_utf8_lossy(kv.key()).to_string(), c));
             }
-            many => Err(StoreError::Corrupt(format!(
-                "endpoint `{endpoint}` is on {} hosts ({}): endpoint names must be unique in a fleet",
-                many.len(),
-                many.iter().map(|kv| String::from_utf8_lossy(kv.key()).to_string()).collect::<Vec<_>>().join(", ")
+        }
+        match (live.len(), mine) {
+            (1, _) => {
+                let (key, c) = live.remove(0);
+                self.remote.lock().unwrap_or_else(|e| e.into_inner()).insert(endpoint.to_string(), key);
+                Ok(c)
+            }
+            (0, Some(c)) => {
+                self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(endpoint);
+                Ok(c)
+            }
+            (0, None) => Err(StoreError::NotFound(endpoint.to_string())),
+            (n, _) => Err(StoreError::Corrupt(format!(
+                "endpoint `{endpoint}` is live on {n} hosts ({}): endpoint names must be unique in a fleet",
+                live.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -155,6 +167,12 @@ impl ConnectionStore for EtcdStore {
             Ok(kvs) => {
                 let list: Vec<Connection> =
                     kvs.iter().map(|kv| decode(kv.key(), kv.value(), kv.mod_revision())).collect::<Result<_, _>>()?;
+                // Records of this host are written at this host's keys.
+                let mut remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+                for c in &list {
+                    remote.remove(&c.endpoint);
+                }
+                drop(remote);
                 self.keep_copy(&list);
                 Ok(list)
             }
@@ -168,35 +186,88 @@ impl ConnectionStore for EtcdStore {
         if changes.is_empty() {
             return Ok(());
         }
-        let check = |endpoint: &str, expected: Option<u64>| {
-            let key = self.key(endpoint);
-            match expected {
-                None => Compare::version(key, CompareOp::Equal, 0),
-                Some(r) => Compare::mod_revision(key, CompareOp::Equal, r as i64),
-            }
+        // A new record is always this host's own; a decision on another
+        // host's goes back to the key it was read from.
+        let key_of = |c: &Change| match c.expected {
+            None => format!("{}{}", self.root(), c.conn.endpoint),
+            Some(_) => self.key(&c.conn.endpoint),
         };
-        let mut when: Vec<Compare> = guards.iter().map(|g| check(&g.endpoint, g.expected)).collect();
-        when.extend(changes.iter().map(|c| check(&c.conn.endpoint, c.expected)));
-        let mut ops = Vec::with_capacity(changes.len());
+        let check = |key: String, expected: Option<u64>| match expected {
+            None => Compare::version(key, CompareOp::Equal, 0),
+            Some(r) => Compare::mod_revision(key, CompareOp::Equal, r as i64),
+        };
+        let mut puts = Vec::with_capacity(changes.len());
         for c in changes {
             let value = serde_json::to_string(&c.conn).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            ops.push(TxnOp::put(self.key(&c.conn.endpoint), value, None));
+            puts.push(TxnOp::put(key_of(c), value, None));
         }
-        // etcd's --max-txn-ops bounds the compares and the puts alike.
-        if when.len() > super::etcd::MAX_TXN_OPS {
-            return Err(StoreError::Unavailable(format!(
-                "{} connection records in one change: etcd takes at most {} per transaction",
-                when.len(),
-                super::etcd::MAX_TXN_OPS
-            )));
-        }
-        let ok = self
-            .etcd
-            .block(|mut c| async move { c.txn(Txn::new().when(when).and_then(ops)).await.map(|r| r.succeeded()) })
-            .map_err(down)?;
-        if !ok {
-            let first = changes.first().map_or(String::new(), |c| c.conn.endpoint.clone());
-            return Err(StoreError::Conflict(first));
+        let max = super::etcd::MAX_TXN_OPS;
+        let first = changes.first().map_or(String::new(), |c| c.conn.endpoint.clone());
+        if guards.len() + changes.len() <= max {
+            // One compare per record, one transaction.
+            let mut when: Vec<Compare> =
+                guards.iter().map(|g| check(format!("{}{}", self.root(), g.endpoint), g.expected)).collect();
+            when.extend(changes.iter().map(|c| check(key_of(c), c.expected)));
+            let ok = self
+                .etcd
+                .block(|mut c| async move { c.txn(Txn::new().when(when).and_then(puts)).await.map(|r| r.succeeded()) })
+                .map_err(down)?;
+            if !ok {
+                return Err(StoreError::Conflict(first));
+            }
+        } else {
+            // More records than etcd takes compares (--max-txn-ops): read
+            // this host's records at revision R and check every expected
+            // revision against them (as one transaction would), then write
+            // in chunks, each under one compare over the whole range
+            // ("nothing here changed since R", then since the chunk
+            // before). A conflict part way leaves the chunks before it, each
+            // a valid state; the caller reads and decides again.
+            let root = self.root();
+            if changes.iter().any(|c| !key_of(c).starts_with(&root)) {
+                return Err(StoreError::Conflict(first));
+            }
+            let r2 = root.clone();
+            let (now, mut since) = self
+                .etcd
+                .block(|mut c| async move {
+                    c.get(r2, Some(GetOptions::new().with_prefix().with_keys_only())).await.map(|mut r| {
+                        let at = r.header().map_or(0, |h| h.revision());
+                        let revs: HashMap<String, u64> = r
+                            .take_kvs()
+                            .iter()
+                            .map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.mod_revision() as u64))
+                            .collect();
+                        (revs, at)
+                    })
+                })
+                .map_err(down)?;
+            let expected = guards
+                .iter()
+                .map(|g| (format!("{root}{}", g.endpoint), g.expected, &g.endpoint))
+                .chain(changes.iter().map(|c| (key_of(c), c.expected, &c.conn.endpoint)));
+            for (key, want, endpoint) in expected {
+                if now.get(&key).copied() != want {
+                    return Err(StoreError::Conflict(endpoint.clone()));
+                }
+            }
+            let mut puts = puts.into_iter().peekable();
+            while puts.peek().is_some() {
+                let chunk: Vec<TxnOp> = puts.by_ref().take(max).collect();
+                let cmp = Compare::mod_revision(root.clone(), CompareOp::Less, since + 1).with_prefix();
+                let (ok, at) = self
+                    .etcd
+                    .block(|mut c| async move {
+                        c.txn(Txn::new().when([cmp]).and_then(chunk))
+                            .await
+                            .map(|r| (r.succeeded(), r.header().map_or(0, |h| h.revision())))
+                    })
+                    .map_err(down)?;
+                if !ok {
+                    return Err(StoreError::Conflict(first));
+                }
+                since = at;
+            }
         }
         if let Err(e) = self.local.append_audit(changes) {
             tracing::warn!("connection change written to etcd, but not to the local audit trail: {e}");

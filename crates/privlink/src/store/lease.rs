@@ -18,7 +18,9 @@
 //!
 //! Every round (about a second) a host renews its lease, claims free
 //! addresses up to its fair share, and gives back addresses beyond it (so
-//! a host that joins gets its share). While etcd cannot be reached nothing
+//! a host that joins gets its share): out of its own use first, and out
+//! of etcd only once the daemon has applied that, so that no other host
+//! can claim an address this one still hands out. While etcd cannot be reached nothing
 //! moves: the host keeps what it holds (etcd expires no lease without a
 //! leader). A lease found expired (the host was away past `lease_ttl`)
 //! means its addresses may be someone else's now: it holds none until it
@@ -35,7 +37,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Per service, the NAT addresses a host holds (or may use).
 pub type Held = BTreeMap<String, BTreeSet<Ipv4Addr>>;
@@ -56,7 +58,17 @@ pub struct Owner {
     /// Where the lease id is kept between runs.
     file: PathBuf,
     lease: i64,
+    /// When etcd last confirmed the lease (a keep-alive answered).
+    renewed_at: Instant,
     held: Held,
+    /// Addresses beyond the share, already out of `held`: their keys are
+    /// deleted once the daemon has stopped using them (`applied`), so no
+    /// other host claims an address this one still hands out.
+    releasing: Vec<(String, Ipv4Addr)>,
+    /// Keys put on the current lease (`alive`, `serving/...`): put once
+    /// per lease, not every round (each put is a revision in etcd's
+    /// history).
+    registered: BTreeSet<String>,
 }
 
 impl Owner {
@@ -65,11 +77,22 @@ impl Owner {
     pub fn start(etcd: Arc<Etcd>, ttl: Duration, state_dir: &Path) -> Result<Owner, StoreError> {
         let file = state_dir.join("store-lease");
         let kept = std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse::<i64>().ok());
-        let mut o = Owner { etcd, ttl, file, lease: 0, held: Held::new() };
+        let mut o = Owner {
+            etcd,
+            ttl,
+            file,
+            lease: 0,
+            renewed_at: Instant::now(),
+            held: Held::new(),
+            releasing: Vec::new(),
+            registered: BTreeSet::new(),
+        };
         if let Some(id) = kept {
+            let asked = Instant::now();
             let alive = o.etcd.block(|mut c| async move { c.lease_time_to_live(id, None).await.map(|r| r.ttl()) });
             if alive.map_err(down)? > 0 {
                 o.lease = id;
+                o.renewed_at = asked;
                 tracing::info!(lease = id, "store: resuming the lease of the last run");
             }
         }
@@ -81,10 +104,14 @@ impl Owner {
 
     fn grant(&mut self) -> Result<(), StoreError> {
         let secs = self.ttl.as_secs().max(1) as i64;
+        let asked = Instant::now();
         let id =
             self.etcd.block(|mut c| async move { c.lease_grant(secs, None).await.map(|r| r.id()) }).map_err(down)?;
         self.lease = id;
+        self.renewed_at = asked;
         self.held.clear();
+        self.releasing.clear();
+        self.registered.clear();
         let _ = std::fs::create_dir_all(self.file.parent().unwrap_or(Path::new(".")));
         if let Err(e) = std::fs::write(&self.file, id.to_string()) {
             tracing::warn!("cannot keep the lease id in {}: {e}", self.file.display());
@@ -103,74 +130,130 @@ impl Owner {
         &self.held
     }
 
-    /// One round: renew the lease, mark this host alive and serving, and
-    /// claim or give back addresses to reach each service's fair share.
-    /// Returns whether what this host holds changed. An error leaves what
-    /// it holds as it was (etcd unreachable: nothing moves).
-    pub fn round(&mut self, serving: &BTreeMap<String, Vec<Ipv4Addr>>) -> Result<bool, StoreError> {
-        let before = self.held.clone();
+    /// When etcd last confirmed the lease: it expires `lease_ttl` later at
+    /// the earliest, so no new flow may start after that without a newer
+    /// confirmation.
+    pub fn renewed_at(&self) -> Instant {
+        self.renewed_at
+    }
+
+    /// Renews the lease (one keep-alive, answered). A lease etcd no longer
+    /// has (it expired: this host was away past its TTL) is replaced by a
+    /// new one, and everything held under the old one is given up.
+    fn renew(&mut self) -> Result<(), StoreError> {
         let id = self.lease;
+        let asked = Instant::now();
         let ttl = self.etcd.block(|mut c| async move {
             let (mut keeper, mut stream) = c.lease_keep_alive(id).await?;
             keeper.keep_alive().await?;
-            Ok::<i64, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
+            Ok::<Option<i64>, etcd_client::Error>(stream.message().await?.map(|r| r.ttl()))
         });
         let ttl = match ttl {
-            Ok(t) => t,
+            Ok(Some(t)) => t,
+            // The stream ended without an answer: not a verdict on the lease.
+            Ok(None) => return Err(StoreError::Unavailable("etcd: the keep-alive stream ended".into())),
             // etcd answered that the lease is gone (it expired).
             Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => 0,
             Err(e) => return Err(down(e)),
         };
-        if ttl <= 0 {
-            tracing::warn!(lease = id, "store: the lease expired (away past lease_ttl): its addresses are given up");
-            for (service, ips) in &self.held {
-                for ip in ips {
-                    tracing::warn!(service = %service, nat_ip = %ip, "NAT address lost with the lease");
-                }
+        if ttl > 0 {
+            self.renewed_at = asked;
+            return Ok(());
+        }
+        tracing::warn!(lease = id, "store: the lease expired (away past lease_ttl): its addresses are given up");
+        for (service, ips) in &self.held {
+            for ip in ips {
+                tracing::warn!(service = %service, nat_ip = %ip, "NAT address lost with the lease");
             }
-            self.grant()?;
         }
-        let layout = self.etcd.layout.clone();
-        let (lease, host) = (self.lease, layout.host.clone());
-        let prefix = layout.prefix.clone();
-        let alive = format!("{}alive", layout.host_root());
-        let served: Vec<String> = serving.keys().cloned().collect();
-        // Alive and serving keys (puts are idempotent).
-        let mut ops = vec![TxnOp::put(alive, "1", Some(PutOptions::new().with_lease(lease)))];
-        for s in &served {
-            ops.push(TxnOp::put(
-                format!("{prefix}/serving/{s}/{host}"),
-                "1",
-                Some(PutOptions::new().with_lease(lease)),
-            ));
-        }
-        self.etcd.block(|mut c| async move { c.txn(Txn::new().and_then(ops)).await.map(drop) }).map_err(down)?;
+        self.grant()
+    }
 
+    /// Renews the lease if a third of its TTL has passed since the last
+    /// confirmation (a long round must not let it lapse).
+    fn renew_if_due(&mut self) -> Result<(), StoreError> {
+        if self.renewed_at.elapsed() > self.ttl / 3 {
+            self.renew()?;
+        }
+        Ok(())
+    }
+
+    /// One round: renew the lease, mark this host alive and serving, and
+    /// claim or give back addresses to reach each service's fair share.
+    /// `applied`: the daemon has applied every `held` this owner reported
+    /// (addresses given back in an earlier round are then no longer used,
+    /// and their keys go). Returns whether what this host holds changed.
+    /// An error leaves what it holds as it was (etcd unreachable: nothing
+    /// moves).
+    pub fn round(&mut self, serving: &BTreeMap<String, Vec<Ipv4Addr>>, applied: bool) -> Result<bool, StoreError> {
+        let before = self.held.clone();
+        self.renew()?;
+        let layout = self.etcd.layout.clone();
+        let (host, prefix) = (layout.host.clone(), layout.prefix.clone());
+        // Alive and serving keys, once per lease.
+        let mut keys = vec![format!("{}alive", layout.host_root())];
+        keys.extend(serving.keys().map(|s| format!("{prefix}/serving/{s}/{host}")));
+        let new: Vec<String> = keys.into_iter().filter(|k| !self.registered.contains(k)).collect();
+        if !new.is_empty() {
+            let lease = self.lease;
+            let ops: Vec<TxnOp> =
+                new.iter().map(|k| TxnOp::put(k.clone(), "1", Some(PutOptions::new().with_lease(lease)))).collect();
+            self.etcd.block(|mut c| async move { c.txn(Txn::new().and_then(ops)).await.map(drop) }).map_err(down)?;
+            self.registered.extend(new);
+        }
+        // Everything this lease holds, whatever the service: what the
+        // config no longer has (a service not served, an address removed
+        // from `nat_ips`) is not in use and goes at once, as do serving
+        // keys of services no longer served.
+        let lease = self.lease;
+        let claims: Vec<(String, Ipv4Addr)> = self
+            .mine(&format!("{prefix}/nat/"))?
+            .into_iter()
+            .filter_map(|k| {
+                let rest = k.strip_prefix(&format!("{prefix}/nat/"))?;
+                let (service, ip) = rest.split_once('/')?;
+                Some((service.to_string(), ip.parse().ok()?))
+            })
+            .collect();
+        for (service, ip) in &claims {
+            if !serving.get(service).is_some_and(|ips| ips.contains(ip)) {
+                self.delete(&format!("{prefix}/nat/{service}/{ip}"))?;
+                tracing::info!(service = %service, nat_ip = %ip, "NAT address given back (no longer configured here)");
+            }
+        }
+        for k in self.mine(&format!("{prefix}/serving/"))? {
+            let served = k.strip_prefix(&format!("{prefix}/serving/")).and_then(|r| r.split_once('/')).map(|(s, _)| s);
+            if served.is_some_and(|s| !serving.contains_key(s)) {
+                self.delete(&k)?;
+                self.registered.remove(&k);
+            }
+        }
+        // Addresses given back earlier, now out of use: their keys go.
+        if applied {
+            for (service, ip) in std::mem::take(&mut self.releasing) {
+                self.delete(&format!("{prefix}/nat/{service}/{ip}"))?;
+                tracing::info!(service = %service, nat_ip = %ip, "NAT address given back (beyond this host's share)");
+            }
+        }
         let mut held = Held::new();
         for (service, ips) in serving {
-            let p = format!("{prefix}/serving/{service}/");
-            let hosts = self.count(&p)?.max(1);
+            self.renew_if_due()?;
+            let hosts = self.count(&format!("{prefix}/serving/{service}/"))?.max(1);
             let share = ips.len().div_ceil(hosts);
             let owners = self.owners(&format!("{prefix}/nat/{service}/"))?;
+            let releasing = &self.releasing;
             let mut mine: Vec<Ipv4Addr> = ips
                 .iter()
                 .copied()
                 .filter(|ip| owners.get(ip).is_some_and(|(h, l)| *h == host && *l == lease))
+                .filter(|ip| !releasing.contains(&(service.clone(), *ip)))
                 .collect();
-            // Beyond the share: give back the highest first.
+            // Beyond the share: the highest first leaves `held` now; its key
+            // goes once the daemon no longer uses it (a later round).
             while mine.len() > share {
-                let ip = mine.pop().unwrap_or(Ipv4Addr::UNSPECIFIED);
-                let key = format!("{prefix}/nat/{service}/{ip}");
-                let (k2, l) = (key.clone(), lease);
-                self.etcd
-                    .block(|mut c| async move {
-                        let t = Txn::new()
-                            .when([Compare::lease(k2.clone(), CompareOp::Equal, l)])
-                            .and_then([TxnOp::delete(k2, None)]);
-                        c.txn(t).await.map(drop)
-                    })
-                    .map_err(down)?;
-                tracing::info!(service = %service, nat_ip = %ip, share, hosts, "NAT address given back (beyond this host's share)");
+                let Some(ip) = mine.pop() else { break };
+                tracing::info!(service = %service, nat_ip = %ip, share, hosts, "NAT address to give back: out of use first");
+                self.releasing.push((service.clone(), ip));
             }
             // Below it: claim free ones, starting at a place of this host's
             // own so that hosts claiming at once mostly try different ones.
@@ -181,13 +264,13 @@ impl Owner {
                     break;
                 }
                 let key = format!("{prefix}/nat/{service}/{ip}");
-                let (k2, h2, l) = (key.clone(), host.clone(), lease);
+                let (k2, h2) = (key.clone(), host.clone());
                 let won = self
                     .etcd
                     .block(|mut c| async move {
                         let t = Txn::new()
                             .when([Compare::version(k2.clone(), CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(k2, h2, Some(PutOptions::new().with_lease(l)))]);
+                            .and_then([TxnOp::put(k2, h2, Some(PutOptions::new().with_lease(lease)))]);
                         c.txn(t).await.map(|r| r.succeeded())
                     })
                     .map_err(down)?;
@@ -197,15 +280,6 @@ impl Owner {
                 }
             }
             held.insert(service.clone(), mine.into_iter().collect());
-        }
-        // Services no longer served: their addresses go back at once.
-        for (service, ips) in &before {
-            if serving.contains_key(service) {
-                continue;
-            }
-            self.release(service, ips)?;
-            let key = format!("{prefix}/serving/{service}/{host}");
-            self.etcd.block(|mut c| async move { c.delete(key, None).await.map(drop) }).map_err(down)?;
         }
         self.held = held;
         for (service, ips) in &self.held {
@@ -217,23 +291,29 @@ impl Owner {
         Ok(self.held != before)
     }
 
-    /// Deletes this host's claims on `ips` of `service` (only keys still on
-    /// its lease).
-    fn release(&self, service: &str, ips: &BTreeSet<Ipv4Addr>) -> Result<(), StoreError> {
-        let prefix = self.etcd.layout.prefix.clone();
-        for ip in ips {
-            let key = format!("{prefix}/nat/{service}/{ip}");
-            let l = self.lease;
-            self.etcd
-                .block(|mut c| async move {
-                    let t = Txn::new()
-                        .when([Compare::lease(key.clone(), CompareOp::Equal, l)])
-                        .and_then([TxnOp::delete(key, None)]);
-                    c.txn(t).await.map(drop)
-                })
-                .map_err(down)?;
-        }
-        Ok(())
+    /// Deletes `key` if it is still on this host's lease.
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let (k, l) = (key.to_string(), self.lease);
+        self.etcd
+            .block(|mut c| async move {
+                let t = Txn::new()
+                    .when([Compare::lease(k.clone(), CompareOp::Equal, l)])
+                    .and_then([TxnOp::delete(k, None)]);
+                c.txn(t).await.map(drop)
+            })
+            .map_err(down)
+    }
+
+    /// The keys under `prefix` on this host's lease.
+    fn mine(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let (p, l) = (prefix.to_string(), self.lease);
+        let kvs = self
+            .etcd
+            .block(|mut c| async move {
+                c.get(p, Some(GetOptions::new().with_prefix().with_keys_only())).await.map(|mut r| r.take_kvs())
+            })
+            .map_err(down)?;
+        Ok(kvs.iter().filter(|kv| kv.lease() == l).map(|kv| String::from_utf8_lossy(kv.key()).to_string()).collect())
     }
 
     /// Ends the lease (a clean stop): etcd deletes every key on it, so
