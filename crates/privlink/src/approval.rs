@@ -186,7 +186,13 @@ pub fn decide(
     if stored.state == to {
         return Ok(Decided::Unchanged(stored));
     }
-    Ok(Decided::Change(Change {
+    Ok(Decided::Change(operator_change(stored, to, message, now)))
+}
+
+/// An operator's decision on `stored`: the record moved to `to`, written
+/// only if it is still at the revision read.
+pub fn operator_change(stored: Connection, to: ConnectionState, message: Option<String>, now: u64) -> Change {
+    Change {
         from: Some(stored.state),
         expected: Some(stored.revision),
         message: message.clone(),
@@ -198,7 +204,7 @@ pub fn decide(
             decided_by: "operator".into(),
             ..stored
         },
-    }))
+    }
 }
 
 #[cfg(test)]

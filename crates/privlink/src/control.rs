@@ -386,26 +386,14 @@ fn decide_remote(
         if stored.state == to {
             return Ok(stored);
         }
-        let now = unix_now();
-        let change = Change {
-            from: Some(stored.state),
-            expected: Some(stored.revision),
-            message: message.clone(),
-            by: "operator".into(),
-            conn: Connection {
-                state: to,
-                response_message: message.clone(),
-                updated: now,
-                decided_by: "operator".into(),
-                ..stored.clone()
-            },
-        };
+        let from = stored.state;
+        let change = approval::operator_change(stored, to, message.clone(), unix_now());
         match c.commit(&[], std::slice::from_ref(&change)) {
             Err(StoreError::Conflict(_)) if tries < CONFLICT_RETRIES => tries += 1,
             Err(e) => return Err(e.into()),
             Ok(()) => {
                 let message: String = message.as_deref().unwrap_or("").escape_default().collect();
-                tracing::info!(endpoint, from = %stored.state, to = %to, message = %message, "connection of another host's endpoint changed by operator");
+                tracing::info!(endpoint, from = %from, to = %to, message = %message, "connection of another host's endpoint changed by operator");
                 return Ok(change.conn);
             }
         }

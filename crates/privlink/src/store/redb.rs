@@ -93,25 +93,29 @@ impl RedbStore {
         let g = self.db()?;
         let db = g.as_ref().ok_or_else(|| unavailable("closed"))?;
         let tx = db.begin_write().map_err(unavailable)?;
-        {
-            let mut audit = tx.open_table(AUDIT).map_err(unavailable)?;
-            let first = audit.last().map_err(unavailable)?.map_or(1, |(k, _)| k.value() + 1);
-            for (seq, c) in (first..).zip(changes) {
-                let entry = AuditEntry {
-                    seq,
-                    at: c.conn.updated,
-                    endpoint: c.conn.endpoint.clone(),
-                    from: c.from,
-                    to: c.conn.state,
-                    message: c.message.clone(),
-                    by: c.by.clone(),
-                };
-                let entry = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                audit.insert(seq, entry.as_slice()).map_err(unavailable)?;
-            }
-        }
+        append_audit(&tx, changes)?;
         tx.commit().map_err(|e| unavailable(format!("cannot commit: {e}")))
     }
+}
+
+/// Appends one audit entry per change, numbered on from the last.
+fn append_audit(tx: &redb::WriteTransaction, changes: &[Change]) -> Result<(), StoreError> {
+    let mut audit = tx.open_table(AUDIT).map_err(unavailable)?;
+    let first = audit.last().map_err(unavailable)?.map_or(1, |(k, _)| k.value() + 1);
+    for (seq, c) in (first..).zip(changes) {
+        let entry = AuditEntry {
+            seq,
+            at: c.conn.updated,
+            endpoint: c.conn.endpoint.clone(),
+            from: c.from,
+            to: c.conn.state,
+            message: c.message.clone(),
+            by: c.by.clone(),
+        };
+        let entry = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        audit.insert(seq, entry.as_slice()).map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 impl ConnectionStore for RedbStore {
@@ -163,25 +167,13 @@ impl ConnectionStore for RedbStore {
             let mut meta = tx.open_table(META).map_err(unavailable)?;
             let revision = meta.get(REVISION).map_err(unavailable)?.map_or(0, |v| v.value()) + 1;
             meta.insert(REVISION, revision).map_err(unavailable)?;
-            let mut audit = tx.open_table(AUDIT).map_err(unavailable)?;
-            let first = audit.last().map_err(unavailable)?.map_or(1, |(k, _)| k.value() + 1);
-            for (seq, c) in (first..).zip(changes) {
-                let entry = AuditEntry {
-                    seq,
-                    at: c.conn.updated,
-                    endpoint: c.conn.endpoint.clone(),
-                    from: c.from,
-                    to: c.conn.state,
-                    message: c.message.clone(),
-                    by: c.by.clone(),
-                };
-                let entry = serde_json::to_vec(&entry).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                audit.insert(seq, entry.as_slice()).map_err(unavailable)?;
+            for c in changes {
                 let rec = Stored { conn: c.conn.clone(), revision };
                 let rec = serde_json::to_vec(&rec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 t.insert(c.conn.endpoint.as_str(), rec.as_slice()).map_err(unavailable)?;
             }
         }
+        append_audit(&tx, changes)?;
         tx.commit().map_err(|e| unavailable(format!("cannot commit: {e}")))
     }
 
