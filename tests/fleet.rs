@@ -66,6 +66,11 @@ impl Etcd {
         let _ = self.child.wait();
     }
 
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
     fn restart(&mut self) {
         self.child = Self::spawn(&self.data, &self.url, &self.peer);
         self.wait_up();
@@ -233,6 +238,23 @@ fn a_host_runs_from_etcd_follows_its_changes_and_keeps_forwarding_without_it() {
     assert!(bed.metric("privlink_store_resyncs_total", &[]) >= 1.0);
     assert!(etcd.ctl(&["del", "/privlink/hosts/h1/endpoints/pe-a"]).0);
     assert!(eventually(3, || !reaches(&bed.a)), "pe-a still answers:\n{}", bed.log());
+
+    // etcd frozen (SIGSTOP): its connections stay open and nothing answers.
+    // The silent watch is asked for progress, gets none, and counts as
+    // dead; forwarding goes on.
+    let mut held_b = connect(&bed.b, EP, 7, Duration::from_secs(2)).expect("connection through pe-b");
+    held_b.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    etcd.signal(libc::SIGSTOP);
+    let found = eventually(25, || bed.metric("privlink_store_up", &[]) == 0.0);
+    let echoed = {
+        use std::io::{Read, Write};
+        let mut b = [0u8; 7];
+        held_b.write_all(b"frozen\n").is_ok() && held_b.read_exact(&mut b).is_ok() && &b == b"frozen\n"
+    };
+    etcd.signal(libc::SIGCONT);
+    assert!(found, "a silent watch was not found dead:\n{}", bed.log());
+    assert!(echoed, "the held connection stopped while etcd was frozen");
+    assert!(eventually(20, || bed.metric("privlink_store_up", &[]) == 1.0), "store_up stayed 0:\n{}", bed.log());
 }
 
 fn assert_echo(s: &mut std::net::TcpStream, msg: &[u8]) {
