@@ -136,14 +136,25 @@ fn a_host_runs_from_etcd_follows_its_changes_and_keeps_forwarding_without_it() {
     assert!(status.contains("store: up since") && status.contains("(host h1)"), "{status}");
     assert!(status.contains("NAT addresses held: billing 192.168.100.8; orders 192.168.100.4"), "{status}");
 
+    // `check` validates the file with what etcd holds, as `run` does.
+    let (code, out, err) = bed.cli(&["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok (2 networks, 2 services, 2 endpoints)"), "{out}");
+    let both = bed.dir.join("both.toml");
+    std::fs::write(&both, format!("{}\n{full}", local_config(&bed, &etcd).split("[dataplane]").next().unwrap_or("")))
+        .expect("write");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_privlink")).args(["check", "--config"]).arg(&both).output().expect("check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("with [store], networks live in the store"), "{err}");
+
     // `store dump` gives back what `store load` reads: load it for another
     // host and the same documents appear under that host.
     let (code, dump, err) = bed.cli(&["store", "dump"]);
     assert_eq!(code, 0, "{err}");
     assert!(dump.contains("[[service]]") && dump.contains("name = \"pe-b\""), "{dump}");
     let other = bed.dir.join("other.toml");
-    let provider = &full[..full.find("[[network]]").expect("networks")];
-    std::fs::write(&other, format!("{provider}\n{dump}")).expect("write");
+    std::fs::write(&other, &dump).expect("write");
     let out = Command::new(env!("CARGO_BIN_EXE_privlink"))
         .args(["store", "load", "--host", "h2", "--etcd", &etcd.url, "--config"])
         .arg(&other)
@@ -255,6 +266,26 @@ fn a_host_runs_from_etcd_follows_its_changes_and_keeps_forwarding_without_it() {
     assert!(found, "a silent watch was not found dead:\n{}", bed.log());
     assert!(echoed, "the held connection stopped while etcd was frozen");
     assert!(eventually(20, || bed.metric("privlink_store_up", &[]) == 1.0), "store_up stayed 0:\n{}", bed.log());
+
+    // A value refused while no daemon ran: a start runs on the last good
+    // documents, says which key to fix, and applies the fix when it comes.
+    let pe_b_bad = get(&etcd, "/privlink/hosts/h1/endpoints/pe-b").replace("\"vnet-b\"", "\"vnet-z\"");
+    assert!(etcd.ctl(&["put", "/privlink/hosts/h1/endpoints/pe-b", &pe_b_bad]).0);
+    let refused = "reload refused: etcd:/privlink/hosts/h1/endpoints/pe-b:";
+    assert!(eventually(3, || bed.log().matches(refused).count() >= 2), "{}", bed.log());
+    bed.stop_daemon();
+    bed.start();
+    assert!(bed.log().contains("store documents refused: etcd:/privlink/hosts/h1/endpoints/pe-b:"), "{}", bed.log());
+    assert_eq!(bed.metric("privlink_store_refused", &[]), 1.0);
+    assert!(eventually(5, || reaches(&bed.b)), "pe-b (the last good copy) does not answer:\n{}", bed.log());
+    let (code, _, err) = bed.cli(&["check"]);
+    assert!(code != 0 && err.contains("etcd:/privlink/hosts/h1/endpoints/pe-b:"), "{err}");
+    assert!(etcd.ctl(&["put", "/privlink/hosts/h1/endpoints/pe-b", &pe_b_bad.replace("\"vnet-z\"", "\"vnet-b\"")]).0);
+    assert!(eventually(3, || bed.metric("privlink_store_refused", &[]) == 0.0), "{}", bed.log());
+}
+
+fn get(etcd: &Etcd, key: &str) -> String {
+    etcd.ctl(&["get", key, "--print-value-only"]).1.trim_end().to_string()
 }
 
 fn assert_echo(s: &mut std::net::TcpStream, msg: &[u8]) {

@@ -122,7 +122,31 @@ fn read_config(path: &Path, etcd: &mut Option<Arc<Etcd>>, at_start: bool) -> Res
             return Err(err.into());
         }
     };
-    let c = finish(path, docs.clone())?;
+    let c = match finish(path, docs.clone()) {
+        Ok(c) => c,
+        // At start, documents etcd holds now that do not validate: run on
+        // the last ones applied, as a running daemon would have (and say
+        // which keys to fix); the watch applies the fix when it comes.
+        Err(err) if at_start => {
+            let Ok((good, at)) = read_copy(&copy, &e.layout) else { return Err(err) };
+            let Ok(c) = finish(path, good) else { return Err(err) };
+            metrics::gauge!("privlink_store_refused").set(1.0);
+            for line in format!("{err:#}").lines() {
+                tracing::error!("store documents refused: {line}");
+            }
+            tracing::warn!(
+                revision = at,
+                "starting from the copy of the documents last applied ({}); fix or delete the keys above",
+                copy.display()
+            );
+            return Ok((c, at, true));
+        }
+        Err(err) => {
+            metrics::gauge!("privlink_store_refused").set(1.0);
+            return Err(err);
+        }
+    };
+    metrics::gauge!("privlink_store_refused").set(0.0);
     if let Err(err) = write_copy(&copy, &docs, revision) {
         tracing::warn!("cannot keep a copy of the store documents in {}: {err:#}", copy.display());
     }
@@ -874,6 +898,8 @@ pub fn run(path: &Path, takeover: bool) -> Result<()> {
         let _ = tx2.lock().unwrap_or_else(|e| e.into_inner()).send(Cmd::HandOver(s));
     })?;
     if let Some(e) = &daemon.etcd {
+        // Present from the start, at 0, for alert rules.
+        metrics::counter!("privlink_store_resyncs_total").increment(0);
         let tx3 = std::sync::Mutex::new(tx.clone());
         let control = daemon.control.clone();
         e.watch(daemon.store_revision, move |c| {

@@ -134,6 +134,27 @@ enum StoreAction {
     },
 }
 
+/// `privlink check`: the file; with `[store]`, validated with this host's
+/// documents in etcd, as `run` would.
+fn check(path: &std::path::Path) -> Result<privlink_config::Config, privlink_config::Error> {
+    let c = privlink_config::Config::load(path)?;
+    let Some(store) = c.store.clone() else { return Ok(c) };
+    let fail = |message: String| {
+        privlink_config::Error::Invalid(vec![privlink_config::ConfigError {
+            file: path.display().to_string(),
+            line: 1,
+            col: 1,
+            message,
+        }])
+    };
+    let docs = privlink::store::etcd::Etcd::connect(&store)
+        .and_then(|e| e.read())
+        .map_err(|e| fail(format!("cannot read the store at {}: {e}", store.etcd.join(", "))))?
+        .0;
+    let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
+    privlink_config::Config::parse_with_store(&text, &path.display().to_string(), &docs)
+}
+
 /// `privlink store load|dump`.
 fn store(action: StoreAction) -> anyhow::Result<()> {
     use privlink::store::etcd::{dump, Etcd};
@@ -163,10 +184,25 @@ fn store(action: StoreAction) -> anyhow::Result<()> {
             privlink_config::Config::parse(&probe, "--host")
                 .map_err(|e| anyhow::anyhow!("{}", e.lines().join("\n")))?;
             store.host = host;
-            let e = Etcd::connect(&store)?;
+            let urls = store.etcd.join(", ");
+            let unreachable = |e: privlink::store::StoreError| {
+                anyhow::anyhow!("{e}\n(etcd at {urls} did not answer: nothing was written)")
+            };
+            let e = Etcd::connect(&store).map_err(unreachable)?;
             let text = std::fs::read_to_string(&config)?;
             let docs = privlink_config::documents(&text, &e.layout).map_err(|m| anyhow::anyhow!("{m}"))?;
-            let ops = e.load(&docs)?;
+            // Services are shared by every host: say which this load changes.
+            let (before, _) = e.read().map_err(unreachable)?;
+            for d in docs.iter().filter(|d| d.kind == privlink_config::DocKind::Service) {
+                match before.iter().find(|b| b.key == d.key) {
+                    Some(b) if b.text != d.text => {
+                        println!("service {} changed (it is shared: every host serving it follows)", d.name)
+                    }
+                    None => println!("service {} added", d.name),
+                    Some(_) => {}
+                }
+            }
+            let ops = e.load(&docs).map_err(unreachable)?;
             println!(
                 "{}: {} services, {} networks, {} endpoints loaded for host {} under {} ({ops} operations)",
                 config.display(),
@@ -186,10 +222,16 @@ fn store(action: StoreAction) -> anyhow::Result<()> {
             if let Some(h) = host {
                 store.host = h;
             }
-            let e = Etcd::connect(&store)?;
-            let (docs, revision) = e.read()?;
+            let urls = store.etcd.join(", ");
+            let unreachable = |e: privlink::store::StoreError| anyhow::anyhow!("{e}\n(etcd at {urls} did not answer)");
+            let e = Etcd::connect(&store).map_err(unreachable)?;
+            let (docs, revision) = e.read().map_err(unreachable)?;
+            // The local file first, then the documents: a whole single-host
+            // config, which `store load --config` reads back.
+            let local = std::fs::read_to_string(&config)?;
             print!(
-                "# privlink store dump: host {}, prefix {}, revision {revision}\n\n{}",
+                "{}\n\n# privlink store dump: host {}, prefix {}, revision {revision}\n\n{}",
+                local.trim_end(),
                 store.host,
                 store.prefix,
                 dump(&docs)
@@ -291,7 +333,7 @@ fn main() -> ExitCode {
     init_logs(cli.log_format, &cli.log_level);
     let result = match cli.command {
         Command::Run { config, takeover } => privlink::daemon::run(&config, takeover),
-        Command::Check { config } => match privlink_config::Config::load(&config) {
+        Command::Check { config } => match check(&config) {
             Ok(c) => {
                 println!(
                     "{}: ok ({} networks, {} services, {} endpoints)",

@@ -45,6 +45,10 @@ pub fn install() -> Result<PrometheusHandle> {
     describe_gauge!("privlink_flows_active", "Live flows in the flow table.");
     describe_gauge!("privlink_store_up", "1 while the [store]'s etcd answers (and its watch runs), else 0.");
     describe_counter!("privlink_store_resyncs_total", "Full re-reads of the store after a broken or compacted watch.");
+    describe_gauge!(
+        "privlink_store_refused",
+        "1 while the store's documents for this host do not validate (it runs on the last good ones)."
+    );
     describe_gauge!("privlink_flows_max", "Flows the flow table holds at most ([dataplane] max_flows).");
     describe_gauge!("privlink_connection_state", "1 for an endpoint connection's current state, 0 for the others.");
     describe_counter!("privlink_tun_write_errors_total", "Packets a TUN device refused to take.");
