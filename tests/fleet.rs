@@ -519,6 +519,19 @@ fn two_hosts_share_a_services_nat_addresses_by_lease_and_a_survivor_takes_a_dead
     assert!(eventually(10, || bed.log().contains("the lease expired (away past lease_ttl)")), "{}", bed.log());
     assert!(eventually(10, || one_each(&bed)), "not one each after the thaw:\n{}\n{}", bed.log(), h2.log());
     assert!(transfer_intact(&bed.a, 1 << 20).contains("orders"));
+
+    // An address taken out of the service's `nat_ips` is given back by
+    // whichever host held it, at once.
+    let one = orders.replace(", \"192.168.100.5\"", "");
+    assert!(etcd.ctl(&["put", "/privlink/services/orders", &one]).0);
+    let gone = || etcd.ctl(&["get", "/privlink/nat/orders/192.168.100.5"]).1.trim().is_empty();
+    assert!(eventually(5, gone), "{}", etcd.ctl(&["get", "/privlink/nat/orders/", "--prefix"]).1);
+    let given = "NAT address given back (no longer configured here)";
+    assert!(plain(&bed.log()).contains(given) || plain(&h2.log()).contains(given), "{}\n{}", bed.log(), h2.log());
+    // The host holding the one address left still forwards from it.
+    let holder = get("/privlink/nat/orders/192.168.100.4");
+    let ns = if holder == "h1" { &bed.a } else { &bed.b };
+    assert_eq!(nat_of(&transfer_intact(ns, 64 << 10)), "192.168.100.4");
 }
 
 #[test]

@@ -167,11 +167,7 @@ fn finish(path: &Path, docs: Vec<privlink_config::Doc>) -> Result<Config> {
 const HELD_COPY: &str = "store-held.json";
 
 fn write_held(state_dir: &Path, held: &Held) -> Result<()> {
-    let path = state_dir.join(HELD_COPY);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(held)?)?;
-    std::fs::rename(&tmp, &path)?;
-    Ok(())
+    crate::state::write_atomic(&state_dir.join(HELD_COPY), &serde_json::to_vec(held)?)
 }
 
 fn read_held(state_dir: &Path) -> Held {
@@ -196,10 +192,7 @@ fn write_copy(path: &Path, docs: &[privlink_config::Doc], revision: i64) -> Resu
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&list)?)?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::state::write_atomic(path, &serde_json::to_vec(&list)?)
 }
 
 fn read_copy(path: &Path, layout: &privlink_config::Layout) -> Result<(Vec<privlink_config::Doc>, i64)> {

@@ -43,10 +43,6 @@ impl std::fmt::Debug for Etcd {
     }
 }
 
-fn down(e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable(format!("etcd: {e}"))
-}
-
 impl Etcd {
     /// Connects to `store.etcd` (lazily: an unreachable cluster fails the
     /// first request, within [`TIMEOUT`], not this call).
@@ -66,30 +62,33 @@ impl Etcd {
             .iter()
             .map(|u| u.strip_prefix("http://").unwrap_or(u).trim_end_matches('/').to_string())
             .collect();
-        let client = rt.block_on(Client::connect(endpoints, Some(options))).map_err(down)?;
+        let client = rt.block_on(Client::connect(endpoints, Some(options)))?;
         Ok(Etcd { rt, client, layout: Layout { prefix: store.prefix.clone(), host: store.host.clone() } })
     }
 
     /// Runs one request (`f` gets a client handle) to completion on this
-    /// module's runtime, within [`TIMEOUT`]. Called from async code (the
-    /// control API's handlers), it blocks a thread of its own, not the
-    /// caller's runtime.
+    /// module's runtime, within [`TIMEOUT`].
     pub fn block<T, Fut>(&self, f: impl FnOnce(Client) -> Fut) -> Result<T, etcd_client::Error>
     where
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>> + Send,
         T: Send,
     {
         let fut = f(self.client.clone());
-        let run = move || {
-            self.rt.block_on(async move { tokio::time::timeout(TIMEOUT, fut).await }).unwrap_or_else(|_| {
-                Err(etcd_client::Error::IoError(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")))
-            })
-        };
+        self.run(async move { tokio::time::timeout(TIMEOUT, fut).await }).unwrap_or_else(|_| {
+            Err(etcd_client::Error::IoError(std::io::Error::new(std::io::ErrorKind::TimedOut, "request timed out")))
+        })
+    }
+
+    /// Runs `fut` to completion on this module's runtime. Called from async
+    /// code (the control API's handlers), it blocks a thread of its own, not
+    /// the caller's runtime (where `block_on` would panic).
+    fn run<T: Send>(&self, fut: impl std::future::Future<Output = T> + Send) -> T {
         if tokio::runtime::Handle::try_current().is_err() {
-            return run();
+            return self.rt.block_on(fut);
         }
-        std::thread::scope(|s| s.spawn(run).join()).unwrap_or_else(|_| {
-            Err(etcd_client::Error::IoError(std::io::Error::other("the etcd request's thread panicked")))
+        std::thread::scope(|s| match s.spawn(|| self.rt.block_on(fut)).join() {
+            Ok(t) => t,
+            Err(panic) => std::panic::resume_unwind(panic),
         })
     }
 
@@ -98,7 +97,7 @@ impl Etcd {
     pub fn read(&self) -> Result<(Vec<Doc>, i64), StoreError> {
         let mut c = self.client.clone();
         let layout = self.layout.clone();
-        self.rt.block_on(async move {
+        self.run(async move {
             let mut docs = Vec::new();
             let mut revision = 0;
             for prefix in [layout.services(), layout.host_root()] {
@@ -109,7 +108,7 @@ impl Etcd {
                     if revision > 0 {
                         o = o.with_revision(revision);
                     }
-                    let r = c.get(from.clone(), Some(o)).await.map_err(down)?;
+                    let r = c.get(from.clone(), Some(o)).await?;
                     if revision == 0 {
                         revision = r.header().map_or(0, |h| h.revision());
                     }
@@ -151,11 +150,11 @@ impl Etcd {
         }
         let n = ops.len();
         let mut c = self.client.clone();
-        self.rt.block_on(async move {
+        self.run(async move {
             let mut ops = ops.into_iter().peekable();
             while ops.peek().is_some() {
                 let chunk: Vec<TxnOp> = ops.by_ref().take(MAX_TXN_OPS).collect();
-                c.txn(Txn::new().and_then(chunk)).await.map_err(down)?;
+                c.txn(Txn::new().and_then(chunk)).await?;
             }
             Ok(n)
         })

@@ -26,12 +26,10 @@ pub struct EtcdStore {
     /// Keys of other hosts' records read by [`get`](ConnectionStore::get),
     /// so that a write goes back to the same key.
     remote: Mutex<HashMap<String, String>>,
-    /// Where the records last listed are kept (`None`: nowhere).
-    copy: Option<std::path::PathBuf>,
-}
-
-fn down(e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable(format!("etcd: {e}"))
+    /// Where the records last listed are kept, and what was written there
+    /// last (written again only when it changes).
+    copy: std::path::PathBuf,
+    copied: Mutex<Vec<u8>>,
 }
 
 fn decode(key: &[u8], value: &[u8], revision: i64) -> Result<Connection, StoreError> {
@@ -49,8 +47,8 @@ impl EtcdStore {
     /// (`store-connections.json`): while etcd cannot be reached, listing
     /// answers them (a start during an outage), and writes wait.
     pub fn open(etcd: Arc<Etcd>, local: Arc<RedbStore>, state_dir: &std::path::Path) -> Result<EtcdStore, StoreError> {
-        let copy = Some(state_dir.join("store-connections.json"));
-        let s = EtcdStore { etcd, local, remote: Mutex::new(HashMap::new()), copy };
+        let copy = state_dir.join("store-connections.json");
+        let s = EtcdStore { etcd, local, remote: Mutex::new(HashMap::new()), copy, copied: Mutex::new(Vec::new()) };
         let have: Vec<String> = s.list()?.into_iter().map(|c| c.endpoint).collect();
         for c in s.local.list()? {
             if have.contains(&c.endpoint) {
@@ -76,21 +74,21 @@ impl EtcdStore {
 
     /// Keeps `list` (with revisions) in the state directory.
     fn keep_copy(&self, list: &[Connection]) {
-        let Some(path) = &self.copy else { return };
         let rows: Vec<serde_json::Value> =
             list.iter().map(|c| serde_json::json!({ "revision": c.revision, "record": c })).collect();
-        let tmp = path.with_extension("tmp");
-        let r = serde_json::to_vec(&rows)
-            .map_err(std::io::Error::other)
-            .and_then(|b| std::fs::write(&tmp, b))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        if let Err(e) = r {
-            tracing::warn!("cannot keep a copy of the connection records in {}: {e}", path.display());
+        let Ok(bytes) = serde_json::to_vec(&rows) else { return };
+        let mut copied = self.copied.lock().unwrap_or_else(|e| e.into_inner());
+        if *copied == bytes {
+            return;
+        }
+        match crate::state::write_atomic(&self.copy, &bytes) {
+            Ok(()) => *copied = bytes,
+            Err(e) => tracing::warn!("cannot keep a copy of the connection records: {e:#}"),
         }
     }
 
     fn copy(&self) -> Option<Vec<Connection>> {
-        let bytes = std::fs::read(self.copy.as_ref()?).ok()?;
+        let bytes = std::fs::read(&self.copy).ok()?;
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&bytes).ok()?;
         rows.into_iter()
             .map(|r| {
@@ -115,8 +113,7 @@ impl EtcdStore {
 impl ConnectionStore for EtcdStore {
     fn get(&self, endpoint: &str) -> Result<Connection, StoreError> {
         let own = format!("{}{endpoint}", self.root());
-        let kvs =
-            self.etcd.block(|mut c| async move { c.get(own, None).await.map(|mut r| r.take_kvs()) }).map_err(down)?;
+        let kvs = self.etcd.block(|mut c| async move { c.get(own, None).await.map(|mut r| r.take_kvs()) })?;
         let mine = kvs.first().map(|kv| decode(kv.key(), kv.value(), kv.mod_revision())).transpose()?;
         if let Some(c) = mine.as_ref().filter(|c| c.state != privlink_core::ConnectionState::Disconnected) {
             self.remote.lock().unwrap_or_else(|e| e.into_inner()).remove(endpoint);
@@ -127,12 +124,9 @@ impl ConnectionStore for EtcdStore {
         let hosts = format!("{}/hosts/", self.etcd.layout.prefix);
         let suffix = format!("/connections/{endpoint}");
         let own_key = format!("{}{endpoint}", self.root());
-        let kvs = self
-            .etcd
-            .block(|mut c| async move {
-                c.get(hosts, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs())
-            })
-            .map_err(down)?;
+        let kvs = self.etcd.block(|mut c| async move {
+            c.get(hosts, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs())
+        })?;
         let mut live = Vec::new();
         for kv in kvs.iter().filter(|kv| kv.key().ends_with(suffix.as_bytes()) && kv.key() != own_key.as_bytes()) {
             let c = decode(kv.key(), kv.value(), kv.mod_revision())?;
@@ -178,7 +172,7 @@ impl ConnectionStore for EtcdStore {
             }
             // etcd away: the records as last read (a start meanwhile runs
             // on them; any write still waits for etcd).
-            Err(e) => self.copy().ok_or_else(|| down(e)),
+            Err(e) => self.copy().ok_or_else(|| StoreError::from(e)),
         }
     }
 
@@ -208,10 +202,9 @@ impl ConnectionStore for EtcdStore {
             let mut when: Vec<Compare> =
                 guards.iter().map(|g| check(format!("{}{}", self.root(), g.endpoint), g.expected)).collect();
             when.extend(changes.iter().map(|c| check(key_of(c), c.expected)));
-            let ok = self
-                .etcd
-                .block(|mut c| async move { c.txn(Txn::new().when(when).and_then(puts)).await.map(|r| r.succeeded()) })
-                .map_err(down)?;
+            let ok = self.etcd.block(|mut c| async move {
+                c.txn(Txn::new().when(when).and_then(puts)).await.map(|r| r.succeeded())
+            })?;
             if !ok {
                 return Err(StoreError::Conflict(first));
             }
@@ -228,20 +221,17 @@ impl ConnectionStore for EtcdStore {
                 return Err(StoreError::Conflict(first));
             }
             let r2 = root.clone();
-            let (now, mut since) = self
-                .etcd
-                .block(|mut c| async move {
-                    c.get(r2, Some(GetOptions::new().with_prefix().with_keys_only())).await.map(|mut r| {
-                        let at = r.header().map_or(0, |h| h.revision());
-                        let revs: HashMap<String, u64> = r
-                            .take_kvs()
-                            .iter()
-                            .map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.mod_revision() as u64))
-                            .collect();
-                        (revs, at)
-                    })
+            let (now, mut since) = self.etcd.block(|mut c| async move {
+                c.get(r2, Some(GetOptions::new().with_prefix().with_keys_only())).await.map(|mut r| {
+                    let at = r.header().map_or(0, |h| h.revision());
+                    let revs: HashMap<String, u64> = r
+                        .take_kvs()
+                        .iter()
+                        .map(|kv| (String::from_utf8_lossy(kv.key()).to_string(), kv.mod_revision() as u64))
+                        .collect();
+                    (revs, at)
                 })
-                .map_err(down)?;
+            })?;
             let expected = guards
                 .iter()
                 .map(|g| (format!("{root}{}", g.endpoint), g.expected, &g.endpoint))
@@ -255,14 +245,11 @@ impl ConnectionStore for EtcdStore {
             while puts.peek().is_some() {
                 let chunk: Vec<TxnOp> = puts.by_ref().take(max).collect();
                 let cmp = Compare::mod_revision(root.clone(), CompareOp::Less, since + 1).with_prefix();
-                let (ok, at) = self
-                    .etcd
-                    .block(|mut c| async move {
-                        c.txn(Txn::new().when([cmp]).and_then(chunk))
-                            .await
-                            .map(|r| (r.succeeded(), r.header().map_or(0, |h| h.revision())))
-                    })
-                    .map_err(down)?;
+                let (ok, at) = self.etcd.block(|mut c| async move {
+                    c.txn(Txn::new().when([cmp]).and_then(chunk))
+                        .await
+                        .map(|r| (r.succeeded(), r.header().map_or(0, |h| h.revision())))
+                })?;
                 if !ok {
                     return Err(StoreError::Conflict(first));
                 }

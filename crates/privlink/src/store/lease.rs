@@ -46,10 +46,6 @@ pub type Held = BTreeMap<String, BTreeSet<Ipv4Addr>>;
 /// addresses. Set by the daemon on every (re)load; read by each round.
 pub type Serving = Arc<Mutex<BTreeMap<String, Vec<Ipv4Addr>>>>;
 
-fn down(e: etcd_client::Error) -> StoreError {
-    StoreError::Unavailable(format!("etcd: {e}"))
-}
-
 /// This host's lease and what it holds under it.
 #[derive(Debug)]
 pub struct Owner {
@@ -90,7 +86,7 @@ impl Owner {
         if let Some(id) = kept {
             let asked = Instant::now();
             let alive = o.etcd.block(|mut c| async move { c.lease_time_to_live(id, None).await.map(|r| r.ttl()) });
-            if alive.map_err(down)? > 0 {
+            if alive? > 0 {
                 o.lease = id;
                 o.renewed_at = asked;
                 tracing::info!(lease = id, "store: resuming the lease of the last run");
@@ -105,16 +101,15 @@ impl Owner {
     fn grant(&mut self) -> Result<(), StoreError> {
         let secs = self.ttl.as_secs().max(1) as i64;
         let asked = Instant::now();
-        let id =
-            self.etcd.block(|mut c| async move { c.lease_grant(secs, None).await.map(|r| r.id()) }).map_err(down)?;
+        let id = self.etcd.block(|mut c| async move { c.lease_grant(secs, None).await.map(|r| r.id()) })?;
         self.lease = id;
         self.renewed_at = asked;
         self.held.clear();
         self.releasing.clear();
         self.registered.clear();
         let _ = std::fs::create_dir_all(self.file.parent().unwrap_or(Path::new(".")));
-        if let Err(e) = std::fs::write(&self.file, id.to_string()) {
-            tracing::warn!("cannot keep the lease id in {}: {e}", self.file.display());
+        if let Err(e) = crate::state::write_atomic(&self.file, id.to_string().as_bytes()) {
+            tracing::warn!("cannot keep the lease id: {e:#}");
         }
         tracing::info!(lease = id, ttl_s = secs, "store: lease granted");
         Ok(())
@@ -154,7 +149,7 @@ impl Owner {
             Ok(None) => return Err(StoreError::Unavailable("etcd: the keep-alive stream ended".into())),
             // etcd answered that the lease is gone (it expired).
             Err(etcd_client::Error::LeaseKeepAliveError(m)) if m.contains("not found") => 0,
-            Err(e) => return Err(down(e)),
+            Err(e) => return Err(StoreError::from(e)),
         };
         if ttl > 0 {
             self.renewed_at = asked;
@@ -198,49 +193,63 @@ impl Owner {
             let lease = self.lease;
             let ops: Vec<TxnOp> =
                 new.iter().map(|k| TxnOp::put(k.clone(), "1", Some(PutOptions::new().with_lease(lease)))).collect();
-            self.etcd.block(|mut c| async move { c.txn(Txn::new().and_then(ops)).await.map(drop) }).map_err(down)?;
+            self.etcd.block(|mut c| async move { c.txn(Txn::new().and_then(ops)).await.map(drop) })?;
             self.registered.extend(new);
         }
-        // Everything this lease holds, whatever the service: what the
-        // config no longer has (a service not served, an address removed
-        // from `nat_ips`) is not in use and goes at once, as do serving
-        // keys of services no longer served.
+        // One read of the claims and one of the serving keys, for every
+        // service at once.
         let lease = self.lease;
-        let claims: Vec<(String, Ipv4Addr)> = self
-            .mine(&format!("{prefix}/nat/"))?
-            .into_iter()
-            .filter_map(|k| {
-                let rest = k.strip_prefix(&format!("{prefix}/nat/"))?;
-                let (service, ip) = rest.split_once('/')?;
-                Some((service.to_string(), ip.parse().ok()?))
-            })
-            .collect();
-        for (service, ip) in &claims {
-            if !serving.get(service).is_some_and(|ips| ips.contains(ip)) {
-                self.delete(&format!("{prefix}/nat/{service}/{ip}"))?;
-                tracing::info!(service = %service, nat_ip = %ip, "NAT address given back (no longer configured here)");
+        let (nat, serving_root) = (format!("{prefix}/nat/"), format!("{prefix}/serving/"));
+        // Per service: each claimed address's (host, lease).
+        let mut owners: BTreeMap<String, BTreeMap<Ipv4Addr, (String, i64)>> = BTreeMap::new();
+        for (key, value, l) in self.list(&nat)? {
+            let Some((service, ip)) = key.strip_prefix(&nat).and_then(|r| r.split_once('/')) else { continue };
+            let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
+            owners.entry(service.to_string()).or_default().insert(ip, (value, l));
+        }
+        let mut hosts: BTreeMap<String, usize> = BTreeMap::new();
+        for (key, _, l) in self.list(&serving_root)? {
+            let Some((service, _)) = key.strip_prefix(&serving_root).and_then(|r| r.split_once('/')) else { continue };
+            *hosts.entry(service.to_string()).or_default() += 1;
+            // Serving keys of services no longer served go.
+            if l == lease && !serving.contains_key(service) {
+                self.delete(&key)?;
+                self.registered.remove(&key);
             }
         }
-        for k in self.mine(&format!("{prefix}/serving/"))? {
-            let served = k.strip_prefix(&format!("{prefix}/serving/")).and_then(|r| r.split_once('/')).map(|(s, _)| s);
-            if served.is_some_and(|s| !serving.contains_key(s)) {
-                self.delete(&k)?;
-                self.registered.remove(&k);
-            }
-        }
-        // Addresses given back earlier, now out of use: their keys go.
-        if applied {
-            for (service, ip) in std::mem::take(&mut self.releasing) {
-                self.delete(&format!("{prefix}/nat/{service}/{ip}"))?;
-                tracing::info!(service = %service, nat_ip = %ip, "NAT address given back (beyond this host's share)");
+        // What this lease holds that the config no longer has (a service
+        // not served, an address removed from `nat_ips`) is not in use and
+        // goes at once; addresses given back earlier, now out of use
+        // (`applied`), go too.
+        let releasing = if applied { std::mem::take(&mut self.releasing) } else { Vec::new() };
+        for (service, ips) in &mut owners {
+            let gone: Vec<Ipv4Addr> = ips
+                .iter()
+                .filter(|(ip, (_, l))| {
+                    *l == lease
+                        && (!serving.get(service).is_some_and(|c| c.contains(ip))
+                            || releasing.contains(&(service.clone(), **ip)))
+                })
+                .map(|(ip, _)| *ip)
+                .collect();
+            for ip in gone {
+                self.delete(&format!("{nat}{service}/{ip}"))?;
+                ips.remove(&ip);
+                let why = if releasing.contains(&(service.clone(), ip)) {
+                    "beyond this host's share"
+                } else {
+                    "no longer configured here"
+                };
+                tracing::info!(service = %service, nat_ip = %ip, "NAT address given back ({why})");
             }
         }
         let mut held = Held::new();
         for (service, ips) in serving {
             self.renew_if_due()?;
-            let hosts = self.count(&format!("{prefix}/serving/{service}/"))?.max(1);
+            let hosts = hosts.get(service).copied().unwrap_or(0).max(1);
             let share = ips.len().div_ceil(hosts);
-            let owners = self.owners(&format!("{prefix}/nat/{service}/"))?;
+            let none = BTreeMap::new();
+            let owners = owners.get(service).unwrap_or(&none);
             let releasing = &self.releasing;
             let mut mine: Vec<Ipv4Addr> = ips
                 .iter()
@@ -263,17 +272,13 @@ impl Owner {
                 if mine.len() >= share {
                     break;
                 }
-                let key = format!("{prefix}/nat/{service}/{ip}");
-                let (k2, h2) = (key.clone(), host.clone());
-                let won = self
-                    .etcd
-                    .block(|mut c| async move {
-                        let t = Txn::new()
-                            .when([Compare::version(k2.clone(), CompareOp::Equal, 0)])
-                            .and_then([TxnOp::put(k2, h2, Some(PutOptions::new().with_lease(lease)))]);
-                        c.txn(t).await.map(|r| r.succeeded())
-                    })
-                    .map_err(down)?;
+                let (k2, h2) = (format!("{nat}{service}/{ip}"), host.clone());
+                let won = self.etcd.block(|mut c| async move {
+                    let t = Txn::new()
+                        .when([Compare::version(k2.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(k2, h2, Some(PutOptions::new().with_lease(lease)))]);
+                    c.txn(t).await.map(|r| r.succeeded())
+                })?;
                 if won {
                     tracing::info!(service = %service, nat_ip = %ip, share, hosts, "NAT address claimed");
                     mine.push(*ip);
@@ -301,19 +306,22 @@ impl Owner {
                     .and_then([TxnOp::delete(k, None)]);
                 c.txn(t).await.map(drop)
             })
-            .map_err(down)
+            .map_err(StoreError::from)
     }
 
-    /// The keys under `prefix` on this host's lease.
-    fn mine(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let (p, l) = (prefix.to_string(), self.lease);
-        let kvs = self
-            .etcd
-            .block(|mut c| async move {
-                c.get(p, Some(GetOptions::new().with_prefix().with_keys_only())).await.map(|mut r| r.take_kvs())
+    /// Every key under `prefix`, with its value and lease.
+    fn list(&self, prefix: &str) -> Result<Vec<(String, String, i64)>, StoreError> {
+        let p = prefix.to_string();
+        let kvs = self.etcd.block(|mut c| async move {
+            c.get(p, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs())
+        })?;
+        Ok(kvs
+            .iter()
+            .map(|kv| {
+                let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+                (text(kv.key()), text(kv.value()), kv.lease())
             })
-            .map_err(down)?;
-        Ok(kvs.iter().filter(|kv| kv.lease() == l).map(|kv| String::from_utf8_lossy(kv.key()).to_string()).collect())
+            .collect())
     }
 
     /// Ends the lease (a clean stop): etcd deletes every key on it, so
@@ -329,35 +337,6 @@ impl Owner {
             // resumes it, with its addresses.
             Err(e) => tracing::warn!(lease = id, "store: cannot revoke the lease ({e}); it expires by itself"),
         }
-    }
-
-    /// How many keys start with `prefix`.
-    fn count(&self, prefix: &str) -> Result<usize, StoreError> {
-        let p = prefix.to_string();
-        self.etcd
-            .block(|mut c| async move {
-                c.get(p, Some(GetOptions::new().with_prefix().with_count_only())).await.map(|r| r.count() as usize)
-            })
-            .map_err(down)
-    }
-
-    /// The owners (host, lease) of the addresses under `prefix`.
-    fn owners(&self, prefix: &str) -> Result<BTreeMap<Ipv4Addr, (String, i64)>, StoreError> {
-        let p = prefix.to_string();
-        let kvs = self
-            .etcd
-            .block(
-                |mut c| async move { c.get(p, Some(GetOptions::new().with_prefix())).await.map(|mut r| r.take_kvs()) },
-            )
-            .map_err(down)?;
-        Ok(kvs
-            .iter()
-            .filter_map(|kv| {
-                let key = String::from_utf8_lossy(kv.key());
-                let ip = key.rsplit('/').next()?.parse::<Ipv4Addr>().ok()?;
-                Some((ip, (String::from_utf8_lossy(kv.value()).to_string(), kv.lease())))
-            })
-            .collect())
     }
 }
 

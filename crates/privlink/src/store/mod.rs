@@ -113,6 +113,13 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// An etcd request that failed: the store cannot be reached now.
+impl From<etcd_client::Error> for StoreError {
+    fn from(e: etcd_client::Error) -> StoreError {
+        StoreError::Unavailable(format!("etcd: {e}"))
+    }
+}
+
 /// The connection store. Implementations: [`RedbStore`] (one host),
 /// [`EtcdStore`] (a fleet).
 pub trait ConnectionStore: Send + Sync + std::fmt::Debug {
