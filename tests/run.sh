@@ -25,6 +25,10 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v etcdctl >/dev/null 2>&1 || need+=(etcd-client)
+# tests/dns.rs: dig and curl as consumers, dnsmasq as the upstream.
+command -v dig >/dev/null 2>&1 || need+=(bind9-dnsutils)
+command -v dnsmasq >/dev/null 2>&1 || need+=(dnsmasq)
+command -v curl >/dev/null 2>&1 || need+=(curl)
 if ((${#need[@]})); then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -81,6 +81,8 @@ pub struct Opts {
     pub offload: bool,
     /// `[provider] mtu`.
     pub provider_mtu: u16,
+    /// Lines added to both networks' tables.
+    pub network_extra: &'static str,
 }
 
 impl Default for Opts {
@@ -93,6 +95,7 @@ impl Default for Opts {
             billing_visibility: r#"["*"]"#,
             offload: true,
             provider_mtu: 1500,
+            network_extra: "",
         }
     }
 }
@@ -166,6 +169,7 @@ tenant = "contoso"
 tun = "pla0"
 netns = "{a}"
 address = "{client}/32"
+{net_extra}
 
 [[network]]
 name = "vnet-b"
@@ -173,6 +177,7 @@ tenant = "fabrikam"
 tun = "plb0"
 netns = "{b}"
 address = "{client}/32"
+{net_extra}
 
 [[service]]
 name = "orders"
@@ -229,6 +234,7 @@ service = "billing"
             billing_vis = opts.billing_visibility,
             offload = opts.offload,
             provider_mtu = opts.provider_mtu,
+            net_extra = opts.network_extra,
         )
     }
 

@@ -96,6 +96,19 @@ pub struct Network {
     pub mtu: u16,
     /// Address and prefix length for the TUN itself.
     pub address: Option<(Ipv4Addr, u8)>,
+    /// The network's private DNS resolver address (`dns`): privlink adds
+    /// it to the network's device and answers on it, UDP and TCP port 53
+    /// (docs/DNS.md).
+    pub dns: Option<Ipv4Addr>,
+}
+
+impl Network {
+    /// Whether `other` needs the same device as this network: every field
+    /// but `dns`, which a reload changes without touching the device (or
+    /// the flows through it).
+    pub fn same_device(&self, other: &Network) -> bool {
+        Network { dns: None, ..self.clone() } == Network { dns: None, ..other.clone() }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +126,9 @@ pub struct Service {
     pub health: Option<Health>,
     /// `proxy_protocol = "v2"` with its `proxy_tlv`; `None`: off.
     pub proxy: Option<ProxyTlv>,
+    /// Names every endpoint of the service answers to in its network's
+    /// resolver (lower case, no trailing dot).
+    pub dns_names: Vec<String>,
 }
 
 /// A service's backend health probe (`health = { ... }`).
@@ -160,6 +176,32 @@ pub struct Endpoint {
     pub max_flows: Option<u32>,
     /// Allowed consumer sources (address, prefix length); empty: any.
     pub allow_sources: Vec<(Ipv4Addr, u8)>,
+    /// Names of this endpoint besides its service's `dns_names` (lower
+    /// case, no trailing dot).
+    pub dns_names: Vec<String>,
+}
+
+/// `[dns]`: how the networks' resolvers answer (docs/DNS.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dns {
+    /// Upstreams for names privlink does not publish, tried in turn
+    /// (reached from the daemon's own namespace). Empty: such names are
+    /// answered REFUSED.
+    pub forward: Vec<SocketAddr>,
+    /// TTL of the records privlink answers, seconds (default 10, Azure's).
+    pub ttl: u32,
+    /// Queries per second one network's resolver answers at most (a token
+    /// bucket holding one second's worth); past it queries are dropped and
+    /// counted. Default 20,000.
+    pub rate: u32,
+    /// One log line per query (network, client, name, type, answer).
+    pub query_log: bool,
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Dns { forward: Vec::new(), ttl: 10, rate: 20_000, query_log: false }
+    }
 }
 
 /// Reads at most [`MAX_FILE`] bytes of UTF-8 text.
@@ -215,6 +257,8 @@ pub struct Config {
     pub networks: Vec<Network>,
     pub services: Vec<Service>,
     pub endpoints: Vec<Endpoint>,
+    /// `[dns]`.
+    pub dns: Dns,
 }
 
 /// `[flow_logs]` (all optional).
@@ -355,6 +399,18 @@ impl Config {
         self.services.iter().find(|s| s.name == name)
     }
 
+    /// The names endpoint `e` answers to in its network's resolver: its
+    /// service's `dns_names`, then its own, each once.
+    pub fn dns_names(&self, e: &Endpoint) -> Vec<String> {
+        let mut names: Vec<String> = self.service(&e.service).map(|s| s.dns_names.clone()).unwrap_or_default();
+        for n in &e.dns_names {
+            if !names.contains(n) {
+                names.push(n.clone());
+            }
+        }
+        names
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, Error> {
         let file = path.display().to_string();
@@ -479,6 +535,8 @@ struct Raw {
     state: RawState,
     #[serde(default)]
     flow_logs: RawFlowLogs,
+    #[serde(default)]
+    dns: RawDns,
     store: Option<S<RawStore>>,
     provider: Option<S<RawProvider>>,
     #[serde(default)]
@@ -515,6 +573,15 @@ struct RawFlowLogs {
     collector: Option<S<String>>,
     queue: Option<S<i64>>,
     events_file: Option<S<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    forward: Option<S<Vec<S<String>>>>,
+    ttl: Option<S<i64>>,
+    rate: Option<S<i64>>,
+    query_log: Option<S<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -555,6 +622,7 @@ struct RawNetwork {
     netns: Option<S<String>>,
     mtu: Option<S<i64>>,
     address: Option<S<String>>,
+    dns: Option<S<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -571,6 +639,7 @@ struct RawService {
     proxy_tlv: Option<S<String>>,
     max_flows_per_endpoint: Option<S<i64>>,
     health: Option<S<RawHealth>>,
+    dns_names: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -602,6 +671,7 @@ struct RawEndpoint {
     service: Option<S<String>>,
     max_flows: Option<S<i64>>,
     allow_sources: Option<S<Vec<S<String>>>>,
+    dns_names: Option<S<Vec<S<String>>>>,
 }
 
 // ---- validation -----------------------------------------------------------
@@ -814,6 +884,81 @@ impl Cx<'_> {
         Some(a)
     }
 
+    /// A DNS name a resolver answers to (RFC 1035 §2.3.4: at most 253
+    /// characters written out, labels of 1 to 63), lower-cased, without a
+    /// trailing dot; letters, digits, '-' and '_' (service labels), at
+    /// least two labels, none starting or ending with '-'.
+    fn dns_name(&mut self, s: &S<String>) -> Option<String> {
+        let raw = s.get_ref();
+        let n = raw.strip_suffix('.').unwrap_or(raw).to_ascii_lowercase();
+        let labels: Vec<&str> = n.split('.').collect();
+        let bad = if n.len() > 253 {
+            Some("longer than 253 characters")
+        } else if labels.len() < 2 {
+            Some("needs at least two labels (`name.zone`)")
+        } else if labels.iter().any(|l| l.is_empty() || l.len() > 63) {
+            Some("has an empty label or one longer than 63 characters")
+        } else if labels.iter().any(|l| {
+            !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || l.starts_with('-')
+                || l.ends_with('-')
+        }) {
+            Some("labels may hold letters, digits, '-' (not first or last) and '_'")
+        } else {
+            None
+        };
+        if let Some(why) = bad {
+            self.err(s.span().start, format!("dns_names: `{}` is not a DNS name: {why}", shown(raw)));
+            return None;
+        }
+        Some(n)
+    }
+
+    /// A `dns_names` list: each name once.
+    fn dns_names(&mut self, v: &Option<S<Vec<S<String>>>>) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = Vec::new();
+        for s in v.as_ref().map(|l| l.get_ref().as_slice()).unwrap_or_default() {
+            if let Some(n) = self.dns_name(s) {
+                if out.iter().any(|(o, _)| *o == n) {
+                    self.err(s.span().start, format!("dns_names: `{n}` is listed twice"));
+                } else {
+                    out.push((n, s.span().start));
+                }
+            }
+        }
+        out
+    }
+
+    /// The `[dns]` table.
+    fn dns(&mut self, d: &RawDns) -> Dns {
+        let def = Dns::default();
+        let mut forward = Vec::new();
+        for s in d.forward.as_ref().map(|l| l.get_ref().as_slice()).unwrap_or_default() {
+            let t = s.get_ref();
+            let a =
+                t.parse::<SocketAddr>().ok().or_else(|| t.parse::<std::net::IpAddr>().ok().map(|ip| (ip, 53).into()));
+            match a {
+                Some(a) if a.port() != 0 && !a.ip().is_unspecified() => forward.push(a),
+                _ => self.err(s.span().start, format!("forward: `{}` is not an ADDRESS or ADDRESS:PORT", shown(t))),
+            }
+        }
+        if forward.len() > 8 {
+            self.err(d.forward.as_ref().map_or(0, |l| l.span().start), "forward: at most 8 upstreams");
+        }
+        Dns {
+            forward,
+            ttl: self.int(&d.ttl, 0..=86_400, i64::from(def.ttl), "ttl") as u32,
+            rate: self.int(&d.rate, 1..=10_000_000, i64::from(def.rate), "rate") as u32,
+            query_log: d.query_log.as_ref().is_some_and(|q| *q.get_ref()),
+        }
+    }
+
+    /// `FILE:LINE:COL` of `offset`, for a message that names a second place.
+    fn position(&self, offset: usize) -> String {
+        let e = self.error_at(offset, String::new());
+        format!("{}:{}:{}", e.file, e.line, e.col)
+    }
+
     fn name(&mut self, s: &S<String>, kind: &str, seen: &mut HashSet<String>) -> String {
         let n = s.get_ref();
         if n.is_empty() || n.chars().count() > MAX_NAME {
@@ -954,6 +1099,7 @@ impl Cx<'_> {
             events_file: raw.flow_logs.events_file.as_ref().map(|s| PathBuf::from(s.get_ref())),
         };
         let state_dir = PathBuf::from(raw.state.dir.as_ref().map_or("/var/lib/privlink", |s| s.get_ref()));
+        let dns = self.dns(&raw.dns);
         let store = raw.store.as_ref().map(|s| self.store(s));
 
         let mut devices: HashSet<(Option<String>, String)> = HashSet::new();
@@ -976,6 +1122,9 @@ impl Cx<'_> {
 
         let mut names = HashSet::new();
         let mut networks = Vec::new();
+        // (namespace, resolver address, network): one resolver per address
+        // and namespace.
+        let mut dns_at: Vec<(Option<String>, Ipv4Addr, String)> = Vec::new();
         for n in &raw.network {
             let at = n.span().start;
             let n = n.get_ref();
@@ -1006,12 +1155,30 @@ impl Cx<'_> {
                 parsed
             });
             let mtu = self.mtu(&n.mtu);
+            let dns = n.dns.as_ref().and_then(|s| {
+                let a = self.unicast(s, "dns")?;
+                if address.is_some_and(|(own, _)| own == a) {
+                    self.err(
+                        s.span().start,
+                        format!("dns: {a} is the device's own address; give the resolver one of its own"),
+                    );
+                } else if let Some(other) = dns_at.iter().find(|(ns, o, _)| *ns == netns && *o == a) {
+                    self.err(
+                        s.span().start,
+                        format!("dns: {a} is already the resolver of network `{}` in the same namespace", other.2),
+                    );
+                }
+                dns_at.push((netns.clone(), a, name.clone().unwrap_or_default()));
+                Some(a)
+            });
             if let (Some(name), Some(tenant), Some(tun)) = (name, tenant, tun) {
-                networks.push(Network { name, tenant, tun, netns, mtu, address });
+                networks.push(Network { name, tenant, tun, netns, mtu, address, dns });
             }
         }
 
         let mut svc_names = HashSet::new();
+        // Service name -> its dns_names with their positions.
+        let mut svc_dns: HashMap<String, Vec<(String, usize)>> = HashMap::new();
         let mut nat_owner: HashMap<Ipv4Addr, String> = HashMap::new();
         let mut services = Vec::new();
         let mut backend_ips: HashSet<Ipv4Addr> = HashSet::new();
@@ -1145,6 +1312,10 @@ impl Cx<'_> {
             };
             let proxy = if on { tlv } else { None };
             let health = s.health.as_ref().and_then(|h| self.health(h, &ports));
+            let names_at = self.dns_names(&s.dns_names);
+            if let Some(n) = &name {
+                svc_dns.insert(n.clone(), names_at.clone());
+            }
             if let Some(name) = name {
                 services.push(Service {
                     name,
@@ -1159,6 +1330,7 @@ impl Cx<'_> {
                     }),
                     health,
                     proxy,
+                    dns_names: names_at.into_iter().map(|(n, _)| n).collect(),
                 });
             }
         }
@@ -1173,8 +1345,11 @@ impl Cx<'_> {
         }
 
         let mut endpoints = Vec::new();
+        // (network, name) -> (endpoint, where it claimed it).
+        let mut dns_claims: HashMap<(String, String), (String, usize)> = HashMap::new();
         for e in &raw.endpoint {
             let at = e.span().start;
+            let e_at = at;
             let e = e.get_ref();
             let name = self.need(&e.name, at, "name").map(|n| self.name(n, "endpoint", &mut ep_names));
             let network = self.need(&e.network, at, "network").map(|n| {
@@ -1210,8 +1385,39 @@ impl Cx<'_> {
                     allow_sources.push(prefix);
                 }
             }
+            let own_names = self.dns_names(&e.dns_names);
+            // One name, one endpoint per network (its resolver answers one
+            // address): the second claim is refused, naming the first.
+            if let (Some(name), Some(network), Some(service)) = (&name, &network, &service) {
+                let through = svc_dns.get(service).cloned().unwrap_or_default();
+                let mine =
+                    through.iter().map(|(n, at)| (n, *at, true)).chain(own_names.iter().map(|(n, at)| (n, *at, false)));
+                let mut seen_here = HashSet::new();
+                for (n, at, via_service) in mine {
+                    if !seen_here.insert(n.clone()) {
+                        continue;
+                    }
+                    let key = (network.clone(), n.clone());
+                    match dns_claims.get(&key) {
+                        Some((first, first_at)) => {
+                            let here =
+                                if via_service { format!(" (through service `{service}`)") } else { String::new() };
+                            let msg = format!(
+                                "dns_names: `{n}` is claimed twice in network `{network}`: by endpoint `{first}` at {} and by endpoint `{name}`{here}",
+                                self.position(*first_at)
+                            );
+                            let at = if via_service { e_at } else { at };
+                            self.err(at, msg);
+                        }
+                        None => {
+                            dns_claims.insert(key, (name.clone(), if via_service { e_at } else { at }));
+                        }
+                    }
+                }
+            }
             if let (Some(name), Some(network), Some(ip), Some(service)) = (name, network, ip, service) {
-                endpoints.push(Endpoint { name, network, ip, service, max_flows, allow_sources });
+                let dns_names = own_names.into_iter().map(|(n, _)| n).collect();
+                endpoints.push(Endpoint { name, network, ip, service, max_flows, allow_sources, dns_names });
             }
         }
 
@@ -1231,6 +1437,7 @@ impl Cx<'_> {
             networks,
             services,
             endpoints,
+            dns,
         })
     }
 }
@@ -1634,6 +1841,88 @@ service = "orders-db"
         ] {
             let e = errors(&with(bad)).join("\n");
             assert!(e.contains(want) && e.starts_with("t.toml:"), "{bad}: missing {want:?} in\n{e}");
+        }
+    }
+
+    #[test]
+    fn dns_names_and_resolvers_parse_and_conflicts_name_both_positions() {
+        let text = GOOD
+            .replace(
+                "auto_approve = [\"contoso\"]",
+                "auto_approve = [\"contoso\"]\ndns_names = [\"Orders.PrivateLink.Example.Internal.\"]",
+            )
+            .replace("netns = \"tenant-a\"", "netns = \"tenant-a\"\ndns = \"10.1.0.53\"")
+            .replace("name = \"pe-b\"", "name = \"pe-b\"\ndns_names = [\"b.example.internal\"]");
+        let c = Config::parse(
+            &(text.clone() + "\n[dns]\nforward = [\"127.0.0.1:5353\", \"10.9.9.9\"]\nttl = 30\n"),
+            "t.toml",
+        )
+        .expect("valid");
+        assert_eq!(c.networks[0].dns, Some(Ipv4Addr::new(10, 1, 0, 53)));
+        assert_eq!(c.services[0].dns_names, vec!["orders.privatelink.example.internal"], "lower case, no dot");
+        assert_eq!(c.dns_names(&c.endpoints[1]), vec!["orders.privatelink.example.internal", "b.example.internal"]);
+        assert_eq!(
+            c.dns.forward,
+            vec!["127.0.0.1:5353".parse().expect("valid"), "10.9.9.9:53".parse().expect("valid")]
+        );
+        assert_eq!((c.dns.ttl, c.dns.rate, c.dns.query_log), (30, 20_000, false));
+        assert_eq!(Config::parse(GOOD, "t.toml").expect("valid").dns, Dns::default());
+        // A network's resolver moves without a new device.
+        let mut moved = c.networks[0].clone();
+        moved.dns = Some(Ipv4Addr::new(10, 1, 0, 54));
+        assert!(moved.same_device(&c.networks[0]) && moved != c.networks[0]);
+
+        // One name, two endpoints of one network: refused, naming both.
+        let clash = text.clone()
+            + "\n[[endpoint]]\nname = \"pe-c\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.6\"\nservice = \"orders-db\"\n";
+        let e = errors(&clash).join("\n");
+        assert!(
+            e.contains("t.toml:50:1: dns_names: `orders.privatelink.example.internal` is claimed twice in network `vnet-a`: by endpoint `pe-a` at t.toml:37:1 and by endpoint `pe-c` (through service `orders-db`)"),
+            "{e}"
+        );
+        let own = text.clone()
+            + "\n[[endpoint]]\nname = \"pe-c\"\nnetwork = \"vnet-b\"\nip = \"10.1.0.6\"\nservice = \"orders-db\"\ndns_names = [\"B.example.internal\"]\n";
+        let e = errors(&own).join("\n");
+        assert!(e.contains("t.toml:55:14: dns_names: `b.example.internal` is claimed twice in network `vnet-b`: by endpoint `pe-b` at t.toml:45:14 and by endpoint `pe-c`"), "{e}");
+
+        for (bad, want) in [
+            ("dns_names = [\"nodot\"]", "`nodot` is not a DNS name: needs at least two labels"),
+            ("dns_names = [\"a..b\"]", "empty label"),
+            ("dns_names = [\"-a.b\"]", "labels may hold"),
+            ("dns_names = [\"a b.c\"]", "labels may hold"),
+            ("dns_names = [\"a.b\", \"A.B\"]", "`a.b` is listed twice"),
+        ] {
+            let e =
+                errors(&GOOD.replace("auto_approve = [\"contoso\"]", &format!("auto_approve = [\"contoso\"]\n{bad}")))
+                    .join("\n");
+            assert!(e.contains(want) && e.starts_with("t.toml:"), "{bad}: missing {want:?} in\n{e}");
+        }
+        let long = format!("dns_names = [\"{}.b\"]", "a".repeat(64));
+        assert!(errors(&GOOD.replace("auto_approve = [\"contoso\"]", &long)).join("").contains("longer than 63"));
+        for (bad, want) in [
+            ("dns = \"10.1.0.\"", "dns: `10.1.0.` is not an IPv4 address"),
+            ("dns = \"224.0.0.53\"", "dns: 224.0.0.53 is not a unicast address"),
+        ] {
+            let e = errors(&GOOD.replace("netns = \"tenant-a\"", &format!("netns = \"tenant-a\"\n{bad}"))).join("\n");
+            assert!(e.contains(want), "{bad}: missing {want:?} in\n{e}");
+        }
+        let own_addr = GOOD.replace("address = \"10.0.0.1/32\"", "address = \"10.0.0.1/32\"\ndns = \"10.0.0.1\"");
+        assert!(errors(&own_addr).join("").contains("dns: 10.0.0.1 is the device's own address"));
+        let same_ns = GOOD.replace("netns = \"tenant-a\"", "netns = \"tenant-a\"\ndns = \"10.1.0.53\"").replace(
+            "tun = \"pla0\"\nnetns = \"tenant-b\"",
+            "tun = \"plb0\"\nnetns = \"tenant-a\"\ndns = \"10.1.0.53\"",
+        );
+        let e = errors(&same_ns).join("\n");
+        assert!(e.contains("dns: 10.1.0.53 is already the resolver of network `vnet-a` in the same namespace"), "{e}");
+        for (bad, want) in [
+            ("forward = [\"nowhere\"]", "forward: `nowhere` is not an ADDRESS or ADDRESS:PORT"),
+            ("forward = [\"0.0.0.0:53\"]", "forward: `0.0.0.0:53`"),
+            ("ttl = -1", "ttl must be 0 to 86400"),
+            ("rate = 0", "rate must be 1 to 10000000"),
+            ("bogus = 1", "unknown field `bogus`"),
+        ] {
+            let e = errors(&format!("{GOOD}\n[dns]\n{bad}\n")).join("\n");
+            assert!(e.contains(want), "{bad}: missing {want:?} in\n{e}");
         }
     }
 }

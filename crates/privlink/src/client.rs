@@ -84,6 +84,8 @@ struct Connection {
     #[serde(default)]
     updated: u64,
     response_message: Option<String>,
+    #[serde(default)]
+    dns_names: Vec<String>,
 }
 
 pub fn connections_table(json: &str) -> Result<String> {
@@ -98,12 +100,16 @@ pub fn connections_table(json: &str) -> Result<String> {
                 c.tenant.clone(),
                 c.state.clone(),
                 c.link_id.clone(),
+                if c.dns_names.is_empty() { "-".into() } else { c.dns_names.join(",") },
                 when(c.updated),
                 printable(c.response_message.as_deref().unwrap_or_default()),
             ]
         })
         .collect();
-    Ok(table(&["ENDPOINT", "SERVICE", "NETWORK", "TENANT", "STATE", "LINK ID", "UPDATED", "MESSAGE"], &rows))
+    Ok(table(
+        &["ENDPOINT", "SERVICE", "NETWORK", "TENANT", "STATE", "LINK ID", "DNS NAMES", "UPDATED", "MESSAGE"],
+        &rows,
+    ))
 }
 
 pub fn connection_line(json: &str) -> Result<String> {

@@ -307,12 +307,17 @@ async fn list(State(c): State<Arc<Control>>) -> Result<Json<Vec<serde_json::Valu
 /// A connection as the API and `privlink connections` show it: the stored
 /// record, with `link_id` in the form its service's PROXY TLV carries (a
 /// string: what a backend logs, see [`privlink_core::proxy::link_id_shown`])
-/// and `link_id_form` naming that form (`azure`, `aws`, `gcp`, `none`).
+/// and `link_id_form` naming that form (`azure`, `aws`, `gcp`, `none`),
+/// and `dns_names`, the endpoint's names in its network's resolver.
 pub fn shown(config: &privlink_config::Config, conn: &Connection) -> serde_json::Value {
     let tlv = config.service(&conn.service).and_then(|s| s.proxy);
     let mut v = serde_json::to_value(conn).unwrap_or_default();
     v["link_id"] = privlink_core::proxy::link_id_shown(tlv, conn.link_id).into();
     v["link_id_form"] = tlv.unwrap_or(privlink_core::ProxyTlv::None).as_str().into();
+    // The names its network's resolver answers with its address while
+    // approved (docs/DNS.md).
+    let names = config.endpoints.iter().find(|e| e.name == conn.endpoint).map(|e| config.dns_names(e));
+    v["dns_names"] = names.unwrap_or_default().into();
     v
 }
 

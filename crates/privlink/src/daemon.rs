@@ -55,6 +55,8 @@ struct Daemon {
     lock: StateLock,
     /// The backend health probes of the running config.
     prober: Option<crate::health::Prober>,
+    /// The networks' DNS resolvers (made when a network first has `dns`).
+    resolvers: Option<crate::dns::server::Resolvers>,
     /// The IPFIX exporter of NAT events (`[flow_logs] collector`).
     flow_log: Option<crate::flowlog::Exporter>,
     /// Where the flow table and its sidecar live.
@@ -429,6 +431,7 @@ impl Daemon {
             control,
             lock,
             prober: None,
+            resolvers: None,
             flow_log: None,
             run_dir,
             manifest,
@@ -589,7 +592,7 @@ impl Daemon {
         let stale: Vec<String> = self
             .made_from
             .iter()
-            .filter(|(name, (id, n))| config.network(name) != Some(n) || lost(*id))
+            .filter(|(name, (id, n))| !config.network(name).is_some_and(|c| c.same_device(n)) || lost(*id))
             .map(|(name, _)| name.clone())
             .collect();
         drop(cur);
@@ -627,7 +630,9 @@ impl Daemon {
         // 2. New networks: create their devices.
         let mut created: Vec<(NetworkId, Arc<Device>)> = Vec::new();
         for n in &config.networks {
-            if self.made_from.contains_key(&n.name) {
+            if let Some((_, made)) = self.made_from.get_mut(&n.name) {
+                // Same device; a changed `dns` is the resolvers' business.
+                *made = n.clone();
                 continue;
             }
             let def = DeviceDef { name: &n.tun, netns: n.netns.as_deref(), mtu: n.mtu, address: n.address };
@@ -722,6 +727,7 @@ impl Daemon {
             let nat: BTreeSet<Ipv4Addr> = eff.services.iter().flat_map(|s| s.nat_ips.iter().copied()).collect();
             p.set_routes(&nat)?;
         }
+        self.dns(config, &set);
         self.devices.store(Arc::new(set));
         if self.held.is_some() {
             // What the lease thread claims for: set once this config runs
@@ -734,6 +740,35 @@ impl Daemon {
             self.persist_state();
         }
         Ok(())
+    }
+
+    /// Brings the networks' resolvers in line with `config` (devices from
+    /// `set`). A resolver that cannot start is logged; the data path and
+    /// the other resolvers go on (docs/DNS.md).
+    fn dns(&mut self, config: &Config, set: &DeviceSet) {
+        let devices: HashMap<String, (Option<String>, u32)> = config
+            .networks
+            .iter()
+            .filter_map(|n| {
+                let (id, _) = self.made_from.get(&n.name)?;
+                let d = set.networks.get(usize::from(id.0))?.as_ref()?;
+                Some((n.name.clone(), (d.netns.clone(), d.ifindex)))
+            })
+            .collect();
+        if self.resolvers.is_none() {
+            if config.networks.iter().all(|n| n.dns.is_none()) {
+                return;
+            }
+            match crate::dns::server::Resolvers::new(self.engine.clone()) {
+                Ok(r) => self.resolvers = Some(r),
+                Err(e) => return tracing::error!("dns resolvers not running: {e:#}"),
+            }
+        }
+        if let Some(r) = &mut self.resolvers {
+            if let Err(e) = r.update(config, &devices) {
+                tracing::error!("dns resolver not running: {e:#}");
+            }
+        }
     }
 
     /// Recreates network devices someone deleted (the workers marked them
@@ -828,7 +863,7 @@ impl Daemon {
     fn precheck(&self, config: &Config) -> Result<()> {
         for n in &config.networks {
             let old = self.made_from.get(&n.name).map(|(_, o)| o);
-            if old == Some(n) {
+            if old.is_some_and(|o| o.same_device(n)) {
                 continue;
             }
             if let Some(ns) = &n.netns {

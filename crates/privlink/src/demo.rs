@@ -17,6 +17,8 @@ const EP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 10);
 const ORDERS_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
 const BILLING_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
+/// Each tenant network's private DNS resolver (the same address in both).
+const RESOLVER: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 53);
 
 /// The daemon child, stopped with SIGTERM on drop.
 struct Daemon(Child);
@@ -65,6 +67,7 @@ tenant = "contoso"
 tun = "pla0"
 netns = "{a}"
 address = "{CLIENT}/32"
+dns = "{RESOLVER}"
 
 [[network]]
 name = "vnet-fabrikam"
@@ -72,6 +75,7 @@ tenant = "fabrikam"
 tun = "plb0"
 netns = "{b}"
 address = "{CLIENT}/32"
+dns = "{RESOLVER}"
 
 [[service]]
 name = "orders-db"
@@ -80,6 +84,7 @@ backends = ["{ORDERS_BACKEND}"]
 ports = [{{ protocol = "tcp", port = 5432 }}, {{ protocol = "udp", port = 53 }}]
 visibility = ["*"]
 auto_approve = ["*"]
+dns_names = ["orders-db.privatelink.example.internal"]
 
 [[service]]
 name = "billing-api"
@@ -88,6 +93,7 @@ backends = ["{BILLING_BACKEND}"]
 ports = [{{ protocol = "tcp", port = 5432 }}, {{ protocol = "udp", port = 53 }}]
 visibility = ["*"]
 auto_approve = ["*"]
+dns_names = ["billing-api.privatelink.example.internal"]
 
 [[endpoint]]
 name = "pe-contoso-orders"
@@ -172,7 +178,21 @@ pub fn run() -> Result<()> {
     }
     println!();
 
-    println!("3. What is not published stays unreachable:");
+    println!("3. Private DNS: each tenant asks its own resolver, {RESOLVER}, for both services' names:");
+    for (tenant, ns_name) in [("contoso", &a), ("fabrikam", &b)] {
+        for name in ["orders-db.privatelink.example.internal", "billing-api.privatelink.example.internal"] {
+            let (addr, code) = testbed::resolve(ns_name, RESOLVER, name).with_context(|| format!("{tenant}: DNS"))?;
+            let shown = addr.map_or(code, |a| a.to_string());
+            println!("   {tenant:<9} {name:<40} -> {shown}");
+        }
+    }
+    let (addr, _) = testbed::resolve(&a, RESOLVER, "orders-db.privatelink.example.internal")?;
+    let addr = addr.context("contoso: orders-db's name did not resolve")?;
+    let mut s = testbed::connect(&a, addr, 5432, Duration::from_secs(3)).context("contoso: TCP by name")?;
+    println!("   contoso   connects by name to orders-db.privatelink.example.internal:5432: {}", testbed::line(&mut s));
+    println!("   (a name resolves only where the tenant has an endpoint for it, to that endpoint)\n");
+
+    println!("4. What is not published stays unreachable:");
     match testbed::connect(&a, EP, 22, Duration::from_secs(1)) {
         Ok(_) => println!("   contoso -> {EP}:22 (not offered)       CONNECTED (unexpected!)"),
         Err(e) => println!("   contoso -> {EP}:22 (not offered)       blocked: {}", e.root_cause()),
@@ -185,7 +205,7 @@ pub fn run() -> Result<()> {
     println!();
 
     let text = testbed::scrape(metrics).context("cannot scrape metrics")?;
-    println!("4. Metrics (http://{metrics}/metrics), the lines that moved:");
+    println!("5. Metrics (http://{metrics}/metrics), the lines that moved:");
     let mut lines: Vec<&str> = text.lines().collect();
     lines.sort_unstable();
     for l in lines {
@@ -195,6 +215,7 @@ pub fn run() -> Result<()> {
             "privlink_endpoint_flows_created_total",
             "privlink_packets_dropped_total",
             "privlink_flows_active",
+            "privlink_dns_queries_total",
         ]
         .iter()
         .any(|m| l.starts_with(m));
@@ -208,7 +229,7 @@ pub fn run() -> Result<()> {
     println!();
 
     let socket = dir.0.join("control.sock");
-    println!("5. The control API: privlink connections, privlink flows");
+    println!("6. The control API: privlink connections, privlink flows");
     let list = crate::client::call(&socket, "GET", "/v1/connections", None)?;
     for l in crate::client::connections_table(&list)?.lines() {
         println!("   {l}");

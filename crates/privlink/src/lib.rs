@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod dataplane;
 pub mod demo;
 pub mod device;
+pub mod dns;
 pub mod flowlog;
 pub mod handover;
 pub mod health;

@@ -49,6 +49,19 @@ pub fn install() -> Result<PrometheusHandle> {
         "privlink_store_refused",
         "1 while the store's documents for this host do not validate (it runs on the last good ones)."
     );
+    describe_counter!(
+        "privlink_dns_queries_total",
+        "Queries a network's resolver answered, by response code (NOERROR, NXDOMAIN, REFUSED, FORMERR, SERVFAIL, NOTIMP, other)."
+    );
+    describe_counter!(
+        "privlink_dns_dropped_total",
+        "Queries a network's resolver dropped unanswered: rate_limited ([dns] rate), malformed (no DNS header, or a response), busy (too many TCP connections or forwards in flight)."
+    );
+    describe_counter!(
+        "privlink_dns_forward_errors_total",
+        "Forwarded queries no [dns] forward upstream answered (the client got SERVFAIL)."
+    );
+    counter!("privlink_dns_forward_errors_total").absolute(0);
     describe_gauge!("privlink_flows_max", "Flows the flow table holds at most ([dataplane] max_flows).");
     describe_gauge!("privlink_connection_state", "1 for an endpoint connection's current state, 0 for the others.");
     describe_counter!("privlink_tun_write_errors_total", "Packets a TUN device refused to take.");

@@ -221,3 +221,35 @@ pub fn ifindex(name: &str) -> Result<u32> {
         i => Ok(i),
     }
 }
+
+/// Adds (`add`) or removes a `/32` address on interface `ifindex`, in the
+/// calling thread's namespace (`ip addr add|del ADDR/32 dev IFINDEX`): a
+/// network's resolver address (docs/DNS.md). Adding an address that is
+/// there already, or removing one that is not, succeeds.
+pub fn set_address(ifindex: u32, addr: Ipv4Addr, add: bool) -> Result<()> {
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage, AddressScope};
+    let mut a = AddressMessage::default();
+    a.header.family = AddressFamily::Inet;
+    a.header.prefix_len = 32;
+    a.header.scope = AddressScope::Universe;
+    a.header.index = ifindex;
+    a.attributes = vec![AddressAttribute::Local(addr.into()), AddressAttribute::Address(addr.into())];
+    let mut header = NetlinkHeader::default();
+    let msg = if add {
+        header.flags = NLM_F_CREATE | NLM_F_REPLACE;
+        RouteNetlinkMessage::NewAddress(a)
+    } else {
+        RouteNetlinkMessage::DelAddress(a)
+    };
+    match request(&socket()?, NetlinkMessage::new(header, NetlinkPayload::from(msg))) {
+        Err(e)
+            if !add
+                && e.downcast_ref::<std::io::Error>()
+                    .and_then(std::io::Error::raw_os_error)
+                    .is_some_and(|c| c == libc::EADDRNOTAVAIL || c == libc::ENODEV) =>
+        {
+            Ok(())
+        }
+        r => r.with_context(|| format!("cannot {} address {addr}/32", if add { "add" } else { "remove" })),
+    }
+}
