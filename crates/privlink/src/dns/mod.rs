@@ -203,7 +203,7 @@ impl Zones {
 /// A label holding a byte no published name can hold (anything but
 /// letters, digits, '-' and '_') gives a key that matches nothing.
 fn lookup_key(name: &hickory_proto::rr::Name) -> String {
-    let mut key = String::with_capacity(usize::from(name.len()));
+    let mut key = String::with_capacity(name.len());
     for label in name.iter() {
         if !key.is_empty() {
             key.push('.');
