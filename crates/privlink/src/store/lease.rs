@@ -86,7 +86,11 @@ impl Owner {
         if let Some(id) = kept {
             let asked = Instant::now();
             let alive = o.etcd.block(|mut c| async move { c.lease_time_to_live(id, None).await.map(|r| r.ttl()) });
-            if alive? > 0 {
+            // etcd reports the time left in whole seconds, rounded down:
+            // a live lease in its last second reads 0 (seen with etcd 3.4:
+            // a 2 s lease 1.3 s after its renewal, "remaining(0s)"); an
+            // expired or unknown one reads -1.
+            if alive? >= 0 {
                 o.lease = id;
                 o.renewed_at = asked;
                 tracing::info!(lease = id, "store: resuming the lease of the last run");
