@@ -375,6 +375,16 @@ pub fn is_martian_v4(addr: u32) -> bool {
     first == 0 || first == 127 || first >= 224
 }
 
+/// Whether an IPv6 address is a source no router forwards from: the
+/// unspecified address and loopback (RFC 4291 §2.5.2, §2.5.3), multicast
+/// (§2.7: never a source), link-local (§2.5.6: routers must not forward
+/// it) and IPv4-mapped addresses (§2.5.5.2: never on the wire, RFC 5156
+/// §2.2). The IPv6 counterpart of [`is_martian_v4`].
+#[inline]
+pub fn is_martian_v6(addr: u128) -> bool {
+    addr <= 1 || addr >> 120 == 0xff || addr >> 118 == 0xfe80 >> 6 || addr >> 32 == 0xffff
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -419,6 +429,16 @@ mod tests {
         let c = <V6 as Family>::Cell::default();
         V6::store(&c, k.0);
         assert_eq!(V6::load(&c), k.0);
+    }
+
+    #[test]
+    fn martian_v6_sources() {
+        for a in ["::", "::1", "ff02::1", "ff0e::1", "fe80::1", "febf::1", "::ffff:10.1.0.5"] {
+            assert!(is_martian_v6(u128::from(a.parse::<Ipv6Addr>().expect("addr"))), "{a}");
+        }
+        for a in ["fd00::1", "2001:db8::1", "fec0::1", "::2", "64:ff9b::a01:5", "2a00::1"] {
+            assert!(!is_martian_v6(u128::from(a.parse::<Ipv6Addr>().expect("addr"))), "{a}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! rewrites, one file per protocol (as smoltcp's `wire/`): `ipv4`, `tcp`
 //! (with the sequence, acknowledgement and SACK words), `icmp`, and
 //! `transport` (parsing the L4 header once, and the port rewrite TCP and
-//! UDP share). IPv6 and ICMPv6 get files of their own beside them.
+//! UDP share), and `ipv6` (the IPv6 view with its extension-header chain
+//! walked once, not yet on the translation path).
 //!
 //! [`Ipv4Packet::new_checked`] validates a buffer the way the kernel's
 //! `ip_rcv_core` does (version, IHL, total length, header checksum) and
@@ -14,6 +15,7 @@
 
 mod icmp;
 mod ipv4;
+pub mod ipv6;
 pub mod tcp;
 mod transport;
 
