@@ -297,8 +297,14 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     // A flood from one client: past [dns] rate (200/s here) queries are
     // dropped and counted; the other tenant's resolver is not affected.
     let flood: Vec<Vec<u8>> = (0..2000u16).map(|i| query(i, &wire_name(NAME))).collect();
-    let got = udp_raw(&a, flood, Duration::from_millis(300));
-    assert_eq!(short(&b, NAME), WEB_B.to_string(), "tenant b unaffected");
+    let a2 = a.clone();
+    let flooding = std::thread::spawn(move || udp_raw(&a2, flood, Duration::from_millis(300)));
+    std::thread::sleep(Duration::from_millis(60));
+    let during = Instant::now();
+    assert_eq!(short(&b, NAME), WEB_B.to_string(), "tenant b answered while tenant a floods");
+    let during = during.elapsed();
+    let got = flooding.join().expect("flood");
+    assert!(during < Duration::from_millis(500), "tenant b waited {during:?}");
     let dropped = bed.metric("privlink_dns_dropped_total", &[("network", "vnet-a"), ("reason", "rate_limited")]);
     assert!(got.len() <= 400 && dropped >= 1500.0, "answered {}, dropped {dropped}", got.len());
     std::thread::sleep(Duration::from_millis(1100));
@@ -317,6 +323,11 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     assert_eq!(short(&a, NAME), WEB_A.to_string(), "after a hand-over");
     assert_eq!(short(&b, NAME), WEB_B.to_string(), "after a hand-over");
     bed.kill9();
+    let addrs = |ns: &str| {
+        let out = Command::new("ip").args(["-n", ns, "-4", "addr", "show", "dev", "pla0"]).output().expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(addrs(&a).contains(RESOLVER), "the address stays on the device after a crash");
     bed.start();
     assert!(eventually(5, || short(&a, NAME) == WEB_A.to_string()), "after a crash:\n{}", bed.log());
     // The device deleted under the daemon: recreated, with its resolver
@@ -336,15 +347,36 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     assert!(bed.metric("privlink_dns_forward_errors_total", &[]) >= 1.0);
     drop(live);
 
+    // A reload that moves the resolver: answered at the new address, the
+    // old one gone, the device (and its flows) kept.
+    let mut held = connect(&a, EP, 7, Duration::from_secs(3)).expect("echo through pe-a");
+    let moved = || Opts { network_extra: "dns = \"10.1.0.54\"", ..Opts::default() };
+    std::fs::write(&bed.config, config(&bed, &moved(), upstream, "")).expect("config");
+    bed.signal(libc::SIGHUP);
+    let dig_at = |ns: &str, server: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", ns, "dig", "+time=1", "+tries=1", "+short", &format!("@{server}"), NAME])
+            .output()
+            .expect("dig");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert!(eventually(3, || dig_at(&a, "10.1.0.54") == WEB_A.to_string()), "{}", bed.log());
+    assert!(!addrs(&a).contains(RESOLVER), "the old address went:\n{}", addrs(&a));
+    held.write_all(b"moved\n").expect("echo");
+    assert_eq!(line(&mut held), "moved", "the network's device and flows stayed");
+    // A crash, then a start with the resolver back at .53: the address the
+    // last run added (.54) is removed, not left to take packets.
+    bed.kill9();
+    std::fs::write(&bed.config, config(&bed, &opts(), upstream, "")).expect("config");
+    bed.start();
+    assert!(eventually(5, || short(&a, NAME) == WEB_A.to_string()), "{}", bed.log());
+    assert!(!addrs(&a).contains("10.1.0.54"), "left-over address removed:\n{}", addrs(&a));
+
     // A reload without `dns`: the resolver stops and its address goes.
     let plain = Opts::default();
     std::fs::write(&bed.config, config(&bed, &plain, upstream, "")).expect("config");
     bed.signal(libc::SIGHUP);
-    let addrs = || {
-        let out = Command::new("ip").args(["-n", &a, "-4", "addr", "show", "dev", "pla0"]).output().expect("ip");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    assert!(eventually(3, || !addrs().contains(RESOLVER)), "{}\n{}", addrs(), bed.log());
+    assert!(eventually(3, || !addrs(&a).contains(RESOLVER)), "{}\n{}", addrs(&a), bed.log());
     assert!(dig(&a, &[NAME]).contains("no servers could be reached"), "{}", dig(&a, &[NAME]));
     assert!(dig(&b, &[NAME]).contains("no servers could be reached"), "tenant b's resolver stopped too");
 }

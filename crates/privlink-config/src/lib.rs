@@ -1157,7 +1157,14 @@ impl Cx<'_> {
             let mtu = self.mtu(&n.mtu);
             let dns = n.dns.as_ref().and_then(|s| {
                 let a = self.unicast(s, "dns")?;
-                if address.is_some_and(|(own, _)| own == a) {
+                if netns.is_none() {
+                    // Bound in the daemon's own namespace, the resolver would
+                    // answer anyone who routes to the host.
+                    self.err(
+                        s.span().start,
+                        "dns: a resolver needs the network's own `netns` (the namespace is what keeps it to the network)",
+                    );
+                } else if address.is_some_and(|(own, _)| own == a) {
                     self.err(
                         s.span().start,
                         format!("dns: {a} is the device's own address; give the resolver one of its own"),
@@ -1366,6 +1373,12 @@ impl Cx<'_> {
             });
             let ip = self.need(&e.ip, at, "ip").and_then(|s| {
                 let a = self.unicast(s, "ip")?;
+                // A resolver address is local to its namespace: it would
+                // take this endpoint's packets.
+                let ns = network.as_ref().and_then(|n| networks.iter().find(|x| &x.name == n)).map(|x| x.netns.clone());
+                if let Some(r) = dns_at.iter().find(|(rns, ra, _)| Some(rns) == ns.as_ref() && *ra == a) {
+                    self.err(s.span().start, format!("ip: {a} is the DNS resolver address of network `{}`", r.2));
+                }
                 if let Some(net) = &network {
                     if !ep_addrs.insert((net.clone(), a)) {
                         self.err(s.span().start, format!("ip: {a} is already an endpoint in network `{net}`"));
@@ -1906,6 +1919,16 @@ service = "orders-db"
             let e = errors(&GOOD.replace("netns = \"tenant-a\"", &format!("netns = \"tenant-a\"\n{bad}"))).join("\n");
             assert!(e.contains(want), "{bad}: missing {want:?} in\n{e}");
         }
+        let no_ns = GOOD.replace("netns = \"tenant-b\"\naddress", "dns = \"10.1.0.53\"\naddress");
+        assert!(
+            errors(&no_ns).join("").contains("dns: a resolver needs the network's own `netns`"),
+            "{:?}",
+            errors(&no_ns)
+        );
+        let hides = GOOD.replace("netns = \"tenant-a\"", "netns = \"tenant-a\"\ndns = \"10.1.0.5\"");
+        let e = errors(&hides).join("\n");
+        assert!(e.contains("t.toml:39:6: ip: 10.1.0.5 is the DNS resolver address of network `vnet-a`"), "{e}");
+        assert!(!e.contains("vnet-b`"), "another namespace's endpoint may use it: {e}");
         let own_addr = GOOD.replace("address = \"10.0.0.1/32\"", "address = \"10.0.0.1/32\"\ndns = \"10.0.0.1\"");
         assert!(errors(&own_addr).join("").contains("dns: 10.0.0.1 is the device's own address"));
         let same_ns = GOOD.replace("netns = \"tenant-a\"", "netns = \"tenant-a\"\ndns = \"10.1.0.53\"").replace(

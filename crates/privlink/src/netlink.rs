@@ -253,3 +253,47 @@ pub fn set_address(ifindex: u32, addr: Ipv4Addr, add: bool) -> Result<()> {
         r => r.with_context(|| format!("cannot {} address {addr}/32", if add { "add" } else { "remove" })),
     }
 }
+
+/// The IPv4 `/32` addresses on interface `ifindex`, in the calling
+/// thread's namespace (a dump of the IPv4 addresses, filtered): what a
+/// previous daemon may have left there as resolver addresses.
+pub fn addresses32(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr>> {
+    use netlink_packet_core::NLM_F_DUMP;
+    use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+    let socket = socket()?;
+    let mut a = AddressMessage::default();
+    a.header.family = AddressFamily::Inet;
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::GetAddress(a)));
+    msg.finalize();
+    let mut out = vec![0u8; msg.buffer_len()];
+    msg.serialize(&mut out);
+    socket.send(&out, 0).context("netlink send")?;
+    let mut found = std::collections::BTreeSet::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = false;
+    while !done {
+        read_replies(&socket, &mut buf, |reply| {
+            match reply.payload {
+                NetlinkPayload::Done(_) => done = true,
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    bail!("address dump: {}", std::io::Error::from_raw_os_error(-e.code.map_or(0, |c| c.get())))
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m))
+                    if m.header.index == ifindex && m.header.prefix_len == 32 =>
+                {
+                    for at in &m.attributes {
+                        if let AddressAttribute::Local(std::net::IpAddr::V4(v4)) = at {
+                            found.insert(*v4);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            Ok(())
+        })?;
+    }
+    Ok(found)
+}

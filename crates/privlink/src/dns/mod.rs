@@ -91,6 +91,17 @@ impl Zones {
         Zones { networks, private, settings: config.dns.clone() }
     }
 
+    /// Whether `name` is a published name or lies below one
+    /// (`x.orders.privatelink.example.internal`): privlink's to answer,
+    /// never forwarded (a name below an NXDOMAIN does not exist either,
+    /// RFC 8020).
+    fn is_private(&self, name: &str) -> bool {
+        if self.private.contains(name) {
+            return true;
+        }
+        name.match_indices('.').any(|(i, _)| self.private.contains(&name[i + 1..]))
+    }
+
     /// The names of network `net`, sorted (for listings).
     pub fn names_of(&self, net: &str) -> Vec<(String, Published)> {
         let mut v: Vec<_> = self.networks.get(net).into_iter().flatten().map(|(n, p)| (n.clone(), p.clone())).collect();
@@ -116,13 +127,16 @@ impl Zones {
             // makes loops between resolvers).
             return Answer::Drop;
         }
+        let id = u16::from_be_bytes([query[0], query[1]]);
+        let op = OpCode::from_u8((query[2] >> 3) & 0x0f);
+        if query[4..6] != [0, 1] && op == OpCode::Query {
+            // Not one question: FORMERR before the parser reserves room
+            // for the counts a 12-byte header claims.
+            return reply(Message::error_msg(id, op, ResponseCode::FormErr), CLASSIC_UDP);
+        }
         let msg = match Message::from_vec(query) {
             Ok(m) => m,
-            Err(_) => {
-                let id = u16::from_be_bytes([query[0], query[1]]);
-                let op = OpCode::from_u8((query[2] >> 3) & 0x0f);
-                return reply(Message::error_msg(id, op, ResponseCode::FormErr), CLASSIC_UDP);
-            }
+            Err(_) => return reply(Message::error_msg(id, op, ResponseCode::FormErr), CLASSIC_UDP),
         };
         let limit = limit(&msg, tcp);
         if msg.message_type() != MessageType::Query {
@@ -141,12 +155,13 @@ impl Zones {
             return reply(self.response(&msg, ResponseCode::Refused), limit);
         }
         let published = self.networks.get(net).and_then(|z| z.get(name));
-        if published.is_none() && !self.private.contains(name) {
+        if published.is_none() && !self.is_private(name) {
             if self.settings.forward.is_empty() {
                 return reply(self.response(&msg, ResponseCode::Refused), limit);
             }
             return Answer::Forward(Box::new(msg));
         }
+        // Not this network's, or below a published name: nothing there.
         let record = match published {
             Some(p) if approved(&p.endpoint) => (qtype == RecordType::A && q.query_class() == DNSClass::IN)
                 .then(|| Record::from_rdata(q.name().clone(), self.settings.ttl, RData::A(A(p.ip)))),
@@ -269,6 +284,8 @@ pub fn upstream_query(q: &Message, id: u16) -> Message {
     m.add_queries(q.queries().iter().cloned());
     let mut e = Edns::new();
     e.set_max_payload(4096);
+    // A validating client asked for DNSSEC records: so does privlink.
+    e.set_dnssec_ok(q.extensions().as_ref().is_some_and(|c| c.flags().dnssec_ok));
     m.set_edns(e);
     m
 }
@@ -283,7 +300,10 @@ pub fn answers(r: &Message, sent: &Message) -> bool {
 /// the client's limit (truncated with TC past it).
 pub fn relay(up: &Message, q: &Message, tcp: bool) -> Option<Vec<u8>> {
     let mut r = up.clone();
-    r.set_id(q.id()).set_recursion_available(true).set_truncated(up.truncated() && !tcp);
+    // TC stays when the upstream's answer was cut (over UDP, with no whole
+    // answer over TCP to be had): a client must not take part of an
+    // answer for all of it.
+    r.set_id(q.id()).set_recursion_available(true).set_truncated(up.truncated());
     *r.extensions_mut() = q.extensions().as_ref().map(|_| edns_record());
     encode(&r, limit(q, tcp))
 }

@@ -42,6 +42,10 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// A TCP connection idle this long is closed (RFC 7766 §6.2.3 suggests
 /// seconds).
 const TCP_IDLE: Duration = Duration::from_secs(10);
+/// A TCP connection is closed after this long, whatever it does: a
+/// client cannot hold one of the network's [`TCP_CONNECTIONS`] for good
+/// by asking slowly.
+const TCP_LIFETIME: Duration = Duration::from_secs(60);
 /// TCP connections per network at once.
 const TCP_CONNECTIONS: usize = 64;
 /// Forwarded queries in flight per network.
@@ -53,6 +57,8 @@ pub struct Resolvers {
     zones: Arc<ArcSwap<Zones>>,
     engine: Arc<Engine>,
     serving: HashMap<String, Serving>,
+    /// (network, interface index) whose left-over addresses were removed.
+    swept: std::collections::HashSet<(String, u32)>,
 }
 
 /// One network's resolver as started.
@@ -152,7 +158,11 @@ impl Net {
         };
         let upstreams = self.zones.load().settings.forward.clone();
         let (out, code) = match forward(&upstreams, &q, tcp).await {
-            Some(up) => (super::relay(&up, &q, tcp), up.response_code()),
+            // An answer hickory cannot encode again: SERVFAIL, not silence.
+            Some(up) => match super::relay(&up, &q, tcp) {
+                Some(out) => (Some(out), up.response_code()),
+                None => (super::servfail(&q, tcp), hickory_proto::op::ResponseCode::ServFail),
+            },
             None => {
                 counter!("privlink_dns_forward_errors_total").increment(1);
                 (super::servfail(&q, tcp), hickory_proto::op::ResponseCode::ServFail)
@@ -251,7 +261,14 @@ async fn serve_udp(net: Arc<Net>, sock: std::net::UdpSocket) {
     };
     let fd = sock.as_raw_fd();
     let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::with_capacity(mmsg::BATCH);
+    // Forwards in flight: aborted with this task (a stopped resolver's
+    // socket is then closed at once, not kept by a forward).
+    let mut forwards = tokio::task::JoinSet::new();
     loop {
+        while forwards.try_join_next().is_some() {}
+        // A batch answered is work done: another network's resolver on
+        // this thread gets its turn (try_io never yields by itself).
+        tokio::task::consume_budget().await;
         if sock.readable().await.is_err() {
             continue;
         }
@@ -274,7 +291,7 @@ async fn serve_udp(net: Arc<Net>, sock: std::net::UdpSocket) {
                             // Its own task: a forwarded query waits for its
                             // upstream without holding up the others.
                             let (net, sock) = (net.clone(), sock.clone());
-                            tokio::spawn(async move {
+                            forwards.spawn(async move {
                                 if let Some(out) = net.forwarded(q, client, false).await {
                                     let _ = sock.send_to(&out, client).await;
                                 }
@@ -312,22 +329,26 @@ async fn serve_tcp(net: Arc<Net>, listener: std::net::TcpListener) {
         Ok(l) => l,
         Err(e) => return tracing::error!(network = %net.name, "dns: {e}"),
     };
+    // Connections: aborted with this task.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         let Ok((stream, client)) = listener.accept().await else { continue };
+        while conns.try_join_next().is_some() {}
         let Ok(permit) = net.connections.clone().try_acquire_owned() else {
             net.busy.increment(1);
             continue;
         };
         let net = net.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let _permit = permit;
-            let _ = tcp_connection(&net, stream, client).await;
+            let _ = tokio::time::timeout(TCP_LIFETIME, tcp_connection(&net, stream, client)).await;
         });
     }
 }
 
-/// Queries of one TCP connection, in order, until the client closes it or
-/// it idles past [`TCP_IDLE`].
+/// Queries of one TCP connection, in order, until the client closes it,
+/// it idles past [`TCP_IDLE`] or an answer cannot be written within it
+/// (a client that stops reading).
 async fn tcp_connection(net: &Net, mut s: tokio::net::TcpStream, client: SocketAddr) -> Result<()> {
     loop {
         let len = tokio::time::timeout(TCP_IDLE, s.read_u16()).await??;
@@ -337,7 +358,7 @@ async fn tcp_connection(net: &Net, mut s: tokio::net::TcpStream, client: SocketA
         let mut framed = Vec::with_capacity(out.len() + 2);
         framed.extend_from_slice(&(out.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
         framed.extend_from_slice(&out);
-        s.write_all(&framed).await?;
+        tokio::time::timeout(TCP_IDLE, s.write_all(&framed)).await??;
     }
 }
 
@@ -380,7 +401,13 @@ impl Resolvers {
             .enable_all()
             .build()
             .context("cannot start the DNS runtime")?;
-        Ok(Resolvers { rt, zones: Arc::new(ArcSwap::from_pointee(Zones::default())), engine, serving: HashMap::new() })
+        Ok(Resolvers {
+            rt,
+            zones: Arc::new(ArcSwap::from_pointee(Zones::default())),
+            engine,
+            serving: HashMap::new(),
+            swept: Default::default(),
+        })
     }
 
     /// What the resolvers answer now.
@@ -423,6 +450,35 @@ impl Resolvers {
                 Err(e) => tracing::debug!(network = %name, "dns resolver address: {e:#}"),
             }
         }
+        // /32 addresses on the networks' devices that no resolver wants
+        // (a previous run's, before a restart or hand-over that changed
+        // `dns`) are removed: one would take an endpoint's packets. (The
+        // devices are privlink's own; their `address` stays.) Once per
+        // device and process: a netlink dump each.
+        for n in &config.networks {
+            let Some((ns, ifindex)) = devices.get(&n.name).cloned() else { continue };
+            if !self.swept.insert((n.name.clone(), ifindex)) {
+                continue;
+            }
+            let keep: Vec<Ipv4Addr> = n.dns.into_iter().chain(n.address.filter(|a| a.1 == 32).map(|a| a.0)).collect();
+            let r = crate::netns::in_netns(ns.as_deref(), move || {
+                let mut gone = Vec::new();
+                for a in crate::netlink::addresses32(ifindex)? {
+                    if !keep.contains(&a) {
+                        crate::netlink::set_address(ifindex, a, false)?;
+                        gone.push(a);
+                    }
+                }
+                Ok(gone)
+            });
+            match r {
+                Ok(gone) if !gone.is_empty() => {
+                    tracing::info!(network = %n.name, addresses = ?gone, "dns: left-over resolver addresses removed")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(network = %n.name, "dns: cannot check the device's addresses: {e:#}"),
+            }
+        }
         let mut failed = Vec::new();
         for (name, (ns, ifindex, addr)) in want {
             if self.serving.contains_key(name) {
@@ -431,7 +487,10 @@ impl Resolvers {
             let (i, a) = (ifindex, addr);
             let bound = crate::netns::in_netns(ns.as_deref(), move || {
                 crate::netlink::set_address(i, a, true)?;
-                bind(a)
+                bind(a).inspect_err(|_| {
+                    // Not left behind: it would take packets for nothing.
+                    let _ = crate::netlink::set_address(i, a, false);
+                })
             });
             match bound {
                 Ok((udps, tcp)) => {

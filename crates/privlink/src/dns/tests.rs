@@ -110,6 +110,13 @@ fn each_network_gets_its_own_endpoint_while_approved_and_nxdomain_otherwise() {
     let at = odd.windows(7).position(|w| w == b"ordersx").expect("label") + 6;
     odd[at] = 0;
     assert_eq!(reply_of(z.answer("a", &odd, false, &yes)).response_code(), ResponseCode::Refused);
+    // Below a published name: NXDOMAIN, never forwarded, even with
+    // upstreams; a name that merely ends the same way is not below it.
+    let zf = zones("\n[dns]\nforward = [\"127.0.0.1:5353\"]\n");
+    let below = query("x.orders.privatelink.example.internal.", RecordType::A, None);
+    assert_eq!(reply_of(zf.answer("a", &below, false, &yes)).response_code(), ResponseCode::NXDomain);
+    let lookalike = query("xorders.privatelink.example.internal.", RecordType::A, None);
+    assert!(matches!(zf.answer("a", &lookalike, false, &yes), Answer::Forward(_)));
     // AAAA of a published IPv4 endpoint: NOERROR, no records.
     let aaaa =
         reply_of(z.answer("a", &query("orders.privatelink.example.internal.", RecordType::AAAA, None), false, &yes));
@@ -187,6 +194,9 @@ fn udp_answers_are_truncated_past_the_clients_size_and_tcp_ones_never() {
 
 #[test]
 fn an_upstream_answer_must_match_the_question_sent() {
+    let mut with_do = Message::from_vec(&query("example.com.", RecordType::A, Some(1232))).expect("valid");
+    with_do.extensions_mut().as_mut().expect("edns").set_dnssec_ok(true);
+    assert!(upstream_query(&with_do, 1).extensions().as_ref().expect("edns").flags().dnssec_ok, "DO passed on");
     let q = Message::from_vec(&query("example.com.", RecordType::A, None)).expect("valid");
     let sent = upstream_query(&q, 99);
     assert!(sent.extensions().is_some() && sent.id() == 99);
