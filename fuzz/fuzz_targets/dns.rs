@@ -33,6 +33,7 @@ tun = "plp0"
 name = "a"
 tenant = "t1"
 tun = "pla0"
+netns = "ns-a"
 dns = "10.1.0.53"
 
 [[service]]
