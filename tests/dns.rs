@@ -9,22 +9,13 @@ mod common;
 use common::*;
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const RESOLVER: &str = "10.1.0.53";
 const NAME: &str = "app.privatelink.example.internal";
 const WEB_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 21);
 const WEB_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 22);
-
-/// Kills a child process (and waits for it) when dropped.
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Removes `/etc/netns/<ns>` when dropped.
 struct NetnsEtc(std::path::PathBuf);
@@ -95,31 +86,6 @@ fn wire_name(name: &str) -> Vec<u8> {
     }
     out.push(0);
     out
-}
-
-/// nginx in the provider namespace on the orders backend's address, port
-/// 9006, serving `root`.
-fn nginx(bed: &Bed, root: &std::path::Path) -> Kill {
-    let conf = format!(
-        "daemon off; master_process off; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  server {{ listen {be}:9006; root {root}; }}
-}}",
-        dir = bed.dir.display(),
-        be = BACKEND_ORDERS,
-        root = root.display()
-    );
-    std::fs::write(bed.dir.join("nginx.conf"), conf).expect("conf");
-    let child = Command::new("ip")
-        .args(["netns", "exec", &bed.prov, "nginx", "-c"])
-        .arg(bed.dir.join("nginx.conf"))
-        .spawn()
-        .expect("nginx (apt-get install nginx)");
-    Kill(child)
 }
 
 /// dnsmasq on 127.0.0.1:`port` (the daemon's namespace) answering from
@@ -222,7 +188,7 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     std::fs::create_dir_all(&root).expect("www");
     let body: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8).collect();
     std::fs::write(root.join("blob"), &body).expect("blob");
-    let _nginx = nginx(&bed, &root);
+    let _nginx = nginx(&bed, &format!("  server {{ listen {BACKEND_ORDERS}:9006; root {}; }}", root.display()));
     let etc = NetnsEtc(std::path::PathBuf::from("/etc/netns").join(&a));
     std::fs::create_dir_all(&etc.0).expect("/etc/netns");
     std::fs::write(etc.0.join("resolv.conf"), format!("nameserver {RESOLVER}\noptions timeout:1 attempts:2\n"))

@@ -468,41 +468,22 @@ fn nginx_logs_each_tenants_own_address_and_20_mb_cross_intact_both_ways() {
     std::fs::create_dir_all(&root).expect("www");
     let data: Vec<u8> = (0..20u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
     std::fs::write(root.join("down.bin"), &data).expect("file");
-    let conf = format!(
-        "daemon off; master_process off; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
-  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
-  log_format pp '$proxy_protocol_addr:$proxy_protocol_port $request_method $uri';
+    let _nginx = nginx(
+        &bed,
+        &format!(
+            "  log_format pp '$proxy_protocol_addr:$proxy_protocol_port $request_method $uri';
   server {{
     listen {be}:9005 proxy_protocol;
     access_log {dir}/access.log pp;
     client_max_body_size 64m;
     root {root};
     location / {{ dav_methods PUT; create_full_put_path on; }}
-  }}
-}}",
-        dir = bed.dir.display(),
-        be = BACKEND_ORDERS,
-        root = root.display()
+  }}",
+            dir = bed.dir.display(),
+            be = BACKEND_ORDERS,
+            root = root.display()
+        ),
     );
-    std::fs::write(bed.dir.join("nginx.conf"), conf).expect("conf");
-    let mut nginx = Command::new("ip")
-        .args(["netns", "exec", &bed.prov, "nginx", "-c"])
-        .arg(bed.dir.join("nginx.conf"))
-        .spawn()
-        .expect("nginx (apt-get install nginx)");
-    // One process (`master_process off`): stopping it stops nginx.
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _k = Kill(&mut nginx);
     let ip: Ipv4Addr = "10.1.0.21".parse().expect("ip");
     assert!(eventually(10, || connect(&bed.a, ip, 8080, SEC).is_ok()), "nginx listens");
     let request = |ns: &str, req: &[u8]| -> (u16, Vec<u8>) {

@@ -519,3 +519,37 @@ pub fn nft(ns: &str, rules: &str) {
     std::io::Write::write_all(&mut nft.stdin.take().expect("stdin"), rules.as_bytes()).expect("rules");
     assert!(nft.wait().expect("nft").success(), "{rules}");
 }
+
+/// A child process killed (and waited for) when dropped.
+pub struct Kill(pub Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// nginx in `bed`'s provider namespace, one process (`master_process
+/// off`: killing it stops nginx), its files in the bed's directory;
+/// `http` is what goes inside its `http { }` block after the temp paths.
+pub fn nginx(bed: &Bed, http: &str) -> Kill {
+    let conf = format!(
+        "daemon off; master_process off; pid {dir}/nginx.pid; error_log {dir}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy; fastcgi_temp_path {dir}/fcgi;
+  uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+{http}
+}}",
+        dir = bed.dir.display(),
+    );
+    std::fs::write(bed.dir.join("nginx.conf"), conf).expect("conf");
+    let child = Command::new("ip")
+        .args(["netns", "exec", &bed.prov, "nginx", "-c"])
+        .arg(bed.dir.join("nginx.conf"))
+        .spawn()
+        .expect("nginx (apt-get install nginx)");
+    Kill(child)
+}

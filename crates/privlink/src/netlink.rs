@@ -146,19 +146,41 @@ pub fn apply(ifindex: u32, changes: &[Change]) -> Result<()> {
 /// (the ones a previous daemon added), in the calling thread's namespace:
 /// a dump of the IPv4 routes, filtered.
 pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr>> {
-    use netlink_packet_core::NLM_F_DUMP;
-    let socket = socket()?;
     let mut route = RouteMessage::default();
     route.header.address_family = AddressFamily::Inet;
+    let mut found = std::collections::BTreeSet::new();
+    dump(RouteNetlinkMessage::GetRoute(route), "route dump", |m| {
+        if let RouteNetlinkMessage::NewRoute(r) = m {
+            let h = &r.header;
+            let ours = h.destination_prefix_length == 32
+                && h.table == RouteHeader::RT_TABLE_MAIN
+                && h.protocol == RouteProtocol::Static
+                && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+            if ours {
+                for a in &r.attributes {
+                    if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a {
+                        found.insert(*d);
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(found)
+}
+
+/// Sends the dump request `request` and hands each message of the answer
+/// to `each`, until the kernel says done; `what` names it in errors.
+fn dump(request: RouteNetlinkMessage, what: &str, mut each: impl FnMut(RouteNetlinkMessage)) -> Result<()> {
+    use netlink_packet_core::NLM_F_DUMP;
+    let socket = socket()?;
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_DUMP;
     header.sequence_number = 1;
-    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::GetRoute(route)));
+    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(request));
     msg.finalize();
     let mut out = vec![0u8; msg.buffer_len()];
     msg.serialize(&mut out);
     socket.send(&out, 0).context("netlink send")?;
-    let mut found = std::collections::BTreeSet::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut done = false;
     while !done {
@@ -166,28 +188,15 @@ pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr
             match reply.payload {
                 NetlinkPayload::Done(_) => done = true,
                 NetlinkPayload::Error(e) if e.code.is_some() => {
-                    bail!("route dump: {}", std::io::Error::from_raw_os_error(-e.code.map_or(0, |c| c.get())))
+                    bail!("{what}: {}", std::io::Error::from_raw_os_error(-e.code.map_or(0, |c| c.get())))
                 }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
-                    let h = &r.header;
-                    let ours = h.destination_prefix_length == 32
-                        && h.table == RouteHeader::RT_TABLE_MAIN
-                        && h.protocol == RouteProtocol::Static
-                        && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
-                    if ours {
-                        for a in &r.attributes {
-                            if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a {
-                                found.insert(*d);
-                            }
-                        }
-                    }
-                }
+                NetlinkPayload::InnerMessage(m) => each(m),
                 _ => {}
             }
             Ok(())
         })?;
     }
-    Ok(found)
+    Ok(())
 }
 
 /// Reads one datagram from `socket` and hands each netlink message in it
@@ -258,42 +267,20 @@ pub fn set_address(ifindex: u32, addr: Ipv4Addr, add: bool) -> Result<()> {
 /// thread's namespace (a dump of the IPv4 addresses, filtered): what a
 /// previous daemon may have left there as resolver addresses.
 pub fn addresses32(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr>> {
-    use netlink_packet_core::NLM_F_DUMP;
     use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-    let socket = socket()?;
     let mut a = AddressMessage::default();
     a.header.family = AddressFamily::Inet;
-    let mut header = NetlinkHeader::default();
-    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    header.sequence_number = 1;
-    let mut msg = NetlinkMessage::new(header, NetlinkPayload::from(RouteNetlinkMessage::GetAddress(a)));
-    msg.finalize();
-    let mut out = vec![0u8; msg.buffer_len()];
-    msg.serialize(&mut out);
-    socket.send(&out, 0).context("netlink send")?;
     let mut found = std::collections::BTreeSet::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut done = false;
-    while !done {
-        read_replies(&socket, &mut buf, |reply| {
-            match reply.payload {
-                NetlinkPayload::Done(_) => done = true,
-                NetlinkPayload::Error(e) if e.code.is_some() => {
-                    bail!("address dump: {}", std::io::Error::from_raw_os_error(-e.code.map_or(0, |c| c.get())))
-                }
-                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m))
-                    if m.header.index == ifindex && m.header.prefix_len == 32 =>
-                {
-                    for at in &m.attributes {
-                        if let AddressAttribute::Local(std::net::IpAddr::V4(v4)) = at {
-                            found.insert(*v4);
-                        }
+    dump(RouteNetlinkMessage::GetAddress(a), "address dump", |m| {
+        if let RouteNetlinkMessage::NewAddress(m) = m {
+            if m.header.index == ifindex && m.header.prefix_len == 32 {
+                for at in &m.attributes {
+                    if let AddressAttribute::Local(std::net::IpAddr::V4(v4)) = at {
+                        found.insert(*v4);
                     }
                 }
-                _ => {}
             }
-            Ok(())
-        })?;
-    }
+        }
+    })?;
     Ok(found)
 }
