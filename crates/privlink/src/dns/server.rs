@@ -126,8 +126,8 @@ impl Net {
 
     /// One query, answered here when privlink can (no task, no await:
     /// the receive loop answers a published name inline); a query for
-    /// the upstreams comes back as [`Step::Forward`].
-    /// The caller took the query's token ([`admit`](Self::admit)).
+    /// the upstreams comes back as [`Step::Forward`]. The caller took the
+    /// query's token ([`admit`](Self::admit)).
     fn local(&self, query: &[u8], client: SocketAddr, tcp: bool) -> Step {
         let zones = self.zones.load();
         let approved = |ep: &str| {
