@@ -130,6 +130,14 @@ impl Engine {
         self.snap.load_full()
     }
 
+    /// Whether endpoint `name`'s connection is approved now (false for an
+    /// endpoint the running configuration does not have). Reads through
+    /// arc-swap's guard, without touching the snapshot's reference count:
+    /// for readers that ask per request (a network's resolver, per query).
+    pub fn connection_approved(&self, name: &str) -> bool {
+        self.snap.load().endpoint_by_name(name).is_some_and(|e| e.shared.approved())
+    }
+
     pub fn flows(&self) -> &FlowTable {
         &self.flows
     }

@@ -35,7 +35,10 @@ fn reload_keeps_unchanged_flows_and_ends_removed_ones() {
     assert_eq!(step(&mut w, &mut n, Source::Network(NET_A), Now(1)), Verdict::Forward(Egress::Provider));
     assert_eq!(inspect(&n).2, BACKEND_B);
     // Reject ends the endpoint's flows and drops its packets.
+    assert!(e.connection_approved("pe-a") && e.connection_approved("pe-new"));
+    assert!(!e.connection_approved("pe-b"), "removed");
     assert!(e.set_connection_state("pe-a", ConnectionState::Rejected, Now(2)));
+    assert!(!e.connection_approved("pe-a"), "rejected");
     let mut again = tcp(CLIENT, 1, EP, 80, "A", b"");
     assert_eq!(step(&mut w, &mut again, Source::Network(NET_A), Now(2)), Verdict::Drop(DropReason::NotApproved));
     assert_eq!(e.flow_list(Some("pe-a"), Now(2)).len(), 0);

@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use hickory_proto::op::Message;
 use metrics::{counter, Counter};
 use privlink_config::Config;
-use privlink_core::{ConnectionState, Engine};
+use privlink_core::Engine;
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -130,9 +130,7 @@ impl Net {
     /// query's token ([`admit`](Self::admit)).
     fn local(&self, query: &[u8], client: SocketAddr, tcp: bool) -> Step {
         let zones = self.zones.load();
-        let approved = |ep: &str| {
-            self.engine.snapshot().endpoint_by_name(ep).is_some_and(|e| e.shared.state() == ConnectionState::Approved)
-        };
+        let approved = |ep: &str| self.engine.connection_approved(ep);
         match zones.answer(&self.name, query, tcp, &approved) {
             Answer::Drop => {
                 self.malformed.increment(1);
