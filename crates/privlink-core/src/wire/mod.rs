@@ -2,8 +2,9 @@
 //! rewrites, one file per protocol (as smoltcp's `wire/`): `ipv4`, `tcp`
 //! (with the sequence, acknowledgement and SACK words), `icmp`, and
 //! `transport` (parsing the L4 header once, and the port rewrite TCP and
-//! UDP share), and `ipv6` (the IPv6 view with its extension-header chain
-//! walked once, not yet on the translation path).
+//! UDP share), and `ipv6` and `icmpv6` (the IPv6 view with its
+//! extension-header chain walked once, and the ICMPv6 error a router
+//! sends; not yet on the translation path).
 //!
 //! [`Ipv4Packet::new_checked`] validates a buffer the way the kernel's
 //! `ip_rcv_core` does (version, IHL, total length, header checksum) and
@@ -14,6 +15,7 @@
 //! outbox reads the virtio-net header at offsets of its own.)
 
 mod icmp;
+pub mod icmpv6;
 mod ipv4;
 pub mod ipv6;
 pub mod tcp;
