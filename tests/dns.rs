@@ -151,6 +151,10 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     let many: String = (1..=100).map(|i| format!("10.200.0.{i} many.example.com\n")).collect();
     let _dnsmasq = dnsmasq(&bed, upstream, &format!("203.0.113.7 public.example.com\n{many}"));
     std::fs::write(&bed.config, config(&bed, &opts(), upstream, "")).expect("config");
+    // As `ip netns add` leaves it: `lo` down (the resolver's address is
+    // local, reached over `lo`; the daemon brings it up).
+    let down = Command::new("ip").args(["-n", &bed.a, "link", "set", "lo", "down"]).status().expect("ip");
+    assert!(down.success());
     bed.start();
     let (a, b) = (bed.a.clone(), bed.b.clone());
 

@@ -898,6 +898,10 @@ impl Cx<'_> {
             Some("needs at least two labels (`name.zone`)")
         } else if labels.iter().any(|l| l.is_empty() || l.len() > 63) {
             Some("has an empty label or one longer than 63 characters")
+        } else if labels.last().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
+            // RFC 3696 §2: no top-level label is all digits; `1.2.3.4`
+            // would be read as an address and never asked.
+            Some("its last label is all digits (it would read as an address)")
         } else if labels.iter().any(|l| {
             !l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
                 || l.starts_with('-')
@@ -1353,7 +1357,7 @@ impl Cx<'_> {
 
         let mut endpoints = Vec::new();
         // (network, name) -> (endpoint, where it claimed it).
-        let mut dns_claims: HashMap<(String, String), (String, usize)> = HashMap::new();
+        let mut dns_claims: HashMap<(String, String), (String, usize, Option<String>)> = HashMap::new();
         for e in &raw.endpoint {
             let at = e.span().start;
             let e_at = at;
@@ -1411,19 +1415,21 @@ impl Cx<'_> {
                         continue;
                     }
                     let key = (network.clone(), n.clone());
+                    let via = |v: bool| if v { format!(" (through service `{service}`)") } else { String::new() };
                     match dns_claims.get(&key) {
-                        Some((first, first_at)) => {
-                            let here =
-                                if via_service { format!(" (through service `{service}`)") } else { String::new() };
+                        Some((first, first_at, first_via)) => {
                             let msg = format!(
-                                "dns_names: `{n}` is claimed twice in network `{network}`: by endpoint `{first}` at {} and by endpoint `{name}`{here}",
-                                self.position(*first_at)
+                                "dns_names: `{n}` is claimed twice in network `{network}`: by endpoint `{first}`{} at {} and by endpoint `{name}`{}",
+                                first_via.as_deref().map(|s| format!(" (through service `{s}`)")).unwrap_or_default(),
+                                self.position(*first_at),
+                                via(via_service),
                             );
                             let at = if via_service { e_at } else { at };
                             self.err(at, msg);
                         }
                         None => {
-                            dns_claims.insert(key, (name.clone(), if via_service { e_at } else { at }));
+                            let first_via = via_service.then(|| service.clone());
+                            dns_claims.insert(key, (name.clone(), if via_service { e_at } else { at }, first_via));
                         }
                     }
                 }
@@ -1890,7 +1896,7 @@ service = "orders-db"
             + "\n[[endpoint]]\nname = \"pe-c\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.6\"\nservice = \"orders-db\"\n";
         let e = errors(&clash).join("\n");
         assert!(
-            e.contains("t.toml:50:1: dns_names: `orders.privatelink.example.internal` is claimed twice in network `vnet-a`: by endpoint `pe-a` at t.toml:37:1 and by endpoint `pe-c` (through service `orders-db`)"),
+            e.contains("t.toml:50:1: dns_names: `orders.privatelink.example.internal` is claimed twice in network `vnet-a`: by endpoint `pe-a` (through service `orders-db`) at t.toml:37:1 and by endpoint `pe-c` (through service `orders-db`)"),
             "{e}"
         );
         let own = text.clone()
@@ -1904,6 +1910,7 @@ service = "orders-db"
             ("dns_names = [\"-a.b\"]", "labels may hold"),
             ("dns_names = [\"a b.c\"]", "labels may hold"),
             ("dns_names = [\"a.b\", \"A.B\"]", "`a.b` is listed twice"),
+            ("dns_names = [\"1.2.3.4\"]", "last label is all digits"),
         ] {
             let e =
                 errors(&GOOD.replace("auto_approve = [\"contoso\"]", &format!("auto_approve = [\"contoso\"]\n{bad}")))

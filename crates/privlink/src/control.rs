@@ -308,7 +308,8 @@ async fn list(State(c): State<Arc<Control>>) -> Result<Json<Vec<serde_json::Valu
 /// record, with `link_id` in the form its service's PROXY TLV carries (a
 /// string: what a backend logs, see [`privlink_core::proxy::link_id_shown`])
 /// and `link_id_form` naming that form (`azure`, `aws`, `gcp`, `none`),
-/// and `dns_names`, the endpoint's names in its network's resolver.
+/// and `dns_names`, the endpoint's names in its network's resolver (none
+/// when the network has no `dns`).
 pub fn shown(config: &privlink_config::Config, conn: &Connection) -> serde_json::Value {
     let tlv = config.service(&conn.service).and_then(|s| s.proxy);
     let mut v = serde_json::to_value(conn).unwrap_or_default();
@@ -316,7 +317,13 @@ pub fn shown(config: &privlink_config::Config, conn: &Connection) -> serde_json:
     v["link_id_form"] = tlv.unwrap_or(privlink_core::ProxyTlv::None).as_str().into();
     // The names its network's resolver answers with its address while
     // approved (docs/DNS.md).
-    let names = config.endpoints.iter().find(|e| e.name == conn.endpoint).map(|e| config.dns_names(e));
+    // (None where the network has no resolver: nothing answers them.)
+    let names = config
+        .endpoints
+        .iter()
+        .find(|e| e.name == conn.endpoint)
+        .filter(|e| config.network(&e.network).is_some_and(|n| n.dns.is_some()))
+        .map(|e| config.dns_names(e));
     v["dns_names"] = names.unwrap_or_default().into();
     v
 }

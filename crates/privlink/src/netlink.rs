@@ -284,3 +284,20 @@ pub fn addresses32(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr>>
     })?;
     Ok(found)
 }
+
+/// Sets interface `ifindex` up, in the calling thread's namespace (`ip
+/// link set IFINDEX up`): a namespace's `lo`, which a local address needs
+/// to be reached from the namespace itself (a fresh `ip netns add` leaves
+/// it down).
+pub fn set_up(ifindex: u32) -> Result<()> {
+    use netlink_packet_route::link::{LinkFlags, LinkMessage};
+    let mut l = LinkMessage::default();
+    l.header.index = ifindex;
+    l.header.flags = LinkFlags::Up;
+    l.header.change_mask = LinkFlags::Up;
+    request(
+        &socket()?,
+        NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(RouteNetlinkMessage::SetLink(l))),
+    )
+    .context("cannot set the link up")
+}

@@ -484,6 +484,10 @@ impl Resolvers {
             }
             let (i, a) = (ifindex, addr);
             let bound = crate::netns::in_netns(ns.as_deref(), move || {
+                // Queries to a local address travel over `lo`: a namespace
+                // made with `ip netns add` has it down.
+                let lo = crate::netlink::ifindex("lo")?;
+                crate::netlink::set_up(lo)?;
                 crate::netlink::set_address(i, a, true)?;
                 bind(a).inspect_err(|_| {
                     // Not left behind: it would take packets for nothing.
