@@ -1583,6 +1583,25 @@ service = "orders-db"
     }
 
     #[test]
+    fn dns_keys_travel_through_store_documents() {
+        let text = GOOD
+            .replace(
+                "auto_approve = [\"contoso\"]",
+                "auto_approve = [\"contoso\"]\ndns_names = [\"o.privatelink.x.internal\"]",
+            )
+            .replace("netns = \"tenant-a\"", "netns = \"tenant-a\"\ndns = \"10.1.0.53\"")
+            .replace("name = \"pe-b\"", "name = \"pe-b\"\ndns_names = [\"b.x.internal\"]");
+        let layout = Layout { prefix: "/privlink".into(), host: "h1".into() };
+        let docs = documents(&text, &layout).expect("split");
+        let local = format!("{STORE}{}\n[dns]\nttl = 30\n", &text[..text.find("[[network]]").expect("networks")]);
+        let c = Config::parse_with_store(&local, "p.toml", &docs).expect("valid");
+        let single = Config::parse(&text, "p.toml").expect("valid");
+        assert_eq!((&c.networks, &c.services, &c.endpoints), (&single.networks, &single.services, &single.endpoints));
+        assert_eq!((c.networks[0].dns, c.dns.ttl), (Some(Ipv4Addr::new(10, 1, 0, 53)), 30));
+        assert_eq!(c.dns_names(&c.endpoints[1]), vec!["o.privatelink.x.internal", "b.x.internal"]);
+    }
+
+    #[test]
     fn an_error_in_a_store_document_names_its_key_and_position() {
         let (local, mut docs) = fleet();
         // A semantic error (unknown service), in the document's line 4.
