@@ -33,6 +33,19 @@ pub fn is_icmpv6_error(t: u8) -> bool {
     t < 128
 }
 
+/// Rewrites an ICMPv6 echo message's identifier to `ident` (`l4` the
+/// ICMPv6 message). Unlike ICMP for IPv4, the checksum covers the
+/// pseudo-header (RFC 4443 §2.3), so `pseudo` (what the address rewrite
+/// returned, [`super::ipv6::Ipv6Packet::forward_rewrite`]) goes into it
+/// too (RFC 1624).
+pub fn set_icmpv6_ident(l4: &mut [u8], ident: u16, pseudo: crate::checksum::Delta) {
+    let mut d = pseudo;
+    d.word(u16::from_be_bytes([l4[4], l4[5]]), ident);
+    l4[4..6].copy_from_slice(&ident.to_be_bytes());
+    let c = d.apply(u16::from_be_bytes([l4[2], l4[3]]));
+    l4[2..4].copy_from_slice(&c.to_be_bytes());
+}
+
 /// Writes into `out` the ICMPv6 error `kind`/`code` with parameter
 /// `param` (the MTU of Packet Too Big, the pointer of Parameter Problem,
 /// else 0) about `invoking`, sent from `src` to the invoking packet's
@@ -128,6 +141,29 @@ mod tests {
         p[24..40].copy_from_slice(&Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0x5).octets());
         p[40..48].copy_from_slice(&[0x9c, 0x40, 0, 53, ((len - HEADER) >> 8) as u8, (len - HEADER) as u8, 0, 0]);
         p
+    }
+
+    #[test]
+    fn an_echo_rewritten_to_new_addresses_and_identifier_keeps_its_checksum() {
+        let (a, b) = (Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0x10), Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0x5));
+        let mut echo = vec![icmpv6_type::ECHO_REQUEST, 0, 0, 0, 0x12, 0x34, 0, 1];
+        echo.extend_from_slice(b"ping6 payload");
+        let c = checksum6(u128::from(a), u128::from(b), next::ICMPV6, &echo);
+        echo[2..4].copy_from_slice(&c.to_be_bytes());
+        let mut p = vec![0x60, 0, 0, 0, 0, echo.len() as u8, next::ICMPV6, 64];
+        p.extend_from_slice(&a.octets());
+        p.extend_from_slice(&b.octets());
+        p.extend_from_slice(&echo);
+        let (nat, backend) = ((0xfd99_u128 << 112) | 4, (0xfd98_u128 << 112) | 10);
+        let mut v = Ipv6Packet::new_checked(&mut p[..]).expect("valid");
+        let pseudo = v.forward_rewrite(nat, backend);
+        set_icmpv6_ident(v.payload_mut(), 0xbeef, pseudo);
+        let v = Ipv6Packet::new_checked(&p[..]).expect("valid");
+        let mut l4 = v.payload().to_vec();
+        assert_eq!(&l4[4..6], &[0xbe, 0xef]);
+        let got = u16::from_be_bytes([l4[2], l4[3]]);
+        l4[2..4].copy_from_slice(&[0, 0]);
+        assert_eq!(got, checksum6(nat, backend, next::ICMPV6, &l4), "incremental = recomputed");
     }
 
     #[test]

@@ -24,7 +24,10 @@
 //!   [`MAX_CHAIN`] bytes (RFC 8883 lets a node drop longer chains).
 //!
 //! Not yet on the packet path: the translation of IPv6 packets (issue 24)
-//! builds on this view.
+//! builds on this view. Its rewrite returns the pseudo-header's delta, and
+//! the IPv4 path's port rewrite (`wire::set_ports`) takes it unchanged
+//! (tested below); one rule differs there: a UDP datagram over IPv6 with
+//! checksum 0 is dropped, not passed (RFC 8200 §8.1).
 
 use super::{be16, proto, Malformed};
 use crate::checksum::Delta;
@@ -414,6 +417,32 @@ mod tests {
         let got = u16::from_be_bytes([l4[6], l4[7]]);
         l4[6..8].copy_from_slice(&[0, 0]);
         assert_eq!(got, checksum6(nsrc, ndst, proto::UDP, &l4), "incremental = recomputed");
+    }
+
+    #[test]
+    fn tcp_ports_and_addresses_rewritten_with_the_shared_port_helper_keep_the_checksum() {
+        // The IPv4 path's port rewrite takes the pseudo-header delta as it
+        // comes: the IPv6 one's works with it unchanged.
+        let mut tcp = vec![0u8; 20];
+        tcp[0..4].copy_from_slice(&[0x9c, 0x40, 0x01, 0xbb]);
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x02;
+        let c = checksum6(u128::from(A), u128::from(B), proto::TCP, &tcp);
+        tcp[16..18].copy_from_slice(&c.to_be_bytes());
+        let mut p = vec![0x60, 0, 0, 0, 0, 20, proto::TCP, 64];
+        p.extend_from_slice(&A.octets());
+        p.extend_from_slice(&B.octets());
+        p.extend_from_slice(&tcp);
+        let (nat, backend) = ((0xfd99_u128 << 112) | 4, (0xfd98_u128 << 112) | 10);
+        let mut v = Ipv6Packet::new_checked(&mut p[..]).expect("valid");
+        let pseudo = v.forward_rewrite(nat, backend);
+        crate::wire::set_ports(proto::TCP, v.payload_mut(), 2000, 8443, pseudo, false);
+        let v = Ipv6Packet::new_checked(&p[..]).expect("valid");
+        let mut l4 = v.payload().to_vec();
+        let got = u16::from_be_bytes([l4[16], l4[17]]);
+        l4[16..18].copy_from_slice(&[0, 0]);
+        assert_eq!(got, checksum6(nat, backend, proto::TCP, &l4));
+        assert_eq!(&l4[0..4], &[0x07, 0xd0, 0x20, 0xfb]);
     }
 
     proptest! {
