@@ -335,12 +335,17 @@ fn main() -> ExitCode {
         Command::Run { config, takeover } => privlink::daemon::run(&config, takeover),
         Command::Check { config } => match check(&config) {
             Ok(c) => {
+                let n = |k: usize, one: &str| format!("{k} {one}{}", if k == 1 { "" } else { "s" });
                 println!(
-                    "{}: ok ({} networks, {} services, {} endpoints)",
+                    "{}: ok ({}, {}, {}{})",
                     config.display(),
-                    c.networks.len(),
-                    c.services.len(),
-                    c.endpoints.len()
+                    n(c.networks.len(), "network"),
+                    n(c.services.len(), "service"),
+                    n(c.endpoints.len(), "endpoint"),
+                    match c.networks.iter().filter(|x| x.dns.is_some()).count() {
+                        0 => String::new(),
+                        k => format!(", {}", n(k, "DNS resolver")),
+                    }
                 );
                 Ok(())
             }
