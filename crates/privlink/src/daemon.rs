@@ -746,15 +746,6 @@ impl Daemon {
     /// `set`). A resolver that cannot start is logged; the data path and
     /// the other resolvers go on (docs/DNS.md).
     fn dns(&mut self, config: &Config, set: &DeviceSet) {
-        let devices: HashMap<String, (Option<String>, u32)> = config
-            .networks
-            .iter()
-            .filter_map(|n| {
-                let (id, _) = self.made_from.get(&n.name)?;
-                let d = set.networks.get(usize::from(id.0))?.as_ref()?;
-                Some((n.name.clone(), (d.netns.clone(), d.ifindex)))
-            })
-            .collect();
         if self.resolvers.is_none() {
             if config.networks.iter().all(|n| n.dns.is_none()) {
                 return;
@@ -764,6 +755,15 @@ impl Daemon {
                 Err(e) => return tracing::error!("dns resolvers not running: {e:#}"),
             }
         }
+        let devices: HashMap<String, (Option<String>, u32)> = config
+            .networks
+            .iter()
+            .filter_map(|n| {
+                let (id, _) = self.made_from.get(&n.name)?;
+                let d = set.networks.get(usize::from(id.0))?.as_ref()?;
+                Some((n.name.clone(), (d.netns.clone(), d.ifindex)))
+            })
+            .collect();
         if let Some(r) = &mut self.resolvers {
             if let Err(e) = r.update(config, &devices) {
                 tracing::error!("dns resolver not running: {e:#}");

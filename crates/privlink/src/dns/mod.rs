@@ -102,13 +102,6 @@ impl Zones {
         name.match_indices('.').any(|(i, _)| self.private.contains(&name[i + 1..]))
     }
 
-    /// The names of network `net`, sorted (for listings).
-    pub fn names_of(&self, net: &str) -> Vec<(String, Published)> {
-        let mut v: Vec<_> = self.networks.get(net).into_iter().flatten().map(|(n, p)| (n.clone(), p.clone())).collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    }
-
     /// Answers one query (`query`, the message's bytes; over TCP without
     /// the length prefix) asked in network `net`. `approved` says whether
     /// an endpoint's connection is approved now.
@@ -193,24 +186,30 @@ impl Zones {
         q
     }
 
-    /// An empty response to `q` with code `rcode`: its id, question and
-    /// RD; RA when there are upstreams; an OPT record when it had one.
+    /// An empty response to `q` with code `rcode`, RA when there are
+    /// upstreams ([`empty_response`]).
     fn response(&self, q: &Message, rcode: ResponseCode) -> Message {
-        let mut r = Message::new();
-        r.set_id(q.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(q.op_code())
-            .set_recursion_desired(q.recursion_desired())
-            .set_recursion_available(!self.settings.forward.is_empty())
-            .set_response_code(rcode);
-        if q.op_code() == OpCode::Query {
-            r.add_queries(q.queries().iter().cloned());
-        }
-        if q.extensions().is_some() {
-            r.set_edns(edns_record());
-        }
-        r
+        empty_response(q, rcode, !self.settings.forward.is_empty())
     }
+}
+
+/// An empty response to `q` with code `rcode`: its id, question and RD;
+/// RA as `ra`; an OPT record when it had one.
+fn empty_response(q: &Message, rcode: ResponseCode, ra: bool) -> Message {
+    let mut r = Message::new();
+    r.set_id(q.id())
+        .set_message_type(MessageType::Response)
+        .set_op_code(q.op_code())
+        .set_recursion_desired(q.recursion_desired())
+        .set_recursion_available(ra)
+        .set_response_code(rcode);
+    if q.op_code() == OpCode::Query {
+        r.add_queries(q.queries().iter().cloned());
+    }
+    if q.extensions().is_some() {
+        r.set_edns(edns_record());
+    }
+    r
 }
 
 /// `name` as the zones key it: lower case (DNS names compare
@@ -310,18 +309,7 @@ pub fn relay(up: &Message, q: &Message, tcp: bool) -> Option<Vec<u8>> {
 
 /// SERVFAIL for `q` (no upstream answered).
 pub fn servfail(q: &Message, tcp: bool) -> Option<Vec<u8>> {
-    let mut r = Message::new();
-    r.set_id(q.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(OpCode::Query)
-        .set_recursion_desired(q.recursion_desired())
-        .set_recursion_available(true)
-        .set_response_code(ResponseCode::ServFail);
-    r.add_queries(q.queries().iter().cloned());
-    if q.extensions().is_some() {
-        r.set_edns(edns_record());
-    }
-    encode(&r, limit(q, tcp))
+    encode(&empty_response(q, ResponseCode::ServFail, true), limit(q, tcp))
 }
 
 /// The question of `q` as a log shows it: name and type.

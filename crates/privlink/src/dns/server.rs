@@ -79,6 +79,7 @@ struct Net {
     rate_limited: Counter,
     malformed: Counter,
     busy: Counter,
+    forward_errors: Counter,
     forwards: Semaphore,
     connections: Arc<Semaphore>,
 }
@@ -93,6 +94,7 @@ impl Net {
             rate_limited: drop("rate_limited"),
             malformed: drop("malformed"),
             busy: drop("busy"),
+            forward_errors: counter!("privlink_dns_forward_errors_total"),
             name: n,
             zones,
             engine,
@@ -162,7 +164,7 @@ impl Net {
                 None => (super::servfail(&q, tcp), hickory_proto::op::ResponseCode::ServFail),
             },
             None => {
-                counter!("privlink_dns_forward_errors_total").increment(1);
+                self.forward_errors.increment(1);
                 (super::servfail(&q, tcp), hickory_proto::op::ResponseCode::ServFail)
             }
         };
@@ -268,7 +270,8 @@ async fn serve_udp(net: Arc<Net>, sock: std::net::UdpSocket) {
         // this thread gets its turn (try_io never yields by itself).
         tokio::task::consume_budget().await;
         if sock.readable().await.is_err() {
-            continue;
+            // Only when the runtime goes away.
+            return;
         }
         // A batch read and answered with no await in between (the
         // buffers are this thread's); forwards go to tasks of their own.
@@ -311,7 +314,7 @@ async fn serve_udp(net: Arc<Net>, sock: std::net::UdpSocket) {
                 break;
             }
             match sock.try_io(Interest::WRITABLE, || mmsg::send(fd, &replies[sent..])) {
-                Ok(k) => sent += k,
+                Ok(k) => sent += k.max(1),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 // This answer cannot go (the client's address is gone):
                 // the next ones still do.
@@ -330,7 +333,11 @@ async fn serve_tcp(net: Arc<Net>, listener: std::net::TcpListener) {
     // Connections: aborted with this task.
     let mut conns = tokio::task::JoinSet::new();
     loop {
-        let Ok((stream, client)) = listener.accept().await else { continue };
+        let Ok((stream, client)) = listener.accept().await else {
+            // Out of descriptors or the like: not a hot loop meanwhile.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
         while conns.try_join_next().is_some() {}
         let Ok(permit) = net.connections.clone().try_acquire_owned() else {
             net.busy.increment(1);
@@ -406,11 +413,6 @@ impl Resolvers {
             serving: HashMap::new(),
             swept: Default::default(),
         })
-    }
-
-    /// What the resolvers answer now.
-    pub fn zones(&self) -> Arc<Zones> {
-        self.zones.load_full()
     }
 
     /// Brings the resolvers in line with `config`: the names it publishes
