@@ -80,6 +80,27 @@ pub trait Family: Copy + Clone + Debug + Default + PartialEq + Eq + Hash + Send 
     fn consumer_proto(w: Self::Word) -> u8;
     /// Writes `a` in network byte order into `out[..ADDR_BYTES]`.
     fn put_addr(out: &mut [u8], a: Self::Addr);
+    /// `a` as a standard library address (listings, logs).
+    fn ip(a: Self::Addr) -> std::net::IpAddr;
+    /// `a` folded to 64 bits (the NAT address choice hashes it).
+    fn fold_addr(a: Self::Addr) -> u64;
+
+    /// Packs a consumer key (layout per family: [`ConsumerKey`]).
+    fn ck_new(network: u16, proto: u8, src: Self::Addr, sport: u16, dst: Self::Addr, dport: u16) -> Self::Word;
+    /// A consumer key's network id.
+    fn ck_network(w: Self::Word) -> u16;
+    /// A consumer key's consumer end.
+    fn ck_consumer(w: Self::Word) -> End<Self>;
+    /// A consumer key's endpoint end.
+    fn ck_endpoint(w: Self::Word) -> End<Self>;
+    /// Packs a provider key (layout per family: [`ProviderKey`]).
+    fn pk_new(proto: u8, nat: Self::Addr, nport: u16, backend: Self::Addr, bport: u16) -> Self::Word;
+    /// A provider key's IP protocol number.
+    fn pk_proto(w: Self::Word) -> u8;
+    /// A provider key's NAT end.
+    fn pk_nat(w: Self::Word) -> End<Self>;
+    /// A provider key's backend end.
+    fn pk_backend(w: Self::Word) -> End<Self>;
 }
 
 /// IPv4: 32-bit addresses; a key is 128 bits (two words), so a slot with
@@ -139,13 +160,65 @@ impl Family for V4 {
     fn put_addr(out: &mut [u8], a: u32) {
         out[..4].copy_from_slice(&a.to_be_bytes());
     }
+    fn ip(a: u32) -> std::net::IpAddr {
+        Ipv4Addr::from(a).into()
+    }
+    #[inline(always)]
+    fn fold_addr(a: u32) -> u64 {
+        u64::from(a)
+    }
+    /// Bits, high to low: network 16, protocol 8, consumer address 32 and
+    /// port 16, endpoint address 32 and port 16 (120 of 128).
+    #[inline(always)]
+    fn ck_new(network: u16, proto: u8, src: u32, sport: u16, dst: u32, dport: u16) -> u128 {
+        (u128::from(network) << 104)
+            | (u128::from(proto) << 96)
+            | (u128::from(src) << 64)
+            | (u128::from(sport) << 48)
+            | (u128::from(dst) << 16)
+            | u128::from(dport)
+    }
+    #[inline(always)]
+    fn ck_network(w: u128) -> u16 {
+        (w >> 104) as u16
+    }
+    #[inline(always)]
+    fn ck_consumer(w: u128) -> End<V4> {
+        End::new((w >> 64) as u32, (w >> 48) as u16)
+    }
+    #[inline(always)]
+    fn ck_endpoint(w: u128) -> End<V4> {
+        End::new((w >> 16) as u32, w as u16)
+    }
+    /// Bits, high to low: protocol 8, NAT address 32 and port 16, backend
+    /// address 32 and port 16 (the low 104 of 128).
+    #[inline(always)]
+    fn pk_new(proto: u8, nat: u32, nport: u16, backend: u32, bport: u16) -> u128 {
+        (u128::from(proto) << 96)
+            | (u128::from(nat) << 64)
+            | (u128::from(nport) << 48)
+            | (u128::from(backend) << 16)
+            | u128::from(bport)
+    }
+    #[inline(always)]
+    fn pk_proto(w: u128) -> u8 {
+        (w >> 96) as u8
+    }
+    #[inline(always)]
+    fn pk_nat(w: u128) -> End<V4> {
+        End::new((w >> 64) as u32, (w >> 48) as u16)
+    }
+    #[inline(always)]
+    fn pk_backend(w: u128) -> End<V4> {
+        End::new((w >> 16) as u32, w as u16)
+    }
 }
 
 impl Family for V6 {
     type Addr = u128;
     /// Words 0-1: the first address (consumer, or NAT); 2-3: the second
     /// (endpoint, or backend); 4: network (16 bits) or endpoint id (24),
-    /// protocol, ports (see [`ConsumerKey::v6`], [`ProviderKey::v6`]).
+    /// protocol, ports (see [`Family::ck_new`], [`Family::pk_new`]).
     type Word = [u64; 5];
     type Cell = [AtomicU64; 5];
     const VERSION: u8 = 6;
@@ -190,6 +263,61 @@ impl Family for V6 {
     #[inline(always)]
     fn put_addr(out: &mut [u8], a: u128) {
         out[..16].copy_from_slice(&a.to_be_bytes());
+    }
+    fn ip(a: u128) -> std::net::IpAddr {
+        Ipv6Addr::from(a).into()
+    }
+    #[inline(always)]
+    fn fold_addr(a: u128) -> u64 {
+        (a as u64) ^ ((a >> 64) as u64).rotate_left(32)
+    }
+    /// Words: consumer address (2), endpoint address (2), then network 16
+    /// bits, a zero byte, protocol 8, consumer port 16, endpoint port 16.
+    #[inline(always)]
+    fn ck_new(network: u16, proto: u8, src: u128, sport: u16, dst: u128, dport: u16) -> [u64; 5] {
+        [
+            (src >> 64) as u64,
+            src as u64,
+            (dst >> 64) as u64,
+            dst as u64,
+            (u64::from(network) << 48) | (u64::from(proto) << 32) | (u64::from(sport) << 16) | u64::from(dport),
+        ]
+    }
+    #[inline(always)]
+    fn ck_network(w: [u64; 5]) -> u16 {
+        (w[4] >> 48) as u16
+    }
+    #[inline(always)]
+    fn ck_consumer(w: [u64; 5]) -> End<V6> {
+        End::new((u128::from(w[0]) << 64) | u128::from(w[1]), (w[4] >> 16) as u16)
+    }
+    #[inline(always)]
+    fn ck_endpoint(w: [u64; 5]) -> End<V6> {
+        End::new((u128::from(w[2]) << 64) | u128::from(w[3]), w[4] as u16)
+    }
+    /// Words: NAT address (2), backend address (2), then 24 bits the slot
+    /// keeps the endpoint id in, protocol 8, NAT port 16, backend port 16.
+    #[inline(always)]
+    fn pk_new(proto: u8, nat: u128, nport: u16, backend: u128, bport: u16) -> [u64; 5] {
+        [
+            (nat >> 64) as u64,
+            nat as u64,
+            (backend >> 64) as u64,
+            backend as u64,
+            (u64::from(proto) << 32) | (u64::from(nport) << 16) | u64::from(bport),
+        ]
+    }
+    #[inline(always)]
+    fn pk_proto(w: [u64; 5]) -> u8 {
+        (w[4] >> 32) as u8
+    }
+    #[inline(always)]
+    fn pk_nat(w: [u64; 5]) -> End<V6> {
+        End::new((u128::from(w[0]) << 64) | u128::from(w[1]), (w[4] >> 16) as u16)
+    }
+    #[inline(always)]
+    fn pk_backend(w: [u64; 5]) -> End<V6> {
+        End::new((u128::from(w[2]) << 64) | u128::from(w[3]), w[4] as u16)
     }
 }
 
@@ -236,64 +364,48 @@ impl<F: Family> ConsumerKey<F> {
 }
 
 impl ConsumerKey<V4> {
-    /// Bits, high to low: network 16, protocol 8, consumer address 32 and
-    /// port 16, endpoint address 32 and port 16 (120 of 128).
+    /// An IPv4 key ([`ConsumerKey::of`]).
     #[inline(always)]
     pub fn new(network: u16, proto: u8, src: u32, sport: u16, dst: u32, dport: u16) -> Self {
-        ConsumerKey(
-            (u128::from(network) << 104)
-                | (u128::from(proto) << 96)
-                | (u128::from(src) << 64)
-                | (u128::from(sport) << 48)
-                | (u128::from(dst) << 16)
-                | u128::from(dport),
-        )
-    }
-    pub fn network(self) -> u16 {
-        (self.0 >> 104) as u16
-    }
-    pub fn consumer_addr(self) -> u32 {
-        (self.0 >> 64) as u32
-    }
-    pub fn consumer_port(self) -> u16 {
-        (self.0 >> 48) as u16
-    }
-    pub fn endpoint_addr(self) -> u32 {
-        (self.0 >> 16) as u32
-    }
-    pub fn endpoint_port(self) -> u16 {
-        self.0 as u16
-    }
-    /// The consumer's end.
-    pub fn consumer(self) -> End<V4> {
-        End::new(self.consumer_addr(), self.consumer_port())
-    }
-    /// The endpoint's end.
-    pub fn endpoint(self) -> End<V4> {
-        End::new(self.endpoint_addr(), self.endpoint_port())
+        Self::of(network, proto, src, sport, dst, dport)
     }
 }
 
-impl ConsumerKey<V6> {
-    /// Words: consumer address (2), endpoint address (2), then network 16
-    /// bits, a zero byte, protocol 8, consumer port 16, endpoint port 16.
-    pub fn v6(network: u16, proto: u8, src: u128, sport: u16, dst: u128, dport: u16) -> Self {
-        ConsumerKey([
-            (src >> 64) as u64,
-            src as u64,
-            (dst >> 64) as u64,
-            dst as u64,
-            (u64::from(network) << 48) | (u64::from(proto) << 32) | (u64::from(sport) << 16) | u64::from(dport),
-        ])
+impl<F: Family> ConsumerKey<F> {
+    /// Packs network, protocol, consumer and endpoint ends ([`Family::ck_new`]).
+    #[inline(always)]
+    pub fn of(network: u16, proto: u8, src: F::Addr, sport: u16, dst: F::Addr, dport: u16) -> Self {
+        ConsumerKey(F::ck_new(network, proto, src, sport, dst, dport))
     }
+    #[inline(always)]
     pub fn network(self) -> u16 {
-        (self.0[4] >> 48) as u16
+        F::ck_network(self.0)
     }
-    pub fn consumer(self) -> End<V6> {
-        End::new((u128::from(self.0[0]) << 64) | u128::from(self.0[1]), (self.0[4] >> 16) as u16)
+    #[inline(always)]
+    pub fn consumer_addr(self) -> F::Addr {
+        F::ck_consumer(self.0).addr
     }
-    pub fn endpoint(self) -> End<V6> {
-        End::new((u128::from(self.0[2]) << 64) | u128::from(self.0[3]), self.0[4] as u16)
+    #[inline(always)]
+    pub fn consumer_port(self) -> u16 {
+        F::ck_consumer(self.0).port
+    }
+    #[inline(always)]
+    pub fn endpoint_addr(self) -> F::Addr {
+        F::ck_endpoint(self.0).addr
+    }
+    #[inline(always)]
+    pub fn endpoint_port(self) -> u16 {
+        F::ck_endpoint(self.0).port
+    }
+    /// The consumer's end.
+    #[inline(always)]
+    pub fn consumer(self) -> End<F> {
+        F::ck_consumer(self.0)
+    }
+    /// The endpoint's end.
+    #[inline(always)]
+    pub fn endpoint(self) -> End<F> {
+        F::ck_endpoint(self.0)
     }
 }
 
@@ -304,63 +416,48 @@ impl ConsumerKey<V6> {
 pub struct ProviderKey<F: Family = V4>(pub F::Word);
 
 impl ProviderKey<V4> {
-    /// Bits, high to low: protocol 8, NAT address 32 and port 16, backend
-    /// address 32 and port 16 (the low 104 of 128).
+    /// An IPv4 key ([`ProviderKey::of`]).
     #[inline(always)]
     pub fn new(proto: u8, nat: u32, nport: u16, backend: u32, bport: u16) -> Self {
-        ProviderKey(
-            (u128::from(proto) << 96)
-                | (u128::from(nat) << 64)
-                | (u128::from(nport) << 48)
-                | (u128::from(backend) << 16)
-                | u128::from(bport),
-        )
-    }
-    pub fn proto(self) -> u8 {
-        (self.0 >> 96) as u8
-    }
-    pub fn nat_addr(self) -> u32 {
-        (self.0 >> 64) as u32
-    }
-    pub fn nat_port(self) -> u16 {
-        (self.0 >> 48) as u16
-    }
-    pub fn backend_addr(self) -> u32 {
-        (self.0 >> 16) as u32
-    }
-    pub fn backend_port(self) -> u16 {
-        self.0 as u16
-    }
-    /// The NAT end.
-    pub fn nat(self) -> End<V4> {
-        End::new(self.nat_addr(), self.nat_port())
-    }
-    /// The backend's end.
-    pub fn backend(self) -> End<V4> {
-        End::new(self.backend_addr(), self.backend_port())
+        Self::of(proto, nat, nport, backend, bport)
     }
 }
 
-impl ProviderKey<V6> {
-    /// Words: NAT address (2), backend address (2), then 24 bits the slot
-    /// keeps the endpoint id in, protocol 8, NAT port 16, backend port 16.
-    pub fn v6(proto: u8, nat: u128, nport: u16, backend: u128, bport: u16) -> Self {
-        ProviderKey([
-            (nat >> 64) as u64,
-            nat as u64,
-            (backend >> 64) as u64,
-            backend as u64,
-            (u64::from(proto) << 32) | (u64::from(nport) << 16) | u64::from(bport),
-        ])
+impl<F: Family> ProviderKey<F> {
+    /// Packs protocol, NAT and backend ends ([`Family::pk_new`]).
+    #[inline(always)]
+    pub fn of(proto: u8, nat: F::Addr, nport: u16, backend: F::Addr, bport: u16) -> Self {
+        ProviderKey(F::pk_new(proto, nat, nport, backend, bport))
     }
+    #[inline(always)]
     pub fn proto(self) -> u8 {
-        (self.0[4] >> 32) as u8
+        F::pk_proto(self.0)
     }
-    pub fn nat(self) -> End<V6> {
-        End::new((u128::from(self.0[0]) << 64) | u128::from(self.0[1]), (self.0[4] >> 16) as u16)
+    #[inline(always)]
+    pub fn nat_addr(self) -> F::Addr {
+        F::pk_nat(self.0).addr
     }
-    pub fn backend(self) -> End<V6> {
-        End::new((u128::from(self.0[2]) << 64) | u128::from(self.0[3]), self.0[4] as u16)
+    #[inline(always)]
+    pub fn nat_port(self) -> u16 {
+        F::pk_nat(self.0).port
+    }
+    #[inline(always)]
+    pub fn backend_addr(self) -> F::Addr {
+        F::pk_backend(self.0).addr
+    }
+    #[inline(always)]
+    pub fn backend_port(self) -> u16 {
+        F::pk_backend(self.0).port
+    }
+    /// The NAT end.
+    #[inline(always)]
+    pub fn nat(self) -> End<F> {
+        F::pk_nat(self.0)
+    }
+    /// The backend's end.
+    #[inline(always)]
+    pub fn backend(self) -> End<F> {
+        F::pk_backend(self.0)
     }
 }
 
@@ -407,21 +504,21 @@ mod tests {
     fn v6_keys_round_trip_and_differ_in_every_field() {
         let a = u128::from(Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0x10));
         let b = u128::from(Ipv6Addr::new(0xfd00, 0, 0, 1, 0, 0, 0, 0x5));
-        let k = ConsumerKey::v6(3, 6, a, 40000, b, 443);
+        let k = ConsumerKey::<V6>::of(3, 6, a, 40000, b, 443);
         assert_eq!((k.network(), k.proto()), (3, 6));
         assert_eq!((k.consumer(), k.endpoint()), (End::new(a, 40000), End::new(b, 443)));
         let others = [
-            ConsumerKey::v6(4, 6, a, 40000, b, 443),
-            ConsumerKey::v6(3, 17, a, 40000, b, 443),
-            ConsumerKey::v6(3, 6, a ^ 1, 40000, b, 443),
-            ConsumerKey::v6(3, 6, a, 40001, b, 443),
-            ConsumerKey::v6(3, 6, a, 40000, b ^ (1 << 127), 443),
-            ConsumerKey::v6(3, 6, a, 40000, b, 444),
+            ConsumerKey::<V6>::of(4, 6, a, 40000, b, 443),
+            ConsumerKey::<V6>::of(3, 17, a, 40000, b, 443),
+            ConsumerKey::<V6>::of(3, 6, a ^ 1, 40000, b, 443),
+            ConsumerKey::<V6>::of(3, 6, a, 40001, b, 443),
+            ConsumerKey::<V6>::of(3, 6, a, 40000, b ^ (1 << 127), 443),
+            ConsumerKey::<V6>::of(3, 6, a, 40000, b, 444),
         ];
         for o in others {
             assert_ne!(o, k);
         }
-        let p = ProviderKey::v6(17, b, 5000, a, 53);
+        let p = ProviderKey::<V6>::of(17, b, 5000, a, 53);
         assert_eq!((p.proto(), p.nat(), p.backend()), (17, End::new(b, 5000), End::new(a, 53)));
         let w = V6::join_provider(p.0, EP_MASK);
         assert_eq!(V6::split_provider(w), (p.0, EP_MASK));

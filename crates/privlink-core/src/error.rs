@@ -1,7 +1,7 @@
 //! The one error type of the core: a desired configuration the engine cannot
 //! run. The config crate reports the same problems earlier, with positions.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CoreError {
@@ -22,5 +22,11 @@ pub enum CoreError {
     #[error("too many networks attached over this daemon's life (65,536); restart it")]
     TooManyNetworks,
     #[error("endpoint {0}: address {1} is already an endpoint in its network")]
-    DuplicateEndpointAddress(String, Ipv4Addr),
+    DuplicateEndpointAddress(String, IpAddr),
+    #[error("service {0}: its NAT IPs and backends are not all of one IP family")]
+    MixedFamilies(String),
+    #[error("endpoint {0}: an IPv{1} endpoint cannot reach an IPv{2} service")]
+    FamilyMismatch(String, u8, u8),
+    #[error("service {0}: PROXY protocol is not available on an IPv6 service yet")]
+    ProxyV6(String),
 }

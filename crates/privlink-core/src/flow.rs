@@ -1256,8 +1256,8 @@ mod tests {
         let t = FlowTable::<V6>::new(100);
         let (a, b, nat, be) =
             (0xfd00_u128 << 112 | 0x10, 0xfd00_u128 << 112 | 0x5, 0x2001_0db8_u128 << 96, 0xfd01_u128 << 112);
-        let ck = |port| ConsumerKey::v6(1, 6, a, port, b, 443);
-        let pk = |port| ProviderKey::v6(6, nat, port, be, 8443);
+        let ck = |port| ConsumerKey::<V6>::of(1, 6, a, port, b, 443);
+        let pk = |port| ProviderKey::<V6>::of(6, nat, port, be, 8443);
         for i in 0..50u16 {
             let r = t.insert(ck(1000 + i), EndpointId(0xab_cdef), Now(1), |claim| {
                 assert!(claim(pk(2000 + i)));
@@ -1266,7 +1266,7 @@ mod tests {
             assert!(matches!(r, Ok(Inserted::New(_))));
         }
         // Keys differing in the high words only are different flows.
-        let other = ConsumerKey::v6(1, 6, a | 1 << 100, 1000, b, 443);
+        let other = ConsumerKey::<V6>::of(1, 6, a | 1 << 100, 1000, b, 443);
         assert!(t.find_consumer(other).is_none());
         for i in 0..50u16 {
             let v = t.find_consumer(ck(1000 + i)).expect("consumer side");

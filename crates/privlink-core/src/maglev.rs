@@ -7,7 +7,7 @@
 //! flows went before. Existing flows never consult the table again: the flow
 //! table pins their backend.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Lookup table size: a prime well above 100 x the largest backend count.
 pub const TABLE_SIZE: usize = 65_537;
@@ -18,19 +18,24 @@ pub struct Maglev {
     table: Box<[u16]>,
 }
 
-fn hash_with(seed: u64, ip: Ipv4Addr) -> u64 {
+fn hash_with(seed: u64, ip: IpAddr) -> u64 {
     // A fixed-key hash: the table must be the same in every run and process.
     let h = ahash::RandomState::with_seeds(seed, 0x9e37_79b9_7f4a_7c15, 0xbf58_476d_1ce4_e5b9, 0x94d0_49bb_1331_11eb);
-    h.hash_one(u32::from(ip))
+    // An IPv4 backend hashes as its 32-bit number, as before IPv6 came:
+    // a table built by an older process is the same table.
+    match ip {
+        IpAddr::V4(a) => h.hash_one(u32::from(a)),
+        IpAddr::V6(a) => h.hash_one(u128::from(a)),
+    }
 }
 
 impl Maglev {
     /// Builds the table. `backends` must not be empty and hold at most 65535.
-    pub fn new(backends: &[Ipv4Addr]) -> Maglev {
+    pub fn new(backends: &[IpAddr]) -> Maglev {
         Self::with_size(backends, TABLE_SIZE)
     }
 
-    fn with_size(backends: &[Ipv4Addr], m: usize) -> Maglev {
+    fn with_size(backends: &[IpAddr], m: usize) -> Maglev {
         assert!(!backends.is_empty() && backends.len() < usize::from(u16::MAX));
         let n = backends.len();
         let perms: Vec<(usize, usize)> = backends
@@ -73,9 +78,10 @@ impl Maglev {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
-    fn backends(n: u8) -> Vec<Ipv4Addr> {
-        (0..n).map(|i| Ipv4Addr::new(192, 168, 50, 10 + i)).collect()
+    fn backends(n: u8) -> Vec<IpAddr> {
+        (0..n).map(|i| Ipv4Addr::new(192, 168, 50, 10 + i).into()).collect()
     }
 
     #[test]
@@ -118,7 +124,7 @@ mod tests {
     fn adding_a_backend_takes_about_its_share() {
         let few = backends(4);
         let mut more = few.clone();
-        more.push(Ipv4Addr::new(192, 168, 50, 99));
+        more.push(Ipv4Addr::new(192, 168, 50, 99).into());
         let (a, b) = (Maglev::new(&few), Maglev::new(&more));
         let changed =
             (0..TABLE_SIZE).filter(|&i| few[usize::from(a.table[i])] != more[usize::from(b.table[i])]).count();

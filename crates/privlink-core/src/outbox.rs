@@ -300,7 +300,11 @@ pub fn complete_checksum(whole: &mut [u8]) {
         return;
     }
     let mut c = !crate::checksum::fold(crate::checksum::sum(&pkt[start..]));
-    if c == 0 && pkt.get(9) == Some(&17) {
+    let udp = match pkt.first().map(|v| v >> 4) {
+        Some(4) => pkt.get(9) == Some(&17),
+        _ => pkt.get(6) == Some(&17),
+    };
+    if c == 0 && udp {
         c = 0xffff; // UDP sends a computed zero as all ones
     }
     pkt[at..at + 2].copy_from_slice(&c.to_be_bytes());

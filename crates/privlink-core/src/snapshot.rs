@@ -3,13 +3,14 @@
 //! a snapshot while its thing is unchanged (an endpoint's counters and
 //! connection state, a NAT IP's port pool), kept in `Arc`s.
 
+use crate::addr::{Family, V4, V6};
 use crate::counters::{DropCounters, EndpointCounters, PerWorker};
 use crate::maglev::Maglev;
 use crate::pool::PortPool;
 use crate::spec::PortRule;
 use crate::types::{ConnectionState, EndpointId, NetworkId, PoolId, Protocol};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ pub struct EndpointShared {
     pub name: String,
     pub network_name: String,
     pub service_name: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub(crate) conn: AtomicU8,
     pub counters: PerWorker<EndpointCounters>,
     /// Open flows: what `max_flows` bounds (a TCP flow that closed no
@@ -101,13 +102,15 @@ pub struct Tally {
 pub struct EndpointView {
     pub shared: Arc<EndpointShared>,
     pub network: NetworkId,
-    pub ip: u32,
+    pub ip: IpAddr,
     /// Index into [`Snapshot::services`].
     pub service: usize,
     /// Most flows at once (`u32::MAX`: no bound of its own).
     pub max_flows: u32,
     /// Allowed consumer sources as (network, mask); empty: any.
     pub allow: Arc<[(u32, u32)]>,
+    /// The same for an IPv6 endpoint (network, mask of 128 bits).
+    pub allow6: Arc<[(u128, u128)]>,
     /// The connection's link id (PROXY v2 TLVs).
     pub link_id: u64,
     /// Its service's PROXY protocol setting (kept here too: the endpoint
@@ -128,7 +131,7 @@ impl EndpointView {
 pub struct PoolEntry {
     pub id: PoolId,
     pub service: String,
-    pub nat_ip: Ipv4Addr,
+    pub nat_ip: IpAddr,
     pub protocol: Protocol,
     pub range: RangeInclusive<u16>,
     pub pool: PortPool,
@@ -141,6 +144,10 @@ pub struct ServiceView {
     pub nat_ips: Vec<u32>,
     /// Every configured backend (flows on any of them stay allowed).
     pub backends: Vec<u32>,
+    /// An IPv6 service's NAT IPs and backends (a service is of one
+    /// family: either these or the two above are empty).
+    pub nat_ips6: Vec<u128>,
+    pub backends6: Vec<u128>,
     /// Where new flows go: the healthy backends. A probe's verdict swaps
     /// in a snapshot with a new picker (no reload), so a new flow reads it
     /// through the snapshot the worker already holds.
@@ -166,9 +173,9 @@ pub struct Picker {
 
 impl Picker {
     /// A picker over the backends of `all` for which `up` holds.
-    pub fn new(all: &[Ipv4Addr], up: impl Fn(Ipv4Addr) -> bool) -> Picker {
+    pub fn new(all: &[IpAddr], up: impl Fn(IpAddr) -> bool) -> Picker {
         let healthy: Vec<usize> = (0..all.len()).filter(|&i| up(all[i])).collect();
-        let addrs: Vec<Ipv4Addr> = healthy.iter().map(|&i| all[i]).collect();
+        let addrs: Vec<IpAddr> = healthy.iter().map(|&i| all[i]).collect();
         let maglev = (!addrs.is_empty()).then(|| Maglev::new(&addrs));
         Picker { healthy, maglev }
     }
@@ -187,6 +194,12 @@ impl Picker {
 }
 
 impl ServiceView {
+    /// Every configured backend, of whichever family the service is.
+    pub fn all_backends(&self) -> Vec<IpAddr> {
+        let v4 = self.backends.iter().map(|&b| IpAddr::from(std::net::Ipv4Addr::from(b)));
+        v4.chain(self.backends6.iter().map(|&b| IpAddr::from(std::net::Ipv6Addr::from(b)))).collect()
+    }
+
     #[inline]
     pub fn rule(&self, proto: Protocol, port: u16) -> Option<&PortRule> {
         self.rules.iter().find(|r| r.protocol == proto && r.port == port)
@@ -211,6 +224,8 @@ pub struct Snapshot {
     /// tenant can take the whole table (docs/NAT-BEHAVIOUR.md).
     pub flow_share: u32,
     pub(crate) by_addr: HashMap<(u16, u32), usize, ahash::RandomState>,
+    /// The same for IPv6 endpoints.
+    pub(crate) by_addr6: HashMap<(u16, u128), usize, ahash::RandomState>,
     /// Endpoint name -> index into `endpoints`.
     pub(crate) by_name: HashMap<String, usize, ahash::RandomState>,
     pub endpoints: Vec<EndpointView>,
@@ -247,5 +262,67 @@ impl Snapshot {
     }
     pub fn network_list(&self) -> impl Iterator<Item = &Arc<NetworkShared>> {
         self.networks.iter().flatten().map(|(n, _)| n)
+    }
+}
+
+/// What the packet path reads of the snapshot per IP family: a service's
+/// NAT IPs and backends, a network's endpoint at an address, an
+/// endpoint's source rules. Implemented by [`V4`] and [`V6`]; the
+/// translation is generic over it, so each family's code is its own
+/// monomorphised copy (IPv4's reads the same fields it always did).
+pub trait Addressed: Family {
+    /// The service's NAT IPs of this family (empty for the other's).
+    fn nat_ips(s: &ServiceView) -> &[Self::Addr];
+    /// The service's backends of this family (empty for the other's).
+    fn backends(s: &ServiceView) -> &[Self::Addr];
+    /// The endpoint at `ip` in network `network`.
+    fn endpoint_at(snap: &Snapshot, network: u16, ip: Self::Addr) -> Option<&EndpointView>;
+    /// Whether consumer address `src` may use endpoint `ep`.
+    fn allows(ep: &EndpointView, src: Self::Addr) -> bool;
+    /// Whether `ip` is of this family.
+    fn holds(ip: IpAddr) -> bool;
+}
+
+impl Addressed for V4 {
+    #[inline(always)]
+    fn nat_ips(s: &ServiceView) -> &[u32] {
+        &s.nat_ips
+    }
+    #[inline(always)]
+    fn backends(s: &ServiceView) -> &[u32] {
+        &s.backends
+    }
+    #[inline(always)]
+    fn endpoint_at(snap: &Snapshot, network: u16, ip: u32) -> Option<&EndpointView> {
+        snap.endpoint_at(network, ip)
+    }
+    #[inline(always)]
+    fn allows(ep: &EndpointView, src: u32) -> bool {
+        ep.allows(src)
+    }
+    fn holds(ip: IpAddr) -> bool {
+        ip.is_ipv4()
+    }
+}
+
+impl Addressed for V6 {
+    #[inline(always)]
+    fn nat_ips(s: &ServiceView) -> &[u128] {
+        &s.nat_ips6
+    }
+    #[inline(always)]
+    fn backends(s: &ServiceView) -> &[u128] {
+        &s.backends6
+    }
+    #[inline(always)]
+    fn endpoint_at(snap: &Snapshot, network: u16, ip: u128) -> Option<&EndpointView> {
+        snap.by_addr6.get(&(network, ip)).map(|&i| &snap.endpoints[i])
+    }
+    #[inline(always)]
+    fn allows(ep: &EndpointView, src: u128) -> bool {
+        ep.allow6.is_empty() || ep.allow6.iter().any(|&(net, mask)| src & mask == net)
+    }
+    fn holds(ip: IpAddr) -> bool {
+        ip.is_ipv6()
     }
 }

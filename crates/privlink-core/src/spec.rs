@@ -5,7 +5,7 @@
 //! these.
 
 use crate::types::{ConnectionState, NetworkId, Protocol};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
 /// Most NAT IPs one service may have.
@@ -93,9 +93,9 @@ pub struct PortRule {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub name: String,
-    pub nat_ips: Vec<Ipv4Addr>,
+    pub nat_ips: Vec<IpAddr>,
     pub nat_ports: RangeInclusive<u16>,
-    pub backends: Vec<Ipv4Addr>,
+    pub backends: Vec<IpAddr>,
     pub ports: Vec<PortRule>,
     /// PROXY protocol v2 before each TCP connection's data, with this TLV
     /// (`None`: off). See [`crate::proxy`].
@@ -133,7 +133,7 @@ pub struct EndpointSpec {
     pub name: String,
     /// Index into [`Desired::networks`].
     pub network: usize,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// Index into [`Desired::services`].
     pub service: usize,
     /// The connection state to start with when the endpoint is new.
@@ -152,7 +152,7 @@ pub struct EndpointLimits {
     pub max_flows: Option<u32>,
     /// Consumer sources allowed, as (address, prefix length); empty: any
     /// address of the network. Others drop as `source_not_allowed`.
-    pub allow_sources: Vec<(Ipv4Addr, u8)>,
+    pub allow_sources: Vec<(IpAddr, u8)>,
 }
 
 /// The whole desired configuration, as given to [`Engine::apply`].

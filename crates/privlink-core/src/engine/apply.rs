@@ -11,7 +11,7 @@ use crate::spec::Desired;
 use crate::types::DropReason;
 use crate::types::{Now, Protocol};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicU8};
 use std::sync::Arc;
 
@@ -37,14 +37,14 @@ pub(crate) struct Retired {
     /// network -> drops by reason.
     networks: HashMap<String, [u64; DropReason::COUNT]>,
     /// (service, NAT IP, protocol) -> exhaustion count.
-    pools: HashMap<(String, Ipv4Addr, Protocol), u64>,
+    pools: HashMap<(String, IpAddr, Protocol), u64>,
 }
 
 /// One backend's health, as the engine holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendState {
     pub service: String,
-    pub backend: Ipv4Addr,
+    pub backend: IpAddr,
     /// Takes new flows.
     pub up: bool,
     /// Flows created on it, ever.
@@ -55,7 +55,7 @@ impl Engine {
     /// Marks a backend of a service up or down for new flows (a health
     /// probe's verdict). Flows already on it keep it. Returns whether that
     /// changed anything; kept across reloads.
-    pub fn set_backend_up(&self, service: &str, backend: Ipv4Addr, up: bool) -> bool {
+    pub fn set_backend_up(&self, service: &str, backend: IpAddr, up: bool) -> bool {
         let mut st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let key = (service.to_string(), backend);
         let changed = if up { st.down.remove(&key) } else { st.down.insert(key) };
@@ -63,7 +63,7 @@ impl Engine {
             let old = self.snap.load_full();
             if let Some(i) = old.services.iter().position(|s| s.name == service) {
                 let mut snap = Snapshot::clone(&old);
-                let all: Vec<Ipv4Addr> = snap.services[i].backends.iter().map(|&b| Ipv4Addr::from(b)).collect();
+                let all = snap.services[i].all_backends();
                 snap.services[i].picker = Arc::new(Picker::new(&all, |b| !st.down.contains(&(service.to_string(), b))));
                 self.snap.store(Arc::new(snap));
             }
@@ -77,10 +77,10 @@ impl Engine {
         let mut out = Vec::new();
         for s in &snap.services {
             let picker = &s.picker;
-            for (i, &b) in s.backends.iter().enumerate() {
+            for (i, b) in s.all_backends().into_iter().enumerate() {
                 out.push(BackendState {
                     service: s.name.clone(),
-                    backend: Ipv4Addr::from(b),
+                    backend: b,
                     up: picker.is_up(i),
                     flows_created: s.created[i].load(std::sync::atomic::Ordering::Relaxed),
                 });
@@ -102,6 +102,9 @@ impl Engine {
     /// (ports returned), and flows of unchanged endpoints are untouched.
     pub fn apply(&self, desired: &Desired, now: Now) -> Result<ApplyReport, CoreError> {
         validate(desired)?;
+        if desired.endpoints.iter().any(|e| e.ip.is_ipv6()) {
+            self.flows6_init();
+        }
         let mut st = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.snap.load_full();
         let mut report = ApplyReport { generation: old.generation + 1, ..ApplyReport::default() };
@@ -134,7 +137,7 @@ impl Engine {
         }
 
         // Services: pools survive when (service, NAT IP, protocol, range) do.
-        let mut old_pools: HashMap<(String, Ipv4Addr, Protocol), Arc<PoolEntry>> = HashMap::new();
+        let mut old_pools: HashMap<(String, IpAddr, Protocol), Arc<PoolEntry>> = HashMap::new();
         for p in old.pools.values() {
             old_pools.insert((p.service.clone(), p.nat_ip, p.protocol), p.clone());
         }
@@ -178,8 +181,10 @@ impl Engine {
             }
             services.push(ServiceView {
                 name: s.name.clone(),
-                nat_ips: s.nat_ips.iter().map(|&a| u32::from(a)).collect(),
-                backends: s.backends.iter().map(|&a| u32::from(a)).collect(),
+                nat_ips: s.nat_ips.iter().filter_map(|&a| v4(a)).collect(),
+                backends: s.backends.iter().filter_map(|&a| v4(a)).collect(),
+                nat_ips6: s.nat_ips.iter().filter_map(|&a| v6(a)).collect(),
+                backends6: s.backends.iter().filter_map(|&a| v6(a)).collect(),
                 picker: Arc::new(Picker::new(&s.backends, |b| !st.down.contains(&(s.name.clone(), b)))),
                 created: s
                     .backends
@@ -201,6 +206,7 @@ impl Engine {
         // Endpoints: kept when name, network, address and service name match.
         let mut endpoints = Vec::with_capacity(desired.endpoints.len());
         let mut by_addr = HashMap::default();
+        let mut by_addr6 = HashMap::default();
         for e in &desired.endpoints {
             let net = &desired.networks[e.network];
             let svc = &desired.services[e.service];
@@ -242,23 +248,36 @@ impl Engine {
                     })
                 }
             };
-            by_addr.insert((net.id.0, u32::from(e.ip)), endpoints.len());
+            match e.ip {
+                IpAddr::V4(a) => by_addr.insert((net.id.0, u32::from(a)), endpoints.len()),
+                IpAddr::V6(a) => by_addr6.insert((net.id.0, u128::from(a)), endpoints.len()),
+            };
             let allow: Arc<[(u32, u32)]> = e
                 .limits
                 .allow_sources
                 .iter()
-                .map(|&(a, len)| {
+                .filter_map(|&(a, len)| {
                     let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) };
-                    (u32::from(a) & mask, mask)
+                    Some((v4(a)? & mask, mask))
+                })
+                .collect();
+            let allow6: Arc<[(u128, u128)]> = e
+                .limits
+                .allow_sources
+                .iter()
+                .filter_map(|&(a, len)| {
+                    let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
+                    Some((v6(a)? & mask, mask))
                 })
                 .collect();
             endpoints.push(EndpointView {
                 shared,
                 network: net.id,
-                ip: u32::from(e.ip),
+                ip: e.ip,
                 service: e.service,
                 max_flows: e.limits.max_flows.unwrap_or(u32::MAX),
                 allow,
+                allow6,
                 link_id: e.link_id,
                 proxy: svc.proxy,
             });
@@ -288,6 +307,7 @@ impl Engine {
             provider_mtu: desired.provider_mtu,
             flow_share: flow_share(self.settings.max_flows, desired.networks.len()),
             by_addr,
+            by_addr6,
             by_name: endpoints.iter().enumerate().map(|(i, e)| (e.shared.name.clone(), i)).collect(),
             endpoints,
             by_id,
@@ -337,15 +357,44 @@ fn validate(d: &Desired) -> Result<(), CoreError> {
         if s.nat_ports.start() > s.nat_ports.end() || *s.nat_ports.start() == 0 {
             return Err(CoreError::PortRange(s.name.clone()));
         }
+        let v6 = s.backends[0].is_ipv6();
+        if s.backends.iter().chain(&s.nat_ips).any(|a| a.is_ipv6() != v6) {
+            return Err(CoreError::MixedFamilies(s.name.clone()));
+        }
+        if v6 && s.proxy.is_some() {
+            return Err(CoreError::ProxyV6(s.name.clone()));
+        }
     }
     let mut addrs = std::collections::HashSet::new();
     for e in &d.endpoints {
-        let (Some(net), Some(_)) = (d.networks.get(e.network), d.services.get(e.service)) else {
+        let (Some(net), Some(svc)) = (d.networks.get(e.network), d.services.get(e.service)) else {
             return Err(CoreError::DanglingEndpoint(e.name.clone()));
         };
+        // IPv6 -> IPv4 (RFC 6146) is not translated yet: each endpoint
+        // reaches a service of its own family.
+        let version = |a: &std::net::IpAddr| if a.is_ipv6() { 6 } else { 4 };
+        if let Some(b) = svc.backends.first().filter(|b| b.is_ipv6() != e.ip.is_ipv6()) {
+            return Err(CoreError::FamilyMismatch(e.name.clone(), version(&e.ip), version(b)));
+        }
         if !addrs.insert((net.id, e.ip)) {
             return Err(CoreError::DuplicateEndpointAddress(e.name.clone(), e.ip));
         }
     }
     Ok(())
+}
+
+/// `a` as a 32-bit number if it is IPv4.
+fn v4(a: IpAddr) -> Option<u32> {
+    match a {
+        IpAddr::V4(a) => Some(a.into()),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// `a` as a 128-bit number if it is IPv6.
+fn v6(a: IpAddr) -> Option<u128> {
+    match a {
+        IpAddr::V6(a) => Some(a.into()),
+        IpAddr::V4(_) => None,
+    }
 }

@@ -2,9 +2,10 @@
 //! closed counts that hang on a flow's state, and closed flows ending for
 //! new ones (`reclaim_closed`, oldest first, per NAT pool).
 
+use crate::addr::{V4, V6};
 use crate::conntrack::closed;
 use crate::counters::{dec32, dec64};
-use crate::engine::Engine;
+use crate::engine::{Engine, Tables};
 use crate::flow::{state, Changed, FlowRecord, FlowView};
 use crate::pool::ClosedFlow;
 use crate::snapshot::{PoolEntry, Snapshot};
@@ -15,7 +16,7 @@ impl Engine {
     /// Adjusts the counts for a state change of flow `v`: a close takes it
     /// off the open counts and queues it in its pool; a reopen puts it back.
     #[inline]
-    pub(crate) fn count_change(&self, snap: &Snapshot, v: &FlowView, c: Changed, now: Now) {
+    pub(crate) fn count_change<F: Tables>(&self, snap: &Snapshot, v: &FlowView<F>, c: Changed, now: Now) {
         if (c.before ^ c.after) & state::COUNTED_CLOSED == 0 {
             return;
         }
@@ -27,7 +28,8 @@ impl Engine {
                 e.shared.flows_closed.fetch_add(1, Relaxed);
             }
             dec32(net);
-            if let Some(p) = snap.pools.get(&self.flows.pool_of(v)) {
+            let pool = F::table(self).map(|t| t.pool_of(v));
+            if let Some(p) = pool.and_then(|id| snap.pools.get(&id)) {
                 p.pool.note_closed(ClosedFlow { slot: v.slot, gen: v.generation(), at: now });
             }
         } else if c.reopened() {
@@ -41,7 +43,7 @@ impl Engine {
 
     /// The counts for flow `r`, just removed with final state `bits`: off
     /// the open counts, or off the closed ones if it had closed.
-    pub(crate) fn count_end(&self, snap: &Snapshot, r: &FlowRecord, bits: u32) {
+    pub(crate) fn count_end<F: Tables>(&self, snap: &Snapshot, r: &FlowRecord<F>, bits: u32) {
         let ep = snap.endpoint_by_id(r.view.endpoint);
         if bits & state::COUNTED_CLOSED != 0 {
             if let Some(e) = ep {
@@ -58,7 +60,8 @@ impl Engine {
     /// Ends the oldest closed flow of `pool` (or, with `None`, of any pool)
     /// so that a new flow can have its slot or port; returns the port it
     /// held, or `None` when no closed flow is left to end.
-    pub(crate) fn reclaim_closed(&self, snap: &Snapshot, pool: Option<&PoolEntry>, now: Now) -> Option<u16> {
+    pub(crate) fn reclaim_closed<F: Tables>(&self, snap: &Snapshot, pool: Option<&PoolEntry>, now: Now) -> Option<u16> {
+        let flows = F::table(self)?;
         loop {
             let (from, c) = match pool {
                 Some(p) => (p, p.pool.pop_closed()?),
@@ -66,6 +69,7 @@ impl Engine {
                     let p = snap
                         .pools
                         .values()
+                        .filter(|p| F::holds(p.nat_ip))
                         .filter_map(|p| p.pool.oldest_closed().map(|at| (at, p)))
                         .min_by_key(|&(at, p)| (at, p.id))
                         .map(|(_, p)| p)?;
@@ -74,11 +78,11 @@ impl Engine {
                 }
             };
             // Stale: the flow ended, or opened again, since it was queued.
-            let Some(r) = self.flows.record_at(c.slot, c.gen) else { continue };
+            let Some(r) = flows.record_at(c.slot, c.gen) else { continue };
             if r.pool != from.id {
                 continue;
             }
-            let Some(bits) = self.flows.remove_if(&r.view, closed) else { continue };
+            let Some(bits) = flows.remove_if(&r.view, closed) else { continue };
             self.finish_end(snap, &r, bits, now, true);
             return Some(r.view.pkey.nat_port());
         }
@@ -87,16 +91,9 @@ impl Engine {
     /// What follows the removal of flow `r` (final state `bits`): its
     /// delete event, its counts, its port back to its pool (at once when
     /// the TCP close was seen, else after quarantine).
-    pub(crate) fn finish_end(&self, snap: &Snapshot, r: &FlowRecord, bits: u32, now: Now, closed: bool) {
-        if let Some(q) = &self.events {
-            let v = &r.view;
-            q.push(crate::events::NatEvent {
-                kind: crate::events::NatEventKind::Delete,
-                ckey: v.ckey,
-                pkey: v.pkey,
-                endpoint: v.endpoint,
-            });
-        }
+    pub(crate) fn finish_end<F: Tables>(&self, snap: &Snapshot, r: &FlowRecord<F>, bits: u32, now: Now, closed: bool) {
+        let v = &r.view;
+        F::nat_event(self, crate::events::NatEventKind::Delete, v.ckey, v.pkey, v.endpoint);
         self.count_end(snap, r, bits);
         if let Some(p) = snap.pools.get(&r.pool) {
             p.pool.free(r.view.pkey.nat_port(), now, closed);
@@ -106,11 +103,11 @@ impl Engine {
     /// The sweep's part: brings `COUNTED_CLOSED` of live flow `r` in step
     /// with its phase (another process changed its state during a
     /// hand-over) and counts the change.
-    pub(crate) fn recount(&self, snap: &Snapshot, r: &FlowRecord, now: Now) {
+    pub(crate) fn recount<F: Tables>(&self, snap: &Snapshot, r: &FlowRecord<F>, now: Now) {
         let v = &r.view;
         let closed = v.protocol() == crate::Protocol::Tcp && v.phase() == crate::flow::TcpPhase::Closed;
         if closed != (v.state & state::COUNTED_CLOSED != 0) {
-            if let Some(c) = self.flows.set_counted(v) {
+            if let Some(c) = F::table(self).and_then(|t| t.set_counted(v)) {
                 self.count_change(snap, v, c, now);
             }
         }
@@ -120,9 +117,16 @@ impl Engine {
     /// pool's closed queue.
     pub(crate) fn prune_closed(&self, snap: &Snapshot) {
         for p in snap.pools.values() {
-            p.pool.retain_closed(|c| {
-                self.flows.record_at(c.slot, c.gen).is_some_and(|r| r.pool == p.id && closed(r.view.state))
+            p.pool.retain_closed(|c| match p.nat_ip {
+                std::net::IpAddr::V4(_) => self.closed_at::<V4>(p, c.slot, c.gen),
+                std::net::IpAddr::V6(_) => self.closed_at::<V6>(p, c.slot, c.gen),
             });
         }
+    }
+
+    /// Whether slot `slot` of generation `gen` still holds a closed flow
+    /// of pool `p`.
+    fn closed_at<F: Tables>(&self, p: &PoolEntry, slot: u32, gen: u32) -> bool {
+        F::table(self).and_then(|t| t.record_at(slot, gen)).is_some_and(|r| r.pool == p.id && closed(r.view.state))
     }
 }

@@ -3,8 +3,10 @@
 //! connection state). Each flow is ended once, by whoever wins its removal
 //! in the flow table, and its port goes back to the pool it came from.
 
-use crate::engine::Engine;
+use crate::addr::{V4, V6};
+use crate::engine::{Engine, Tables};
 use crate::flow::{FlowRecord, TcpPhase};
+use crate::snapshot::Addressed;
 use crate::snapshot::Snapshot;
 use crate::types::{ConnectionState, Now, Protocol};
 use std::sync::atomic::Ordering;
@@ -37,27 +39,34 @@ impl Engine {
             return 0;
         }
         let snap = self.snap.load_full();
-        let t = self.settings.timeouts;
-        let mut ended = 0;
-        self.flows.for_each_live(|r| {
-            let v = &r.view;
-            let phase = v.phase();
-            let timeout = crate::conntrack::timeout(v.protocol(), phase, &t);
-            let expired = idle && now.0.saturating_sub(r.last_seen.0) >= timeout;
-            if expired || !allowed(&snap, r) {
-                let closed = v.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
-                if let Some(bits) = self.flows.remove(&r.view) {
-                    self.finish_end(&snap, r, bits, now, closed);
-                    ended += 1;
-                }
-            } else {
-                self.recount(&snap, r, now);
-            }
-        });
+        let ended = self.sweep_table::<V4>(&snap, now, idle) + self.sweep_table::<V6>(&snap, now, idle);
         self.prune_closed(&snap);
         for p in snap.pools.values() {
             p.pool.release_quarantine(now);
         }
+        ended
+    }
+
+    /// The sweep over one family's table.
+    fn sweep_table<F: Tables>(&self, snap: &Snapshot, now: Now, idle: bool) -> usize {
+        let Some(flows) = F::table(self) else { return 0 };
+        let t = self.settings.timeouts;
+        let mut ended = 0;
+        flows.for_each_live(|r| {
+            let v = &r.view;
+            let phase = v.phase();
+            let timeout = crate::conntrack::timeout(v.protocol(), phase, &t);
+            let expired = idle && now.0.saturating_sub(r.last_seen.0) >= timeout;
+            if expired || !allowed(snap, r) {
+                let closed = v.protocol() == Protocol::Tcp && phase == TcpPhase::Closed;
+                if let Some(bits) = flows.remove(&r.view) {
+                    self.finish_end(snap, r, bits, now, closed);
+                    ended += 1;
+                }
+            } else {
+                self.recount(snap, r, now);
+            }
+        });
         ended
     }
 }
@@ -65,14 +74,14 @@ impl Engine {
 /// Whether a live flow is still allowed: its endpoint is configured and
 /// approved and still allows its source, its service still offers the
 /// port, has the backend and the pool.
-fn allowed(snap: &Snapshot, r: &FlowRecord) -> bool {
+fn allowed<F: Addressed>(snap: &Snapshot, r: &FlowRecord<F>) -> bool {
     let v = &r.view;
     let Some(e) = snap.endpoint_by_id(v.endpoint) else { return false };
-    if !e.shared.approved() || !snap.pools.contains_key(&r.pool) || !e.allows(v.ckey.consumer_addr()) {
+    if !e.shared.approved() || !snap.pools.contains_key(&r.pool) || !F::allows(e, v.ckey.consumer_addr()) {
         return false;
     }
     let svc = &snap.services[e.service];
     let proto = v.protocol();
     let rule_ok = proto == Protocol::Icmp || svc.rule(proto, v.ckey.endpoint_port()).is_some();
-    rule_ok && svc.backends.contains(&v.pkey.backend_addr())
+    rule_ok && F::backends(svc).contains(&v.pkey.backend_addr())
 }

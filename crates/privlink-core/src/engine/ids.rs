@@ -104,7 +104,7 @@ mod tests {
 
     #[test]
     fn seeded_ids_come_back_and_new_ones_never_collide_with_them() {
-        let ip = Ipv4Addr::new(10, 1, 0, 5);
+        let ip = std::net::IpAddr::from(Ipv4Addr::new(10, 1, 0, 5));
         let ids = Ids {
             next_endpoint: 3,
             next_pool: 4,

@@ -1,8 +1,9 @@
 //! Listing live flows (`privlink flows`, the control API).
 
-use crate::engine::Engine;
+use crate::addr::{End, V4, V6};
+use crate::engine::{Engine, Tables};
 use crate::types::{NetworkId, Now, Protocol};
-use std::net::Ipv4Addr;
+use std::net::SocketAddr;
 
 /// One live flow, for listings (`privlink flows`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -10,10 +11,10 @@ pub struct FlowInfo {
     pub protocol: Protocol,
     pub endpoint: String,
     pub network: NetworkId,
-    pub consumer: (Ipv4Addr, u16),
-    pub endpoint_addr: (Ipv4Addr, u16),
-    pub nat: (Ipv4Addr, u16),
-    pub backend: (Ipv4Addr, u16),
+    pub consumer: SocketAddr,
+    pub endpoint_addr: SocketAddr,
+    pub nat: SocketAddr,
+    pub backend: SocketAddr,
     pub state: &'static str,
     pub age: u32,
     pub idle: u32,
@@ -24,9 +25,18 @@ pub struct FlowInfo {
 impl Engine {
     /// The live flows, optionally of one endpoint only.
     pub fn flow_list(&self, endpoint: Option<&str>, now: Now) -> Vec<FlowInfo> {
-        let snap = self.snap.load_full();
         let mut out = Vec::new();
-        self.flows.for_each_live(|r| {
+        self.list_table::<V4>(endpoint, now, &mut out);
+        self.list_table::<V6>(endpoint, now, &mut out);
+        out
+    }
+
+    /// [`flow_list`](Self::flow_list) of one family's table.
+    fn list_table<F: Tables>(&self, endpoint: Option<&str>, now: Now, out: &mut Vec<FlowInfo>) {
+        let Some(flows) = F::table(self) else { return };
+        let snap = self.snap.load_full();
+        let sa = |e: End<F>| SocketAddr::new(F::ip(e.addr), e.port);
+        flows.for_each_live(|r| {
             let v = &r.view;
             let Some(e) = snap.endpoint_by_id(v.endpoint) else { return };
             if endpoint.is_some_and(|n| n != e.shared.name) {
@@ -38,10 +48,10 @@ impl Engine {
                 protocol,
                 endpoint: e.shared.name.clone(),
                 network: NetworkId(c.network()),
-                consumer: (Ipv4Addr::from(c.consumer_addr()), c.consumer_port()),
-                endpoint_addr: (Ipv4Addr::from(c.endpoint_addr()), c.endpoint_port()),
-                nat: (Ipv4Addr::from(p.nat_addr()), p.nat_port()),
-                backend: (Ipv4Addr::from(p.backend_addr()), p.backend_port()),
+                consumer: sa(c.consumer()),
+                endpoint_addr: sa(c.endpoint()),
+                nat: sa(p.nat()),
+                backend: sa(p.backend()),
                 state: if protocol == Protocol::Tcp { v.phase().as_str() } else { "active" },
                 age: now.0.saturating_sub(r.created.0),
                 idle: now.0.saturating_sub(r.last_seen.0),
@@ -49,6 +59,5 @@ impl Engine {
                 bytes_out: r.bytes_out,
             });
         });
-        out
     }
 }

@@ -16,8 +16,10 @@ pub mod ids;
 pub mod listing;
 pub mod restart;
 
+use crate::addr::{V4, V6};
 use crate::counters::{DropCounters, PerWorker};
 use crate::flow::FlowTable;
+use crate::snapshot::Addressed;
 use crate::snapshot::{NetworkShared, Snapshot};
 use crate::spec::Settings;
 use crate::types::DropReason;
@@ -33,6 +35,11 @@ pub struct Engine {
     pub(crate) settings: Settings,
     pub(crate) snap: Arc<ArcSwap<Snapshot>>,
     pub(crate) flows: FlowTable,
+    /// IPv6 flows: a table of their own (wider keys, 128-byte slots), made
+    /// at the first apply with an IPv6 endpoint, so an IPv4-only daemon
+    /// pays nothing for it. Not in shared memory: a hand-over or restart
+    /// keeps IPv4 flows only (docs/IPV6.md).
+    pub(crate) flows6: std::sync::OnceLock<FlowTable<V6>>,
     /// Live flows per network id (ids are never reused), against the
     /// snapshot's `flow_share`.
     pub(crate) net_flows: Box<[std::sync::atomic::AtomicU32]>,
@@ -61,13 +68,13 @@ pub(crate) struct ApplyState {
     /// same labels: metric series stay monotonic.
     pub(crate) retired: crate::apply::Retired,
     /// (service, backend) a health probe took out of new flows.
-    pub(crate) down: std::collections::HashSet<(String, std::net::Ipv4Addr)>,
+    pub(crate) down: std::collections::HashSet<(String, std::net::IpAddr)>,
     /// The table holds flows of another process not yet adopted
     /// ([`Engine::adopt_flows`]): applying must not end any of them before
     /// their ports and counts are taken back.
     pub(crate) adopting: bool,
     /// Flows created per (service, backend), kept across reloads.
-    pub(crate) backend_created: HashMap<(String, std::net::Ipv4Addr), Arc<std::sync::atomic::AtomicU64>>,
+    pub(crate) backend_created: HashMap<(String, std::net::IpAddr), Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Engine {
@@ -95,6 +102,7 @@ impl Engine {
             provider_mtu: 1500,
             flow_share: settings.max_flows,
             by_addr: HashMap::default(),
+            by_addr6: HashMap::default(),
             by_name: HashMap::default(),
             endpoints: Vec::new(),
             by_id: Vec::new(),
@@ -105,6 +113,7 @@ impl Engine {
         Arc::new(Engine {
             lease_deadline: std::sync::atomic::AtomicU32::new(u32::MAX),
             flows,
+            flows6: std::sync::OnceLock::new(),
             net_flows: (0..=u16::MAX).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
             provider_drops: PerWorker::new(settings.workers),
             snap: Arc::new(ArcSwap::from_pointee(empty)),
@@ -155,5 +164,71 @@ impl Engine {
     /// Consumer-side drops of one network by reason.
     pub fn network_drops(net: &NetworkShared) -> [u64; DropReason::COUNT] {
         std::array::from_fn(|r| net.drops.sum(|c| c.0[r].load(Ordering::Relaxed)))
+    }
+}
+
+/// The engine's flow table of a family: what code generic over the family
+/// ([`crate::translate`], the sweep, the listing) reads flows through.
+pub trait Tables: Addressed {
+    /// The table, `None` for IPv6 before any IPv6 endpoint was applied.
+    fn table(e: &Engine) -> Option<&FlowTable<Self>>;
+    /// Queues a flow log event about flow `v` (IPv6 flows have none yet:
+    /// the IPFIX records are IPv4's, docs/IPV6.md).
+    fn nat_event(
+        e: &Engine,
+        kind: crate::events::NatEventKind,
+        ckey: crate::flow::ConsumerKey<Self>,
+        pkey: crate::flow::ProviderKey<Self>,
+        endpoint: crate::types::EndpointId,
+    );
+}
+
+impl Tables for V4 {
+    #[inline(always)]
+    fn table(e: &Engine) -> Option<&FlowTable<V4>> {
+        Some(&e.flows)
+    }
+    #[inline]
+    fn nat_event(
+        e: &Engine,
+        kind: crate::events::NatEventKind,
+        ckey: crate::flow::ConsumerKey,
+        pkey: crate::flow::ProviderKey,
+        endpoint: crate::types::EndpointId,
+    ) {
+        if let Some(q) = &e.events {
+            q.push(crate::events::NatEvent { kind, ckey, pkey, endpoint });
+        }
+    }
+}
+
+impl Tables for V6 {
+    #[inline(always)]
+    fn table(e: &Engine) -> Option<&FlowTable<V6>> {
+        e.flows6.get()
+    }
+    fn nat_event(
+        _: &Engine,
+        _: crate::events::NatEventKind,
+        _: crate::flow::ConsumerKey<V6>,
+        _: crate::flow::ProviderKey<V6>,
+        _: crate::types::EndpointId,
+    ) {
+    }
+}
+
+impl Engine {
+    /// The IPv6 flow table, made on first use with the IPv4 table's
+    /// bound (and keys derived from a fixed seed, as that one's).
+    pub(crate) fn flows6_init(&self) -> &FlowTable<V6> {
+        self.flows6.get_or_init(|| match self.settings.seed {
+            0 => FlowTable::new(self.settings.max_flows),
+            n => FlowTable::with_keys(self.settings.max_flows, [n ^ 6, n.rotate_left(32) ^ 0x5bd1_e995]),
+        })
+    }
+
+    /// The IPv6 flow table, if one was made.
+    pub fn flows6(&self) -> Option<&FlowTable<V6>> {
+        self.flows6.get()
     }
 }

@@ -17,7 +17,7 @@ use crate::flow::FlowTable;
 use crate::spec::Settings;
 use crate::types::{EndpointId, Now, PoolId, Protocol};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,7 +27,7 @@ pub struct EndpointIdEntry {
     pub id: EndpointId,
     pub name: String,
     pub network: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub service: String,
 }
 
@@ -36,7 +36,7 @@ pub struct EndpointIdEntry {
 pub struct PoolIdEntry {
     pub id: PoolId,
     pub service: String,
-    pub nat_ip: Ipv4Addr,
+    pub nat_ip: IpAddr,
     pub protocol: Protocol,
     pub first: u16,
     pub last: u16,
@@ -56,9 +56,9 @@ pub struct Ids {
 }
 
 /// Key of a seeded endpoint id: name, network, address, service.
-pub(crate) type EndpointSeedKey = (String, String, Ipv4Addr, String);
+pub(crate) type EndpointSeedKey = (String, String, IpAddr, String);
 /// Key of a seeded pool id: service, NAT IP, protocol, port range.
-pub(crate) type PoolSeedKey = (String, Ipv4Addr, Protocol, u16, u16);
+pub(crate) type PoolSeedKey = (String, IpAddr, Protocol, u16, u16);
 
 /// What [`Engine::adopt_flows`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -104,7 +104,7 @@ fn an_exhausted_pool_ends_its_oldest_closed_flow_for_a_new_one() {
     let mut syn = tcp_seq(CLIENT, 30002, EP, 80, true, 1000, None, b"");
     assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(3)), Verdict::Forward(Egress::Provider));
     let listed = e.flow_list(None, Now(3));
-    let ports: Vec<u16> = listed.iter().map(|f| f.consumer.1).collect();
+    let ports: Vec<u16> = listed.iter().map(|f| f.consumer.port()).collect();
     assert!(!ports.contains(&30000) && ports.contains(&30001) && ports.contains(&30002), "{ports:?}");
     let ev = q.pop().expect("delete of the reclaimed flow");
     assert_eq!((ev.kind, ev.ckey.consumer_port()), (crate::events::NatEventKind::Delete, 30000));
@@ -136,7 +136,7 @@ fn a_full_table_ends_the_oldest_closed_flow_of_any_pool() {
     assert_eq!(e.flows().len(), 4);
     let mut syn = tcp_seq(CLIENT, 31000, EP, 80, true, 1000, None, b"");
     assert_eq!(step(&mut w, &mut syn, Source::Network(NET_A), Now(9)), Verdict::Forward(Egress::Provider));
-    let ports: Vec<u16> = e.flow_list(None, Now(9)).iter().map(|f| f.consumer.1).collect();
+    let ports: Vec<u16> = e.flow_list(None, Now(9)).iter().map(|f| f.consumer.port()).collect();
     assert!(!ports.contains(&30000) && ports.contains(&31000), "the oldest closed went: {ports:?}");
     // Open flows fill the table: the next new flow is refused.
     for i in 0..3 {

@@ -6,7 +6,7 @@ use super::*;
 fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_once() {
     let other = Ipv4Addr::new(192, 168, 50, 11);
     let mut d = desired(1024..=65535, ConnectionState::Approved);
-    d.services[0].backends.push(other);
+    d.services[0].backends.push(other.into());
     let (e, mut w) = engine_with(small(), &d);
     let a = Source::Network(NET_A);
     // Both up: flows spread over both.
@@ -23,7 +23,7 @@ fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_on
     }
     assert_eq!(seen.len(), 2, "Maglev spreads new flows over both");
     // BACKEND_A goes down: new flows all go to the other, the old ones stay.
-    assert!(e.set_backend_up("svc-a", BACKEND_A, false));
+    assert!(e.set_backend_up("svc-a", BACKEND_A.into(), false));
     for port in 0..64u16 {
         let mut p = tcp(CLIENT, 8000 + port, EP, 80, "S", b"");
         assert_eq!(step(&mut w, &mut p, a, Now(2)), Verdict::Forward(Egress::Provider));
@@ -38,7 +38,7 @@ fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_on
     assert!(states.iter().any(|b| b.backend == other && b.up && b.flows_created >= 64));
     // Both down: a SYN is answered with a RST from the endpoint, UDP with
     // port unreachable, at once.
-    e.set_backend_up("svc-a", other, false);
+    e.set_backend_up("svc-a", other.into(), false);
     let mut syn = tcp(CLIENT, 9000, EP, 80, "S", b"");
     let Verdict::Reply { reason: DropReason::NoHealthyBackend, len } = step(&mut w, &mut syn, a, Now(3)) else {
         panic!("a RST")
@@ -57,7 +57,7 @@ fn a_down_backend_gets_no_new_flows_keeps_its_old_ones_and_none_up_refuses_at_on
     e.apply(&d, Now(4)).expect("config");
     let mut p = tcp(CLIENT, 9100, EP, 80, "S", b"");
     assert!(matches!(step(&mut w, &mut p, a, Now(4)), Verdict::Reply { reason: DropReason::NoHealthyBackend, .. }));
-    e.set_backend_up("svc-a", other, true);
+    e.set_backend_up("svc-a", other.into(), true);
     let mut p = tcp(CLIENT, 9101, EP, 80, "S", b"");
     assert_eq!(step(&mut w, &mut p, a, Now(4)), Verdict::Forward(Egress::Provider));
 }

@@ -97,7 +97,7 @@ fn an_endpoint_holds_at_most_its_max_flows_and_others_still_connect() {
         link_id: 0,
         name: "pe-a2".into(),
         network: 0,
-        ip: Ipv4Addr::new(10, 1, 0, 6),
+        ip: Ipv4Addr::new(10, 1, 0, 6).into(),
         service: 0,
         state: ConnectionState::Approved,
         limits: EndpointLimits::default(),
@@ -128,7 +128,7 @@ fn an_endpoint_holds_at_most_its_max_flows_and_others_still_connect() {
 #[test]
 fn source_rules_admit_only_allowed_consumers_and_a_reload_ends_disallowed_flows() {
     let mut d = desired(1024..=65535, ConnectionState::Approved);
-    d.endpoints[0].limits.allow_sources = vec![(Ipv4Addr::new(10, 1, 0, 8), 30)]; // .8 to .11
+    d.endpoints[0].limits.allow_sources = vec![(Ipv4Addr::new(10, 1, 0, 8).into(), 30)]; // .8 to .11
     let (e, mut w) = engine_with(small(), &d);
     let a = Source::Network(NET_A);
     let mut ok = udp(CLIENT, 1000, EP, 53, b"x"); // 10.1.0.10
@@ -138,7 +138,7 @@ fn source_rules_admit_only_allowed_consumers_and_a_reload_ends_disallowed_flows(
     assert_eq!(dropped(&e, Some("vnet-a"), DropReason::SourceNotAllowed), 1);
     assert_eq!(e.flows().len(), 1);
     // The reload narrows the rule: the allowed flow of .10 ends, its packets drop.
-    d.endpoints[0].limits.allow_sources = vec![(Ipv4Addr::new(10, 1, 0, 20), 32)];
+    d.endpoints[0].limits.allow_sources = vec![(Ipv4Addr::new(10, 1, 0, 20).into(), 32)];
     let report = e.apply(&d, Now(2)).expect("config");
     assert_eq!(report.flows_ended, 1);
     assert_eq!(report.endpoints_kept, vec!["pe-a".to_string(), "pe-b".to_string()]);

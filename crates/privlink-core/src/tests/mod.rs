@@ -22,9 +22,9 @@ fn desired(nat_ports: std::ops::RangeInclusive<u16>, b_state: ConnectionState) -
     let svc = |name: &str, nat: Ipv4Addr, backend: Ipv4Addr| ServiceSpec {
         proxy: None,
         name: name.into(),
-        nat_ips: vec![nat],
+        nat_ips: vec![nat.into()],
         nat_ports: nat_ports.clone(),
-        backends: vec![backend],
+        backends: vec![backend.into()],
         ports: vec![
             PortRule { protocol: Protocol::Tcp, port: 80, backend_port: 8080 },
             PortRule { protocol: Protocol::Udp, port: 53, backend_port: 5353 },
@@ -34,7 +34,7 @@ fn desired(nat_ports: std::ops::RangeInclusive<u16>, b_state: ConnectionState) -
         link_id: 0,
         name: name.into(),
         network,
-        ip: Ipv4Addr::from(EP),
+        ip: Ipv4Addr::from(EP).into(),
         service,
         state,
         limits: EndpointLimits::default(),
@@ -368,6 +368,7 @@ mod fragments;
 mod health;
 mod hostile;
 mod icmp;
+mod ipv6;
 mod limits;
 mod offload;
 mod outbox;

@@ -18,7 +18,7 @@ fn reload_keeps_unchanged_flows_and_ends_removed_ones() {
         link_id: 0,
         name: "pe-new".into(),
         network: 0,
-        ip: Ipv4Addr::new(10, 1, 0, 6),
+        ip: Ipv4Addr::new(10, 1, 0, 6).into(),
         service: 1,
         state: ConnectionState::Approved,
         limits: EndpointLimits::default(),
@@ -51,7 +51,7 @@ fn bad_desired_is_refused_without_panic() {
     d.services[0].backends.clear();
     assert_eq!(e.apply(&d, Now(0)), Err(CoreError::NoBackends("svc-a".into())));
     let mut d = desired(1024..=65535, ConnectionState::Approved);
-    d.services[0].nat_ips = vec![NAT_A; 257];
+    d.services[0].nat_ips = vec![NAT_A.into(); 257];
     assert!(matches!(e.apply(&d, Now(0)), Err(CoreError::NatIpCount(..))));
     let mut d = desired(1024..=65535, ConnectionState::Approved);
     d.endpoints[1].network = 0;

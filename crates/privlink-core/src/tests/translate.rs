@@ -99,7 +99,7 @@ fn a_burst_of_one_new_flow_takes_one_port() {
 #[test]
 fn one_consumer_address_keeps_one_nat_ip() {
     let mut d = desired(1024..=65535, ConnectionState::Approved);
-    d.services[0].nat_ips = (1..=8).map(|i| Ipv4Addr::new(192, 168, 100, i)).collect();
+    d.services[0].nat_ips = (1..=8).map(|i| Ipv4Addr::new(192, 168, 100, i).into()).collect();
     let (_e, mut w) = engine_with(small(), &d);
     let mut nats = HashSet::new();
     for port in 0..200u16 {

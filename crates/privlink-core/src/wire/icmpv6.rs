@@ -69,48 +69,10 @@ pub fn build_icmpv6_error(out: &mut [u8], invoking: &[u8], src: u128, kind: u8, 
     let dst = u128::from_be_bytes(invoking[8..24].try_into().unwrap_or_default());
     let l4_len = ERROR_HEADER + quote;
     let ip = &mut out[..HEADER];
-    ip.copy_from_slice(&[
-        0x60,
-        0,
-        0,
-        0,
-        0,
-        0,
-        next::ICMPV6,
-        64,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-        0,
-    ]);
+    ip.fill(0);
+    ip[0] = 0x60;
+    ip[6] = next::ICMPV6;
+    ip[7] = 64;
     ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
     ip[8..24].copy_from_slice(&src.to_be_bytes());
     ip[24..40].copy_from_slice(&dst.to_be_bytes());

@@ -213,12 +213,22 @@ impl<'a> Fragmenter<'a> {
 /// other trailing bytes, which Linux's `ip_rcv` trims too), else all of
 /// `buf` (a total length past what was read is left for validation to
 /// call malformed). A GSO super-packet's total length is its header's.
+/// For an IPv6 packet the same with its payload length plus the 40-byte
+/// header (Linux's `ipv6_rcv` trims so too).
 #[inline(always)]
 pub fn packet_len(buf: &[u8]) -> usize {
     match *buf {
         [v, _, hi, lo, ..] if v >> 4 == 4 => {
             let total = usize::from(u16::from_be_bytes([hi, lo]));
             if total >= field::HEADER_MIN && total < buf.len() {
+                total
+            } else {
+                buf.len()
+            }
+        }
+        [v, _, _, _, hi, lo, ..] if v >> 4 == 6 => {
+            let total = super::ipv6::HEADER + usize::from(u16::from_be_bytes([hi, lo]));
+            if total > super::ipv6::HEADER && total < buf.len() {
                 total
             } else {
                 buf.len()

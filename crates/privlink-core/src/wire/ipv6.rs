@@ -239,7 +239,21 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
     /// upper-layer pseudo-header (RFC 8200 §8.1), for the TCP, UDP or
     /// ICMPv6 checksum (RFC 1624); IPv6 itself has no header checksum.
     pub fn forward_rewrite(&mut self, src: u128, dst: u128) -> Delta {
-        let b = self.buf.as_mut();
+        forward_rewrite(self.buf.as_mut(), src, dst)
+    }
+    /// The upper-layer header and data, to rewrite.
+    #[inline]
+    pub fn payload_mut(&mut self) -> &mut [u8] {
+        let at = usize::from(self.l4);
+        &mut self.buf.as_mut()[at..]
+    }
+}
+
+/// [`Ipv6Packet::forward_rewrite`] on the bytes of a packet already
+/// validated (at least a header long, hop limit above 1).
+#[inline]
+pub fn forward_rewrite(b: &mut [u8], src: u128, dst: u128) -> Delta {
+    {
         b[7] -= 1;
         let mut pseudo = Delta::default();
         for (range, new) in [(8..24, src), (24..40, dst)] {
@@ -252,12 +266,6 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
             b[range].copy_from_slice(&new);
         }
         pseudo
-    }
-    /// The upper-layer header and data, to rewrite.
-    #[inline]
-    pub fn payload_mut(&mut self) -> &mut [u8] {
-        let at = usize::from(self.l4);
-        &mut self.buf.as_mut()[at..]
     }
 }
 

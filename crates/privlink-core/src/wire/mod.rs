@@ -29,8 +29,9 @@ pub use transport::*;
 /// Largest packet privlink builds: an ICMP error (IP header, ICMP header,
 /// and the original IP header, up to 60 bytes, plus 8 bytes: 96), or a
 /// PROXY header segment (IP, TCP with timestamps, and the longest header,
-/// 54 bytes: 106).
-pub const REPLY_MAX: usize = 128;
+/// 54 bytes: 106), or an ICMPv6 error quoting as much of its packet as
+/// fits IPv6's minimum MTU (RFC 4443 §2.4 (c): 1,280).
+pub const REPLY_MAX: usize = 1280;
 
 /// Byte ranges of the IPv4 header (RFC 791) and the transport headers.
 pub mod field {
