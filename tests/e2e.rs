@@ -89,7 +89,7 @@ fn isolation_drops_and_counts_everything_else() {
 
     // An address that is no endpoint, pushed into the TUN by a broad route.
     privlink::netns::ip(Some(&bed.a), &["route", "add", "10.1.0.0/24", "dev", "pla0"]).expect("route");
-    assert!(connect(&bed.a, "10.1.0.99".parse().expect("ip"), 80, SEC).is_err());
+    assert!(connect(&bed.a, "10.1.0.99".parse::<std::net::Ipv4Addr>().expect("ip"), 80, SEC).is_err());
     assert!(drops("no_endpoint", "vnet-a") >= 1.0);
     // Nor can a tenant reach the provider's addresses directly.
     privlink::netns::ip(Some(&bed.a), &["route", "add", "192.168.0.0/16", "dev", "pla0"]).expect("route");
@@ -188,7 +188,7 @@ fn reload_adds_an_endpoint_without_disturbing_live_flows() {
     let added = "\n[[endpoint]]\nname = \"pe-a2\"\nnetwork = \"vnet-a\"\nip = \"10.1.0.6\"\nservice = \"billing\"\n";
     bed.write_config(&Opts::default(), added);
     bed.signal(libc::SIGHUP);
-    let new_ep = "10.1.0.6".parse().expect("ip");
+    let new_ep: std::net::Ipv4Addr = "10.1.0.6".parse().expect("ip");
     assert!(
         eventually(10, || connect(&bed.a, new_ep, 80, SEC)
             .map(|mut s| line(&mut s).starts_with("svc=billing"))

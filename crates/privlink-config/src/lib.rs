@@ -9,7 +9,7 @@
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use toml::Spanned;
@@ -96,6 +96,8 @@ pub struct Network {
     pub mtu: u16,
     /// Address and prefix length for the TUN itself.
     pub address: Option<(Ipv4Addr, u8)>,
+    /// IPv6 address and prefix length for the TUN itself (`address6`).
+    pub address6: Option<(Ipv6Addr, u8)>,
     /// The network's private DNS resolver address (`dns`): privlink adds
     /// it to the network's device and answers on it, UDP and TCP port 53
     /// (docs/DNS.md).
@@ -114,9 +116,10 @@ impl Network {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub name: String,
-    pub nat_ips: Vec<Ipv4Addr>,
+    /// One family for NAT IPs and backends alike.
+    pub nat_ips: Vec<IpAddr>,
     pub nat_ports: RangeInclusive<u16>,
-    pub backends: Vec<Ipv4Addr>,
+    pub backends: Vec<IpAddr>,
     pub ports: Vec<PortRule>,
     pub visibility: Vec<String>,
     pub auto_approve: Vec<String>,
@@ -170,12 +173,12 @@ impl Service {
 pub struct Endpoint {
     pub name: String,
     pub network: String,
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     pub service: String,
     /// Most flows at once (else the service's `max_flows_per_endpoint`).
     pub max_flows: Option<u32>,
     /// Allowed consumer sources (address, prefix length); empty: any.
-    pub allow_sources: Vec<(Ipv4Addr, u8)>,
+    pub allow_sources: Vec<(IpAddr, u8)>,
     /// Names of this endpoint besides its service's `dns_names` (lower
     /// case, no trailing dot).
     pub dns_names: Vec<String>,
@@ -227,6 +230,37 @@ fn name_char(c: char) -> bool {
 /// the one definition both use).
 fn unicast(a: Ipv4Addr) -> bool {
     !privlink_core::addr::is_martian_v4(u32::from(a))
+}
+
+/// Why an IPv6 address cannot be an endpoint, a NAT IP or a backend, if it
+/// cannot: the sources the packet path drops
+/// (`privlink_core::addr::is_martian_v6`: unspecified, loopback,
+/// multicast, link-local, IPv4-mapped; RFC 4291 §2.5, §2.7) and the
+/// documentation prefix 2001:db8::/32 (RFC 3849: never routed).
+fn not_unicast6(a: Ipv6Addr) -> Option<&'static str> {
+    let n = u128::from(a);
+    if n <= 1 {
+        Some(if n == 0 { "the unspecified address" } else { "the loopback address" })
+    } else if a.is_multicast() {
+        Some("a multicast address")
+    } else if n >> 118 == 0xfe80 >> 6 {
+        Some("a link-local address (never forwarded)")
+    } else if n >> 32 == 0xffff {
+        Some("an IPv4-mapped address (never on the wire)")
+    } else if n >> 96 == 0x2001_0db8 {
+        Some("a documentation address (RFC 3849, never routed)")
+    } else {
+        None
+    }
+}
+
+/// "IPv4" or "IPv6".
+fn family(a: IpAddr) -> &'static str {
+    if a.is_ipv6() {
+        "IPv6"
+    } else {
+        "IPv4"
+    }
 }
 
 /// A name cut short for an error message.
@@ -622,6 +656,7 @@ struct RawNetwork {
     netns: Option<S<String>>,
     mtu: Option<S<i64>>,
     address: Option<S<String>>,
+    address6: Option<S<String>>,
     dns: Option<S<String>>,
 }
 
@@ -776,23 +811,29 @@ impl Cx<'_> {
     }
 
     /// `ADDRESS/PREFIX` (or a bare address: /32) without host bits set.
-    fn prefix(&mut self, s: &S<String>, what: &str) -> Option<(Ipv4Addr, u8)> {
+    /// IPv4 or IPv6 (a bare IPv6 address: /128).
+    fn prefix(&mut self, s: &S<String>, what: &str) -> Option<(IpAddr, u8)> {
         let text = s.get_ref();
-        let (a, len) = text.split_once('/').unwrap_or((text, "32"));
-        let parsed = a.parse::<Ipv4Addr>().ok().zip(len.parse::<u8>().ok().filter(|l| *l <= 32));
+        let v6 = text.contains(':');
+        let (a, len) = text.split_once('/').unwrap_or((text, if v6 { "128" } else { "32" }));
+        let bits = if v6 { 128 } else { 32 };
+        let parsed = a.parse::<IpAddr>().ok().zip(len.parse::<u8>().ok().filter(|l| *l <= bits));
         let Some((addr, len)) = parsed else {
             self.err(s.span().start, format!("{what}: `{}` is not ADDRESS/PREFIX", shown(text)));
             return None;
         };
-        let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
-        if u32::from(addr) & !mask != 0 {
-            self.err(
-                s.span().start,
-                format!(
-                    "{what}: `{text}` has host bits set (did you mean {}/{len}?)",
-                    Ipv4Addr::from(u32::from(addr) & mask)
-                ),
-            );
+        let masked = match addr {
+            IpAddr::V4(a) => {
+                let mask = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+                IpAddr::from(Ipv4Addr::from(u32::from(a) & mask))
+            }
+            IpAddr::V6(a) => {
+                let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+                IpAddr::from(Ipv6Addr::from(u128::from(a) & mask))
+            }
+        };
+        if masked != addr {
+            self.err(s.span().start, format!("{what}: `{text}` has host bits set (did you mean {masked}/{len}?)"));
             return None;
         }
         Some((addr, len))
@@ -873,6 +914,23 @@ impl Cx<'_> {
         let healthy_after = self.int(&h.healthy_after, 1..=100, 2, "healthy_after") as u32;
         let unhealthy_after = self.int(&h.unhealthy_after, 1..=100, 3, "unhealthy_after") as u32;
         Some(Health { kind, port, interval, timeout, healthy_after, unhealthy_after })
+    }
+
+    /// An IPv4 or IPv6 address that must be unicast and routable
+    /// ([`unicast`], [`not_unicast6`]).
+    fn unicast_ip(&mut self, s: &S<String>, what: &str) -> Option<IpAddr> {
+        let text = s.get_ref();
+        if !text.contains(':') {
+            return self.unicast(s, what).map(IpAddr::from);
+        }
+        let Ok(a) = text.parse::<Ipv6Addr>() else {
+            self.err(s.span().start, format!("{what}: `{}` is not an IPv4 or IPv6 address", shown(text)));
+            return None;
+        };
+        if let Some(why) = not_unicast6(a) {
+            self.err(s.span().start, format!("{what}: {a} is {why}"));
+        }
+        Some(a.into())
     }
 
     /// An address that must be unicast.
@@ -1158,6 +1216,23 @@ impl Cx<'_> {
                 }
                 parsed
             });
+            let address6 = n.address6.as_ref().and_then(|s| {
+                let parsed = s.get_ref().split_once('/').and_then(|(a, l)| {
+                    let a = a.parse::<Ipv6Addr>().ok()?;
+                    let l = l.parse::<u8>().ok().filter(|l| *l <= 128)?;
+                    Some((a, l))
+                });
+                match parsed {
+                    None => self
+                        .err(s.span().start, format!("address6: `{}` is not IPV6-ADDRESS/PREFIX", shown(s.get_ref()))),
+                    Some((a, _)) => {
+                        if let Some(why) = not_unicast6(a).filter(|_| u128::from(a) >> 96 != 0x2001_0db8) {
+                            self.err(s.span().start, format!("address6: {a} is {why}"));
+                        }
+                    }
+                }
+                parsed
+            });
             let mtu = self.mtu(&n.mtu);
             let dns = n.dns.as_ref().and_then(|s| {
                 let a = self.unicast(s, "dns")?;
@@ -1183,17 +1258,17 @@ impl Cx<'_> {
                 Some(a)
             });
             if let (Some(name), Some(tenant), Some(tun)) = (name, tenant, tun) {
-                networks.push(Network { name, tenant, tun, netns, mtu, address, dns });
+                networks.push(Network { name, tenant, tun, netns, mtu, address, address6, dns });
             }
         }
 
         let mut svc_names = HashSet::new();
         // Service name -> its dns_names with their positions.
         let mut svc_dns: HashMap<String, Vec<(String, usize)>> = HashMap::new();
-        let mut nat_owner: HashMap<Ipv4Addr, String> = HashMap::new();
+        let mut nat_owner: HashMap<IpAddr, String> = HashMap::new();
         let mut services = Vec::new();
-        let mut backend_ips: HashSet<Ipv4Addr> = HashSet::new();
-        let mut backend_at: Vec<(Ipv4Addr, usize)> = Vec::new();
+        let mut backend_ips: HashSet<IpAddr> = HashSet::new();
+        let mut backend_at: Vec<(IpAddr, usize)> = Vec::new();
         for s in &raw.service {
             let at = s.span().start;
             let s = s.get_ref();
@@ -1214,7 +1289,20 @@ impl Cx<'_> {
                     );
                 }
                 for ip in list.get_ref() {
-                    if let Some(a) = self.unicast(ip, "nat_ips") {
+                    if let Some(a) = self.unicast_ip(ip, "nat_ips") {
+                        if let Some(first) = nat_ips.first().filter(|f: &&IpAddr| f.is_ipv6() != a.is_ipv6()) {
+                            self.err(
+                                ip.span().start,
+                                format!(
+                                    "nat_ips: {a} is {} and {first} {} (one family per service)",
+                                    family(a),
+                                    family(*first)
+                                ),
+                            );
+                        }
+                        if a.is_ipv6() && store.is_some() {
+                            self.err(ip.span().start, "nat_ips: IPv6 NAT IPs are not leased by a fleet ([store]) yet");
+                        }
                         match nat_owner.get(&a) {
                             Some(o) if *o == svc_name => {
                                 self.err(ip.span().start, format!("nat_ips: {a} is listed twice"))
@@ -1257,7 +1345,18 @@ impl Cx<'_> {
                     );
                 }
                 for b in list.get_ref().iter().take(MAX_BACKENDS + 1) {
-                    if let Some(a) = self.unicast(b, "backends") {
+                    if let Some(a) = self.unicast_ip(b, "backends") {
+                        let first = nat_ips.first().or(backends.first()).copied();
+                        if let Some(f) = first.filter(|f| f.is_ipv6() != a.is_ipv6()) {
+                            self.err(
+                                b.span().start,
+                                format!(
+                                    "backends: {a} is {} and the service's {f} {} (one family per service)",
+                                    family(a),
+                                    family(f)
+                                ),
+                            );
+                        }
                         backends.push(a);
                         backend_ips.insert(a);
                         backend_at.push((a, b.span().start));
@@ -1322,6 +1421,10 @@ impl Cx<'_> {
                 }
             };
             let proxy = if on { tlv } else { None };
+            if let (true, Some(pp)) = (on && backends.first().is_some_and(|b: &IpAddr| b.is_ipv6()), &s.proxy_protocol)
+            {
+                self.err(pp.span().start, "proxy_protocol: not available on an IPv6 service yet");
+            }
             let health = s.health.as_ref().and_then(|h| self.health(h, &ports));
             let names_at = self.dns_names(&s.dns_names);
             if let Some(n) = &name {
@@ -1376,11 +1479,39 @@ impl Cx<'_> {
                 n.get_ref().clone()
             });
             let ip = self.need(&e.ip, at, "ip").and_then(|s| {
-                let a = self.unicast(s, "ip")?;
+                let a = self.unicast_ip(s, "ip")?;
+                // One family per consumer-service pair for now: an IPv6
+                // endpoint reaching an IPv4 service needs the RFC 6146
+                // translation, not built yet (docs/IPV6.md).
+                let svc_family = service
+                    .as_ref()
+                    .and_then(|n| services.iter().find(|x: &&Service| &x.name == n))
+                    .and_then(|x| x.backends.first().copied());
+                if let Some(b) = svc_family.filter(|b| b.is_ipv6() != a.is_ipv6()) {
+                    let why = if a.is_ipv6() { " (IPv6 to IPv4 translation is not built yet)" } else { "" };
+                    self.err(
+                        s.span().start,
+                        format!(
+                            "ip: an {} endpoint cannot reach service `{}`, which is {}{why}",
+                            family(a),
+                            service.as_deref().unwrap_or_default(),
+                            family(b)
+                        ),
+                    );
+                }
+                if a.is_ipv6() {
+                    let net = network.as_ref().and_then(|n| networks.iter().find(|x| &x.name == n));
+                    if let Some(n) = net.filter(|n| n.mtu < 1280) {
+                        self.err(
+                            s.span().start,
+                            format!("ip: IPv6 needs an MTU of 1280 or more; network `{}` has {}", n.name, n.mtu),
+                        );
+                    }
+                }
                 // A resolver address is local to its namespace: it would
                 // take this endpoint's packets.
                 let ns = network.as_ref().and_then(|n| networks.iter().find(|x| &x.name == n)).map(|x| x.netns.clone());
-                if let Some(r) = dns_at.iter().find(|(rns, ra, _)| Some(rns) == ns.as_ref() && *ra == a) {
+                if let Some(r) = dns_at.iter().find(|(rns, ra, _)| Some(rns) == ns.as_ref() && IpAddr::from(*ra) == a) {
                     self.err(s.span().start, format!("ip: {a} is the DNS resolver address of network `{}`", r.2));
                 }
                 if let Some(net) = &network {
@@ -1399,10 +1530,27 @@ impl Cx<'_> {
             let mut allow_sources = Vec::new();
             for p in e.allow_sources.as_ref().map(|l| l.get_ref().as_slice()).unwrap_or_default() {
                 if let Some(prefix) = self.prefix(p, "allow_sources") {
+                    if let Some(a) = ip.filter(|a| a.is_ipv6() != prefix.0.is_ipv6()) {
+                        self.err(
+                            p.span().start,
+                            format!(
+                                "allow_sources: `{}` is {} but the endpoint is {}",
+                                p.get_ref(),
+                                family(prefix.0),
+                                family(a)
+                            ),
+                        );
+                    }
                     allow_sources.push(prefix);
                 }
             }
             let own_names = self.dns_names(&e.dns_names);
+            if ip.is_some_and(|a| a.is_ipv6()) {
+                let through = service.as_ref().and_then(|n| svc_dns.get(n)).is_some_and(|v| !v.is_empty());
+                if through || !own_names.is_empty() {
+                    self.err(at, "dns_names: an IPv6 endpoint has no AAAA records yet (docs/DNS.md)");
+                }
+            }
             // One name, one endpoint per network (its resolver answers one
             // address): the second claim is refused, naming the first.
             if let (Some(name), Some(network), Some(service)) = (&name, &network, &service) {
@@ -1740,6 +1888,80 @@ service = "orders-db"
         assert!(e.starts_with("t.toml:"), "{e}");
     }
 
+    /// GOOD with an IPv6 service and an IPv6 endpoint of it in vnet-a.
+    fn good6() -> String {
+        GOOD.replace("address = \"10.0.0.1/32\"", "address = \"10.0.0.1/32\"\naddress6 = \"fd00:aa::10/128\"")
+            + r#"
+[[service]]
+name = "orders6"
+nat_ips = ["fd00:64::4"]
+backends = ["fd00:50::10"]
+ports = [{ protocol = "tcp", port = 5432 }]
+
+[[endpoint]]
+name = "pe6-a"
+network = "vnet-a"
+ip = "fd00:aa::5"
+service = "orders6"
+allow_sources = ["fd00:aa::/64"]
+"#
+    }
+
+    #[test]
+    fn ipv6_endpoints_and_services_parse_with_their_family_rules() {
+        let c = Config::parse(&good6(), "t.toml").expect("valid");
+        let e = c.endpoints.iter().find(|e| e.name == "pe6-a").expect("pe6-a");
+        assert_eq!(e.ip, "fd00:aa::5".parse::<IpAddr>().expect("addr"));
+        assert_eq!(e.allow_sources, vec![("fd00:aa::".parse::<IpAddr>().expect("addr"), 64)]);
+        assert_eq!(c.networks[1].address6, Some(("fd00:aa::10".parse().expect("addr"), 128)));
+        let cases: &[(&str, &str, &str)] = &[
+            ("ip = \"fd00:aa::5\"", "ip = \"fe80::5\"", "t.toml:57:6: ip: fe80::5 is a link-local address"),
+            ("ip = \"fd00:aa::5\"", "ip = \"ff02::1\"", "ip: ff02::1 is a multicast address"),
+            ("ip = \"fd00:aa::5\"", "ip = \"::1\"", "ip: ::1 is the loopback address"),
+            ("ip = \"fd00:aa::5\"", "ip = \"::\"", "ip: :: is the unspecified address"),
+            ("ip = \"fd00:aa::5\"", "ip = \"::ffff:10.1.0.9\"", "ip: ::ffff:10.1.0.9 is an IPv4-mapped address"),
+            ("ip = \"fd00:aa::5\"", "ip = \"2001:db8::5\"", "ip: 2001:db8::5 is a documentation address"),
+            ("ip = \"fd00:aa::5\"", "ip = \"fd00:aa::zz\"", "ip: `fd00:aa::zz` is not an IPv4 or IPv6 address"),
+            (
+                "ip = \"fd00:aa::5\"\nservice = \"orders6\"",
+                "ip = \"fd00:aa::5\"\nservice = \"orders-db\"",
+                "ip: an IPv6 endpoint cannot reach service `orders-db`, which is IPv4 (IPv6 to IPv4 translation is not built yet)",
+            ),
+            (
+                "ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]\nname = \"pe-b\"",
+                "ip = \"10.1.0.5\"\nservice = \"orders6\"\n\n[[endpoint]]\nname = \"pe-b\"",
+                "ip: an IPv4 endpoint cannot reach service `orders6`, which is IPv6",
+            ),
+            ("backends = [\"fd00:50::10\"]", "backends = [\"192.168.50.99\"]", "backends: 192.168.50.99 is IPv4 and the service's fd00:64::4 IPv6"),
+            ("nat_ips = [\"fd00:64::4\"]", "nat_ips = [\"fd00:64::4\", \"192.168.100.9\"]", "nat_ips: 192.168.100.9 is IPv4 and fd00:64::4 IPv6"),
+            ("allow_sources = [\"fd00:aa::/64\"]", "allow_sources = [\"10.1.0.0/24\"]", "allow_sources: `10.1.0.0/24` is IPv4 but the endpoint is IPv6"),
+            ("allow_sources = [\"fd00:aa::/64\"]", "allow_sources = [\"fd00:aa::1/64\"]", "has host bits set (did you mean fd00:aa::/64?)"),
+            ("address6 = \"fd00:aa::10/128\"", "address6 = \"fd00:aa::10\"", "address6: `fd00:aa::10` is not IPV6-ADDRESS/PREFIX"),
+            (
+                "ports = [{ protocol = \"tcp\", port = 5432 }]\n\n[[endpoint]]\nname = \"pe6-a\"",
+                "ports = [{ protocol = \"tcp\", port = 5432 }]\nproxy_protocol = \"v2\"\n\n[[endpoint]]\nname = \"pe6-a\"",
+                "proxy_protocol: not available on an IPv6 service yet",
+            ),
+            (
+                "service = \"orders6\"\nallow",
+                "service = \"orders6\"\ndns_names = [\"db.example.internal\"]\nallow",
+                "dns_names: an IPv6 endpoint has no AAAA records yet",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let bad = good6().replacen(from, to, 1);
+            assert_ne!(bad, good6(), "{from}");
+            let e = errors(&bad).join("\n");
+            assert!(e.contains(want), "{to}: {e}");
+        }
+        let small = good6().replacen(
+            "tun = \"pla0\"\nnetns = \"tenant-a\"",
+            "tun = \"pla0\"\nnetns = \"tenant-a\"\nmtu = 1200",
+            1,
+        );
+        assert!(errors(&small).join("").contains("IPv6 needs an MTU of 1280 or more; network `vnet-a` has 1200"));
+    }
+
     #[test]
     fn nonsense_names_and_addresses_are_refused() {
         // Each with its position.
@@ -1809,7 +2031,10 @@ service = "orders-db"
         assert_eq!(c.services[0].max_flows_per_endpoint, Some(500));
         let a = &c.endpoints[0];
         assert_eq!(a.max_flows, Some(20));
-        assert_eq!(a.allow_sources, vec![(Ipv4Addr::new(10, 0, 0, 0), 24), (Ipv4Addr::new(10, 9, 9, 9), 32)]);
+        assert_eq!(
+            a.allow_sources,
+            vec![(Ipv4Addr::new(10, 0, 0, 0).into(), 24), (Ipv4Addr::new(10, 9, 9, 9).into(), 32)]
+        );
         assert_eq!((c.endpoints[1].max_flows, c.endpoints[1].allow_sources.len()), (None, 0));
         let bad = text.replace("max_flows = 20", "max_flows = 0").replace("\"10.0.0.0/24\"", "\"10.0.0.1/33\"");
         let e = errors(&bad).join("\n");

@@ -21,7 +21,7 @@ use crate::netlink::{self, Change};
 use crate::netns::in_netns;
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use tun_rs::{DeviceBuilder, SyncDevice};
@@ -60,7 +60,7 @@ pub struct Device {
     pub ifindex: u32,
     queues: Vec<SyncDevice>,
     /// /32 routes this daemon added through the device.
-    routes: Mutex<BTreeSet<Ipv4Addr>>,
+    routes: Mutex<BTreeSet<IpAddr>>,
     /// The device went away under the daemon (someone deleted it): its
     /// queues report errors; workers stop polling them and the control
     /// thread recreates the device.
@@ -77,6 +77,14 @@ impl std::fmt::Debug for Device {
     }
 }
 
+/// The addresses a new device gets (a network's `address` and
+/// `address6`), each with its prefix length.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Addresses {
+    pub v4: Option<(Ipv4Addr, u8)>,
+    pub v6: Option<(Ipv6Addr, u8)>,
+}
+
 impl Device {
     /// Opens `name` in `netns` with `queues` queues, MTU `mtu`, link up and
     /// `address` when given: creates it, or attaches to it when it exists
@@ -86,7 +94,7 @@ impl Device {
         name: &str,
         netns: Option<&str>,
         mtu: u16,
-        address: Option<(Ipv4Addr, u8)>,
+        address: Addresses,
         queues: usize,
         offload: bool,
         ours: &dyn Fn(u32) -> bool,
@@ -121,8 +129,11 @@ impl Device {
                 // flush its routes.
                 b = b.inherit_enable_state();
             } else {
-                if let Some((a, len)) = address {
+                if let Some((a, len)) = address.v4 {
                     b = b.ipv4(a, len, None);
+                }
+                if let Some((a, len)) = address.v6 {
+                    b = b.ipv6(a, len);
                 }
                 b = b.enable(false);
             }
@@ -134,11 +145,18 @@ impl Device {
                 )
             })?;
             first.persist().with_context(|| format!("cannot make `{n}` persistent"))?;
+            // IPv6 on (IPv6 endpoints; a device an IPv4-only build made has
+            // it off), without the kernel's own chatter: no link-local
+            // address (addr_gen_mode 1, set first), so no router
+            // solicitations or neighbour discovery from it, and no router
+            // advertisements taken. (A TUN device does no duplicate address
+            // detection: IFF_NOARP.) Not fatal where IPv6 is absent.
+            for (key, value) in
+                [("addr_gen_mode", "1"), ("accept_ra", "0"), ("router_solicitations", "0"), ("disable_ipv6", "0")]
+            {
+                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{n}/{key}"), value);
+            }
             if !attach {
-                // privlink forwards IPv4 only: keep the kernel's IPv6 chatter
-                // (router and multicast listener messages) off the device.
-                // Not fatal where IPv6 is absent.
-                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{n}/disable_ipv6"), "1");
                 // Before the link goes up, so the kernel never builds the
                 // default per-queue qdiscs (see `netlink::set_noqueue`).
                 crate::netlink::set_noqueue(crate::netlink::ifindex(&n)?).with_context(|| format!("device `{n}`"))?;
@@ -203,7 +221,7 @@ impl Device {
     /// Deletes the persistent device `name` in `netns` that a previous
     /// daemon left (attach, clear persistence, close).
     pub fn delete_left_over(name: &str, netns: Option<&str>, offload: bool) -> Result<()> {
-        let (dev, _) = Device::open(name, netns, 1500, None, 1, offload, &|_| true)?;
+        let (dev, _) = Device::open(name, netns, 1500, Addresses::default(), 1, offload, &|_| true)?;
         dev.unpersist();
         Ok(())
     }
@@ -220,7 +238,7 @@ impl Device {
 
     /// Makes the /32 routes through this device exactly `want`, by netlink
     /// in the device's namespace, in batches (see [`crate::netlink`]).
-    pub fn set_routes(&self, want: &BTreeSet<Ipv4Addr>) -> Result<()> {
+    pub fn set_routes(&self, want: &BTreeSet<IpAddr>) -> Result<()> {
         let mut have = self.routes.lock().unwrap_or_else(|e| e.into_inner());
         let mut changes: Vec<Change> = have.difference(want).map(|&a| Change::Delete(a)).collect();
         changes.extend(want.difference(&have).map(|&a| Change::Replace(a)));

@@ -18,7 +18,7 @@
 use anyhow::{Context, Result};
 use privlink_config::{Config, Health, HealthKind};
 use privlink_core::Engine;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -40,7 +40,7 @@ impl Drop for Prober {
 
 struct Target {
     service: String,
-    backend: Ipv4Addr,
+    backend: IpAddr,
     health: Health,
     /// Taking new flows when the probes start (the engine's view).
     up: bool,
@@ -130,7 +130,7 @@ async fn probe_loop(engine: Arc<Engine>, t: Target) {
 }
 
 /// One probe: whether the backend answered as healthy.
-async fn probe(backend: Ipv4Addr, h: &Health) -> std::io::Result<bool> {
+async fn probe(backend: IpAddr, h: &Health) -> std::io::Result<bool> {
     let mut s = tokio::net::TcpStream::connect((backend, h.port)).await?;
     let HealthKind::Http { path } = &h.kind else { return Ok(true) };
     let req = format!(

@@ -20,7 +20,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Requests in flight before their acknowledgements are read: the kernel
 /// queues an acknowledgement per request, and a window keeps them within
@@ -30,25 +30,30 @@ const WINDOW: usize = 256;
 /// A route change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
-    /// `ip route replace ADDR/32 dev IFINDEX`.
-    Replace(Ipv4Addr),
+    /// `ip route replace ADDR/32 dev IFINDEX` (`/128` for IPv6).
+    Replace(IpAddr),
     /// `ip route del ADDR/32 dev IFINDEX` (a missing route is not an error).
-    Delete(Ipv4Addr),
+    Delete(IpAddr),
 }
 
 fn message(change: Change, ifindex: u32, seq: u32) -> NetlinkMessage<RouteNetlinkMessage> {
     let mut route = RouteMessage::default();
-    route.header.address_family = AddressFamily::Inet;
-    route.header.destination_prefix_length = 32;
+    let (Change::Replace(a) | Change::Delete(a)) = change;
+    let (family, bits, dest) = match a {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    route.header.address_family = family;
+    route.header.destination_prefix_length = bits;
     route.header.table = RouteHeader::RT_TABLE_MAIN;
     route.header.protocol = RouteProtocol::Static;
     route.header.scope = RouteScope::Link;
     route.header.kind = RouteType::Unicast;
-    let (addr, inner, flags) = match change {
-        Change::Replace(a) => (a, RouteNetlinkMessage::NewRoute as fn(RouteMessage) -> _, NLM_F_CREATE | NLM_F_REPLACE),
-        Change::Delete(a) => (a, RouteNetlinkMessage::DelRoute as fn(RouteMessage) -> _, 0),
+    let (inner, flags) = match change {
+        Change::Replace(_) => (RouteNetlinkMessage::NewRoute as fn(RouteMessage) -> _, NLM_F_CREATE | NLM_F_REPLACE),
+        Change::Delete(_) => (RouteNetlinkMessage::DelRoute as fn(RouteMessage) -> _, 0),
     };
-    route.attributes = vec![RouteAttribute::Destination(RouteAddress::Inet(addr)), RouteAttribute::Oif(ifindex)];
+    route.attributes = vec![RouteAttribute::Destination(dest), RouteAttribute::Oif(ifindex)];
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
     header.sequence_number = seq;
@@ -142,29 +147,35 @@ pub fn apply(ifindex: u32, changes: &[Change]) -> Result<()> {
     Ok(())
 }
 
-/// The `/32` static routes of the main table through interface `ifindex`
-/// (the ones a previous daemon added), in the calling thread's namespace:
-/// a dump of the IPv4 routes, filtered.
-pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<Ipv4Addr>> {
-    let mut route = RouteMessage::default();
-    route.header.address_family = AddressFamily::Inet;
+/// The host (`/32`, `/128`) static routes of the main table through
+/// interface `ifindex` (the ones a previous daemon added), in the calling
+/// thread's namespace: a dump of the IPv4 and IPv6 routes, filtered.
+pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<IpAddr>> {
     let mut found = std::collections::BTreeSet::new();
-    dump(RouteNetlinkMessage::GetRoute(route), "route dump", |m| {
-        if let RouteNetlinkMessage::NewRoute(r) = m {
-            let h = &r.header;
-            let ours = h.destination_prefix_length == 32
-                && h.table == RouteHeader::RT_TABLE_MAIN
-                && h.protocol == RouteProtocol::Static
-                && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
-            if ours {
-                for a in &r.attributes {
-                    if let RouteAttribute::Destination(RouteAddress::Inet(d)) = a {
-                        found.insert(*d);
+    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+        let mut route = RouteMessage::default();
+        route.header.address_family = family;
+        dump(RouteNetlinkMessage::GetRoute(route), "route dump", |m| {
+            if let RouteNetlinkMessage::NewRoute(r) = m {
+                let h = &r.header;
+                let ours = matches!(
+                    (h.address_family, h.destination_prefix_length),
+                    (AddressFamily::Inet, 32) | (AddressFamily::Inet6, 128)
+                ) && h.table == RouteHeader::RT_TABLE_MAIN
+                    && h.protocol == RouteProtocol::Static
+                    && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
+                if ours {
+                    for a in &r.attributes {
+                        match a {
+                            RouteAttribute::Destination(RouteAddress::Inet(d)) => found.insert(IpAddr::from(*d)),
+                            RouteAttribute::Destination(RouteAddress::Inet6(d)) => found.insert(IpAddr::from(*d)),
+                            _ => false,
+                        };
                     }
                 }
             }
-        }
-    })?;
+        })?;
+    }
     Ok(found)
 }
 

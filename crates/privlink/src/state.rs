@@ -88,7 +88,7 @@ pub struct EndpointRec {
     pub id: u32,
     pub name: String,
     pub network: String,
-    pub ip: std::net::Ipv4Addr,
+    pub ip: std::net::IpAddr,
     pub service: String,
 }
 
@@ -97,7 +97,7 @@ pub struct EndpointRec {
 pub struct PoolRec {
     pub id: u32,
     pub service: String,
-    pub nat_ip: std::net::Ipv4Addr,
+    pub nat_ip: std::net::IpAddr,
     pub protocol: String,
     pub first: u16,
     pub last: u16,

@@ -7,7 +7,7 @@
 use crate::netns::{in_netns, ip};
 use anyhow::{bail, Context, Result};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -82,7 +82,8 @@ impl Drop for Backend {
 
 impl Backend {
     /// Starts the servers on `addr` (which must be an address in `ns`).
-    pub fn start(ns: &str, name: &str, addr: Ipv4Addr, ports: BackendPorts) -> Result<Backend> {
+    pub fn start(ns: &str, name: &str, addr: impl Into<IpAddr>, ports: BackendPorts) -> Result<Backend> {
+        let addr: IpAddr = addr.into();
         let (tcp, echo, udp, bye) = in_netns(Some(ns), move || {
             let tcp = TcpListener::bind((addr, ports.hello))?;
             let echo = TcpListener::bind((addr, ports.echo))?;
@@ -160,7 +161,8 @@ fn accept_loop(l: TcpListener, stop: Arc<AtomicBool>, handle: impl Fn(TcpStream,
 
 /// A TCP connection made from inside `ns` (the socket then works from any
 /// thread).
-pub fn connect(ns: &str, addr: Ipv4Addr, port: u16, timeout: Duration) -> Result<TcpStream> {
+pub fn connect(ns: &str, addr: impl Into<IpAddr>, port: u16, timeout: Duration) -> Result<TcpStream> {
+    let addr: IpAddr = addr.into();
     in_netns(Some(ns), move || {
         let s = TcpStream::connect_timeout(&SocketAddr::from((addr, port)), timeout)?;
         s.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -179,10 +181,10 @@ pub fn line(s: &mut TcpStream) -> String {
 }
 
 /// A UDP request and its answer, from inside `ns`.
-pub fn udp_ask(ns: &str, addr: Ipv4Addr, port: u16, msg: &str) -> Result<String> {
-    let msg = msg.to_string();
+pub fn udp_ask(ns: &str, addr: impl Into<IpAddr>, port: u16, msg: &str) -> Result<String> {
+    let (addr, msg): (IpAddr, String) = (addr.into(), msg.to_string());
     in_netns(Some(ns), move || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
+        let s = UdpSocket::bind(if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" })?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.send_to(msg.as_bytes(), (addr, port))?;
         let mut buf = [0u8; 2048];

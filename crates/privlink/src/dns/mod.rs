@@ -78,11 +78,14 @@ impl Zones {
         let mut networks: HashMap<String, HashMap<String, Published>> = HashMap::new();
         let mut private = HashSet::new();
         for e in &config.endpoints {
+            // A records only: `check` refuses names for IPv6 endpoints
+            // until AAAA is served.
+            let std::net::IpAddr::V4(ip) = e.ip else { continue };
             let names = config.dns_names(e);
             let zone = networks.entry(e.network.clone()).or_default();
             for n in names {
                 private.insert(n.clone());
-                zone.insert(n, Published { endpoint: e.name.clone(), ip: e.ip });
+                zone.insert(n, Published { endpoint: e.name.clone(), ip });
             }
         }
         for s in &config.services {

@@ -34,17 +34,17 @@ use super::etcd::Etcd;
 use super::StoreError;
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Per service, the NAT addresses a host holds (or may use).
-pub type Held = BTreeMap<String, BTreeSet<Ipv4Addr>>;
+pub type Held = BTreeMap<String, BTreeSet<IpAddr>>;
 
 /// The services this host serves, with each one's configured NAT
 /// addresses. Set by the daemon on every (re)load; read by each round.
-pub type Serving = Arc<Mutex<BTreeMap<String, Vec<Ipv4Addr>>>>;
+pub type Serving = Arc<Mutex<BTreeMap<String, Vec<IpAddr>>>>;
 
 /// This host's lease and what it holds under it.
 #[derive(Debug)]
@@ -60,7 +60,7 @@ pub struct Owner {
     /// Addresses beyond the share, already out of `held`: their keys are
     /// deleted once the daemon has stopped using them (`applied`), so no
     /// other host claims an address this one still hands out.
-    releasing: Vec<(String, Ipv4Addr)>,
+    releasing: Vec<(String, IpAddr)>,
     /// Keys put on the current lease (`alive`, `serving/...`): put once
     /// per lease, not every round (each put is a revision in etcd's
     /// history).
@@ -184,7 +184,7 @@ impl Owner {
     /// and their keys go). Returns whether what this host holds changed.
     /// An error leaves what it holds as it was (etcd unreachable: nothing
     /// moves).
-    pub fn round(&mut self, serving: &BTreeMap<String, Vec<Ipv4Addr>>, applied: bool) -> Result<bool, StoreError> {
+    pub fn round(&mut self, serving: &BTreeMap<String, Vec<IpAddr>>, applied: bool) -> Result<bool, StoreError> {
         let before = self.held.clone();
         self.renew()?;
         let layout = self.etcd.layout.clone();
@@ -205,10 +205,10 @@ impl Owner {
         let lease = self.lease;
         let (nat, serving_root) = (format!("{prefix}/nat/"), format!("{prefix}/serving/"));
         // Per service: each claimed address's (host, lease).
-        let mut owners: BTreeMap<String, BTreeMap<Ipv4Addr, (String, i64)>> = BTreeMap::new();
+        let mut owners: BTreeMap<String, BTreeMap<IpAddr, (String, i64)>> = BTreeMap::new();
         for (key, value, l) in self.list(&nat)? {
             let Some((service, ip)) = key.strip_prefix(&nat).and_then(|r| r.split_once('/')) else { continue };
-            let Ok(ip) = ip.parse::<Ipv4Addr>() else { continue };
+            let Ok(ip) = ip.parse::<IpAddr>() else { continue };
             owners.entry(service.to_string()).or_default().insert(ip, (value, l));
         }
         let mut hosts: BTreeMap<String, usize> = BTreeMap::new();
@@ -227,7 +227,7 @@ impl Owner {
         // (`applied`), go too.
         let releasing = if applied { std::mem::take(&mut self.releasing) } else { Vec::new() };
         for (service, ips) in &mut owners {
-            let gone: Vec<Ipv4Addr> = ips
+            let gone: Vec<IpAddr> = ips
                 .iter()
                 .filter(|(ip, (_, l))| {
                     *l == lease
@@ -255,7 +255,7 @@ impl Owner {
             let none = BTreeMap::new();
             let owners = owners.get(service).unwrap_or(&none);
             let releasing = &self.releasing;
-            let mut mine: Vec<Ipv4Addr> = ips
+            let mut mine: Vec<IpAddr> = ips
                 .iter()
                 .copied()
                 .filter(|ip| owners.get(ip).is_some_and(|(h, l)| *h == host && *l == lease))
@@ -270,7 +270,7 @@ impl Owner {
             }
             // Below it: claim free ones, starting at a place of this host's
             // own so that hosts claiming at once mostly try different ones.
-            let free: Vec<Ipv4Addr> = ips.iter().copied().filter(|ip| !owners.contains_key(ip)).collect();
+            let free: Vec<IpAddr> = ips.iter().copied().filter(|ip| !owners.contains_key(ip)).collect();
             let start = if free.is_empty() { 0 } else { (fnv(&host) as usize) % free.len() };
             for ip in free.iter().cycle().skip(start).take(free.len()) {
                 if mine.len() >= share {
@@ -350,7 +350,7 @@ fn fnv(s: &str) -> u64 {
 }
 
 /// The addresses of `service` a fleet host may use: those it holds.
-pub fn usable(held: &Held, service: &str, configured: &[Ipv4Addr]) -> Vec<Ipv4Addr> {
+pub fn usable(held: &Held, service: &str, configured: &[IpAddr]) -> Vec<IpAddr> {
     let h = held.get(service);
     configured.iter().copied().filter(|ip| h.is_some_and(|h| h.contains(ip))).collect()
 }
@@ -361,11 +361,11 @@ mod tests {
 
     #[test]
     fn a_host_uses_only_the_configured_addresses_it_holds() {
-        let a = Ipv4Addr::new(192, 168, 100, 4);
-        let b = Ipv4Addr::new(192, 168, 100, 5);
+        let a = IpAddr::from([192, 168, 100, 4]);
+        let b = IpAddr::from([192, 168, 100, 5]);
         let mut held = Held::new();
         assert!(usable(&held, "s", &[a, b]).is_empty());
-        held.insert("s".into(), [b, Ipv4Addr::new(1, 1, 1, 1)].into_iter().collect());
+        held.insert("s".into(), [b, IpAddr::from([1, 1, 1, 1])].into_iter().collect());
         assert_eq!(usable(&held, "s", &[a, b]), vec![b]);
         assert!(usable(&held, "t", &[a, b]).is_empty());
     }
