@@ -64,3 +64,40 @@ pub fn ends(p: &[u8]) -> (u32, u16, u32, u16) {
     let h = |a: usize| u16::from_be_bytes([p[a], p[a + 1]]);
     (g(12), h(20), g(16), h(22))
 }
+
+/// The IPv6 endpoint's address (`fd00:1::5`).
+pub const EP6: u128 = 0xfd00_0001_0000_0000_0000_0000_0000_0005;
+
+/// [`desired`] in IPv6: the same shape (8 NAT IPs, 4 backends, one port),
+/// an IPv6 endpoint of an IPv6 service.
+pub fn desired6(proto: Protocol) -> Desired {
+    let mut d = desired(proto);
+    let s = &mut d.services[0];
+    s.nat_ips = (1..=8u16).map(|i| std::net::Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, i).into()).collect();
+    s.backends = (10..14u16).map(|i| std::net::Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, i).into()).collect();
+    d.endpoints[0].ip = std::net::Ipv6Addr::from(EP6).into();
+    d
+}
+
+/// Consumer `i`'s IPv6 address and port: 1,000 flows per address.
+pub fn consumer6(i: u32) -> (u128, u16) {
+    (0xfd00_0001_0000_0000_0000_0000_0001_0000 + u128::from(i / 1_000), 1024 + (i % 1_000) as u16)
+}
+
+/// A UDP datagram over IPv6 with a valid checksum and `data` bytes.
+pub fn udp6(src: u128, sport: u16, dst: u128, dport: u16, data: usize) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ipv6(src.to_be_bytes(), dst.to_be_bytes(), 64)
+        .udp(sport, dport)
+        .write(&mut v, &vec![0u8; data])
+        .expect("udp6");
+    v
+}
+
+/// Source and destination (address, port) of an IPv6 packet without
+/// extension headers.
+pub fn ends6(p: &[u8]) -> (u128, u16, u128, u16) {
+    let g = |a: usize| u128::from_be_bytes(p[a..a + 16].try_into().expect("16 bytes"));
+    let h = |a: usize| u16::from_be_bytes([p[a], p[a + 1]]);
+    (g(8), h(40), g(24), h(42))
+}

@@ -14,12 +14,14 @@
 //! packet each way), `tcp_established N` (N TCP flows after a real
 //! handshake, data segments with advancing sequence numbers both ways),
 //! `udp_new_flow` (100,000 UDP flows set up and expired), `tcp_new_flow`
-//! (100,000 TCP connections: handshake, FIN both ways, expiry).
+//! (100,000 TCP connections: handshake, FIN both ways, expiry);
+//! `udp_established6 N` and `udp_new_flow6`, the UDP cases over IPv6 (an
+//! IPv6 endpoint of an IPv6 service).
 
 #[path = "common.rs"]
 mod common;
 
-use common::{consumer, desired, ends, tcp, EP};
+use common::{consumer, consumer6, desired, desired6, ends, ends6, tcp, udp6, EP, EP6};
 use privlink_core::*;
 use std::hint::black_box;
 
@@ -107,6 +109,37 @@ fn tcp_established(n: u32) {
     counted_established(&mut w, &ups, &downs);
 }
 
+/// [`udp_established`] over IPv6: the same shape of configuration, an
+/// IPv6 endpoint of an IPv6 service.
+fn udp_established6(n: u32) {
+    let e = Engine::new(Settings { max_flows: n + 1024, seed: 7, ..Settings::default() });
+    e.apply(&desired6(Protocol::Udp), Now(0)).expect("config");
+    let mut w = e.worker(0);
+    let (mut ups, mut downs) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (a, p) = consumer6(i);
+        let up = udp6(a, p, EP6, 53, 36);
+        let mut t = up.clone();
+        ok(w.process(&mut t, IN, Now(0)));
+        let (nat, np, be, bp) = ends6(&t);
+        ups.push(up);
+        downs.push(udp6(be, bp, nat, np, 36));
+    }
+    let order: Vec<usize> = (0..n as usize).map(|i| (i * 7_919) % n as usize).collect();
+    let ups: Vec<_> = order.iter().map(|&i| ups[i].clone()).collect();
+    let downs: Vec<_> = order.iter().map(|&i| downs[i].clone()).collect();
+    counted_established(&mut w, &ups, &downs);
+}
+
+/// [`udp_new_flow`] over IPv6.
+fn udp_new_flow6() {
+    let e = Engine::new(Settings { max_flows: 2 * NEW, seed: 7, ..Settings::default() });
+    e.apply(&desired6(Protocol::Udp), Now(0)).expect("config");
+    let mut w = e.worker(0);
+    let packets: Vec<_> = (0..NEW).map(consumer6).map(|(a, p)| udp6(a, p, EP6, 53, 36)).collect();
+    counted_udp_new(&e, &mut w, &packets);
+}
+
 #[inline(never)]
 fn counted_udp_new(e: &Engine, w: &mut Worker, packets: &[Vec<u8>]) {
     let mut buf = [0u8; 128];
@@ -172,6 +205,8 @@ fn main() {
         Some("tcp_established") => tcp_established(n),
         Some("udp_new_flow") => udp_new_flow(),
         Some("tcp_new_flow") => tcp_new_flow(),
+        Some("udp_established6") => udp_established6(n),
+        Some("udp_new_flow6") => udp_new_flow6(),
         // `cargo bench` runs every bench target: nothing to do unasked.
         _ => eprintln!("usage: instructions udp_established|tcp_established N | udp_new_flow | tcp_new_flow"),
     }
