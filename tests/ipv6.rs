@@ -16,42 +16,41 @@ use std::time::Duration;
 
 const EP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaa, 0, 0, 0, 0, 0, 0x5);
 const CLIENT6: &str = "fd00:aa::10";
-const BACKEND6_ORDERS: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x10);
-const BACKEND6_BILLING: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x60, 0, 0, 0, 0, 0, 0x10);
 
-const SERVICES6: &str = r#"
-[[service]]
-name = "orders6"
-nat_ips = ["fd00:64::4"]
-backends = ["fd00:50::10"]
-ports = [{ protocol = "tcp", port = 80, backend_port = 8080 },
-         { protocol = "tcp", port = 7, backend_port = 8007 },
-         { protocol = "udp", port = 53, backend_port = 5353 }]
-visibility = ["*"]
-auto_approve = ["*"]
+/// Per tenant: an IPv6 service (name, NAT address, backend) and its
+/// endpoint `fd00:aa::5` in that tenant's network.
+const TENANTS6: [(&str, &str, &str, &str, &str); 2] = [
+    ("orders6", "fd00:64::4", "fd00:50::10", "pe6-a", "vnet-a"),
+    ("billing6", "fd00:64::8", "fd00:60::10", "pe6-b", "vnet-b"),
+];
 
+/// The IPv6 services and endpoints, added to the bed's IPv4 config.
+fn services6() -> String {
+    TENANTS6
+        .iter()
+        .map(|(svc, nat, backend, ep, net)| {
+            format!(
+                r#"
 [[service]]
-name = "billing6"
-nat_ips = ["fd00:64::8"]
-backends = ["fd00:60::10"]
-ports = [{ protocol = "tcp", port = 80, backend_port = 8080 },
-         { protocol = "tcp", port = 7, backend_port = 8007 },
-         { protocol = "udp", port = 53, backend_port = 5353 }]
+name = "{svc}"
+nat_ips = ["{nat}"]
+backends = ["{backend}"]
+ports = [{{ protocol = "tcp", port = 80, backend_port = 8080 }},
+         {{ protocol = "tcp", port = 7, backend_port = 8007 }},
+         {{ protocol = "udp", port = 53, backend_port = 5353 }}]
 visibility = ["*"]
 auto_approve = ["*"]
 
 [[endpoint]]
-name = "pe6-a"
-network = "vnet-a"
-ip = "fd00:aa::5"
-service = "orders6"
-
-[[endpoint]]
-name = "pe6-b"
-network = "vnet-b"
-ip = "fd00:aa::5"
-service = "billing6"
-"#;
+name = "{ep}"
+network = "{net}"
+ip = "{EP6}"
+service = "{svc}"
+"#
+            )
+        })
+        .collect()
+}
 
 fn data(n: usize, seed: u32) -> Vec<u8> {
     (0..n as u32).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
@@ -71,20 +70,31 @@ fn ipv6_endpoints_carry_tcp_udp_and_icmpv6_per_tenant() {
     }
     let opts = || Opts { network_extra: "address6 = \"fd00:aa::10/128\"", provider_mtu: 1280, ..Opts::default() };
     let mut bed = Bed::new("v6", opts());
-    bed.write_config(&opts(), SERVICES6);
+    bed.write_config(&opts(), &services6());
     let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
     let mut servers = Vec::new();
-    for (addr, name) in [(BACKEND6_ORDERS, "orders6"), (BACKEND6_BILLING, "billing6")] {
+    for (name, _, addr, _, _) in TENANTS6 {
         privlink::netns::ip(Some(&bed.prov), &["-6", "addr", "add", &format!("{addr}/128"), "dev", "lo", "nodad"])
             .expect("backend address");
+        let addr: Ipv6Addr = addr.parse().expect("backend address");
         servers.push(Backend::start(&bed.prov, name, addr, ports).expect("backend"));
     }
     bed.start();
+    // IPv6 on the devices brings nothing of the kernel's own into
+    // privlink's drop counters before any traffic.
+    std::thread::sleep(Duration::from_secs(1));
+    let drops: Vec<String> = bed
+        .scrape()
+        .lines()
+        .filter(|l| l.starts_with("privlink_packets_dropped_total") && !l.ends_with(" 0"))
+        .map(str::to_string)
+        .collect();
+    assert!(drops.is_empty(), "drops before any traffic: {drops:?}");
     let sec = Duration::from_secs(3);
 
     // Same client address, same endpoint address, different services;
     // each backend sees its own service's NAT address only.
-    for (ns, svc, nat) in [(&bed.a, "orders6", "fd00:64::4"), (&bed.b, "billing6", "fd00:64::8")] {
+    for (ns, (svc, nat, ..)) in [&bed.a, &bed.b].into_iter().zip(TENANTS6) {
         let mut s = connect(ns, EP6, 80, sec).expect("connect through the IPv6 endpoint");
         let greeting = line(&mut s);
         assert!(greeting.starts_with(&format!("svc={svc} peer=[{nat}]:")), "{greeting}");

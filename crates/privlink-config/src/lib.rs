@@ -234,24 +234,14 @@ fn unicast(a: Ipv4Addr) -> bool {
 
 /// Why an IPv6 address cannot be an endpoint, a NAT IP or a backend, if it
 /// cannot: the sources the packet path drops
-/// (`privlink_core::addr::is_martian_v6`: unspecified, loopback,
-/// multicast, link-local, IPv4-mapped; RFC 4291 §2.5, §2.7) and the
-/// documentation prefix 2001:db8::/32 (RFC 3849: never routed).
+/// (`privlink_core::addr::martian_v6`, the one definition both use:
+/// unspecified, loopback, multicast, link-local, IPv4-mapped; RFC 4291
+/// §2.5, §2.7) and the documentation prefix 2001:db8::/32 (RFC 3849: never
+/// routed).
 fn not_unicast6(a: Ipv6Addr) -> Option<&'static str> {
     let n = u128::from(a);
-    if n <= 1 {
-        Some(if n == 0 { "the unspecified address" } else { "the loopback address" })
-    } else if a.is_multicast() {
-        Some("a multicast address")
-    } else if n >> 118 == 0xfe80 >> 6 {
-        Some("a link-local address (never forwarded)")
-    } else if n >> 32 == 0xffff {
-        Some("an IPv4-mapped address (never on the wire)")
-    } else if n >> 96 == 0x2001_0db8 {
-        Some("a documentation address (RFC 3849, never routed)")
-    } else {
-        None
-    }
+    privlink_core::addr::martian_v6(n)
+        .or_else(|| (n >> 96 == 0x2001_0db8).then_some("a documentation address (RFC 3849, never routed)"))
 }
 
 /// "IPv4" or "IPv6".
@@ -1226,7 +1216,7 @@ impl Cx<'_> {
                     None => self
                         .err(s.span().start, format!("address6: `{}` is not IPV6-ADDRESS/PREFIX", shown(s.get_ref()))),
                     Some((a, _)) => {
-                        if let Some(why) = not_unicast6(a).filter(|_| u128::from(a) >> 96 != 0x2001_0db8) {
+                        if let Some(why) = privlink_core::addr::martian_v6(u128::from(a)) {
                             self.err(s.span().start, format!("address6: {a} is {why}"));
                         }
                     }
@@ -1346,6 +1336,15 @@ impl Cx<'_> {
                 }
                 for b in list.get_ref().iter().take(MAX_BACKENDS + 1) {
                     if let Some(a) = self.unicast_ip(b, "backends") {
+                        if a.is_ipv6() && backends.is_empty() && provider.mtu < 1280 {
+                            self.err(
+                                b.span().start,
+                                format!(
+                                    "backends: IPv6 needs a provider MTU of 1280 or more ([provider] mtu is {})",
+                                    provider.mtu
+                                ),
+                            );
+                        }
                         let first = nat_ips.first().or(backends.first()).copied();
                         if let Some(f) = first.filter(|f| f.is_ipv6() != a.is_ipv6()) {
                             self.err(
@@ -1960,6 +1959,8 @@ allow_sources = ["fd00:aa::/64"]
             1,
         );
         assert!(errors(&small).join("").contains("IPv6 needs an MTU of 1280 or more; network `vnet-a` has 1200"));
+        let small_provider = good6().replacen("netns = \"provider\"", "netns = \"provider\"\nmtu = 1200", 1);
+        assert!(errors(&small_provider).join("").contains("backends: IPv6 needs a provider MTU of 1280 or more"));
     }
 
     #[test]

@@ -479,7 +479,27 @@ pub fn is_martian_v4(addr: u32) -> bool {
 /// §2.2). The IPv6 counterpart of [`is_martian_v4`].
 #[inline]
 pub fn is_martian_v6(addr: u128) -> bool {
-    addr <= 1 || addr >> 120 == 0xff || addr >> 118 == 0xfe80 >> 6 || addr >> 32 == 0xffff
+    martian_v6(addr).is_some()
+}
+
+/// What [`is_martian_v6`] calls `addr`, for a message: "the unspecified
+/// address", "a multicast address", ...; `None` for a forwardable source.
+/// The one definition the packet path and the configuration share.
+#[inline]
+pub fn martian_v6(addr: u128) -> Option<&'static str> {
+    if addr == 0 {
+        Some("the unspecified address")
+    } else if addr == 1 {
+        Some("the loopback address")
+    } else if addr >> 120 == 0xff {
+        Some("a multicast address")
+    } else if addr >> 118 == 0xfe80 >> 6 {
+        Some("a link-local address (never forwarded)")
+    } else if addr >> 32 == 0xffff {
+        Some("an IPv4-mapped address (never on the wire)")
+    } else {
+        None
+    }
 }
 
 #[cfg(test)]

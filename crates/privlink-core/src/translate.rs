@@ -6,9 +6,9 @@
 //! The steps, in this order (docs/ARCHITECTURE.md has the table of which
 //! drop reason each gives):
 //!
-//! 1. validate the IPv4 header (`malformed`, `unsupported_protocol`), drop
-//!    source-routed packets (`source_route`) and martian sources
-//!    (`martian_source`);
+//! 1. validate the IPv4 header (`malformed`), drop source-routed packets
+//!    (`source_route`) and martian sources (`martian_source`); an IPv6
+//!    packet takes the same steps in [`Ctx::steps6`];
 //! 2. address: on the consumer side, the destination must be an endpoint
 //!    of the network (`no_endpoint`);
 //! 3. reassemble: a later fragment takes its first fragment's translation,

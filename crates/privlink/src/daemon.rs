@@ -31,7 +31,7 @@ use privlink_core::{
     ConnectionState, Desired, EndpointLimits, EndpointSpec, Engine, NetworkId, NetworkSpec, ServiceSpec, Settings,
 };
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -178,7 +178,7 @@ fn read_held(state_dir: &Path) -> Held {
 
 /// The services this host serves (those its endpoints front), with their
 /// configured NAT addresses.
-fn served(config: &Config) -> std::collections::BTreeMap<String, Vec<std::net::IpAddr>> {
+fn served(config: &Config) -> std::collections::BTreeMap<String, Vec<IpAddr>> {
     config
         .services
         .iter()
@@ -216,12 +216,8 @@ fn read_copy(path: &Path, layout: &privlink_config::Layout) -> Result<(Vec<privl
 
 /// What a device is made from: a device found with another recipe is made
 /// again.
-fn recipe(
-    netns: Option<&str>,
-    mtu: u16,
-    address: Option<(Ipv4Addr, u8)>,
-    address6: Option<(std::net::Ipv6Addr, u8)>,
-) -> String {
+fn recipe(netns: Option<&str>, mtu: u16, a: Addresses) -> String {
+    let (address, address6) = (a.v4, a.v6);
     // Without `address6`, the recipe an IPv4-only build wrote: a successor
     // attaches to its predecessor's devices.
     match address6 {
@@ -230,13 +226,17 @@ fn recipe(
     }
 }
 
+/// A network's device addresses.
+fn addresses(n: &privlink_config::Network) -> Addresses {
+    Addresses { v4: n.address, v6: n.address6 }
+}
+
 /// What one device is: name, namespace, MTU, address.
 struct DeviceDef<'a> {
     name: &'a str,
     netns: Option<&'a str>,
     mtu: u16,
-    address: Option<(Ipv4Addr, u8)>,
-    address6: Option<(std::net::Ipv6Addr, u8)>,
+    address: Addresses,
 }
 
 /// Opens a device: attaches to the one a previous daemon left when the
@@ -250,8 +250,8 @@ fn open_device(
     offload: bool,
     sharing: bool,
 ) -> Result<Arc<Device>> {
-    let DeviceDef { name, netns, mtu, address, address6 } = d;
-    let want = recipe(netns, mtu, address, address6);
+    let DeviceDef { name, netns, mtu, address } = d;
+    let want = recipe(netns, mtu, address);
     let rec = manifest.devices.iter().find(|d| d.name == name && d.netns.as_deref() == netns);
     let present = crate::device::ifindex_of(netns, name)?;
     if let Some(r) = rec.filter(|r| present == Some(r.ifindex) && r.recipe != want) {
@@ -263,8 +263,7 @@ fn open_device(
         crate::device::wait_gone(netns, name, r.ifindex)?;
     }
     let ours = |idx: u32| rec.is_some_and(|r| r.ifindex == idx && r.recipe == want);
-    let (dev, attached) =
-        Device::open(name, netns, mtu, Addresses { v4: address, v6: address6 }, queues, offload, &ours)?;
+    let (dev, attached) = Device::open(name, netns, mtu, address, queues, offload, &ours)?;
     if attached {
         tracing::info!(device = %name, netns = netns.unwrap_or("-"), "device re-attached");
     }
@@ -416,7 +415,7 @@ impl Daemon {
         });
         let p = &config.provider;
         let offload = config.dataplane.offload;
-        let def = DeviceDef { name: &p.tun, netns: p.netns.as_deref(), mtu: p.mtu, address: None, address6: None };
+        let def = DeviceDef { name: &p.tun, netns: p.netns.as_deref(), mtu: p.mtu, address: Addresses::default() };
         let provider = match open_device(&manifest, def, workers, offload, takeover) {
             Ok(p) => p,
             Err(e) => {
@@ -528,7 +527,7 @@ impl Daemon {
                 name: p.name.clone(),
                 netns: p.netns.clone(),
                 ifindex: p.ifindex,
-                recipe: recipe(c.netns.as_deref(), c.mtu, None, None),
+                recipe: recipe(c.netns.as_deref(), c.mtu, Addresses::default()),
             });
         }
         for (id, n) in self.made_from.values() {
@@ -537,7 +536,7 @@ impl Daemon {
                     name: d.name.clone(),
                     netns: d.netns.clone(),
                     ifindex: d.ifindex,
-                    recipe: recipe(n.netns.as_deref(), n.mtu, n.address, n.address6),
+                    recipe: recipe(n.netns.as_deref(), n.mtu, addresses(n)),
                 });
             }
         }
@@ -647,13 +646,7 @@ impl Daemon {
                 *made = n.clone();
                 continue;
             }
-            let def = DeviceDef {
-                name: &n.tun,
-                netns: n.netns.as_deref(),
-                mtu: n.mtu,
-                address: n.address,
-                address6: n.address6,
-            };
+            let def = DeviceDef { name: &n.tun, netns: n.netns.as_deref(), mtu: n.mtu, address: addresses(n) };
             let dev =
                 match open_device(&self.manifest, def, self.workers, self.config.dataplane.offload, !self.owns_state) {
                     Ok(d) => d,
@@ -732,7 +725,7 @@ impl Daemon {
         let set = DeviceSet { provider: cur.provider.clone(), networks, vnet_hdr: cur.vnet_hdr };
         for n in &config.networks {
             let Some((id, _)) = self.made_from.get(&n.name) else { continue };
-            let want: BTreeSet<std::net::IpAddr> =
+            let want: BTreeSet<IpAddr> =
                 config.endpoints.iter().filter(|e| e.network == n.name).map(|e| e.ip).collect();
             if let Some(Some(d)) = set.networks.get(usize::from(id.0)) {
                 d.set_routes(&want)?;
@@ -742,7 +735,7 @@ impl Daemon {
             // (A fleet host: only the addresses it holds. A replace moves
             // a route another host's device had; a delete takes only this
             // device's own.)
-            let nat: BTreeSet<std::net::IpAddr> = eff.services.iter().flat_map(|s| s.nat_ips.iter().copied()).collect();
+            let nat: BTreeSet<IpAddr> = eff.services.iter().flat_map(|s| s.nat_ips.iter().copied()).collect();
             p.set_routes(&nat)?;
         }
         self.dns(config, &set);

@@ -165,13 +165,11 @@ pub fn static_routes(ifindex: u32) -> Result<std::collections::BTreeSet<IpAddr>>
                     && h.protocol == RouteProtocol::Static
                     && r.attributes.iter().any(|a| matches!(a, RouteAttribute::Oif(i) if *i == ifindex));
                 if ours {
-                    for a in &r.attributes {
-                        match a {
-                            RouteAttribute::Destination(RouteAddress::Inet(d)) => found.insert(IpAddr::from(*d)),
-                            RouteAttribute::Destination(RouteAddress::Inet6(d)) => found.insert(IpAddr::from(*d)),
-                            _ => false,
-                        };
-                    }
+                    found.extend(r.attributes.iter().filter_map(|a| match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(IpAddr::from(*d)),
+                        RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(IpAddr::from(*d)),
+                        _ => None,
+                    }));
                 }
             }
         })?;

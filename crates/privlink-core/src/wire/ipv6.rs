@@ -253,20 +253,18 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> Ipv6Packet<T> {
 /// validated (at least a header long, hop limit above 1).
 #[inline]
 pub fn forward_rewrite(b: &mut [u8], src: u128, dst: u128) -> Delta {
-    {
-        b[7] -= 1;
-        let mut pseudo = Delta::default();
-        for (range, new) in [(8..24, src), (24..40, dst)] {
-            let new = new.to_be_bytes();
-            for (i, chunk) in new.chunks_exact(4).enumerate() {
-                let at = range.start + i * 4;
-                let old = u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-                pseudo.dword(old, u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
-            }
-            b[range].copy_from_slice(&new);
+    b[7] -= 1;
+    let mut pseudo = Delta::default();
+    for (range, new) in [(8..24, src), (24..40, dst)] {
+        let new = new.to_be_bytes();
+        for (i, chunk) in new.chunks_exact(4).enumerate() {
+            let at = range.start + i * 4;
+            let old = u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+            pseudo.dword(old, u32::from_be_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]));
         }
-        pseudo
+        b[range].copy_from_slice(&new);
     }
+    pseudo
 }
 
 /// The upper-layer checksum of an IPv6 packet's `l4` bytes from `src` to

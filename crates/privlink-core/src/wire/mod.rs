@@ -3,8 +3,8 @@
 //! (with the sequence, acknowledgement and SACK words), `icmp`, and
 //! `transport` (parsing the L4 header once, and the port rewrite TCP and
 //! UDP share), and `ipv6` and `icmpv6` (the IPv6 view with its
-//! extension-header chain walked once, and the ICMPv6 error a router
-//! sends; not yet on the translation path).
+//! extension-header chain walked once, the address rewrite, and the
+//! ICMPv6 errors a router sends).
 //!
 //! [`Ipv4Packet::new_checked`] validates a buffer the way the kernel's
 //! `ip_rcv_core` does (version, IHL, total length, header checksum) and
