@@ -3,7 +3,10 @@
 //! services, each backend seeing only its service's NAT address; TCP
 //! (20 MB each way, hash-checked), UDP, ping6 and traceroute6 through the
 //! endpoints; Packet Too Big toward a consumer with the provider's
-//! 1,280-byte MTU; hostile inputs dropped and counted (docs/IPV6.md).
+//! 1,280-byte MTU; hostile inputs dropped and counted. And an IPv6
+//! endpoint of an IPv4 service, translated per flow (RFC 6146/7915), next
+//! to a tenant with the same addresses reaching an IPv6 service
+//! (docs/IPV6.md).
 
 mod common;
 
@@ -26,7 +29,13 @@ const TENANTS6: [(&str, &str, &str, &str, &str); 2] = [
 
 /// The IPv6 services and endpoints, added to the bed's IPv4 config.
 fn services6() -> String {
-    TENANTS6
+    services_of(&TENANTS6)
+}
+
+/// Services (name, NAT address, backend) each with an endpoint
+/// `fd00:aa::5` in the given network.
+fn services_of(tenants: &[(&str, &str, &str, &str, &str)]) -> String {
+    tenants
         .iter()
         .map(|(svc, nat, backend, ep, net)| {
             format!(
@@ -37,7 +46,8 @@ nat_ips = ["{nat}"]
 backends = ["{backend}"]
 ports = [{{ protocol = "tcp", port = 80, backend_port = 8080 }},
          {{ protocol = "tcp", port = 7, backend_port = 8007 }},
-         {{ protocol = "udp", port = 53, backend_port = 5353 }}]
+         {{ protocol = "udp", port = 53, backend_port = 5353 }},
+         {{ protocol = "udp", port = 54, backend_port = 5354 }}]
 visibility = ["*"]
 auto_approve = ["*"]
 
@@ -186,4 +196,119 @@ fn ipv6_endpoints_carry_tcp_udp_and_icmpv6_per_tenant() {
         "routing header type 0 dropped as source_route"
     );
     drop(servers);
+}
+
+/// Tenant a reaches an IPv6 service, tenant b an IPv4 one, through the
+/// same endpoint address from the same client address.
+const MIXED: [(&str, &str, &str, &str, &str); 2] = [
+    ("orders6", "fd00:64::4", "fd00:50::10", "pe6-a", "vnet-a"),
+    ("inventory", "192.168.100.12", "192.168.70.10", "pe64-b", "vnet-b"),
+];
+
+/// Asks `[EP6]:54` over UDP from namespace `ns`, where no backend listens:
+/// the backend's port unreachable comes back translated, and the client's
+/// kernel matches its quote to the socket (ECONNREFUSED) only when the
+/// quoted addresses and ports are the client's own.
+fn refused_udp(ns: &str) -> String {
+    run_in(
+        ns,
+        &[
+            "python3",
+            "-c",
+            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(3)\n\
+             s.connect(('fd00:aa::5',54))\ns.send(b'x')\n\
+             try:\n  s.recv(100); print('answer')\n\
+             except ConnectionRefusedError: print('refused')\n\
+             except socket.timeout: print('timeout')",
+        ],
+    )
+    .1
+}
+
+#[test]
+fn an_ipv6_endpoint_reaches_an_ipv4_service_translated_per_flow() {
+    if !privileged() {
+        return;
+    }
+    let opts = || Opts { network_extra: "address6 = \"fd00:aa::10/128\"", provider_mtu: 1300, ..Opts::default() };
+    let mut bed = Bed::new("v64", opts());
+    bed.write_config(&opts(), &services_of(&MIXED));
+    let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
+    let mut servers = Vec::new();
+    for (name, _, addr, _, _) in MIXED {
+        let addr: std::net::IpAddr = addr.parse().expect("backend address");
+        let (fam, len) = if addr.is_ipv6() { ("-6", 128) } else { ("-4", 32) };
+        privlink::netns::ip(Some(&bed.prov), &[fam, "addr", "add", &format!("{addr}/{len}"), "dev", "lo"])
+            .expect("backend address");
+        servers.push(Backend::start(&bed.prov, name, addr, ports).expect("backend"));
+    }
+    bed.start();
+    let sec = Duration::from_secs(3);
+
+    // Same client, same endpoint address: tenant a's backend sees its IPv6
+    // NAT address, tenant b's IPv4 backend its IPv4 NAT address.
+    let mut a = connect(&bed.a, EP6, 80, sec).expect("connect 6 -> 6");
+    let greeting = line(&mut a);
+    assert!(greeting.starts_with("svc=orders6 peer=[fd00:64::4]:"), "{greeting}");
+    // (The advertised MSS of the backend; see the upload below.)
+    privlink::netns::ip(
+        Some(&bed.prov),
+        &["route", "change", "192.168.100.12", "dev", "plp0", "proto", "static", "scope", "link", "advmss", "1440"],
+    )
+    .expect("advmss");
+    let mut s = connect(&bed.b, EP6, 80, sec).expect("connect 6 -> 4");
+    let greeting = line(&mut s);
+    assert!(greeting.starts_with("svc=inventory peer=192.168.100.12:"), "{greeting}");
+    // 20 MB up, hash-checked at the IPv4 backend. The backend is told to
+    // advertise an MSS of 1,440 (its own route would say 1,260), so the
+    // consumer's segments do not fit the provider's 1,300 bytes once IPv4:
+    // Packet Too Big 1,320 comes back and the stream goes on smaller (DF
+    // all along: IPv6 never fragments).
+    let up = data(20 << 20, 3);
+    s.write_all(&up).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let want = format!("len={} fnv={:x}", up.len(), privlink::testbed::fnv(&up, privlink::testbed::FNV_INIT));
+    assert_eq!(line(&mut s), want, "the IPv4 backend got exactly what was sent");
+    assert!(
+        run_in(&bed.b, &["ip", "-6", "route", "get", &EP6.to_string()]).1.contains("mtu 1320"),
+        "the consumer learned the translated MTU: {}",
+        run_in(&bed.b, &["ip", "-6", "route", "get", &EP6.to_string()]).1
+    );
+    assert!(bed.metric("privlink_packets_dropped_total", &[("reason", "too_big"), ("network", "vnet-b")]) >= 1.0);
+    // 20 MB back from the IPv4 backend, byte for byte.
+    let mut e = connect(&bed.b, EP6, 7, sec).expect("echo");
+    let down = data(20 << 20, 9);
+    let mut w = e.try_clone().expect("clone");
+    let send = down.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&send).expect("send");
+        w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let mut back = Vec::with_capacity(down.len());
+    e.read_to_end(&mut back).expect("echoed");
+    writer.join().expect("writer");
+    assert!(back == down, "20 MB echoed intact through 6 -> 4 ({} bytes back)", back.len());
+
+    // UDP and ping6 through both kinds of service.
+    for (ns, nat) in [(&bed.a, "[fd00:64::4]"), (&bed.b, "192.168.100.12")] {
+        let answer = udp_ask(ns, EP6, 53, "hello64").expect("UDP answer");
+        assert!(answer.contains(&format!("peer={nat}:")) && answer.ends_with("data=hello64"), "{answer}");
+        let (ok, out) = run_in(ns, &["ping", "-6", "-c", "2", "-W", "2", &EP6.to_string()]);
+        assert!(ok && out.contains("2 received"), "ping6 through the endpoint: {out}");
+        // An ICMP error from the provider side (the backend's port
+        // unreachable, ICMPv6 or ICMP) reaches the client with a quote its
+        // kernel recognises.
+        assert_eq!(refused_udp(ns).trim(), "refused", "{nat}");
+    }
+    // traceroute6 through the translated endpoint: the endpoint is the
+    // first hop.
+    let (ok, out) = run_in(&bed.b, &["traceroute6", "-I", "-n", "-q", "1", "-w", "2", &EP6.to_string()]);
+    assert!(ok && out.lines().nth(1).is_some_and(|h| h.contains("fd00:aa::5")), "{out}");
+
+    // Listed with the IPv4 service's own addresses.
+    let (_, flows, _) = bed.cli(&["flows"]);
+    assert!(flows.contains("192.168.100.12:") && flows.contains(&format!("[{CLIENT6}]:")), "{flows}");
+    let bytes_in = bed.metric("privlink_endpoint_bytes_total", &[("endpoint", "pe64-b"), ("direction", "in")]);
+    assert!(bytes_in > 20e6, "pe64-b counted {bytes_in} bytes in");
+    drop((a, servers));
 }

@@ -1479,22 +1479,26 @@ impl Cx<'_> {
             });
             let ip = self.need(&e.ip, at, "ip").and_then(|s| {
                 let a = self.unicast_ip(s, "ip")?;
-                // One family per consumer-service pair for now: an IPv6
-                // endpoint reaching an IPv4 service needs the RFC 6146
-                // translation, not built yet (docs/IPV6.md).
-                let svc_family = service
-                    .as_ref()
-                    .and_then(|n| services.iter().find(|x: &&Service| &x.name == n))
-                    .and_then(|x| x.backends.first().copied());
-                if let Some(b) = svc_family.filter(|b| b.is_ipv6() != a.is_ipv6()) {
-                    let why = if a.is_ipv6() { " (IPv6 to IPv4 translation is not built yet)" } else { "" };
+                // An IPv6 endpoint reaches either family (IPv4 translated
+                // per flow, RFC 6146); an IPv4 endpoint only IPv4, as in
+                // GCP's Private Service Connect (docs/IPV6.md).
+                let svc = service.as_ref().and_then(|n| services.iter().find(|x: &&Service| &x.name == n));
+                if let Some(b) = svc.and_then(|x| x.backends.first().copied()).filter(|b| b.is_ipv6() && a.is_ipv4()) {
                     self.err(
                         s.span().start,
                         format!(
-                            "ip: an {} endpoint cannot reach service `{}`, which is {}{why}",
-                            family(a),
+                            "ip: an IPv4 endpoint cannot reach service `{}`, which is {}",
                             service.as_deref().unwrap_or_default(),
                             family(b)
+                        ),
+                    );
+                }
+                if a.is_ipv6() && svc.is_some_and(|x| x.proxy.is_some()) {
+                    self.err(
+                        s.span().start,
+                        format!(
+                            "ip: an IPv6 endpoint cannot reach service `{}`: PROXY protocol for IPv6 consumers is not built yet",
+                            service.as_deref().unwrap_or_default()
                         ),
                     );
                 }
@@ -1922,11 +1926,6 @@ allow_sources = ["fd00:aa::/64"]
             ("ip = \"fd00:aa::5\"", "ip = \"2001:db8::5\"", "ip: 2001:db8::5 is a documentation address"),
             ("ip = \"fd00:aa::5\"", "ip = \"fd00:aa::zz\"", "ip: `fd00:aa::zz` is not an IPv4 or IPv6 address"),
             (
-                "ip = \"fd00:aa::5\"\nservice = \"orders6\"",
-                "ip = \"fd00:aa::5\"\nservice = \"orders-db\"",
-                "ip: an IPv6 endpoint cannot reach service `orders-db`, which is IPv4 (IPv6 to IPv4 translation is not built yet)",
-            ),
-            (
                 "ip = \"10.1.0.5\"\nservice = \"orders-db\"\n\n[[endpoint]]\nname = \"pe-b\"",
                 "ip = \"10.1.0.5\"\nservice = \"orders6\"\n\n[[endpoint]]\nname = \"pe-b\"",
                 "ip: an IPv4 endpoint cannot reach service `orders6`, which is IPv6",
@@ -1947,6 +1946,21 @@ allow_sources = ["fd00:aa::/64"]
                 "dns_names: an IPv6 endpoint has no AAAA records yet",
             ),
         ];
+        // An IPv6 endpoint of an IPv4 service (translated, RFC 6146), but
+        // not of one sending PROXY headers.
+        let to_v4 = good6().replacen(
+            "ip = \"fd00:aa::5\"\nservice = \"orders6\"",
+            "ip = \"fd00:aa::5\"\nservice = \"orders-db\"",
+            1,
+        );
+        let c = Config::parse(&to_v4, "t.toml").expect("6 -> 4 is valid");
+        assert_eq!(c.endpoints.iter().filter(|e| e.service == "orders-db").count(), 3);
+        let proxied = to_v4.replacen("visibility = [\"*\"]", "visibility = [\"*\"]\nproxy_protocol = \"v2\"", 1);
+        let e = errors(&proxied).join("\n");
+        assert!(
+            e.contains("ip: an IPv6 endpoint cannot reach service `orders-db`: PROXY protocol for IPv6 consumers is not built yet"),
+            "{e}"
+        );
         for (from, to, want) in cases {
             let bad = good6().replacen(from, to, 1);
             assert_ne!(bad, good6(), "{from}");

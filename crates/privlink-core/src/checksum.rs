@@ -52,6 +52,32 @@ impl Delta {
         self.word(old as u16, new as u16);
     }
 
+    /// Records that a 16-bit word left the sum (a pseudo-header field
+    /// that the new header does not have: IPv6 to IPv4, RFC 7915 §5.3).
+    #[inline]
+    pub fn remove(&mut self, old: u16) {
+        self.0 += u64::from(!old);
+    }
+
+    /// Records that a 16-bit word joined the sum.
+    #[inline]
+    pub fn add(&mut self, new: u16) {
+        self.0 += u64::from(new);
+    }
+
+    /// Records that an IPv6 address left the sum (`new` false) or joined it.
+    #[inline]
+    pub fn addr6(&mut self, a: u128, joined: bool) {
+        for i in 0..8 {
+            let w = (a >> (112 - 16 * i)) as u16;
+            if joined {
+                self.add(w)
+            } else {
+                self.remove(w)
+            }
+        }
+    }
+
     /// Adds the changes recorded in `other`.
     #[inline]
     pub fn merge(self, other: Delta) -> Delta {

@@ -25,8 +25,8 @@ pub enum CoreError {
     DuplicateEndpointAddress(String, IpAddr),
     #[error("service {0}: its NAT IPs and backends are not all of one IP family")]
     MixedFamilies(String),
-    #[error("endpoint {0}: an IPv{1} endpoint cannot reach an IPv{2} service")]
-    FamilyMismatch(String, u8, u8),
-    #[error("service {0}: PROXY protocol is not available on an IPv6 service yet")]
-    ProxyV6(String),
+    #[error("endpoint {0}: an IPv4 endpoint cannot reach an IPv6 service")]
+    FamilyMismatch(String),
+    #[error("endpoint {0}: PROXY protocol for IPv6 consumers (service {1}) is not built yet")]
+    ProxyV6(String, String),
 }

@@ -78,6 +78,10 @@ pub struct Fragments<F: Family = V4> {
     dropped: Vec<(u16, u64)>,
     /// No entry expires before this.
     earliest: Now,
+    /// The identification of the last IPv4 packet this worker made out of
+    /// an IPv6 one without DF (RFC 7915 §5.1: a fragment identification
+    /// generator at the translator).
+    ident: u16,
 }
 
 impl<F: Family> Default for Fragments<F> {
@@ -89,7 +93,17 @@ impl<F: Family> Default for Fragments<F> {
             ready: Vec::with_capacity(MAX_DATAGRAMS * MAX_HELD),
             dropped: Vec::with_capacity(MAX_DATAGRAMS),
             earliest: Now(u32::MAX),
+            ident: 0,
         }
+    }
+}
+
+impl<F: Family> Fragments<F> {
+    /// The next IPv4 identification for a translated packet without DF.
+    #[inline]
+    pub fn next_ident(&mut self) -> u16 {
+        self.ident = self.ident.wrapping_add(1);
+        self.ident
     }
 }
 

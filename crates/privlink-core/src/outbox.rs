@@ -34,6 +34,8 @@ pub const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_F_DATA_VALID: u8 = 2;
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
+const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
+const VIRTIO_NET_HDR_GSO_TCPV6: u8 = 4;
 
 /// Largest packet staged for coalescing; larger ones (and GSO super-packets)
 /// are written at once, they gain nothing from it.
@@ -133,10 +135,39 @@ impl Outbox {
         &mut self.backing[self.read_at..self.read_at + READ_BUF]
     }
 
-    /// The packet just read: its header and the packet.
+    /// The packet just read (`len` bytes with its header): its header,
+    /// and the packet with the rest of the read buffer behind it (room
+    /// for a translation to IPv6 to grow into, [`crate::wire::nat64`]).
     pub(crate) fn read_parts(&mut self, len: usize) -> (&mut [u8], &mut [u8]) {
         let hdr = self.hdr;
-        self.backing[self.read_at..self.read_at + len].split_at_mut(hdr)
+        let end = (self.read_at + READ_BUF + crate::wire::nat64::GROWTH).max(self.read_at + len);
+        self.backing[self.read_at..end].split_at_mut(hdr)
+    }
+
+    /// After a translation changed the packet's IP version (RFC 7915):
+    /// the virtio-net header's checksum start and header length move to
+    /// the new header's end (IPv4 20 bytes, IPv6 40: a translated packet
+    /// has no options or extension headers), and a TCP GSO type becomes
+    /// the other family's.
+    pub(crate) fn retarget_vnet_hdr(&mut self, v6: bool) {
+        if self.hdr == 0 {
+            return;
+        }
+        let h = &mut self.backing[self.read_at..self.read_at + VNET_HDR_LEN];
+        let l4: u16 = if v6 { 40 } else { 20 };
+        let start = u16::from_le_bytes([h[6], h[7]]);
+        if h[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+            let hdr_len = u16::from_le_bytes([h[2], h[3]]);
+            if hdr_len >= start {
+                h[2..4].copy_from_slice(&(hdr_len - start + l4).to_le_bytes());
+            }
+            h[6..8].copy_from_slice(&l4.to_le_bytes());
+        }
+        let gso = h[1] & 0x7f;
+        if gso == VIRTIO_NET_HDR_GSO_TCPV4 || gso == VIRTIO_NET_HDR_GSO_TCPV6 {
+            let to = if v6 { VIRTIO_NET_HDR_GSO_TCPV6 } else { VIRTIO_NET_HDR_GSO_TCPV4 };
+            h[1] = h[1] & 0x80 | to;
+        }
     }
 
     /// Marks the packet just read as changed: the receiving stack must

@@ -144,8 +144,10 @@ pub struct ServiceView {
     pub nat_ips: Vec<u32>,
     /// Every configured backend (flows on any of them stay allowed).
     pub backends: Vec<u32>,
-    /// An IPv6 service's NAT IPs and backends (a service is of one
-    /// family: either these or the two above are empty).
+    /// The NAT IPs and backends as IPv6 flows key them: an IPv6
+    /// service's own (then the two above are empty), or an IPv4
+    /// service's IPv4-mapped (`::ffff:a.b.c.d`), for IPv6 endpoints
+    /// translated to it (RFC 6146).
     pub nat_ips6: Vec<u128>,
     pub backends6: Vec<u128>,
     /// Where new flows go: the healthy backends. A probe's verdict swaps
@@ -196,8 +198,10 @@ impl Picker {
 impl ServiceView {
     /// Every configured backend, of whichever family the service is.
     pub fn all_backends(&self) -> Vec<IpAddr> {
-        let v4 = self.backends.iter().map(|&b| IpAddr::from(std::net::Ipv4Addr::from(b)));
-        v4.chain(self.backends6.iter().map(|&b| IpAddr::from(std::net::Ipv6Addr::from(b)))).collect()
+        if !self.backends.is_empty() {
+            return self.backends.iter().map(|&b| IpAddr::from(std::net::Ipv4Addr::from(b))).collect();
+        }
+        self.backends6.iter().map(|&b| IpAddr::from(std::net::Ipv6Addr::from(b))).collect()
     }
 
     #[inline]

@@ -177,15 +177,22 @@ struct Segment {
 }
 
 impl Ctx<'_> {
-    /// Translates `buf` in place (steps 1 to 12) and counts a drop.
-    pub(crate) fn translate(&mut self, buf: &mut [u8], dir: Dir) -> Verdict {
+    /// Translates the packet `buf[..n]` in place (steps 1 to 12) and
+    /// counts a drop. The bytes past `n` are room: a packet translated
+    /// from IPv4 to IPv6 grows into them ([`wire::nat64::GROWTH`]).
+    pub(crate) fn translate(&mut self, buf: &mut [u8], n: usize, dir: Dir) -> Verdict {
         // One body, instantiated per direction: with `dir`'s variant known,
         // the compiler folds away what belongs to the other direction
         // (measured: 6 % fewer instructions per packet than one instance).
         let v = match (dir, buf.first().map(|b| b >> 4)) {
-            (_, Some(6)) => self.steps6(buf, dir),
-            (Dir::In(n), _) => self.steps(buf, Dir::In(n)),
-            (Dir::Out, _) => self.steps(buf, Dir::Out),
+            (_, Some(6)) => self.steps6(&mut buf[..n], dir),
+            (Dir::In(n_), _) => self.steps(&mut buf[..n], Dir::In(n_)),
+            // An IPv4 packet of no IPv4 flow may belong to an IPv6 flow
+            // translated to IPv4 (RFC 6146): looked up there only then.
+            (Dir::Out, _) => match self.steps(&mut buf[..n], Dir::Out) {
+                Verdict::Drop(DropReason::NoFlow) if self.engine.flows6().is_some() => self.steps46(buf, n),
+                v => v,
+            },
         };
         if let Verdict::Drop(r) | Verdict::Reply { reason: r, .. } = v {
             self.count_drop(dir, r);
@@ -870,7 +877,7 @@ impl Ctx<'_> {
                     let ident = u16::from_be_bytes([l4[4], l4[5]]);
                     Segment { proto: Protocol::Icmp, sport: ident, dport: ident, flags: 0, l4_header: 8 }
                 } else if wire::icmpv6::is_icmpv6_error(l4[0]) {
-                    return Verdict::Drop(DropReason::NoFlow);
+                    return self.translate_error6(buf, dir, true);
                 } else {
                     return Verdict::Drop(DropReason::UnsupportedProtocol);
                 }
@@ -907,10 +914,21 @@ impl Ctx<'_> {
         if hops <= 1 {
             return self.answer6(buf, dst, t6::TIME_EXCEEDED, 0, 0, DropReason::TtlExpired);
         }
-        // 8. MTU: never fragmented on the way.
+        // 8. MTU: never fragmented on the way, unless translated to
+        // IPv4 small enough to leave without DF (RFC 7915 §5.1).
         let Some((egress, mtu)) = self.egress(dir, found.as_ref()) else { return Verdict::Drop(DropReason::NoFlow) };
         let (wire_len, segments) = self.on_wire(len, l4at + seg.l4_header);
-        if wire_len > usize::from(mtu) {
+        let to_v4 = dir.inbound() && !snap.services[ep.service].backends.is_empty();
+        let mut split = None;
+        if to_v4 && wire_len - l4at + wire::field::HEADER_MIN > usize::from(mtu) {
+            // The IPv6 packet's MTU is the IPv4 one plus the header
+            // difference, and never below IPv6's minimum (RFC 7915 §4.2).
+            if len - l4at + wire::field::HEADER_MIN > wire::nat64::DF_THRESHOLD || segments > 1 {
+                let mtu6 = (u32::from(mtu) + 20).max(wire::icmpv6::MIN_MTU as u32);
+                return self.answer6(buf, dst, t6::PACKET_TOO_BIG, 0, mtu6, DropReason::TooBig);
+            }
+            split = Some(mtu);
+        } else if !to_v4 && wire_len > usize::from(mtu) {
             return self.answer6(buf, dst, t6::PACKET_TOO_BIG, 0, u32::from(mtu), DropReason::TooBig);
         }
         // 9. The flow.
@@ -946,18 +964,210 @@ impl Ctx<'_> {
             }
         }
         let Some(flows) = V6::table(self.engine) else { return Verdict::Drop(DropReason::NoFlow) };
-        // 11. Rewrite.
+        // 11. Rewrite, or translate to IPv4 (the provider side of the
+        // flow holds IPv4-mapped addresses).
         let ends = dir.ends(&v);
         let (End { addr: nsrc, port: nsport }, End { addr: ndst, port: ndport }) = ends;
-        let pseudo = wire::ipv6::forward_rewrite(buf, nsrc, ndst);
-        let l4 = &mut buf[l4at..];
-        match seg.proto {
-            Protocol::Icmp => wire::icmpv6::set_icmpv6_ident(l4, dir.echo_ident(ends), pseudo),
-            p => wire::set_ports(p.number(), l4, nsport, ndport, pseudo, self.off.csum_partial),
+        if to_v4 {
+            let (Some(src4), Some(dst4)) = (wire::nat64::unmapped(nsrc), wire::nat64::unmapped(ndst)) else {
+                return Verdict::Drop(DropReason::NoFlow);
+            };
+            let ports = match seg.proto {
+                Protocol::Icmp => (dir.echo_ident(ends), dir.echo_ident(ends)),
+                _ => (nsport, ndport),
+            };
+            let ident = self.frags.next_ident();
+            let partial = self.off.csum_partial;
+            if wire::nat64::to_ipv4(buf, len, l4at, proto_num, src4, dst4, ports, ident, partial).is_none() {
+                return Verdict::Drop(DropReason::TooBig);
+            }
+        } else {
+            let pseudo = wire::ipv6::forward_rewrite(buf, nsrc, ndst);
+            let l4 = &mut buf[l4at..];
+            match seg.proto {
+                Protocol::Icmp => wire::icmpv6::set_icmpv6_ident(l4, dir.echo_ident(ends), pseudo),
+                p => wire::set_ports(p.number(), l4, nsport, ndport, pseudo, self.off.csum_partial),
+            }
         }
         // 12. Count.
         flows.note_packet(&v, self.now, dir.inbound(), len as u64);
         ep.shared.counters.get(self.w).add(dir.inbound(), len, segments);
+        match split {
+            Some(mtu) => Verdict::Fragment { to: egress, mtu },
+            None => Verdict::Forward(egress),
+        }
+    }
+
+    /// Steps 1 to 12 for an IPv4 packet from the provider side that no
+    /// IPv4 flow knows: a packet of an IPv6 flow translated to IPv4 (RFC
+    /// 6146), found by its IPv4-mapped provider key, and translated back to
+    /// IPv6 into the room past `n` (RFC 7915 §4). Fragments of such flows
+    /// are not reassembled yet (`unsupported_protocol`); a packet too big
+    /// for the consumer's network with DF is answered with fragmentation
+    /// needed (the MTU less the 20 bytes IPv6 adds), without DF dropped
+    /// (`too_big`).
+    #[inline(never)]
+    fn steps46(&mut self, buf: &mut [u8], n: usize) -> Verdict {
+        use wire::nat64::mapped;
+        let dir = Dir::Out;
+        let Some(flows) = V6::table(self.engine) else { return Verdict::Drop(DropReason::NoFlow) };
+        // 1. Validated by `steps` already.
+        let pkt = Ipv4Packet::new_unchecked(&buf[..n]);
+        let (src, dst, len, ttl, ihl, df) =
+            (pkt.src_addr(), pkt.dst_addr(), pkt.total_len(), pkt.ttl(), pkt.header_len(), pkt.dont_frag());
+        // 3. Fragments.
+        if pkt.is_fragment() {
+            return Verdict::Drop(DropReason::UnsupportedProtocol);
+        }
+        // 4. Parse.
+        let seg = match Transport::parse_in(pkt.protocol(), pkt.payload(), true) {
+            Ok(Transport::Tcp { src, dst, flags, header_len }) => {
+                Segment { proto: Protocol::Tcp, sport: src, dport: dst, flags, l4_header: usize::from(header_len) }
+            }
+            Ok(Transport::Udp { src, dst }) => {
+                Segment { proto: Protocol::Udp, sport: src, dport: dst, flags: 0, l4_header: wire::field::UDP_HEADER }
+            }
+            Ok(Transport::Icmp { kind: icmp_type::ECHO_REPLY, ident, .. }) => Segment {
+                proto: Protocol::Icmp,
+                sport: ident,
+                dport: ident,
+                flags: 0,
+                l4_header: wire::field::ICMP_HEADER,
+            },
+            Ok(Transport::Icmp { kind, .. }) if wire::is_icmp_error(kind) => {
+                return self.translate_error6(buf, dir, false)
+            }
+            _ => return Verdict::Drop(DropReason::NoFlow),
+        };
+        // 5. Look up.
+        let near = End::<V6>::new(mapped(dst), seg.dport);
+        let far = End::<V6>::new(mapped(src), seg.sport);
+        let Some(v) = flows.find_provider(provider_key(seg.proto, near, far)) else {
+            return Verdict::Drop(DropReason::NoFlow);
+        };
+        let Some(ep) = self.snap.endpoint_by_id(v.endpoint) else { return Verdict::Drop(DropReason::NoFlow) };
+        // 6. Approve.
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        // 7. TTL.
+        if ttl <= 1 {
+            return self.answer(&buf[..n], dst, icmp_type::TIME_EXCEEDED, 0, 0, DropReason::TtlExpired);
+        }
+        // 8. MTU: IPv6 adds 20 bytes and never fragments on the way.
+        let Some((egress, mtu)) = self.egress(dir, Some(&v)) else { return Verdict::Drop(DropReason::NoFlow) };
+        let (wire_len, segments) = self.on_wire(len, ihl + seg.l4_header);
+        if wire_len - ihl + wire::ipv6::HEADER > usize::from(mtu) {
+            if df || segments > 1 {
+                let mtu4 = u32::from(mtu).saturating_sub(20);
+                return self.answer(&buf[..n], dst, icmp_type::DEST_UNREACHABLE, 4, mtu4, DropReason::TooBig);
+            }
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        // 10. TCP state.
+        if seg.proto == Protocol::Tcp {
+            let payload = len.saturating_sub(ihl + seg.l4_header);
+            if let Err(r) = self.tcp_step(&mut buf[..n], ihl, payload, dir, seg.flags, &v, ep) {
+                return Verdict::Drop(r);
+            }
+        }
+        // 11. Translate.
+        let ends = dir.ends(&v);
+        let ports = match seg.proto {
+            Protocol::Icmp => (dir.echo_ident(ends), dir.echo_ident(ends)),
+            _ => (ends.0.port, ends.1.port),
+        };
+        let partial = self.off.csum_partial;
+        if wire::nat64::to_ipv6(buf, n, ihl, ends.0.addr, ends.1.addr, ports, partial).is_none() {
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        // 12. Count.
+        flows.note_packet(&v, self.now, false, len as u64);
+        ep.shared.counters.get(self.w).add(false, len, segments);
+        Verdict::Forward(egress)
+    }
+
+    /// An ICMP error about a packet of an IPv6 flow (RFC 4443, and RFC
+    /// 7915 §4.2 and §5.2 where the flow is translated): `buf` is an
+    /// ICMPv6 error (`outer_v6`) from the consumer or the provider side,
+    /// or an ICMP error from an IPv4 backend. As for IPv4 (RFC 5508), the
+    /// quoted packet crossed the other way and names the flow; the error
+    /// is rebuilt from the flow's other ends, in the other side's family,
+    /// with its quote translated the same way (a router's error quoting the
+    /// IPv4 packet becomes one quoting the consumer's IPv6 packet). No flow
+    /// is created, refreshed or deleted, and no ICMP is generated about it.
+    #[inline(never)]
+    fn translate_error6(&mut self, buf: &mut [u8], dir: Dir, outer_v6: bool) -> Verdict {
+        use wire::nat64::{self, mapped, QuotedEnds};
+        let Some(flows) = V6::table(self.engine) else { return Verdict::Drop(DropReason::NoFlow) };
+        let (src, dst, hops, l4at, n) = if outer_v6 {
+            let Ok(p) = Ipv6Packet::new_checked(&*buf) else { return Verdict::Drop(DropReason::Malformed) };
+            (p.src_addr(), p.dst_addr(), p.hop_limit(), p.l4_offset(), buf.len())
+        } else {
+            let p = Ipv4Packet::new_unchecked(&*buf);
+            (0, mapped(p.dst_addr()), p.ttl(), p.header_len(), p.total_len())
+        };
+        let l4 = &buf[l4at..n];
+        if l4.len() < 8 || (outer_v6 && !nat64::icmp_checksum_ok(true, src, dst, l4)) {
+            return Verdict::Drop(DropReason::NoFlow);
+        }
+        if !outer_v6 && crate::checksum::fold(crate::checksum::sum(l4)) != 0xffff {
+            return Verdict::Drop(DropReason::NoFlow);
+        }
+        let (kind, code, param) = (l4[0], l4[1], u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]));
+        let Some(q) = nat64::parse_quote(&l4[8..]).filter(|q| q.v6 == outer_v6) else {
+            return Verdict::Drop(DropReason::NoFlow);
+        };
+        let addr = |a: u128| if q.v6 { a } else { mapped(a as u32) };
+        let Some(proto) = Protocol::from_number(q.proto) else { return Verdict::Drop(DropReason::NoFlow) };
+        // Look up: the quoted packet must be one privlink sent this side.
+        if addr(q.src) != dst {
+            return Verdict::Drop(DropReason::NoFlow);
+        }
+        let found = match dir {
+            Dir::In(net) => flows.find_consumer(consumer_key(
+                net,
+                proto,
+                End::new(addr(q.dst), q.dport),
+                End::new(addr(q.src), q.sport),
+            )),
+            Dir::Out => {
+                flows.find_provider(provider_key(proto, End::new(addr(q.src), q.sport), End::new(addr(q.dst), q.dport)))
+            }
+        };
+        let Some(v) = found else { return Verdict::Drop(DropReason::NoFlow) };
+        let Some(ep) = self.snap.endpoint_by_id(v.endpoint) else { return Verdict::Drop(DropReason::NoFlow) };
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        if hops <= 1 {
+            return Verdict::Drop(DropReason::TtlExpired);
+        }
+        let Some((egress, mtu)) = self.egress(dir, Some(&v)) else { return Verdict::Drop(DropReason::NoFlow) };
+        let (from, to) = dir.ends(&v);
+        let to_v6 = dir == Dir::Out || nat64::unmapped(to.addr).is_none();
+        let kind = match (outer_v6, to_v6) {
+            (true, true) => Some((kind, code, param)),
+            (true, false) => nat64::error_to_v4(kind, code, param, mtu),
+            _ => nat64::error_to_v6(kind, code, param, q.l4_len + 20, mtu),
+        };
+        let Some(kind) = kind else { return Verdict::Drop(DropReason::UnsupportedProtocol) };
+        // The quoted packet went the other way: its ends are swapped, and
+        // an echo's identifier is the one this side of the flow uses.
+        let mut ends = QuotedEnds { src: to.addr, sport: to.port, dst: from.addr, dport: from.port };
+        if proto == Protocol::Icmp {
+            let id = if dir == Dir::Out { v.ckey.consumer().port } else { v.pkey.nat().port };
+            (ends.sport, ends.dport) = (id, id);
+        }
+        let strip = |a: u128| if to_v6 { a } else { u128::from(nat64::unmapped(a).unwrap_or(0)) };
+        (ends.src, ends.dst) = (strip(ends.src), strip(ends.dst));
+        let len =
+            nat64::build_error(&mut self.reply[..], to_v6, kind, strip(from.addr), strip(to.addr), hops - 1, &q, ends);
+        if len == 0 || len > buf.len() || len > usize::from(mtu) {
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        buf[..len].copy_from_slice(&self.reply[..len]);
+        ep.shared.counters.get(self.w).add(dir.inbound(), n, 1);
         Verdict::Forward(egress)
     }
 

@@ -82,16 +82,29 @@ impl Worker {
     /// As [`process`](Self::process) for a packet read from a device with
     /// offloads: `off` says whether its L4 checksum is partial and whether it
     /// is a GSO super-packet, which is translated once for all its segments.
+    ///
+    /// A packet translated between IPv4 and IPv6 changes length: one from
+    /// IPv4 to IPv6 grows into the bytes of `buf` past the packet
+    /// ([`GROWTH`](crate::wire::nat64::GROWTH) of them are needed; without
+    /// them it is dropped as `too_big`), and the result is again
+    /// `buf[..wire::packet_len(buf)]`.
     #[inline]
     pub fn process_offload(&mut self, buf: &mut [u8], src: Source, now: Now, off: Offload) -> Verdict {
+        let n = crate::wire::packet_len(buf);
+        self.run(buf, n, src, now, off)
+    }
+
+    /// [`process_offload`](Self::process_offload) of the packet
+    /// `buf[..n]`, growing into the rest of `buf` if it must.
+    #[inline]
+    fn run(&mut self, buf: &mut [u8], n: usize, src: Source, now: Now, off: Offload) -> Verdict {
         let mut cx = self.ctx(now, off);
         cx.frags.tick(now);
         let dir = match src {
             Source::Network(n) => Dir::In(n),
             Source::Provider => Dir::Out,
         };
-        let n = crate::wire::packet_len(buf);
-        let v = cx.translate(&mut buf[..n], dir);
+        let v = cx.translate(buf, n, dir);
         // Reassemblies given up on in this tick, every one of them (a
         // fragment flood can expire many at once).
         let Ctx { engine, snap, w, frags, .. } = &mut cx;
@@ -145,10 +158,16 @@ impl Worker {
         }
         let (head, pkt) = out.read_parts(len);
         let off = if hdr > 0 { parse_vnet_hdr(head) } else { Offload::default() };
-        let verdict = self.process_offload(pkt, src, now, off);
+        let (n, version) = (crate::wire::packet_len(&pkt[..len - hdr]), pkt.first().map(|b| b >> 4));
+        let verdict = self.run(pkt, n, src, now, off);
         // What leaves is the packet its IP header describes: trailing bytes
-        // trimmed, a stripped payload gone.
-        let len = hdr + crate::wire::packet_len(out.read_parts(len).1);
+        // trimmed, a stripped payload gone, a translated one shorter or
+        // longer.
+        let (_, pkt) = out.read_parts(len);
+        let (len, now_version) = (hdr + crate::wire::packet_len(pkt), pkt.first().map(|b| b >> 4));
+        if version != now_version {
+            out.retarget_vnet_hdr(now_version == Some(6));
+        }
         out.clear_data_valid();
         let extra = self.extra.take();
         let first = extra.filter(|x| x.before);

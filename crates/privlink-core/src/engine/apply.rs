@@ -183,8 +183,8 @@ impl Engine {
                 name: s.name.clone(),
                 nat_ips: s.nat_ips.iter().filter_map(|&a| v4(a)).collect(),
                 backends: s.backends.iter().filter_map(|&a| v4(a)).collect(),
-                nat_ips6: s.nat_ips.iter().filter_map(|&a| v6(a)).collect(),
-                backends6: s.backends.iter().filter_map(|&a| v6(a)).collect(),
+                nat_ips6: s.nat_ips.iter().map(|&a| v6_or_mapped(a)).collect(),
+                backends6: s.backends.iter().map(|&a| v6_or_mapped(a)).collect(),
                 picker: Arc::new(Picker::new(&s.backends, |b| !st.down.contains(&(s.name.clone(), b)))),
                 created: s
                     .backends
@@ -267,7 +267,7 @@ impl Engine {
                 .iter()
                 .filter_map(|&(a, len)| {
                     let mask = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) };
-                    Some((v6(a)? & mask, mask))
+                    a.is_ipv6().then(|| (v6_or_mapped(a) & mask, mask))
                 })
                 .collect();
             endpoints.push(EndpointView {
@@ -361,20 +361,20 @@ fn validate(d: &Desired) -> Result<(), CoreError> {
         if s.backends.iter().chain(&s.nat_ips).any(|a| a.is_ipv6() != v6) {
             return Err(CoreError::MixedFamilies(s.name.clone()));
         }
-        if v6 && s.proxy.is_some() {
-            return Err(CoreError::ProxyV6(s.name.clone()));
-        }
     }
     let mut addrs = std::collections::HashSet::new();
     for e in &d.endpoints {
         let (Some(net), Some(svc)) = (d.networks.get(e.network), d.services.get(e.service)) else {
             return Err(CoreError::DanglingEndpoint(e.name.clone()));
         };
-        // IPv6 -> IPv4 (RFC 6146) is not translated yet: each endpoint
-        // reaches a service of its own family.
-        let version = |a: &std::net::IpAddr| if a.is_ipv6() { 6 } else { 4 };
-        if let Some(b) = svc.backends.first().filter(|b| b.is_ipv6() != e.ip.is_ipv6()) {
-            return Err(CoreError::FamilyMismatch(e.name.clone(), version(&e.ip), version(b)));
+        // An IPv6 endpoint reaches either family (IPv4 translated per
+        // flow, RFC 6146); an IPv4 endpoint only IPv4 (as GCP's Private
+        // Service Connect: nothing maps an IPv4 consumer into IPv6).
+        if e.ip.is_ipv4() && svc.backends.first().is_some_and(|b| b.is_ipv6()) {
+            return Err(CoreError::FamilyMismatch(e.name.clone()));
+        }
+        if e.ip.is_ipv6() && svc.proxy.is_some() {
+            return Err(CoreError::ProxyV6(e.name.clone(), svc.name.clone()));
         }
         if !addrs.insert((net.id, e.ip)) {
             return Err(CoreError::DuplicateEndpointAddress(e.name.clone(), e.ip));
@@ -391,10 +391,12 @@ fn v4(a: IpAddr) -> Option<u32> {
     }
 }
 
-/// `a` as a 128-bit number if it is IPv6.
-fn v6(a: IpAddr) -> Option<u128> {
+/// `a` as a 128-bit number: an IPv6 address as it is, an IPv4 one
+/// IPv4-mapped (how an IPv4 service's addresses sit in the keys of the
+/// IPv6 flows translated to it, [`crate::wire::nat64::mapped`]).
+fn v6_or_mapped(a: IpAddr) -> u128 {
     match a {
-        IpAddr::V6(a) => Some(a.into()),
-        IpAddr::V4(_) => None,
+        IpAddr::V6(a) => a.into(),
+        IpAddr::V4(a) => crate::wire::nat64::mapped(a.into()),
     }
 }

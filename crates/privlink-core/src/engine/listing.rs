@@ -35,7 +35,9 @@ impl Engine {
     fn list_table<F: Tables>(&self, endpoint: Option<&str>, now: Now, out: &mut Vec<FlowInfo>) {
         let Some(flows) = F::table(self) else { return };
         let snap = self.snap.load_full();
-        let sa = |e: End<F>| SocketAddr::new(F::ip(e.addr), e.port);
+        // An IPv4 service reached from IPv6 shows its own addresses, not the
+        // IPv4-mapped forms its flows are keyed by.
+        let sa = |e: End<F>| SocketAddr::new(F::ip(e.addr).to_canonical(), e.port);
         flows.for_each_live(|r| {
             let v = &r.view;
             let Some(e) = snap.endpoint_by_id(v.endpoint) else { return };

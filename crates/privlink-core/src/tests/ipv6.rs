@@ -7,16 +7,16 @@ use etherparse::{Icmpv6Type, IpNumber};
 use std::net::{IpAddr, Ipv6Addr};
 
 /// Both tenants use the same ULA client address and endpoint address.
-const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaa, 0, 0, 0, 0, 0, 0x10);
-const EP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaa, 0, 0, 0, 0, 0, 0x5);
-const NAT6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0x4);
-const NAT6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0x8);
-const BACKEND6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x10);
-const BACKEND6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x60, 0, 0, 0, 0, 0, 0x10);
+pub(super) const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaa, 0, 0, 0, 0, 0, 0x10);
+pub(super) const EP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaa, 0, 0, 0, 0, 0, 0x5);
+pub(super) const NAT6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0x4);
+pub(super) const NAT6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x64, 0, 0, 0, 0, 0, 0x8);
+pub(super) const BACKEND6_A: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x10);
+pub(super) const BACKEND6_B: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x60, 0, 0, 0, 0, 0, 0x10);
 
 /// The IPv4 test configuration with two IPv6 services and an IPv6
 /// endpoint of each in networks a and b (network b's MTU is 1,400).
-fn desired6() -> Desired {
+pub(super) fn desired6() -> Desired {
     let mut d = desired(1024..=65535, ConnectionState::Approved);
     let svc = |name: &str, nat: Ipv6Addr, backend: Ipv6Addr| ServiceSpec {
         proxy: None,
@@ -49,7 +49,7 @@ fn engine6() -> (Arc<Engine>, Worker) {
     engine_with(small(), &desired6())
 }
 
-fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
+pub(super) fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: &str, payload: &[u8]) -> Vec<u8> {
     let mut b = PacketBuilder::ipv6(src.octets(), dst.octets(), 64).tcp(sport, dport, 1000, 65535);
     for f in flags.chars() {
         b = match f {
@@ -64,13 +64,13 @@ fn tcp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, flags: &str, paylo
     v
 }
 
-fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub(super) fn udp6(src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut v = Vec::new();
     PacketBuilder::ipv6(src.octets(), dst.octets(), 64).udp(sport, dport).write(&mut v, payload).expect("build");
     v
 }
 
-fn ping6(src: Ipv6Addr, dst: Ipv6Addr, id: u16, reply: bool) -> Vec<u8> {
+pub(super) fn ping6(src: Ipv6Addr, dst: Ipv6Addr, id: u16, reply: bool) -> Vec<u8> {
     let b = PacketBuilder::ipv6(src.octets(), dst.octets(), 64);
     let b = if reply { b.icmpv6_echo_reply(id, 1) } else { b.icmpv6_echo_request(id, 1) };
     let mut v = Vec::new();
@@ -80,7 +80,7 @@ fn ping6(src: Ipv6Addr, dst: Ipv6Addr, id: u16, reply: bool) -> Vec<u8> {
 
 /// Addresses, ports (echo: identifier, 0), hop limit of an IPv6 packet,
 /// and whether its transport checksum is what a full recomputation gives.
-fn inspect6(v: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16, u8, bool) {
+pub(super) fn inspect6(v: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16, u8, bool) {
     let p = SlicedPacket::from_ip(v).expect("etherparse parses it");
     let Some(NetSlice::Ipv6(ip)) = p.net else { panic!("not ipv6") };
     let h = ip.header().to_header();
@@ -110,7 +110,7 @@ fn inspect6(v: &[u8]) -> (Ipv6Addr, u16, Ipv6Addr, u16, u8, bool) {
 
 /// The reply a peer would send to `v` (a UDP or TCP packet): addresses and
 /// ports swapped; the checksum stays valid (a swap changes no sum).
-fn swap6(v: &[u8]) -> Vec<u8> {
+pub(super) fn swap6(v: &[u8]) -> Vec<u8> {
     let mut r = v.to_vec();
     r[8..24].copy_from_slice(&v[24..40]);
     r[24..40].copy_from_slice(&v[8..24]);
@@ -119,7 +119,7 @@ fn swap6(v: &[u8]) -> Vec<u8> {
     r
 }
 
-fn fwd(v: Verdict) -> Egress {
+pub(super) fn fwd(v: Verdict) -> Egress {
     match v {
         Verdict::Forward(e) => e,
         other => panic!("not forwarded: {other:?}"),
@@ -291,14 +291,18 @@ fn ipv6_flows_expire_and_give_their_ports_back() {
 fn family_rules_are_enforced_by_apply() {
     let e = Engine::new(small());
     let mut d = desired6();
-    d.endpoints[2].service = 0;
-    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::FamilyMismatch("pe6-a".into(), 6, 4)));
+    d.endpoints[0].service = 2;
+    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::FamilyMismatch("pe-a".into())));
     let mut d = desired6();
     d.services[2].backends.push(BACKEND_A.into());
     assert_eq!(e.apply(&d, Now(0)), Err(CoreError::MixedFamilies("svc6-a".into())));
     let mut d = desired6();
     d.services[2].proxy = Some(ProxyTlv::None);
-    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::ProxyV6("svc6-a".into())));
+    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::ProxyV6("pe6-a".into(), "svc6-a".into())));
+    let mut d = desired6();
+    d.services[0].proxy = Some(ProxyTlv::None);
+    d.endpoints[2].service = 0;
+    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::ProxyV6("pe6-a".into(), "svc-a".into())), "6->4 too");
     // An IPv4-only configuration makes no IPv6 table.
     e.apply(&desired(1024..=65535, ConnectionState::Approved), Now(0)).expect("v4");
     assert!(e.flows6().is_none());

@@ -370,6 +370,7 @@ mod hostile;
 mod icmp;
 mod ipv6;
 mod limits;
+mod nat64;
 mod offload;
 mod outbox;
 mod proxy;

@@ -12,6 +12,7 @@ pub mod icmp_type {
     pub const DEST_UNREACHABLE: u8 = 3;
     pub const ECHO_REQUEST: u8 = 8;
     pub const TIME_EXCEEDED: u8 = 11;
+    pub const PARAMETER_PROBLEM: u8 = 12;
 }
 
 /// Rewrites an ICMP echo identifier (ICMP has no pseudo-header).

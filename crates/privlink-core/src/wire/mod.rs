@@ -18,6 +18,7 @@ mod icmp;
 pub mod icmpv6;
 mod ipv4;
 pub mod ipv6;
+pub mod nat64;
 pub mod tcp;
 mod transport;
 

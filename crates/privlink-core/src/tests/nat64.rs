@@ -1,0 +1,259 @@
+//! IPv6 endpoints of IPv4 services (RFC 6146 state, RFC 7915 headers):
+//! built packets through the worker both ways, every checksum checked by
+//! etherparse's full recomputation. Network b's IPv6 endpoint reaches the
+//! IPv4 service b; network a's, with the same client and endpoint
+//! addresses, the IPv6 service a.
+
+use super::ipv6::{desired6, fwd, inspect6, ping6, tcp6, udp6, BACKEND6_A, CLIENT6, EP6, NAT6_A};
+use super::*;
+use crate::wire::nat64::GROWTH;
+use std::net::{IpAddr, Ipv6Addr};
+
+fn desired64() -> Desired {
+    let mut d = desired6();
+    d.endpoints[3].service = 1;
+    d
+}
+
+fn engine64() -> (Arc<Engine>, Worker) {
+    engine_with(small(), &desired64())
+}
+
+/// `v` with room to grow into (a packet translated to IPv6 needs it).
+fn roomy(mut v: Vec<u8>) -> Vec<u8> {
+    v.resize(v.len() + GROWTH, 0);
+    v
+}
+
+/// The packet a translation left in `v`.
+fn packet(v: &[u8]) -> &[u8] {
+    &v[..wire::packet_len(v)]
+}
+
+/// A backend's IPv4 reply to `v` (addresses and ports swapped; the
+/// checksum stays valid), with room.
+fn swap4(v: &[u8]) -> Vec<u8> {
+    let mut r = v.to_vec();
+    r[12..16].copy_from_slice(&v[16..20]);
+    r[16..20].copy_from_slice(&v[12..16]);
+    r[20..22].copy_from_slice(&v[22..24]);
+    r[22..24].copy_from_slice(&v[20..22]);
+    roomy(r)
+}
+
+#[test]
+fn one_ula_client_reaches_an_ipv6_service_in_one_tenant_and_an_ipv4_one_in_the_other() {
+    let (e, mut w) = engine64();
+    // Tenant a: 6 -> 6, as before.
+    let mut syn_a = tcp6(CLIENT6, 40000, EP6, 80, "S", &[]);
+    fwd(w.process(&mut syn_a, Source::Network(NET_A), Now(1)));
+    assert_eq!(inspect6(&syn_a).2, BACKEND6_A);
+    // Tenant b: the same SYN becomes IPv4, from the NAT address to the
+    // backend, 20 bytes shorter, TTL = hop limit - 1.
+    let syn = tcp6(CLIENT6, 40000, EP6, 80, "S", b"hello");
+    let mut b = syn.clone();
+    assert_eq!(fwd(w.process(&mut b, Source::Network(NET_B), Now(1))), Egress::Provider);
+    let out = packet(&b).to_vec();
+    assert_eq!(out.len(), syn.len() - 20);
+    let (s, nport, d, dp, ok) = inspect(&out);
+    assert_eq!((s, d, dp), (NAT_B, BACKEND_B, 8080));
+    assert!(ok, "IPv4 header and TCP checksums");
+    assert_eq!((out[8], out[1]), (63, 0), "TTL, TOS");
+    assert_eq!(&out[out.len() - 5..], b"hello");
+    // The backend's SYN-ACK comes back as IPv6 to the client.
+    let mut synack = swap4(&out);
+    synack[20 + 13] = 0x12;
+    let c = u16::from_be_bytes([synack[36], synack[37]]);
+    let mut dlt = checksum::Delta::default();
+    dlt.word(0x0002, 0x0012);
+    synack[36..38].copy_from_slice(&dlt.apply(c).to_be_bytes());
+    assert_eq!(fwd(w.process(&mut synack, Source::Provider, Now(1))), Egress::Network(NET_B));
+    let back = packet(&synack).to_vec();
+    assert_eq!(back.len(), out.len() + 20);
+    let (s, sp, d, dp, hops, ok) = inspect6(&back);
+    assert_eq!((s, sp, d, dp, hops, ok), (EP6, 80, CLIENT6, 40000, 62, true), "the backend sent TTL 63");
+    // Listed with the service's own IPv4 addresses.
+    let flows = e.flow_list(Some("pe6-b"), Now(1));
+    assert_eq!(flows.len(), 1);
+    assert_eq!((flows[0].nat, flows[0].backend.ip()), ((NAT_B, nport).into(), IpAddr::from(BACKEND_B)));
+    assert_eq!(flows[0].state, "opening");
+    assert_eq!(e.flow_list(Some("pe6-a"), Now(1))[0].nat.ip(), IpAddr::from(NAT6_A));
+}
+
+#[test]
+fn udp_and_echo_translate_both_ways_with_checksums() {
+    let (e, mut w) = engine64();
+    let mut q = udp6(CLIENT6, 5000, EP6, 53, b"query");
+    fwd(w.process(&mut q, Source::Network(NET_B), Now(1)));
+    let out = packet(&q).to_vec();
+    let (s, nport, d, dp, ok) = inspect(&out);
+    assert_eq!((s, d, dp, ok), (NAT_B, BACKEND_B, 5353, true));
+    assert_eq!(out[6] & 0x40, 0, "no DF at or below 1,260 bytes (RFC 7915 §5.1)");
+    let mut a = swap4(&out);
+    assert_eq!(fwd(w.process(&mut a, Source::Provider, Now(1))), Egress::Network(NET_B));
+    let (s, sp, d, dp, _, ok) = inspect6(packet(&a));
+    assert_eq!((s, sp, d, dp, ok), (EP6, 53, CLIENT6, 5000, true));
+    // A UDP reply without checksum (allowed in IPv4) gets one in IPv6.
+    let mut z = swap4(&out);
+    z[26..28].copy_from_slice(&[0, 0]);
+    fwd(w.process(&mut z, Source::Provider, Now(1)));
+    assert!(inspect6(packet(&z)).5, "computed");
+    // Without room to grow, a reply cannot become IPv6.
+    let mut tight = packet(&swap4(&out)).to_vec();
+    assert_eq!(w.process(&mut tight, Source::Provider, Now(1)), Verdict::Drop(DropReason::TooBig));
+
+    // ICMPv6 echo <-> ICMP echo.
+    let mut p = ping6(CLIENT6, EP6, 777, false);
+    fwd(w.process(&mut p, Source::Network(NET_B), Now(1)));
+    let out = packet(&p).to_vec();
+    let (s, id, d, _, ok) = inspect(&out);
+    assert_eq!((s, d, ok, out[20]), (NAT_B, BACKEND_B, true, 8));
+    let mut r = roomy(ping(BACKEND_B.octets(), NAT_B.octets(), id, true));
+    assert_eq!(fwd(w.process(&mut r, Source::Provider, Now(1))), Egress::Network(NET_B));
+    let back = packet(&r).to_vec();
+    let (s, id2, d, _, _, ok) = inspect6(&back);
+    assert_eq!((s, id2, d, ok, back[40]), (EP6, 777, CLIENT6, true, 129));
+    let t = e.snapshot().endpoint_by_name("pe6-b").expect("pe6-b").shared.tally();
+    assert_eq!((t.packets_in, t.packets_out, t.flows_created), (2, 3, 2));
+    // An IPv4 packet for no flow of either table is still `no_flow`.
+    let mut stray = roomy(udp(BACKEND_B.octets(), 5353, NAT_B.octets(), nport.wrapping_add(1), b"x"));
+    assert_eq!(w.process(&mut stray, Source::Provider, Now(1)), Verdict::Drop(DropReason::NoFlow));
+}
+
+#[test]
+fn mtu_differences_are_answered_in_each_family() {
+    let mut d = desired64();
+    d.provider_mtu = 1300;
+    let (e, mut w) = engine_with(small(), &d);
+    // 6 -> 4: an IPv6 packet whose IPv4 form exceeds the provider MTU:
+    // Packet Too Big with that MTU + 20.
+    let mut big = udp6(CLIENT6, 5000, EP6, 53, &[1u8; 1400]);
+    let Verdict::Reply { reason: DropReason::TooBig, len } = w.process(&mut big, Source::Network(NET_B), Now(1)) else {
+        panic!("packet too big expected")
+    };
+    let r = w.reply(len).to_vec();
+    assert_eq!((r[40], u32::from_be_bytes([r[44], r[45], r[46], r[47]])), (2, 1320));
+    assert!(inspect6(&r).5);
+    // One just below: leaves as IPv4 of exactly the MTU.
+    let mut fits = udp6(CLIENT6, 5000, EP6, 53, &[1u8; 1300 - 28]);
+    fwd(w.process(&mut fits, Source::Network(NET_B), Now(1)));
+    let out = packet(&fits).to_vec();
+    assert_eq!(out.len(), 1300);
+    assert_eq!(out[6] & 0x40, 0x40, "DF above 1,260 bytes");
+    // 4 -> 6: network b's MTU is 1,400; a 1,381-byte IPv4 reply with DF
+    // becomes 1,401 bytes of IPv6: fragmentation needed, MTU 1,380.
+    let (_, nport, _, _, _) = inspect(&out);
+    let mut reply = roomy(udp(BACKEND_B.octets(), 5353, NAT_B.octets(), nport, &[2u8; 1381 - 28]));
+    reply[6] |= 0x40;
+    fix_ip_checksum(&mut reply);
+    let Verdict::Reply { reason: DropReason::TooBig, len } = w.process(&mut reply, Source::Provider, Now(1)) else {
+        panic!("fragmentation needed expected")
+    };
+    let r = w.reply(len).to_vec();
+    assert_eq!((r[20], r[21], u16::from_be_bytes([r[26], r[27]])), (3, 4, 1380));
+    assert_eq!(dropped(&e, Some("vnet-b"), DropReason::TooBig), 1);
+    assert_eq!(dropped(&e, None, DropReason::TooBig), 1);
+    // With a smaller IPv4 MTU than 1,260, a packet within the threshold
+    // leaves without DF in fragments an IPv4 router may make.
+    let mut d = desired64();
+    d.provider_mtu = 1000;
+    let (_, mut w) = engine_with(small(), &d);
+    let mut mid = udp6(CLIENT6, 5000, EP6, 53, &[3u8; 1100]);
+    assert_eq!(
+        w.process(&mut mid, Source::Network(NET_B), Now(1)),
+        Verdict::Fragment { to: Egress::Provider, mtu: 1000 }
+    );
+    let out = packet(&mid);
+    assert_eq!((out.len(), out[6] & 0x40), (1128, 0));
+    assert_ne!(u16::from_be_bytes([out[4], out[5]]), 0, "an identification for the fragments");
+}
+
+/// An ICMP error of `kind`/`code` from `src` to `dst` quoting `quoted`.
+fn icmp4_error(src: Ipv4Addr, dst: Ipv4Addr, kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv4(src.octets(), dst.octets(), 64)
+        .icmpv4_raw(kind, code, rest)
+        .write(&mut v, quoted)
+        .expect("build");
+    roomy(v)
+}
+
+fn icmp6_error(src: Ipv6Addr, dst: Ipv6Addr, kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ipv6(src.octets(), dst.octets(), 64)
+        .icmpv6_raw(kind, code, rest)
+        .write(&mut v, quoted)
+        .expect("build");
+    v
+}
+
+#[test]
+fn icmp_errors_cross_with_their_quotes_translated() {
+    let (e, mut w) = engine64();
+    let sent = udp6(CLIENT6, 5000, EP6, 53, b"query");
+    let mut q = sent.clone();
+    fwd(w.process(&mut q, Source::Network(NET_B), Now(1)));
+    let out = packet(&q).to_vec();
+    let (_, nport, _, _, _) = inspect(&out);
+    // The backend's port unreachable about it: an ICMPv6 port unreachable
+    // to the client from the endpoint, quoting the client's own datagram.
+    let mut err = icmp4_error(BACKEND_B, NAT_B, 3, 3, [0; 4], &out);
+    assert_eq!(fwd(w.process(&mut err, Source::Provider, Now(1))), Egress::Network(NET_B));
+    let got = packet(&err).to_vec();
+    let (s, _, d, _, hops, ok) = inspect6(&got);
+    assert_eq!((s, d, hops, ok), (EP6, CLIENT6, 63, true));
+    assert_eq!((got[40], got[41]), (1, 4), "destination unreachable, port");
+    let mut want = sent.clone();
+    want[7] = 63;
+    assert_eq!(
+        &got[48..],
+        &want[..],
+        "the quote is the client's datagram as it left (hop limit as the backend saw it)"
+    );
+    // A router's fragmentation needed (MTU 1,300): Packet Too Big 1,320.
+    let mut fneed = icmp4_error(Ipv4Addr::new(192, 168, 1, 1), NAT_B, 3, 4, [0, 0, 0x05, 0x14], &out);
+    fwd(w.process(&mut fneed, Source::Provider, Now(1)));
+    let got = packet(&fneed).to_vec();
+    assert_eq!((got[40], u32::from_be_bytes([got[44], got[45], got[46], got[47]])), (2, 1320));
+    assert!(inspect6(&got).5);
+
+    // The client's port unreachable about the reply: an ICMP port
+    // unreachable to the backend from the NAT address, quoting the
+    // backend's own datagram.
+    let reply4 = swap4(&out);
+    let mut a = reply4.clone();
+    fwd(w.process(&mut a, Source::Provider, Now(1)));
+    let reply6 = packet(&a).to_vec();
+    let mut err6 = icmp6_error(CLIENT6, EP6, 1, 4, [0; 4], &reply6);
+    assert_eq!(fwd(w.process(&mut err6, Source::Network(NET_B), Now(1))), Egress::Provider);
+    let got = packet(&err6).to_vec();
+    let (s, _, d, _, ok) = inspect(&got);
+    assert_eq!((s, d, ok), (NAT_B, BACKEND_B, true));
+    assert_eq!((got[20], got[21]), (3, 3));
+    let quoted = &got[28..];
+    assert_eq!(&quoted[12..20], &[BACKEND_B.octets(), NAT_B.octets()].concat()[..], "backend -> NAT");
+    assert_eq!(u16::from_be_bytes([quoted[22], quoted[23]]), nport);
+    assert_eq!(&quoted[20..], &packet(&reply4)[20..], "the backend's UDP datagram, checksum too");
+    // Errors naming no flow, or quoting what privlink did not send, stop.
+    let mut forged = icmp6_error(CLIENT6, EP6, 1, 4, [0; 4], &udp6(EP6, 53, CLIENT6, 5999, b"x"));
+    assert_eq!(w.process(&mut forged, Source::Network(NET_B), Now(1)), Verdict::Drop(DropReason::NoFlow));
+    let t = e.snapshot().endpoint_by_name("pe6-b").expect("pe6-b").shared.tally();
+    assert_eq!(t.flows_created, 1, "errors create no flow");
+}
+
+#[test]
+fn a_provider_side_icmpv6_error_reaches_the_consumer_of_an_ipv6_flow() {
+    let (_, mut w) = engine64();
+    let sent = udp6(CLIENT6, 5000, EP6, 53, b"query");
+    let mut q = sent.clone();
+    fwd(w.process(&mut q, Source::Network(NET_A), Now(1)));
+    let router: Ipv6Addr = "fd00:50::1".parse().expect("addr");
+    let mut err = icmp6_error(router, NAT6_A, 3, 0, [0; 4], &q);
+    assert_eq!(fwd(w.process(&mut err, Source::Provider, Now(1))), Egress::Network(NET_A));
+    let got = packet(&err).to_vec();
+    let (s, _, d, _, _, ok) = inspect6(&got);
+    assert_eq!((s, d, ok, got[40]), (EP6, CLIENT6, true, 3));
+    let mut want = sent;
+    want[7] = 63;
+    assert_eq!(&got[48..], &want[..]);
+}
