@@ -300,6 +300,27 @@ fn an_ipv6_endpoint_reaches_an_ipv4_service_translated_per_flow() {
         // kernel recognises.
         assert_eq!(refused_udp(ns).trim(), "refused", "{nat}");
     }
+    // A 3,000-byte datagram each way: the client's kernel sends IPv6
+    // fragments (privlink translates each like its first fragment, to
+    // IPv6 or to IPv4 fragments), the backend's kernel reassembles, and
+    // its 3,000-byte answer comes back in fragments of its own (IPv6, or
+    // IPv4 ones translated to IPv6 fragments). The first try may meet
+    // Packet Too Big (1,300 bytes on the provider side), the next goes.
+    for ns in [&bed.a, &bed.b] {
+        let (ok, out) = run_in(
+            ns,
+            &[
+                "python3",
+                "-c",
+                "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\ns.settimeout(2)\n\
+                 s.connect(('fd00:aa::5',53))\nd=b'f'*3000\n\
+                 for i in range(4):\n  try:\n    s.send(d); r=s.recv(10000); print(len(r), r.endswith(d)); break\n\
+                 \x20 except OSError as e: print('retry', e)",
+            ],
+        );
+        assert!(ok && out.contains(" True"), "{ns}: a fragmented datagram each way: {out}");
+    }
+
     // traceroute6 through the translated endpoint: the endpoint is the
     // first hop.
     let (ok, out) = run_in(&bed.b, &["traceroute6", "-I", "-n", "-q", "1", "-w", "2", &EP6.to_string()]);

@@ -23,6 +23,10 @@ pub const REASSEMBLY_SECS: u32 = 30;
 const MAX_DATAGRAMS: usize = 64;
 const ARENA: usize = 64 * 1024;
 const MAX_HELD: usize = 8;
+/// Fragments of one IPv6 datagram whose byte ranges are remembered for
+/// the overlap check (a 64 KiB datagram at the 1,280-byte minimum MTU is
+/// 52 fragments).
+const MAX_SPANS: usize = 56;
 
 /// A datagram, as it arrived: network (`u16::MAX` for the provider side),
 /// source, destination, protocol, IP identification (16 bits in IPv4's
@@ -53,6 +57,11 @@ struct Entry<F: Family> {
     mapping: Option<Mapping<F>>,
     held: [(u32, u32); MAX_HELD],
     n_held: usize,
+    /// Byte ranges of the datagram seen so far (IPv6: [`Fragments::span`]).
+    spans: [(u16, u16); MAX_SPANS],
+    n_spans: u8,
+    /// An overlap was seen: every fragment of it is refused (RFC 5722).
+    refused: bool,
 }
 
 /// A held fragment released for sending: where it goes and its bytes in
@@ -95,6 +104,58 @@ impl<F: Family> Default for Fragments<F> {
             earliest: Now(u32::MAX),
             ident: 0,
         }
+    }
+}
+
+/// A worker's fragment state for both families: IPv6 datagrams (and the
+/// IPv4 fragments of flows translated to IPv6) in `v6`, keyed by
+/// IPv6 or IPv4-mapped addresses.
+#[derive(Debug, Default)]
+pub struct Frags {
+    pub v4: Fragments<V4>,
+    v6: Fragments<crate::addr::V6>,
+    /// Whether `v6` was ever used: until then a packet's tick and drop
+    /// report skip it (an IPv4-only worker pays one flag test).
+    v6_used: bool,
+}
+
+impl Frags {
+    /// The IPv6 table, marked as in use.
+    #[inline]
+    pub fn v6(&mut self) -> &mut Fragments<crate::addr::V6> {
+        self.v6_used = true;
+        &mut self.v6
+    }
+
+    /// The IPv6 table, if it was ever used.
+    #[inline]
+    pub fn v6_if_used(&mut self) -> Option<&mut Fragments<crate::addr::V6>> {
+        self.v6_used.then_some(&mut self.v6)
+    }
+
+    /// [`Fragments::tick`] of the IPv4 table, before a packet (the IPv6
+    /// table's comes after it, in [`take_dropped`](Self::take_dropped):
+    /// one flag test per packet, and its own lookups expire it anyway).
+    #[inline]
+    pub fn tick(&mut self, now: Now) {
+        self.v4.tick(now);
+    }
+
+    /// [`Fragments::take_dropped`] of both tables, the IPv6 one ticked
+    /// first.
+    #[inline]
+    pub fn take_dropped(&mut self, now: Now, mut f: impl FnMut(u16, u64)) {
+        self.v4.take_dropped(&mut f);
+        if self.v6_used {
+            self.v6.tick(now);
+            self.v6.take_dropped(f);
+        }
+    }
+
+    /// Whether released fragments of either table wait.
+    #[inline]
+    pub fn has_ready(&self) -> bool {
+        self.v4.has_ready() || (self.v6_used && self.v6.has_ready())
     }
 }
 
@@ -160,6 +221,9 @@ impl<F: Family> Fragments<F> {
             mapping: None,
             held: [(0, 0); MAX_HELD],
             n_held: 0,
+            spans: [(0, 0); MAX_SPANS],
+            n_spans: 0,
+            refused: false,
         });
         self.entries.last_mut()
     }
@@ -195,6 +259,34 @@ impl<F: Family> Fragments<F> {
         self.arena[start..start + pkt.len()].copy_from_slice(pkt);
         self.used += pkt.len();
         Later::Held
+    }
+
+    /// Records that bytes `start..end` of datagram `key` came, and says
+    /// whether its fragment may go on: not when it overlaps one seen
+    /// before (RFC 5722: the datagram is then refused for good, whatever
+    /// comes later; an exact duplicate is let through, as Linux does), nor
+    /// past [`MAX_SPANS`] fragments, nor without room for the datagram.
+    pub fn span(&mut self, key: FragKey<F>, start: u16, end: u16, now: Now) -> bool {
+        let Some(e) = self.entry(key, now) else { return false };
+        if e.refused {
+            return false;
+        }
+        let spans = &e.spans[..usize::from(e.n_spans)];
+        if spans.contains(&(start, end)) {
+            return true;
+        }
+        if spans.iter().any(|&(s, t)| start < t && s < end) || usize::from(e.n_spans) == MAX_SPANS {
+            e.refused = true;
+            return false;
+        }
+        e.spans[usize::from(e.n_spans)] = (start, end);
+        e.n_spans += 1;
+        true
+    }
+
+    /// The translation datagram `key`'s first fragment got, if it came.
+    pub fn mapping(&self, key: FragKey<F>) -> Option<Mapping<F>> {
+        self.entries.iter().find(|e| e.key == key).and_then(|e| e.mapping)
     }
 
     /// True when released fragments wait to be sent.

@@ -40,7 +40,7 @@ use crate::conntrack::{self, pure_syn, Rst, TcpUpdate, RECLAIM_TRIES};
 use crate::engine::{Engine, Tables};
 use crate::events::NatEventKind;
 use crate::flow::{state, ConsumerKey, FlowView, InsertError, Inserted, ProviderKey};
-use crate::frag::{FragKey, Fragments, Later, Mapping};
+use crate::frag::{FragKey, Frags, Later, Mapping};
 use crate::proxy;
 use crate::snapshot::{Addressed, EndpointView, Snapshot};
 use crate::spec::ProxyTlv;
@@ -151,7 +151,7 @@ pub(crate) struct Ctx<'a> {
     /// header segment, in `reply`).
     pub(crate) extra: &'a mut Option<Extra>,
     pub(crate) icmp: &'a mut IcmpLimiter,
-    pub(crate) frags: &'a mut Fragments,
+    pub(crate) frags: &'a mut Frags,
     pub(crate) now: Now,
     pub(crate) off: Offload,
 }
@@ -350,7 +350,7 @@ impl Ctx<'_> {
         if first_fragment {
             let key = FragKey { net: dir.frag_net(), src, dst, proto: proto_num, id: u32::from(ident) };
             let m = Mapping { src: nsrc, dst: ndst, egress, mtu, endpoint: ep.shared.id };
-            self.frags.first(key, m, self.now);
+            self.frags.v4.first(key, m, self.now);
         }
         match split {
             Some(mtu) => Verdict::Fragment { to: egress, mtu },
@@ -693,7 +693,21 @@ impl Ctx<'_> {
             proto: pkt.protocol(),
             id: u32::from(pkt.ident()),
         };
-        match self.frags.later(key, buf, self.now) {
+        // A datagram of a flow translated to IPv6: left to `steps46`,
+        // which has the room to grow it (the `no_flow` fallback).
+        if dir == Dir::Out && self.engine.flows6().is_some() {
+            let key6 = FragKey::<V6> {
+                net: u16::MAX,
+                src: wire::nat64::mapped(key.src),
+                dst: wire::nat64::mapped(key.dst),
+                proto: key.proto,
+                id: key.id,
+            };
+            if self.frags.v6().mapping(key6).is_some() {
+                return Verdict::Drop(DropReason::NoFlow);
+            }
+        }
+        match self.frags.v4.later(key, buf, self.now) {
             Later::Held => Verdict::Held,
             Later::Full => Verdict::Drop(DropReason::ReassemblyTimeout),
             Later::Translate(m) => match fragment_steps(self.snap, self.w, buf, m) {
@@ -845,7 +859,7 @@ impl Ctx<'_> {
         };
         let (src, dst, hops, l4at, proto_num) =
             (pkt.src_addr(), pkt.dst_addr(), pkt.hop_limit(), pkt.l4_offset(), pkt.protocol());
-        let fragment = pkt.fragment().is_some();
+        let frag = pkt.fragment();
         let len = buf.len();
         if addr::is_martian_v6(src) {
             return Verdict::Drop(DropReason::MartianSource);
@@ -858,13 +872,26 @@ impl Ctx<'_> {
             },
             Dir::Out => None,
         };
-        // 3. Fragments (other than atomic ones): not reassembled yet.
-        if fragment {
-            return Verdict::Drop(DropReason::UnsupportedProtocol);
-        }
+        // 3. Fragments (other than atomic ones): virtual reassembly as for
+        // IPv4, keyed by the Fragment header's identification; a fragment
+        // overlapping another refuses its datagram (RFC 5722).
+        let frag_key = match frag {
+            Some(f) => {
+                let key = FragKey::<V6> { net: dir.frag_net(), src, dst, proto: buf[usize::from(f.at)], id: f.ident };
+                let data = len - (usize::from(f.at) + 8);
+                if !self.frags.v6().span(key, f.offset, f.offset + data as u16, self.now) {
+                    return Verdict::Drop(DropReason::Malformed);
+                }
+                if f.offset != 0 {
+                    return self.later_fragment6(buf, key);
+                }
+                Some((key, f))
+            }
+            None => None,
+        };
         // 4. Parse.
         let l4 = &buf[l4at..];
-        let seg = match (proto_num, Transport::parse_in(proto_num, l4, true)) {
+        let seg = match (proto_num, Transport::parse_in(proto_num, l4, frag_key.is_none())) {
             (_, Ok(Transport::Tcp { flags, .. })) if !tcp_flags::valid(flags) => {
                 return Verdict::Drop(DropReason::InvalidTcpFlags)
             }
@@ -926,6 +953,11 @@ impl Ctx<'_> {
         let Some((egress, mtu)) = self.egress(dir, found.as_ref()) else { return Verdict::Drop(DropReason::NoFlow) };
         let (wire_len, segments) = self.on_wire(len, l4at + seg.l4_header);
         let to_v4 = dir.inbound() && !snap.services[ep.service].backends.is_empty();
+        if to_v4 && frag_key.is_some() && seg.proto == Protocol::Icmp {
+            // The ICMPv6 checksum's pseudo-header holds the whole
+            // message's length, which a first fragment does not tell.
+            return Verdict::Drop(DropReason::UnsupportedProtocol);
+        }
         let mut split = None;
         if to_v4 && wire_len - l4at + wire::field::HEADER_MIN > usize::from(mtu) {
             // The IPv6 packet's MTU is the IPv4 one plus the header
@@ -983,9 +1015,9 @@ impl Ctx<'_> {
                 Protocol::Icmp => (dir.echo_ident(ends), dir.echo_ident(ends)),
                 _ => (nsport, ndport),
             };
-            let ident = self.frags.next_ident();
-            let partial = self.off.csum_partial;
-            if wire::nat64::to_ipv4(buf, len, l4at, proto_num, src4, dst4, ports, ident, partial).is_none() {
+            let ident = self.frags.v4.next_ident();
+            let (partial, f) = (self.off.csum_partial, frag_key.map(|(_, f)| f));
+            if wire::nat64::to_ipv4(buf, len, l4at, proto_num, src4, dst4, Some(ports), ident, f, partial).is_none() {
                 return Verdict::Drop(DropReason::TooBig);
             }
         } else {
@@ -999,9 +1031,27 @@ impl Ctx<'_> {
         // 12. Count.
         flows.note_packet(&v, self.now, dir.inbound(), len as u64);
         ep.shared.counters.get(self.w).add(dir.inbound(), len, segments);
+        if let Some((key, _)) = frag_key {
+            let m = Mapping { src: nsrc, dst: ndst, egress, mtu, endpoint: ep.shared.id };
+            self.frags.v6().first(key, m, self.now);
+        }
         match split {
             Some(mtu) => Verdict::Fragment { to: egress, mtu },
             None => Verdict::Forward(egress),
+        }
+    }
+
+    /// An IPv6 fragment other than the first: translated like its
+    /// datagram's first fragment, or held until that one comes (then
+    /// released through [`release6`]).
+    fn later_fragment6(&mut self, buf: &mut [u8], key: FragKey<V6>) -> Verdict {
+        match self.frags.v6().later(key, buf, self.now) {
+            Later::Held => Verdict::Held,
+            Later::Full => Verdict::Drop(DropReason::ReassemblyTimeout),
+            Later::Translate(m) => match fragment_steps6(self.snap, self.w, buf, m) {
+                Ok(_) => Verdict::Forward(m.egress),
+                Err(r) => Verdict::Drop(r),
+            },
         }
     }
 
@@ -1022,12 +1072,26 @@ impl Ctx<'_> {
         let pkt = Ipv4Packet::new_unchecked(&buf[..n]);
         let (src, dst, len, ttl, ihl, df) =
             (pkt.src_addr(), pkt.dst_addr(), pkt.total_len(), pkt.ttl(), pkt.header_len(), pkt.dont_frag());
-        // 3. Fragments.
-        if pkt.is_fragment() {
+        // 3. Fragments: a later one takes the translation its first
+        // fragment got here (in order only: one held before its first
+        // fragment came waits in the IPv4 table and times out).
+        let key = FragKey::<V6> {
+            net: u16::MAX,
+            src: mapped(src),
+            dst: mapped(dst),
+            proto: pkt.protocol(),
+            id: u32::from(pkt.ident()),
+        };
+        let (first_fragment, ident) = (pkt.is_fragment(), pkt.ident());
+        if pkt.is_later_fragment() {
+            return self.later_fragment46(buf, n, key);
+        }
+        if first_fragment && pkt.protocol() == wire::proto::ICMP {
+            // ICMPv6's pseudo-header needs the whole message's length.
             return Verdict::Drop(DropReason::UnsupportedProtocol);
         }
         // 4. Parse.
-        let seg = match Transport::parse_in(pkt.protocol(), pkt.payload(), true) {
+        let seg = match Transport::parse_in(pkt.protocol(), pkt.payload(), !first_fragment) {
             Ok(Transport::Tcp { src, dst, flags, header_len }) => {
                 Segment { proto: Protocol::Tcp, sport: src, dport: dst, flags, l4_header: usize::from(header_len) }
             }
@@ -1064,7 +1128,8 @@ impl Ctx<'_> {
         // 8. MTU: IPv6 adds 20 bytes and never fragments on the way.
         let Some((egress, mtu)) = self.egress(dir, Some(&v)) else { return Verdict::Drop(DropReason::NoFlow) };
         let (wire_len, segments) = self.on_wire(len, ihl + seg.l4_header);
-        if wire_len - ihl + wire::ipv6::HEADER > usize::from(mtu) {
+        let frag_header = if first_fragment { 8 } else { 0 };
+        if wire_len - ihl + wire::ipv6::HEADER + frag_header > usize::from(mtu) {
             if df || segments > 1 {
                 let mtu4 = u32::from(mtu).saturating_sub(20);
                 return self.answer(&buf[..n], dst, icmp_type::DEST_UNREACHABLE, 4, mtu4, DropReason::TooBig);
@@ -1085,13 +1150,45 @@ impl Ctx<'_> {
             _ => (ends.0.port, ends.1.port),
         };
         let partial = self.off.csum_partial;
-        if wire::nat64::to_ipv6(buf, n, ihl, ends.0.addr, ends.1.addr, ports, partial).is_none() {
+        let frag = first_fragment.then_some((ident, 0, true));
+        if wire::nat64::to_ipv6(buf, n, ihl, ends.0.addr, ends.1.addr, Some(ports), frag, partial).is_none() {
             return Verdict::Drop(DropReason::TooBig);
         }
         // 12. Count.
         flows.note_packet(&v, self.now, false, len as u64);
         ep.shared.counters.get(self.w).add(false, len, segments);
+        if first_fragment {
+            let m = Mapping { src: ends.0.addr, dst: ends.1.addr, egress, mtu, endpoint: ep.shared.id };
+            self.frags.v6().first(key, m, self.now);
+        }
         Verdict::Forward(egress)
+    }
+
+    /// A later IPv4 fragment of a flow translated to IPv6: an IPv6
+    /// fragment with the first fragment's translation (RFC 7915 §4.1: a
+    /// Fragment header with the IPv4 identification, offset and More
+    /// Fragments).
+    fn later_fragment46(&mut self, buf: &mut [u8], n: usize, key: FragKey<V6>) -> Verdict {
+        let Some(m) = self.frags.v6().mapping(key) else { return Verdict::Drop(DropReason::NoFlow) };
+        let Some(ep) = self.snap.endpoint_by_id(m.endpoint) else { return Verdict::Drop(DropReason::NoFlow) };
+        if !ep.shared.approved() {
+            return Verdict::Drop(DropReason::NotApproved);
+        }
+        let pkt = Ipv4Packet::new_unchecked(&buf[..n]);
+        let (ihl, len, ttl, ident) = (pkt.header_len(), pkt.total_len(), pkt.ttl(), pkt.ident());
+        let word = u16::from_be_bytes([buf[6], buf[7]]);
+        if ttl <= 1 {
+            return Verdict::Drop(DropReason::TtlExpired);
+        }
+        if len - ihl + wire::ipv6::HEADER + 8 > usize::from(m.mtu) {
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        let frag = Some((ident, (word & 0x1fff) << 3, word & 0x2000 != 0));
+        if wire::nat64::to_ipv6(buf, n, ihl, m.src, m.dst, None, frag, false).is_none() {
+            return Verdict::Drop(DropReason::TooBig);
+        }
+        ep.shared.counters.get(self.w).add(false, len, 1);
+        Verdict::Forward(m.egress)
     }
 
     /// An ICMP error about a packet of an IPv6 flow (RFC 4443, and RFC
@@ -1232,6 +1329,60 @@ pub(crate) fn release(engine: &Engine, snap: &Snapshot, w: usize, net: u16, m: M
             let dir = if net == u16::MAX { Dir::Out } else { Dir::In(NetworkId(net)) };
             count_drop(engine, snap, w, dir, r, 1);
             false
+        }
+    }
+}
+
+/// Steps 6 to 12 for a later IPv6 fragment whose first fragment was
+/// translated with `m` (held or not): its addresses rewritten (it holds
+/// no transport header), or its header translated to IPv4 when `m`'s
+/// addresses are IPv4-mapped (RFC 7915 §5.1.1); returns its new length.
+fn fragment_steps6(snap: &Snapshot, w: usize, buf: &mut [u8], m: Mapping<V6>) -> Result<usize, DropReason> {
+    let Some(ep) = snap.endpoint_by_id(m.endpoint) else { return Err(DropReason::NoFlow) };
+    if !ep.shared.approved() {
+        return Err(DropReason::NotApproved);
+    }
+    let Ok(p) = Ipv6Packet::new_checked(&*buf) else { return Err(DropReason::Malformed) };
+    let (Some(f), at, hops) = (p.fragment(), p.l4_offset(), p.hop_limit()) else { return Err(DropReason::Malformed) };
+    if hops <= 1 {
+        return Err(DropReason::TtlExpired);
+    }
+    let len = buf.len();
+    let out = match (wire::nat64::unmapped(m.src), wire::nat64::unmapped(m.dst)) {
+        (Some(s4), Some(d4)) => {
+            let next = buf[usize::from(f.at)];
+            if next != wire::proto::TCP && next != wire::proto::UDP {
+                return Err(DropReason::UnsupportedProtocol);
+            }
+            if len - at + wire::field::HEADER_MIN > usize::from(m.mtu) {
+                return Err(DropReason::TooBig);
+            }
+            match wire::nat64::to_ipv4(buf, len, at, next, s4, d4, None, 0, Some(f), false) {
+                Some(n) => n,
+                None => return Err(DropReason::TooBig),
+            }
+        }
+        _ => {
+            if len > usize::from(m.mtu) {
+                return Err(DropReason::TooBig);
+            }
+            wire::ipv6::forward_rewrite(buf, m.src, m.dst);
+            len
+        }
+    };
+    ep.shared.counters.get(w).add(m.egress == Egress::Provider, len, 1);
+    Ok(out)
+}
+
+/// [`release`] for a held IPv6 fragment; returns its length once
+/// translated (0: counted as a drop).
+pub(crate) fn release6(engine: &Engine, snap: &Snapshot, w: usize, net: u16, m: Mapping<V6>, buf: &mut [u8]) -> usize {
+    match fragment_steps6(snap, w, buf, m) {
+        Ok(n) => n,
+        Err(r) => {
+            let dir = if net == u16::MAX { Dir::Out } else { Dir::In(NetworkId(net)) };
+            count_drop(engine, snap, w, dir, r, 1);
+            0
         }
     }
 }

@@ -12,10 +12,10 @@
 //! `translate.rs`, one path for both directions.
 
 use crate::engine::Engine;
-use crate::frag::Fragments;
+use crate::frag::Frags;
 use crate::outbox::{parse_vnet_hdr, Outbox, STAGE_MAX};
 use crate::snapshot::Snapshot;
-use crate::translate::{count_drop, release, Ctx, Dir, Extra, IcmpLimiter};
+use crate::translate::{count_drop, release, release6, Ctx, Dir, Extra, IcmpLimiter};
 use crate::types::{DropReason, Egress, NetworkId, Now, Offload, Source, Verdict};
 use arc_swap::{ArcSwap, Cache};
 use std::sync::Arc;
@@ -33,7 +33,7 @@ pub struct Worker {
     /// A packet made besides the one forwarded (in `reply`).
     extra: Option<Extra>,
     icmp: IcmpLimiter,
-    frags: Fragments,
+    frags: Frags,
 }
 
 impl Engine {
@@ -49,7 +49,7 @@ impl Engine {
             reply: [0; REPLY_MAX],
             extra: None,
             icmp: IcmpLimiter::new(rate),
-            frags: Fragments::default(),
+            frags: Frags::default(),
         }
     }
 }
@@ -108,7 +108,7 @@ impl Worker {
         // Reassemblies given up on in this tick, every one of them (a
         // fragment flood can expire many at once).
         let Ctx { engine, snap, w, frags, .. } = &mut cx;
-        frags.take_dropped(|net, count| {
+        frags.take_dropped(now, |net, count| {
             let dir = if net == u16::MAX { Dir::Out } else { Dir::In(NetworkId(net)) };
             count_drop(engine, snap, *w, dir, DropReason::ReassemblyTimeout, count);
         });
@@ -136,11 +136,17 @@ impl Worker {
     pub fn take_ready(&mut self, mut f: impl FnMut(Egress, u16, &[u8])) {
         let Worker { engine, index, cache, frags, .. } = self;
         let snap: &Snapshot = cache.load();
-        frags.take_ready(|net, m, bytes| {
+        frags.v4.take_ready(|net, m, bytes| {
             if release(engine, snap, *index, net, m, bytes) {
                 f(m.egress, m.mtu, bytes);
             }
         });
+        if let Some(v6) = frags.v6_if_used() {
+            v6.take_ready(|net, m, bytes| match release6(engine, snap, *index, net, m, bytes) {
+                0 => {}
+                n => f(m.egress, m.mtu, &bytes[..n]),
+            });
+        }
     }
 
     /// Translates the packet the daemon just read into

@@ -250,13 +250,13 @@ fn hostile_ipv6_is_dropped_and_counted() {
     // Anything but an endpoint of the network.
     let mut other = udp6(CLIENT6, 1, BACKEND6_A, 53, b"x");
     assert_eq!(w.process(&mut other, net, Now(1)), Verdict::Drop(DropReason::NoEndpoint));
-    // A fragment (not reassembled yet).
+    // A fragment whose data would end past 65,535 bytes.
     let mut f = udp6(CLIENT6, 1, EP6, 53, b"12345678");
-    f.splice(40..40, [IpNumber::UDP.0, 0, 0, 1, 0, 0, 0, 9]);
+    f.splice(40..40, [IpNumber::UDP.0, 0, 0xff, 0xf8, 0, 0, 0, 9]);
     f[6] = 44;
     let plen = (f.len() - 40) as u16;
     f[4..6].copy_from_slice(&plen.to_be_bytes());
-    assert_eq!(w.process(&mut f, net, Now(1)), Verdict::Drop(DropReason::UnsupportedProtocol));
+    assert_eq!(w.process(&mut f, net, Now(1)), Verdict::Drop(DropReason::Malformed));
     // A reply for no flow.
     let mut stray = udp6(BACKEND6_A, 5353, NAT6_A, 4000, b"x");
     assert_eq!(w.process(&mut stray, Source::Provider, Now(1)), Verdict::Drop(DropReason::NoFlow));

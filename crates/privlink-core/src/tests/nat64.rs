@@ -257,3 +257,146 @@ fn a_provider_side_icmpv6_error_reaches_the_consumer_of_an_ipv6_flow() {
     want[7] = 63;
     assert_eq!(&got[48..], &want[..]);
 }
+
+/// `whole` (an IPv6 packet without extension headers) as fragments with
+/// identification `id`, the first carrying `first` bytes of its payload.
+fn fragments6(whole: &[u8], id: u32, first: usize) -> Vec<Vec<u8>> {
+    let payload = &whole[40..];
+    let mut out = Vec::new();
+    for (offset, chunk) in [(0, &payload[..first]), (first, &payload[first..])] {
+        let mut p = whole[..40].to_vec();
+        p[6] = 44;
+        p[4..6].copy_from_slice(&((8 + chunk.len()) as u16).to_be_bytes());
+        let more = u16::from(offset == 0);
+        p.extend_from_slice(&[whole[6], 0]);
+        p.extend_from_slice(&((offset as u16) | more).to_be_bytes());
+        p.extend_from_slice(&id.to_be_bytes());
+        p.extend_from_slice(chunk);
+        out.push(p);
+    }
+    out
+}
+
+/// `whole` (an IPv4 packet without options) as two fragments, the first
+/// carrying `first` bytes of its payload.
+fn fragments4(whole: &[u8], first: usize) -> Vec<Vec<u8>> {
+    let payload = &whole[20..];
+    let mut out = Vec::new();
+    for (offset, chunk) in [(0, &payload[..first]), (first, &payload[first..])] {
+        let mut p = whole[..20].to_vec();
+        p[2..4].copy_from_slice(&((20 + chunk.len()) as u16).to_be_bytes());
+        let word = (offset / 8) as u16 | if offset == 0 { 0x2000 } else { 0 };
+        p[6..8].copy_from_slice(&word.to_be_bytes());
+        fix_ip_checksum(&mut p);
+        p.extend_from_slice(chunk);
+        out.push(roomy(p));
+    }
+    out
+}
+
+/// The IPv6 datagram `frags` (translated IPv6 fragments, in order) make,
+/// as a whole packet without the Fragment header.
+fn reassemble6(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut whole = frags[0][..40].to_vec();
+    whole[6] = frags[0][40];
+    for f in frags {
+        whole.extend_from_slice(&f[48..]);
+    }
+    let n = (whole.len() - 40) as u16;
+    whole[4..6].copy_from_slice(&n.to_be_bytes());
+    whole
+}
+
+/// The IPv4 datagram `frags` (translated IPv4 fragments, in order) make.
+fn reassemble4(frags: &[Vec<u8>]) -> Vec<u8> {
+    let mut whole = frags[0][..20].to_vec();
+    for f in frags {
+        whole.extend_from_slice(&f[20..]);
+    }
+    let n = whole.len() as u16;
+    whole[2..4].copy_from_slice(&n.to_be_bytes());
+    whole[6..8].copy_from_slice(&[0, 0]);
+    fix_ip_checksum(&mut whole);
+    whole
+}
+
+#[test]
+fn ipv6_fragments_follow_their_first_fragment_and_overlaps_are_refused() {
+    let (e, mut w) = engine64();
+    let net = Source::Network(NET_A);
+    let whole = udp6(CLIENT6, 5000, EP6, 53, &[9u8; 2000]);
+    // In order: both rewritten for the IPv6 service.
+    let frags = fragments6(&whole, 7, 1232);
+    let mut out = Vec::new();
+    for f in &frags {
+        let mut f = f.clone();
+        assert_eq!(fwd(w.process(&mut f, net, Now(1))), Egress::Provider);
+        out.push(f);
+    }
+    assert_eq!(&out[1][8..40], &[NAT6_A.octets(), BACKEND6_A.octets()].concat()[..], "the later fragment too");
+    let (s, _, d, dp, _, ok) = inspect6(&reassemble6(&out));
+    assert_eq!((s, d, dp, ok), (NAT6_A, BACKEND6_A, 5353, true), "the datagram's checksum holds across fragments");
+    // Out of order: the later fragment waits for its first.
+    let frags = fragments6(&whole, 8, 1232);
+    let mut later = frags[1].clone();
+    assert_eq!(w.process(&mut later, net, Now(1)), Verdict::Held);
+    assert!(!w.has_ready());
+    fwd(w.process(&mut frags[0].clone(), net, Now(1)));
+    let mut released = Vec::new();
+    w.take_ready(|to, _, b| released.push((to, b.to_vec())));
+    assert_eq!(released.len(), 1);
+    assert_eq!(&released[0].1[24..40], &BACKEND6_A.octets());
+    // An overlapping fragment refuses its datagram, and what follows.
+    let frags = fragments6(&whole, 9, 1232);
+    fwd(w.process(&mut frags[0].clone(), net, Now(1)));
+    let mut overlap = frags[1].clone();
+    overlap[42..44].copy_from_slice(&1224u16.to_be_bytes()); // 8 bytes into the first
+    assert_eq!(w.process(&mut overlap, net, Now(1)), Verdict::Drop(DropReason::Malformed));
+    assert_eq!(w.process(&mut frags[1].clone(), net, Now(1)), Verdict::Drop(DropReason::Malformed));
+    // A first fragment too short for the transport header (RFC 7112).
+    let mut tiny = fragments6(&whole, 10, 8)[0].clone();
+    tiny.truncate(40 + 8 + 4);
+    tiny[4..6].copy_from_slice(&12u16.to_be_bytes());
+    assert_eq!(w.process(&mut tiny, net, Now(1)), Verdict::Drop(DropReason::Malformed));
+    assert!(dropped(&e, Some("vnet-a"), DropReason::Malformed) >= 3);
+}
+
+#[test]
+fn fragments_cross_between_the_families_both_ways() {
+    let (_, mut w) = engine64();
+    let net = Source::Network(NET_B);
+    let whole = udp6(CLIENT6, 5000, EP6, 53, &[5u8; 2000]);
+    let mut out = Vec::new();
+    for (i, f) in fragments6(&whole, 0x0001_2345, 1232).into_iter().enumerate() {
+        let mut f = f;
+        let v = w.process(&mut f, net, Now(1));
+        assert_eq!(v, Verdict::Forward(Egress::Provider), "fragment {i}");
+        out.push(packet(&f).to_vec());
+    }
+    // IPv4 fragments: the identification's low 16 bits, offsets, MF, no DF.
+    assert_eq!((&out[0][4..8], &out[1][4..8]), (&[0x23, 0x45, 0x20, 0][..], &[0x23, 0x45, 0, 154][..]));
+    let (s, nport, d, dp, ok) = inspect(&reassemble4(&out));
+    assert_eq!((s, d, dp, ok), (NAT_B, BACKEND_B, 5353, true));
+    // The backend's fragmented answer: IPv6 fragments with a Fragment
+    // header holding the IPv4 identification.
+    let mut answer = Vec::new();
+    PacketBuilder::ipv4(BACKEND_B.octets(), NAT_B.octets(), 64)
+        .udp(5353, nport)
+        .write(&mut answer, &[6u8; 2000])
+        .expect("build");
+    answer[4..6].copy_from_slice(&0x0bcdu16.to_be_bytes());
+    fix_ip_checksum(&mut answer);
+    let mut back = Vec::new();
+    for f in fragments4(&answer, 1200) {
+        let mut f = f;
+        assert_eq!(fwd(w.process(&mut f, Source::Provider, Now(1))), Egress::Network(NET_B));
+        back.push(packet(&f).to_vec());
+    }
+    assert_eq!((back[0][6], back[0][40], &back[0][42..48]), (44, 17, &[0, 1, 0, 0, 0x0b, 0xcd][..]));
+    assert_eq!(&back[1][42..44], &1200u16.to_be_bytes(), "offset, last");
+    // Too big for network b (MTU 1,400) once IPv6, without DF: dropped.
+    let mut big = fragments4(&answer, 1368)[0].clone();
+    assert_eq!(w.process(&mut big, Source::Provider, Now(1)), Verdict::Drop(DropReason::TooBig));
+    let (s, sp, d, dp, _, ok) = inspect6(&reassemble6(&back));
+    assert_eq!((s, sp, d, dp, ok), (EP6, 53, CLIENT6, 5000, true));
+}

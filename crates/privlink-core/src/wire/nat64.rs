@@ -45,8 +45,9 @@ pub fn unmapped(a: u128) -> Option<u32> {
 /// (RFC 7915 §5.1: 1,280 − 20).
 pub const DF_THRESHOLD: usize = 1260;
 /// Bytes a packet may grow by in translation: the header (20 bytes of
-/// IPv4 become 40 of IPv6) and, for an error, its quoted header as well.
-pub const GROWTH: usize = 40;
+/// IPv4 become 40 of IPv6, and 48 with a Fragment header for an IPv4
+/// fragment) and, for an error, its quoted header as well (40).
+pub const GROWTH: usize = 48;
 /// Largest ICMP error privlink sends toward IPv4 (RFC 1812 §4.3.2.3).
 pub const ICMP4_MAX: usize = 576;
 
@@ -133,11 +134,15 @@ fn rewrite_l4(l4: &mut [u8], p: u8, mut d: Delta, to_v6: bool, sport: u16, dport
 
 /// Translates the IPv6 packet `buf[..len]` (its upper-layer header, of
 /// protocol `proto6`, at `l4at`: extension headers are dropped, RFC 7915
-/// §5.1) into an IPv4 packet from `src:sport` to `dst:dport` in place:
-/// the payload moves down, the hop limit less one becomes the TTL, the
-/// traffic class the TOS; DF is set above [`DF_THRESHOLD`] bytes, below
-/// it the packet carries identification `ident`. Returns the new length,
-/// or `None` when the result would exceed IPv4's 65,535 bytes.
+/// §5.1) into an IPv4 packet from `src` to `dst` in place: the payload
+/// moves down, the hop limit less one becomes the TTL, the traffic class
+/// the TOS. A whole packet gets DF above [`DF_THRESHOLD`] bytes, below it
+/// identification `ident`; a fragment (`frag`, its data at `l4at`) keeps
+/// its offset, More Fragments and the low 16 bits of its identification,
+/// without DF (§5.1.1). `ports` (source, destination; an echo's
+/// identifier twice) are written into the upper-layer header, `None` for
+/// a later fragment, which has none. Returns the new length, or `None`
+/// when the result would exceed IPv4's 65,535 bytes.
 #[allow(clippy::too_many_arguments)]
 pub fn to_ipv4(
     buf: &mut [u8],
@@ -146,8 +151,9 @@ pub fn to_ipv4(
     proto6: u8,
     src: u32,
     dst: u32,
-    ports: (u16, u16),
+    ports: Option<(u16, u16)>,
     ident: u16,
+    frag: Option<ipv6::Frag6>,
     partial: bool,
 ) -> Option<usize> {
     let total = field::HEADER_MIN + (len - l4at);
@@ -163,44 +169,67 @@ pub fn to_ipv4(
     pseudo(&mut d, true, old_src, old_dst, icmp, len - l4at, false);
     pseudo(&mut d, false, u128::from(src), u128::from(dst), icmp, len - l4at, true);
     buf.copy_within(l4at..len, field::HEADER_MIN);
-    let df = total > DF_THRESHOLD;
-    write_ipv4(&mut buf[..field::HEADER_MIN], tos, total, if df { 0 } else { ident }, df, ttl, p, src, dst);
-    rewrite_l4(&mut buf[field::HEADER_MIN..total], p, d, false, ports.0, ports.1, partial && !icmp);
+    let (ident, word) = match frag {
+        Some(f) => (f.ident as u16, f.offset >> 3 | if f.more { 0x2000 } else { 0 }),
+        None if total > DF_THRESHOLD => (0, 0x4000),
+        None => (ident, 0),
+    };
+    write_ipv4(&mut buf[..field::HEADER_MIN], tos, total, ident, word, ttl, p, src, dst);
+    if let Some((sport, dport)) = ports {
+        rewrite_l4(&mut buf[field::HEADER_MIN..total], p, d, false, sport, dport, partial && !icmp);
+    }
     Some(total)
 }
 
-/// Translates the IPv4 packet `buf[..len]` (header of `ihl` bytes, not a
-/// fragment) into an IPv6 packet from `src:sport` to `dst:dport` in
-/// place: the payload moves up (`buf` needs [`GROWTH`] bytes of room),
-/// the TTL less one becomes the hop limit, the TOS the traffic class, no
-/// extension header (RFC 7915 §4.1). Returns the new length, or `None`
-/// without the room.
+/// Translates the IPv4 packet `buf[..len]` (header of `ihl` bytes) into
+/// an IPv6 packet from `src` to `dst` in place: the payload moves up
+/// (`buf` needs [`GROWTH`] bytes of room), the TTL less one becomes the
+/// hop limit, the TOS the traffic class (RFC 7915 §4.1). A fragment
+/// (`frag`: identification, offset in bytes, More Fragments) gets a
+/// Fragment header with them; a whole packet none (RFC 8021). `ports` as
+/// for [`to_ipv4`]. Returns the new length, or `None` without the room.
+#[allow(clippy::too_many_arguments)]
 pub fn to_ipv6(
     buf: &mut [u8],
     len: usize,
     ihl: usize,
     src: u128,
     dst: u128,
-    ports: (u16, u16),
+    ports: Option<(u16, u16)>,
+    frag: Option<(u16, u16, bool)>,
     partial: bool,
 ) -> Option<usize> {
     let payload = len - ihl;
-    let total = ipv6::HEADER + payload;
-    if buf.len() < total || payload > usize::from(u16::MAX) {
+    let at = ipv6::HEADER + if frag.is_some() { 8 } else { 0 };
+    let total = at + payload;
+    if buf.len() < total || total - ipv6::HEADER > usize::from(u16::MAX) {
         return None;
     }
     let (tos, ttl, p) = (buf[1], buf[field::TTL], buf[field::PROTOCOL]);
     let (old_src, old_dst) = (u32_at(buf, 12), u32_at(buf, 16));
     let icmp = p == proto::ICMP;
+    let p6 = if icmp { next::ICMPV6 } else { p };
     let mut d = Delta::default();
     pseudo(&mut d, false, u128::from(old_src), u128::from(old_dst), icmp, payload, false);
     pseudo(&mut d, true, src, dst, icmp, payload, true);
-    buf.copy_within(ihl..len, ipv6::HEADER);
-    write_ipv6(&mut buf[..ipv6::HEADER], tos, payload, if icmp { next::ICMPV6 } else { p }, ttl - 1, src, dst);
-    let l4 = &mut buf[ipv6::HEADER..total];
+    buf.copy_within(ihl..len, at);
+    match frag {
+        Some((ident, offset, more)) => {
+            write_ipv6(&mut buf[..ipv6::HEADER], tos, total - ipv6::HEADER, next::FRAGMENT, ttl - 1, src, dst);
+            let word = offset & !7 | u16::from(more);
+            let f = &mut buf[ipv6::HEADER..at];
+            f[0] = p6;
+            f[1] = 0;
+            f[2..4].copy_from_slice(&word.to_be_bytes());
+            f[4..8].copy_from_slice(&u32::from(ident).to_be_bytes());
+        }
+        None => write_ipv6(&mut buf[..ipv6::HEADER], tos, payload, p6, ttl - 1, src, dst),
+    }
+    let Some((sport, dport)) = ports else { return Some(total) };
+    let l4 = &mut buf[at..total];
     let no_checksum = p == proto::UDP && !partial && l4.len() >= 8 && l4[6..8] == [0, 0];
-    rewrite_l4(l4, p, d, true, ports.0, ports.1, partial && !icmp);
-    if no_checksum {
+    rewrite_l4(l4, p, d, true, sport, dport, partial && !icmp);
+    if no_checksum && frag.is_none() {
         l4[6..8].copy_from_slice(&[0, 0]);
         let c = match ipv6::checksum6(src, dst, proto::UDP, l4) {
             0 => 0xffff,
@@ -213,12 +242,12 @@ pub fn to_ipv6(
 
 /// An IPv4 header (no options) with its checksum.
 #[allow(clippy::too_many_arguments)]
-fn write_ipv4(h: &mut [u8], tos: u8, total: usize, ident: u16, df: bool, ttl: u8, p: u8, src: u32, dst: u32) {
+fn write_ipv4(h: &mut [u8], tos: u8, total: usize, ident: u16, frag_word: u16, ttl: u8, p: u8, src: u32, dst: u32) {
     h[0] = 0x45;
     h[1] = tos;
     h[field::LENGTH].copy_from_slice(&(total as u16).to_be_bytes());
     h[field::IDENT].copy_from_slice(&ident.to_be_bytes());
-    h[field::FLAGS_FRAG].copy_from_slice(&(if df { 0x4000u16 } else { 0 }).to_be_bytes());
+    h[field::FLAGS_FRAG].copy_from_slice(&frag_word.to_be_bytes());
     h[field::TTL] = ttl;
     h[field::PROTOCOL] = p;
     h[field::CHECKSUM].copy_from_slice(&[0, 0]);
@@ -456,7 +485,8 @@ pub fn build_error(
         write_ipv6(qh, q.tos, q.l4_len, qp, q.ttl, ends.src, ends.dst);
     } else {
         let qtotal = field::HEADER_MIN + q.l4_len;
-        write_ipv4(qh, q.tos, qtotal, 0, qtotal > DF_THRESHOLD, q.ttl, qp, ends.src as u32, ends.dst as u32);
+        let df = if qtotal > DF_THRESHOLD { 0x4000 } else { 0 };
+        write_ipv4(qh, q.tos, qtotal, 0, df, q.ttl, qp, ends.src as u32, ends.dst as u32);
     }
     let icmp = q.proto == proto::ICMP;
     let mut d = Delta::default();
@@ -478,7 +508,7 @@ pub fn build_error(
     if v6 {
         write_ipv6(&mut out[..outer], 0, icmp_len, next::ICMPV6, hops, src, dst);
     } else {
-        write_ipv4(&mut out[..outer], 0, total, 0, false, hops, proto::ICMP, src as u32, dst as u32);
+        write_ipv4(&mut out[..outer], 0, total, 0, 0, hops, proto::ICMP, src as u32, dst as u32);
     }
     let e = &mut out[outer..total];
     e[0] = kind;
@@ -579,7 +609,7 @@ mod tests {
             let len = pkt.len();
             let mut buf = pkt.clone();
             buf.resize(len + GROWTH, 0);
-            let n = to_ipv4(&mut buf, len, 40, p, NAT, BACKEND, ports, 7, false).expect("fits");
+            let n = to_ipv4(&mut buf, len, 40, p, NAT, BACKEND, Some(ports), 7, None, false).expect("fits");
             prop_assert_eq!(n, len - 20);
             prop_assert!(v4_l4_ok(&buf[..n]));
             let v = Ipv4Packet::new_checked(&buf[..n]).expect("valid");
@@ -593,7 +623,7 @@ mod tests {
             // Back: the echo request comes back as a request here, only to
             // test the arithmetic.
             buf[8] = 65;
-            let m = to_ipv6(&mut buf, n, 20, C6, E6, back_ports, false).expect("room");
+            let m = to_ipv6(&mut buf, n, 20, C6, E6, Some(back_ports), None, false).expect("room");
             prop_assert_eq!(m, len);
             prop_assert!(v6_l4_ok(&buf[..m]));
             let mut want = pkt.clone();
@@ -605,14 +635,14 @@ mod tests {
     #[test]
     fn a_udp_datagram_without_checksum_gets_one_in_ipv6() {
         let mut b = vec![0u8; 20];
-        write_ipv4(&mut b, 0, 20 + 12, 0, true, 64, proto::UDP, BACKEND, NAT);
+        write_ipv4(&mut b, 0, 20 + 12, 0, 0x4000, 64, proto::UDP, BACKEND, NAT);
         b.extend_from_slice(&[0, 53, 0x9c, 0x40, 0, 12, 0, 0, 1, 2, 3, 4]);
         b.resize(b.len() + GROWTH, 0);
-        let n = to_ipv6(&mut b, 32, 20, E6, C6, (53, 40000), false).expect("room");
+        let n = to_ipv6(&mut b, 32, 20, E6, C6, Some((53, 40000)), None, false).expect("room");
         assert_ne!(be16(&b[40..], 6..8), 0);
         assert!(v6_l4_ok(&b[..n]));
         let mut tight = b[..32].to_vec();
-        assert_eq!(to_ipv6(&mut tight, 32, 20, E6, C6, (53, 40000), false), None, "no room to grow");
+        assert_eq!(to_ipv6(&mut tight, 32, 20, E6, C6, Some((53, 40000)), None, false), None, "no room to grow");
     }
 
     #[test]
@@ -648,7 +678,7 @@ mod tests {
     fn an_error_about_an_ipv4_packet_becomes_an_icmpv6_error_quoting_it_in_ipv6() {
         // What the backend got: NAT:5000 -> BACKEND:53, UDP, 1000 bytes.
         let mut q = vec![0u8; 20];
-        write_ipv4(&mut q, 0, 20 + 1008, 0, false, 63, proto::UDP, NAT, BACKEND);
+        write_ipv4(&mut q, 0, 20 + 1008, 0, 0, 63, proto::UDP, NAT, BACKEND);
         let mut udp = vec![0x13, 0x88, 0, 53, 0x03, 0xf0, 0, 0];
         udp.extend_from_slice(&[7u8; 1000]);
         let c = crate::checksum::checksum(
