@@ -3,13 +3,16 @@
 //! at 1M also in a shared memory mapping as the daemon keeps its table),
 //! established TCP both ways at 1k flows (data segments with advancing
 //! sequence numbers, which TCP tracking follows), new flow setup plus
-//! teardown, and NAT port allocate plus free. Run:
+//! teardown, and NAT port allocate plus free; and IPv6 beside them:
+//! established UDP at 1k flows from IPv6 consumers to an IPv6 service and
+//! to an IPv4 one (translated both ways), new IPv6 flow setup plus
+//! teardown. Run:
 //! `cargo bench -p privlink-core --bench packet_path`.
 
 #[path = "common.rs"]
 mod common;
 
-use common::{consumer, desired, ends, tcp, EP};
+use common::{consumer, consumer6, desired, desired6, ends, ends6, tcp, udp6, EP, EP6};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use privlink_core::pool::PortPool;
 use privlink_core::*;
@@ -214,6 +217,99 @@ fn setup_teardown(c: &mut Criterion) {
     g.finish();
 }
 
+/// Established UDP both ways at 1k flows from IPv6 consumers: to an IPv6
+/// service (`udp6_both_directions`) and to an IPv4 one, translated
+/// (`udp64_both_directions`: the datagrams leave as IPv4 and come back
+/// as IPv6, each with room behind it as the daemon's read buffer has).
+fn established6(c: &mut Criterion) {
+    let mut g = c.benchmark_group("established6");
+    g.throughput(Throughput::Elements(2));
+    let n = 1000u32;
+    for translated in [false, true] {
+        let e = Engine::new(Settings { max_flows: n + 1024, ..Settings::default() });
+        let d = if translated {
+            let mut d = desired(Protocol::Udp);
+            d.endpoints[0].ip = std::net::Ipv6Addr::from(EP6).into();
+            d
+        } else {
+            desired6(Protocol::Udp)
+        };
+        e.apply(&d, Now(0)).expect("config");
+        let mut w = e.worker(0);
+        let a = Source::Network(NetworkId(0));
+        let (mut ups, mut downs) = (Vec::new(), Vec::new());
+        for i in (0..n).map(|i| (i * 7_919) % n) {
+            let (addr, port) = consumer6(i);
+            let up = udp6(addr, port, EP6, 53, 36);
+            let mut t = up.clone();
+            t.resize(t.len() + 48, 0);
+            w.process(&mut t, a, Now(0));
+            let down = if translated {
+                let (nat, np, be, bp) = ends(&t);
+                udp(be, bp, nat, np).to_vec()
+            } else {
+                let (nat, np, be, bp) = ends6(&t);
+                udp6(be, bp, nat, np, 36)
+            };
+            ups.push(up);
+            downs.push(down);
+        }
+        let name = if translated { "udp64_both_directions" } else { "udp6_both_directions" };
+        g.bench_function(BenchmarkId::new(name, n), |b| {
+            let mut i = 0usize;
+            let mut buf = [0u8; 160];
+            b.iter(|| {
+                i = if i + 1 == ups.len() { 0 } else { i + 1 };
+                let k = ups[i].len();
+                buf[..k].copy_from_slice(&ups[i]);
+                let v1 = w.process_read(&mut buf, k, a, Now(1), Offload::default());
+                let k = downs[i].len();
+                buf[..k].copy_from_slice(&downs[i]);
+                let v2 = w.process_read(&mut buf, k, Source::Provider, Now(1), Offload::default());
+                black_box((v1, v2, buf))
+            })
+        });
+    }
+    g.finish();
+}
+
+/// [`setup_teardown`] for IPv6 consumers of an IPv6 service.
+fn setup_teardown6(c: &mut Criterion) {
+    let mut g = c.benchmark_group("new_flow6");
+    const BATCH: u32 = 10_000;
+    g.throughput(Throughput::Elements(u64::from(BATCH)));
+    let e = Engine::new(Settings { max_flows: 2 * BATCH, ..Settings::default() });
+    e.apply(&desired6(Protocol::Udp), Now(0)).expect("config");
+    let mut w = e.worker(0);
+    let packets: Vec<Vec<u8>> = (0..BATCH)
+        .map(|i| {
+            let (addr, port) = consumer6(i);
+            udp6(addr, port, EP6, 53, 36)
+        })
+        .collect();
+    let mut round = 1u32;
+    g.bench_function("setup_plus_teardown_x10000", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let now = Now(round * 1_000);
+                round += 1;
+                let t = Instant::now();
+                let mut buf = [0u8; 128];
+                for p in &packets {
+                    buf[..p.len()].copy_from_slice(p);
+                    black_box(w.process(&mut buf[..p.len()], Source::Network(NetworkId(0)), now));
+                }
+                let ended = e.expire(now.plus(500));
+                total += t.elapsed();
+                assert_eq!(ended, BATCH as usize);
+            }
+            total
+        })
+    });
+    g.finish();
+}
+
 fn ports(c: &mut Criterion) {
     let mut g = c.benchmark_group("ports");
     g.throughput(Throughput::Elements(1));
@@ -230,6 +326,6 @@ fn ports(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = established, established_tcp, setup_teardown, ports
+    targets = established, established_tcp, setup_teardown, ports, established6, setup_teardown6
 }
 criterion_main!(benches);

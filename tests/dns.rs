@@ -1,8 +1,9 @@
 //! Private DNS through the real daemon: two tenants with the same ranges
 //! and the same resolver address, `dig` and `curl` (glibc's resolver,
 //! through `/etc/netns/<ns>/resolv.conf`) inside their namespaces, a real
-//! upstream (dnsmasq on loopback) for forwarded names, and hostile
-//! queries (docs/DNS.md).
+//! upstream (dnsmasq on loopback) for forwarded names, hostile queries,
+//! and a name with an A and an AAAA record (an IPv4 and an IPv6 endpoint
+//! of one service) fetched by name over IPv6 (docs/DNS.md).
 
 mod common;
 
@@ -16,6 +17,8 @@ const RESOLVER: &str = "10.1.0.53";
 const NAME: &str = "app.privatelink.example.internal";
 const WEB_A: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 21);
 const WEB_B: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 22);
+/// Tenant a's IPv6 endpoint of the same (IPv4) service: translated per flow.
+const WEB6_A: &str = "fd00:aa::21";
 
 /// Removes `/etc/netns/<ns>` when dropped.
 struct NetnsEtc(std::path::PathBuf);
@@ -134,6 +137,12 @@ name = "pe-web-b"
 network = "vnet-b"
 ip = "{WEB_B}"
 service = "web"
+
+[[endpoint]]
+name = "pe-web6-a"
+network = "vnet-a"
+ip = "{WEB6_A}"
+service = "web"
 "#,
         be = BACKEND_ORDERS
     );
@@ -145,7 +154,7 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     if !privileged() || !have("dig") || !have("dnsmasq") || !have("curl") || !have("nginx") {
         return;
     }
-    let opts = || Opts { network_extra: "dns = \"10.1.0.53\"", ..Opts::default() };
+    let opts = || Opts { network_extra: "dns = \"10.1.0.53\"\naddress6 = \"fd00:aa::10/128\"", ..Opts::default() };
     let mut bed = Bed::new("dns", opts());
     let upstream = privlink::testbed::free_port().expect("port").port();
     let many: String = (1..=100).map(|i| format!("10.200.0.{i} many.example.com\n")).collect();
@@ -175,12 +184,21 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     assert_eq!(short(&b, NAME), WEB_B.to_string(), "tenant b after approval");
     let after_approve = t.elapsed();
     assert_eq!(short(&a, NAME), WEB_A.to_string(), "tenant a unchanged");
+    // Each record follows its own endpoint: with pe-web-a rejected the
+    // name keeps its AAAA record (no A: NOERROR, no answer); with the
+    // IPv6 endpoint rejected too it is gone.
     let (rc, _, err) = bed.cli(&["connections", "reject", "pe-web-a"]);
+    assert_eq!(rc, 0, "{err}");
+    let no_a = dig(&a, &[NAME]);
+    assert!(status(&no_a) == "NOERROR" && no_a.contains("ANSWER: 0,"), "rejected, the AAAA left:\n{no_a}");
+    let (rc, _, err) = bed.cli(&["connections", "reject", "pe-web6-a"]);
     assert_eq!(rc, 0, "{err}");
     assert_eq!(status(&dig(&a, &[NAME])), "NXDOMAIN", "rejected");
     assert_eq!(short(&b, NAME), WEB_B.to_string());
-    let (rc, _, err) = bed.cli(&["connections", "approve", "pe-web-a"]);
-    assert_eq!(rc, 0, "{err}");
+    for ep in ["pe-web-a", "pe-web6-a"] {
+        let (rc, _, err) = bed.cli(&["connections", "approve", ep]);
+        assert_eq!(rc, 0, "{err}");
+    }
     assert!(after_approve < Duration::from_secs(1), "{after_approve:?}");
     eprintln!("approval to answer: {after_approve:?}");
     let (_, listing, _) = bed.cli(&["connections"]);
@@ -206,6 +224,18 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     assert!(eventually(10, || curl().status.success()), "{:?}", curl());
     let got = curl();
     assert_eq!(fnv(&got.stdout, FNV_INIT), fnv(&body, FNV_INIT), "1 MiB by name, intact");
+    // The same name has an AAAA record in tenant a (its IPv6 endpoint of
+    // the IPv4 service), none in tenant b; curl -6 fetches by name over
+    // IPv6, translated to the IPv4 backend.
+    assert_eq!(dig(&a, &["+short", "AAAA", NAME]).trim(), WEB6_A);
+    let b6 = dig(&b, &["AAAA", NAME]);
+    assert!(status(&b6) == "NOERROR" && b6.contains("ANSWER: 0,"), "no AAAA in tenant b:\n{b6}");
+    let curl6 = Command::new("ip")
+        .args(["netns", "exec", &a, "curl", "-6", "-sS", "--max-time", "5", &format!("http://{NAME}/blob")])
+        .output()
+        .expect("curl -6");
+    assert!(curl6.status.success(), "{curl6:?}");
+    assert_eq!(fnv(&curl6.stdout, FNV_INIT), fnv(&body, FNV_INIT), "1 MiB by name over IPv6 (6->4), intact");
 
     // A reload adds a name: answered within a second, while a live
     // connection through another endpoint carries on.
@@ -320,7 +350,7 @@ fn each_tenant_resolves_its_own_endpoint_by_name_and_connects_through_it() {
     // A reload that moves the resolver: answered at the new address, the
     // old one gone, the device (and its flows) kept.
     let mut held = connect(&a, EP, 7, Duration::from_secs(3)).expect("echo through pe-a");
-    let moved = || Opts { network_extra: "dns = \"10.1.0.54\"", ..Opts::default() };
+    let moved = || Opts { network_extra: "dns = \"10.1.0.54\"\naddress6 = \"fd00:aa::10/128\"", ..Opts::default() };
     std::fs::write(&bed.config, config(&bed, &moved(), upstream, "")).expect("config");
     bed.signal(libc::SIGHUP);
     let dig_at = |ns: &str, server: &str| {

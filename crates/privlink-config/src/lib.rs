@@ -1459,7 +1459,9 @@ impl Cx<'_> {
 
         let mut endpoints = Vec::new();
         // (network, name) -> (endpoint, where it claimed it).
-        let mut dns_claims: HashMap<(String, String), (String, usize, Option<String>)> = HashMap::new();
+        // (network, name, IPv6?) -> the endpoint claiming it: a name has at
+        // most one A and one AAAA record per network.
+        let mut dns_claims: HashMap<(String, String, bool), (String, usize, Option<String>)> = HashMap::new();
         for e in &raw.endpoint {
             let at = e.span().start;
             let e_at = at;
@@ -1548,14 +1550,9 @@ impl Cx<'_> {
                 }
             }
             let own_names = self.dns_names(&e.dns_names);
-            if ip.is_some_and(|a| a.is_ipv6()) {
-                let through = service.as_ref().and_then(|n| svc_dns.get(n)).is_some_and(|v| !v.is_empty());
-                if through || !own_names.is_empty() {
-                    self.err(at, "dns_names: an IPv6 endpoint has no AAAA records yet (docs/DNS.md)");
-                }
-            }
-            // One name, one endpoint per network (its resolver answers one
-            // address): the second claim is refused, naming the first.
+            // One name, one endpoint per network and family (its resolver
+            // answers one A and one AAAA record): the second claim is
+            // refused, naming the first.
             if let (Some(name), Some(network), Some(service)) = (&name, &network, &service) {
                 let through = svc_dns.get(service).cloned().unwrap_or_default();
                 let mine =
@@ -1565,7 +1562,7 @@ impl Cx<'_> {
                     if !seen_here.insert(n.clone()) {
                         continue;
                     }
-                    let key = (network.clone(), n.clone());
+                    let key = (network.clone(), n.clone(), ip.is_some_and(|a| a.is_ipv6()));
                     let via = |v: bool| if v { format!(" (through service `{service}`)") } else { String::new() };
                     match dns_claims.get(&key) {
                         Some((first, first_at, first_via)) => {
@@ -1942,8 +1939,8 @@ allow_sources = ["fd00:aa::/64"]
             ),
             (
                 "service = \"orders6\"\nallow",
-                "service = \"orders6\"\ndns_names = [\"db.example.internal\"]\nallow",
-                "dns_names: an IPv6 endpoint has no AAAA records yet",
+                "service = \"orders6\"\ndns_names = [\"db.example.internal\"]\n\n[[endpoint]]\nname = \"pe6-x\"\nnetwork = \"vnet-a\"\nip = \"fd00:aa::7\"\nservice = \"orders6\"\ndns_names = [\"db.example.internal\"]\nallow",
+                "dns_names: `db.example.internal` is claimed twice in network `vnet-a`",
             ),
         ];
         // An IPv6 endpoint of an IPv4 service (translated, RFC 6146), but

@@ -94,6 +94,15 @@ impl Worker {
         self.run(buf, n, src, now, off)
     }
 
+    /// [`process_offload`](Self::process_offload) of the packet read into
+    /// `buf[..read]` (trimmed as there), with the rest of `buf` as room to
+    /// grow into (a translation to IPv6, [`GROWTH`](crate::wire::nat64::GROWTH)
+    /// bytes): what the daemon's read buffer gives, for tests and fuzzing.
+    pub fn process_read(&mut self, buf: &mut [u8], read: usize, src: Source, now: Now, off: Offload) -> Verdict {
+        let n = crate::wire::packet_len(&buf[..read.min(buf.len())]);
+        self.run(buf, n, src, now, off)
+    }
+
     /// [`process_offload`](Self::process_offload) of the packet
     /// `buf[..n]`, growing into the rest of `buf` if it must.
     #[inline]

@@ -1,6 +1,7 @@
 //! `privlink demo`: the product in under a minute, on any Linux host, as
 //! root. It builds three throwaway namespaces (a provider with two services'
-//! backends, and two tenants whose networks use the very same addresses),
+//! backends, and two tenants whose networks use the very same addresses,
+//! one of them dual-stack with an IPv6 endpoint of an IPv4 service),
 //! writes a config, runs the real daemon (this same binary, `privlink run`),
 //! pushes TCP and UDP through it, shows a blocked attempt, prints the
 //! metrics that counted it all, and removes everything again, also when a
@@ -9,11 +10,14 @@
 use crate::netns::{ip, is_root};
 use crate::testbed::{self, Backend, BackendPorts, Namespaces};
 use anyhow::{bail, Context, Result};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const EP: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 5);
+/// Fabrikam's IPv6 endpoint of orders-db (an IPv4 service: translated).
+const EP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaa, 0, 0, 0, 0, 0, 5);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xaa, 0, 0, 0, 0, 0, 0x10);
 const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 1, 0, 10);
 const ORDERS_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 10);
 const BILLING_BACKEND: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
@@ -75,6 +79,7 @@ tenant = "fabrikam"
 tun = "plb0"
 netns = "{b}"
 address = "{CLIENT}/32"
+address6 = "{CLIENT6}/128"
 dns = "{RESOLVER}"
 
 [[service]]
@@ -106,6 +111,12 @@ name = "pe-fabrikam-billing"
 network = "vnet-fabrikam"
 ip = "{EP}"
 service = "billing-api"
+
+[[endpoint]]
+name = "pe-fabrikam-orders6"
+network = "vnet-fabrikam"
+ip = "{EP6}"
+service = "orders-db"
 "#,
         dir = dir.display()
     )
@@ -138,7 +149,8 @@ pub fn run() -> Result<()> {
     println!("    service orders-db    backend {ORDERS_BACKEND}  NAT IP 192.168.100.4");
     println!("    service billing-api  backend {BILLING_BACKEND}  NAT IP 192.168.100.8");
     println!("  tenant contoso   namespace {a}: client {CLIENT}, endpoint {EP} -> orders-db");
-    println!("  tenant fabrikam  namespace {b}: client {CLIENT}, endpoint {EP} -> billing-api\n");
+    println!("  tenant fabrikam  namespace {b}: client {CLIENT}, endpoint {EP} -> billing-api");
+    println!("                   and over IPv6: client {CLIENT6}, endpoint {EP6} -> orders-db (IPv4, translated)\n");
 
     let path = dir.0.join("privlink.toml");
     std::fs::write(&path, config(&prov, &a, &b, &dir.0, metrics))?;
@@ -178,11 +190,26 @@ pub fn run() -> Result<()> {
     }
     println!();
 
-    println!("3. Private DNS: each tenant asks its own resolver, {RESOLVER}, for both services' names:");
+    println!("3. IPv6: fabrikam reaches orders-db (an IPv4 service) through its IPv6 endpoint:");
+    let mut s = testbed::connect(&b, EP6, 5432, Duration::from_secs(3)).context("fabrikam: TCP over IPv6")?;
+    println!("   fabrikam  [{CLIENT6}] -> [{EP6}]:5432   backend says: {}", testbed::line(&mut s));
+    let answer = testbed::udp_ask(&b, EP6, 53, "fabrikam6").context("fabrikam: UDP over IPv6")?;
+    println!("   fabrikam  [{CLIENT6}] -> [{EP6}]:53/udp   answer: {answer}");
+    println!("   (each flow translated to IPv4 and back, RFC 6146/7915; the backend sees the NAT IP)\n");
+
+    println!("4. Private DNS: each tenant asks its own resolver, {RESOLVER}, for both services' names (A, AAAA):");
     for (tenant, ns_name) in [("contoso", &a), ("fabrikam", &b)] {
         for name in ["orders-db.privatelink.example.internal", "billing-api.privatelink.example.internal"] {
             let (addr, code) = testbed::resolve(ns_name, RESOLVER, name).with_context(|| format!("{tenant}: DNS"))?;
-            let shown = addr.map_or(code, |a| a.to_string());
+            let (addr6, _) = testbed::resolve6(ns_name, RESOLVER, name).with_context(|| format!("{tenant}: DNS"))?;
+            let shown = match (addr, addr6) {
+                (None, None) => code,
+                (a4, a6) => [a4.map(|a| a.to_string()), a6.map(|a| a.to_string())]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            };
             println!("   {tenant:<9} {name:<40} -> {shown}");
         }
     }
@@ -192,7 +219,7 @@ pub fn run() -> Result<()> {
     println!("   contoso   connects by name to orders-db.privatelink.example.internal:5432: {}", testbed::line(&mut s));
     println!("   (a name resolves only where the tenant has an endpoint for it, to that endpoint)\n");
 
-    println!("4. What is not published stays unreachable:");
+    println!("5. What is not published stays unreachable:");
     match testbed::connect(&a, EP, 22, Duration::from_secs(1)) {
         Ok(_) => println!("   contoso -> {EP}:22 (not offered)       CONNECTED (unexpected!)"),
         Err(e) => println!("   contoso -> {EP}:22 (not offered)       blocked: {}", e.root_cause()),
@@ -205,7 +232,7 @@ pub fn run() -> Result<()> {
     println!();
 
     let text = testbed::scrape(metrics).context("cannot scrape metrics")?;
-    println!("5. Metrics (http://{metrics}/metrics), the lines that moved:");
+    println!("6. Metrics (http://{metrics}/metrics), the lines that moved:");
     let mut lines: Vec<&str> = text.lines().collect();
     lines.sort_unstable();
     for l in lines {
@@ -229,7 +256,7 @@ pub fn run() -> Result<()> {
     println!();
 
     let socket = dir.0.join("control.sock");
-    println!("6. The control API: privlink connections, privlink flows");
+    println!("7. The control API: privlink connections, privlink flows");
     let list = crate::client::call(&socket, "GET", "/v1/connections", None)?;
     for l in crate::client::connections_table(&list)?.lines() {
         println!("   {l}");

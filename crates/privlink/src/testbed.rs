@@ -215,6 +215,26 @@ pub fn resolve(ns: &str, server: Ipv4Addr, name: &str) -> Result<(Option<Ipv4Add
     })
 }
 
+/// The AAAA answer for `name` from `server` inside `ns` (as [`resolve`]).
+pub fn resolve6(ns: &str, server: Ipv4Addr, name: &str) -> Result<(Option<std::net::Ipv6Addr>, String)> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut q = Message::new();
+    q.set_id(rand::random()).set_recursion_desired(true);
+    q.add_query(Query::query(Name::from_ascii(name)?, RecordType::AAAA));
+    let bytes = q.to_vec()?;
+    in_netns(Some(ns), move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(&bytes, (server, 53))?;
+        let mut buf = [0u8; 2048];
+        let (k, _) = s.recv_from(&mut buf)?;
+        let r = Message::from_vec(&buf[..k])?;
+        let addr = r.answers().iter().find_map(|x| if let RData::AAAA(a) = x.data() { Some(a.0) } else { None });
+        Ok((addr, crate::dns::RCODES[crate::dns::rcode_index(r.response_code())].to_string()))
+    })
+}
+
 /// A free TCP port on 127.0.0.1 (free now; good enough for a test bed).
 pub fn free_port() -> Result<SocketAddr> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?)

@@ -27,11 +27,11 @@ pub mod mmsg;
 pub mod server;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use privlink_config::Config;
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Largest UDP answer privlink sends when the query carries EDNS: the
 /// value DNS Flag Day 2020 settled on (no IP fragmentation on any path).
@@ -39,12 +39,15 @@ pub const EDNS_PAYLOAD: u16 = 1232;
 /// Largest UDP answer without EDNS (RFC 1035 §4.2.1).
 pub const CLASSIC_UDP: usize = 512;
 
-/// One published name in one network.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One published name in one network: the IPv4 endpoint behind its A
+/// record and the IPv6 one behind its AAAA record (either may be absent;
+/// each endpoint's approval decides its own record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Published {
-    /// The endpoint it names (its approval decides the answer).
-    pub endpoint: String,
-    pub ip: Ipv4Addr,
+    /// (endpoint, address) of the A record.
+    pub v4: Option<(String, IpAddr)>,
+    /// (endpoint, address) of the AAAA record.
+    pub v6: Option<(String, IpAddr)>,
 }
 
 /// What every resolver answers: built from a config, swapped in whole.
@@ -78,14 +81,14 @@ impl Zones {
         let mut networks: HashMap<String, HashMap<String, Published>> = HashMap::new();
         let mut private = HashSet::new();
         for e in &config.endpoints {
-            // A records only: `check` refuses names for IPv6 endpoints
-            // until AAAA is served.
-            let std::net::IpAddr::V4(ip) = e.ip else { continue };
             let names = config.dns_names(e);
             let zone = networks.entry(e.network.clone()).or_default();
             for n in names {
                 private.insert(n.clone());
-                zone.insert(n, Published { endpoint: e.name.clone(), ip });
+                // `check` allows one endpoint per name, network and family.
+                let p = zone.entry(n).or_default();
+                let slot = if e.ip.is_ipv6() { &mut p.v6 } else { &mut p.v4 };
+                *slot = Some((e.name.clone(), e.ip));
             }
         }
         for s in &config.services {
@@ -109,8 +112,10 @@ impl Zones {
     /// the length prefix) asked in network `net`. `approved` says whether
     /// an endpoint's connection is approved now.
     ///
-    /// - a published name of this network: its endpoint approved, the A
-    ///   record (NOERROR with no records for other types); else NXDOMAIN.
+    /// - a published name of this network: the A record of its IPv4
+    ///   endpoint and the AAAA record of its IPv6 endpoint, each while
+    ///   that endpoint is approved (NOERROR with no records for a type it
+    ///   has none of, RFC 2308 §2.2); NXDOMAIN when neither is approved.
     ///   Authoritative, TTL `[dns] ttl`;
     /// - a name published only elsewhere: NXDOMAIN;
     /// - ANY (RFC 8482 lets a server decline it), AXFR and IXFR: REFUSED;
@@ -158,11 +163,19 @@ impl Zones {
             return Answer::Forward(Box::new(msg));
         }
         // Not this network's, or below a published name: nothing there.
-        let record = match published {
-            Some(p) if approved(&p.endpoint) => (qtype == RecordType::A && q.query_class() == DNSClass::IN)
-                .then(|| Record::from_rdata(q.name().clone(), self.settings.ttl, RData::A(A(p.ip)))),
-            _ => return reply(self.respond(msg, ResponseCode::NXDomain), limit),
+        let live = |x: &Option<(String, IpAddr)>| x.as_ref().filter(|(ep, _)| approved(ep)).map(|&(_, a)| a);
+        let (v4, v6) = published.map_or((None, None), |p| (live(&p.v4), live(&p.v6)));
+        if v4.is_none() && v6.is_none() {
+            return reply(self.respond(msg, ResponseCode::NXDomain), limit);
+        }
+        let rdata = match (qtype, v4, v6) {
+            (RecordType::A, Some(IpAddr::V4(a)), _) => Some(RData::A(A(a))),
+            (RecordType::AAAA, _, Some(IpAddr::V6(a))) => Some(RData::AAAA(AAAA(a))),
+            _ => None,
         };
+        let record = rdata
+            .filter(|_| q.query_class() == DNSClass::IN)
+            .map(|r| Record::from_rdata(q.name().clone(), self.settings.ttl, r));
         let mut resp = self.respond(msg, ResponseCode::NoError);
         if let Some(r) = record {
             resp.add_answer(r);

@@ -1,6 +1,7 @@
 use super::*;
 use hickory_proto::rr::Name;
 use proptest::prelude::*;
+use std::net::Ipv4Addr;
 use std::str::FromStr;
 
 const CONFIG: &str = r#"
@@ -250,4 +251,31 @@ fn answer_cost() {
         }
     }
     eprintln!("{:.0} ns per answer ({bytes} bytes)", t.elapsed().as_nanos() as f64 / f64::from(n));
+}
+
+#[test]
+fn a_name_of_an_ipv4_and_an_ipv6_endpoint_answers_a_and_aaaa_each_while_approved() {
+    // Network a: the IPv4 endpoint pe-a and an IPv6 one of the same
+    // service (translated to it), under the service's name.
+    let z = zones("\n[[endpoint]]\nname = \"pe6-a\"\nnetwork = \"a\"\nip = \"fd00:aa::5\"\nservice = \"orders\"\n");
+    let name = "orders.privatelink.example.internal.";
+    let (q4, q6) = (query(name, RecordType::A, None), query(name, RecordType::AAAA, None));
+    let aaaa = |m: &Message| -> Vec<std::net::Ipv6Addr> {
+        m.answers().iter().filter_map(|r| if let RData::AAAA(a) = r.data() { Some(a.0) } else { None }).collect()
+    };
+    let all = |_: &str| true;
+    assert_eq!(a_records(&reply_of(z.answer("a", &q4, false, &all))), vec![(Ipv4Addr::new(10, 1, 0, 5), 10)]);
+    let m = reply_of(z.answer("a", &q6, false, &all));
+    assert_eq!(aaaa(&m), vec!["fd00:aa::5".parse::<std::net::Ipv6Addr>().expect("addr")]);
+    assert!(a_records(&m).is_empty());
+    // Each record follows its own endpoint's approval.
+    let only6 = |e: &str| e == "pe6-a";
+    let m = reply_of(z.answer("a", &q4, false, &only6));
+    assert!(m.answers().is_empty() && m.response_code() == ResponseCode::NoError, "the name exists, no A");
+    assert_eq!(aaaa(&reply_of(z.answer("a", &q6, false, &only6))).len(), 1);
+    let none = |_: &str| false;
+    assert_eq!(reply_of(z.answer("a", &q6, false, &none)).response_code(), ResponseCode::NXDomain);
+    // Network b has only an IPv4 endpoint: no AAAA there.
+    let m = reply_of(z.answer("b", &q6, false, &all));
+    assert!(m.answers().is_empty() && m.response_code() == ResponseCode::NoError);
 }
