@@ -1459,9 +1459,11 @@ impl Cx<'_> {
 
         let mut endpoints = Vec::new();
         // (network, name) -> (endpoint, where it claimed it).
-        // (network, name, IPv6?) -> the endpoint claiming it: a name has at
-        // most one A and one AAAA record per network.
-        let mut dns_claims: HashMap<(String, String, bool), (String, usize, Option<String>)> = HashMap::new();
+        // (network, name, IPv6?) -> the endpoint claiming it (its name,
+        // position, and the service it claims through): a name has at most
+        // one A and one AAAA record per network.
+        type Claim = (String, usize, Option<String>);
+        let mut dns_claims: HashMap<(String, String, bool), Claim> = HashMap::new();
         for e in &raw.endpoint {
             let at = e.span().start;
             let e_at = at;
