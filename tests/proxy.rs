@@ -532,3 +532,104 @@ fn nginx_logs_each_tenants_own_address_and_20_mb_cross_intact_both_ways() {
         "{log}"
     );
 }
+
+/// IPv6 consumers of PROXY services: an IPv4 backend (the flow translated,
+/// RFC 6146) and an IPv6 one, each with an endpoint `fd00:aa::31`/`::32`
+/// in both tenants' networks.
+const PP6: &str = r#"
+[[service]]
+name = "pp64"
+nat_ips = ["192.168.100.31"]
+backends = ["192.168.50.10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9011 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+proxy_tlv = "azure"
+
+[[service]]
+name = "pp66"
+nat_ips = ["fd00:64::32"]
+backends = ["fd00:50::10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 9012 }]
+visibility = ["*"]
+auto_approve = ["*"]
+proxy_protocol = "v2"
+
+[[endpoint]]
+name = "pe64-a"
+network = "vnet-a"
+ip = "fd00:aa::31"
+service = "pp64"
+
+[[endpoint]]
+name = "pe64-b"
+network = "vnet-b"
+ip = "fd00:aa::31"
+service = "pp64"
+
+[[endpoint]]
+name = "pe66-a"
+network = "vnet-a"
+ip = "fd00:aa::32"
+service = "pp66"
+
+[[endpoint]]
+name = "pe66-b"
+network = "vnet-b"
+ip = "fd00:aa::32"
+service = "pp66"
+"#;
+
+#[test]
+fn nginx_logs_each_tenants_ipv6_address_behind_ipv4_and_ipv6_backends() {
+    let opts = Opts { extra: PP6, network_extra: "address6 = \"fd00:aa::10/128\"", ..Opts::default() };
+    let Some(bed) = Bed::running("ppnginx6", opts) else { return };
+    privlink::netns::ip(Some(&bed.prov), &["-6", "addr", "add", "fd00:50::10/128", "dev", "lo", "nodad"])
+        .expect("backend address");
+    let root = bed.dir.join("www");
+    std::fs::create_dir_all(&root).expect("www");
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    std::fs::write(root.join("blob"), &data).expect("file");
+    let _nginx = nginx(
+        &bed,
+        &format!(
+            "  log_format pp '$proxy_protocol_addr:$proxy_protocol_port $server_port $uri';
+  server {{
+    listen {be}:9011 proxy_protocol;
+    listen [fd00:50::10]:9012 proxy_protocol;
+    access_log {dir}/access.log pp;
+    root {root};
+  }}",
+            dir = bed.dir.display(),
+            be = BACKEND_ORDERS,
+            root = root.display()
+        ),
+    );
+    let (ep64, ep66): (std::net::Ipv6Addr, std::net::Ipv6Addr) =
+        ("fd00:aa::31".parse().expect("ip"), "fd00:aa::32".parse().expect("ip"));
+    assert!(eventually(10, || connect(&bed.a, ep66, 80, SEC).is_ok()), "nginx listens");
+    let get = |ns: &str, ep: std::net::Ipv6Addr| -> (u16, Vec<u8>) {
+        let mut s = connect(ns, ep, 80, 3 * SEC).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let port = s.local_addr().expect("local").port();
+        s.write_all(b"GET /blob HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").expect("request");
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).expect("response");
+        let at = out.windows(4).position(|w| w == b"\r\n\r\n").expect("headers") + 4;
+        (port, out[at..].to_vec())
+    };
+    let mut want = Vec::new();
+    for ns in [&bed.a, &bed.b] {
+        for (ep, backend_port) in [(ep64, 9011), (ep66, 9012)] {
+            let (port, body) = get(ns, ep);
+            assert_eq!(fnv(&body, FNV_INIT), fnv(&data, FNV_INIT), "1 MiB through [{ep}]:80 from {ns}");
+            want.push(format!("fd00:aa::10:{port} {backend_port} /blob"));
+        }
+    }
+    // nginx saw each client's own IPv6 address and port, behind the IPv4
+    // backend (the header carries IPv6 over an IPv4 connection) and the
+    // IPv6 one alike.
+    let log = std::fs::read_to_string(bed.dir.join("access.log")).expect("access log");
+    assert_eq!(log.lines().collect::<Vec<_>>(), want, "{log}");
+}

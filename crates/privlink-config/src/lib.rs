@@ -1420,10 +1420,6 @@ impl Cx<'_> {
                 }
             };
             let proxy = if on { tlv } else { None };
-            if let (true, Some(pp)) = (on && backends.first().is_some_and(|b: &IpAddr| b.is_ipv6()), &s.proxy_protocol)
-            {
-                self.err(pp.span().start, "proxy_protocol: not available on an IPv6 service yet");
-            }
             let health = s.health.as_ref().and_then(|h| self.health(h, &ports));
             let names_at = self.dns_names(&s.dns_names);
             if let Some(n) = &name {
@@ -1494,15 +1490,6 @@ impl Cx<'_> {
                             "ip: an IPv4 endpoint cannot reach service `{}`, which is {}",
                             service.as_deref().unwrap_or_default(),
                             family(b)
-                        ),
-                    );
-                }
-                if a.is_ipv6() && svc.is_some_and(|x| x.proxy.is_some()) {
-                    self.err(
-                        s.span().start,
-                        format!(
-                            "ip: an IPv6 endpoint cannot reach service `{}`: PROXY protocol for IPv6 consumers is not built yet",
-                            service.as_deref().unwrap_or_default()
                         ),
                     );
                 }
@@ -1935,18 +1922,13 @@ allow_sources = ["fd00:aa::/64"]
             ("allow_sources = [\"fd00:aa::/64\"]", "allow_sources = [\"fd00:aa::1/64\"]", "has host bits set (did you mean fd00:aa::/64?)"),
             ("address6 = \"fd00:aa::10/128\"", "address6 = \"fd00:aa::10\"", "address6: `fd00:aa::10` is not IPV6-ADDRESS/PREFIX"),
             (
-                "ports = [{ protocol = \"tcp\", port = 5432 }]\n\n[[endpoint]]\nname = \"pe6-a\"",
-                "ports = [{ protocol = \"tcp\", port = 5432 }]\nproxy_protocol = \"v2\"\n\n[[endpoint]]\nname = \"pe6-a\"",
-                "proxy_protocol: not available on an IPv6 service yet",
-            ),
-            (
                 "service = \"orders6\"\nallow",
                 "service = \"orders6\"\ndns_names = [\"db.example.internal\"]\n\n[[endpoint]]\nname = \"pe6-x\"\nnetwork = \"vnet-a\"\nip = \"fd00:aa::7\"\nservice = \"orders6\"\ndns_names = [\"db.example.internal\"]\nallow",
                 "dns_names: `db.example.internal` is claimed twice in network `vnet-a`",
             ),
         ];
-        // An IPv6 endpoint of an IPv4 service (translated, RFC 6146), but
-        // not of one sending PROXY headers.
+        // An IPv6 endpoint of an IPv4 service (translated, RFC 6146), also
+        // of one sending PROXY headers; an IPv6 service with them.
         let to_v4 = good6().replacen(
             "ip = \"fd00:aa::5\"\nservice = \"orders6\"",
             "ip = \"fd00:aa::5\"\nservice = \"orders-db\"",
@@ -1955,11 +1937,13 @@ allow_sources = ["fd00:aa::/64"]
         let c = Config::parse(&to_v4, "t.toml").expect("6 -> 4 is valid");
         assert_eq!(c.endpoints.iter().filter(|e| e.service == "orders-db").count(), 3);
         let proxied = to_v4.replacen("visibility = [\"*\"]", "visibility = [\"*\"]\nproxy_protocol = \"v2\"", 1);
-        let e = errors(&proxied).join("\n");
-        assert!(
-            e.contains("ip: an IPv6 endpoint cannot reach service `orders-db`: PROXY protocol for IPv6 consumers is not built yet"),
-            "{e}"
+        Config::parse(&proxied, "t.toml").expect("PROXY v2 for an IPv6 consumer of an IPv4 service");
+        let proxied6 = good6().replacen(
+            "backends = [\"fd00:50::10\"]",
+            "backends = [\"fd00:50::10\"]\nproxy_protocol = \"v2\"",
+            1,
         );
+        Config::parse(&proxied6, "t.toml").expect("PROXY v2 on an IPv6 service");
         for (from, to, want) in cases {
             let bad = good6().replacen(from, to, 1);
             assert_ne!(bad, good6(), "{from}");

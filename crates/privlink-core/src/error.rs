@@ -27,6 +27,4 @@ pub enum CoreError {
     MixedFamilies(String),
     #[error("endpoint {0}: an IPv4 endpoint cannot reach an IPv6 service")]
     FamilyMismatch(String),
-    #[error("endpoint {0}: PROXY protocol for IPv6 consumers (service {1}) is not built yet")]
-    ProxyV6(String, String),
 }

@@ -126,28 +126,65 @@ pub fn write_header<F: Family>(out: &mut [u8], tlv: ProxyTlv, link_id: u64, src:
 /// acknowledgement, window and timestamps of the consumer's segment that
 /// completed the handshake (RFC 7323 §3.2: once both SYNs carried
 /// timestamps, every segment does); returns its length.
-pub(crate) fn segment(flows: &FlowTable, v: &FlowView, link_id: u64, tlv: ProxyTlv, out: &mut [u8]) -> usize {
+///
+/// The header carries the consumer's family (an IPv6 consumer's addresses
+/// with family TCP over IPv6, also toward an IPv4 backend); the segment
+/// goes in the backend's family (a 6->4 flow's provider side is
+/// IPv4-mapped in its key: the segment is IPv4). Returns 0 for a flow of
+/// mixed families, which no configuration makes.
+pub(crate) fn segment<F: Family>(
+    flows: &FlowTable<F>,
+    v: &FlowView<F>,
+    link_id: u64,
+    tlv: ProxyTlv,
+    out: &mut [u8],
+) -> usize {
+    use std::net::IpAddr;
     let isn = flows.proxy_isn(v);
     let (ack, window, ts) = flows.proxy_ack(v);
     let (c, p) = (v.ckey, v.pkey);
-    let seg = crate::wire::TcpSegment {
-        src: p.nat_addr(),
-        sport: p.nat_port(),
-        dst: p.backend_addr(),
-        dport: p.backend_port(),
-        seq: isn.wrapping_add(1),
+    let (nat, be) = (p.nat(), p.backend());
+    let header = |o: &mut [u8]| write_header::<F>(o, tlv, link_id, c.consumer(), c.endpoint());
+    let flags = crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH;
+    let seq = isn.wrapping_add(1);
+    let v4 = |src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr| crate::wire::TcpSegment::<V4> {
+        src: src.into(),
+        sport: nat.port,
+        dst: dst.into(),
+        dport: be.port,
+        seq,
         ack,
-        flags: crate::wire::tcp_flags::ACK | crate::wire::tcp_flags::PSH,
+        flags,
         window,
         ts,
     };
-    crate::wire::build_tcp(out, seg, |o| write_header(o, tlv, link_id, c.consumer(), c.endpoint()))
+    match (F::ip(nat.addr), F::ip(be.addr)) {
+        (IpAddr::V4(n), IpAddr::V4(b)) => crate::wire::build_tcp(out, v4(n, b), header),
+        (IpAddr::V6(n), IpAddr::V6(b)) => match (n.to_ipv4_mapped(), b.to_ipv4_mapped()) {
+            (Some(n), Some(b)) => crate::wire::build_tcp(out, v4(n, b), header),
+            _ => {
+                let seg = crate::wire::TcpSegment::<crate::addr::V6> {
+                    src: n.into(),
+                    sport: nat.port,
+                    dst: b.into(),
+                    dport: be.port,
+                    seq,
+                    ack,
+                    flags,
+                    window,
+                    ts,
+                };
+                crate::wire::build_tcp(out, seg, header)
+            }
+        },
+        _ => 0,
+    }
 }
 
 /// Whether flow `v` (its state as read) waits for its PROXY header to be
 /// sent again: its consumer completed the handshake (so the header went)
 /// and its backend has not acknowledged the header.
-pub(crate) fn wants_resend(v: &FlowView) -> bool {
+pub(crate) fn wants_resend<F: Family>(v: &FlowView<F>) -> bool {
     use crate::conntrack::{state, TcpPhase};
     v.state & state::ESTABLISHED != 0
         && v.state & state::HDR_ACKED == 0
@@ -172,11 +209,19 @@ impl crate::Engine {
             return 0;
         }
         let mut n = 0;
+        let proxied = |e| snap.endpoint_by_id(e).is_some_and(|e| e.proxy.is_some());
         self.flows.for_each_live(|r| {
-            if wants_resend(&r.view) && snap.endpoint_by_id(r.view.endpoint).is_some_and(|e| e.proxy.is_some()) {
+            if wants_resend(&r.view) && proxied(r.view.endpoint) {
                 n += usize::from(self.resends.push(r.view).is_ok());
             }
         });
+        if let Some(t) = self.flows6() {
+            t.for_each_live(|r| {
+                if wants_resend(&r.view) && proxied(r.view.endpoint) {
+                    n += usize::from(self.resends6.push(r.view).is_ok());
+                }
+            });
+        }
         n
     }
 }
@@ -254,7 +299,7 @@ mod tests {
     fn a_built_segment_is_valid_tcp() {
         use etherparse::{SlicedPacket, TransportSlice};
         let mut b = [0u8; 128];
-        let seg = crate::wire::TcpSegment {
+        let seg = crate::wire::TcpSegment::<V4> {
             src: 0xc0a8_6404,
             sport: 1025,
             dst: 0xc0a8_320a,

@@ -35,7 +35,7 @@
 //! 11. rewrite addresses, ports (or the echo identifier) and checksums;
 //! 12. count.
 
-use crate::addr::{self, End, Family, V4, V6};
+use crate::addr::{self, End, Family, V6};
 use crate::conntrack::{self, pure_syn, Rst, TcpUpdate, RECLAIM_TRIES};
 use crate::engine::{Engine, Tables};
 use crate::events::NatEventKind;
@@ -365,7 +365,7 @@ impl Ctx<'_> {
     /// header and the sequence shift.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn tcp_step<F: Translated>(
+    fn tcp_step<F: Tables>(
         &mut self,
         buf: &mut [u8],
         ihl: usize,
@@ -403,7 +403,7 @@ impl Ctx<'_> {
         let mut end = end;
         if let Some(tlv) = ep.proxy {
             let established = change.is_some_and(|c| c.set(state::ESTABLISHED));
-            if F::proxy_step(self, l4, payload, dir, flags, v, ep, tlv, established) {
+            if self.proxy_step(l4, payload, dir, flags, v, ep, tlv, established) {
                 wire::strip_tcp_payload(buf, ihl, self.off.csum_partial);
                 // What the backend sees of this SYN: no data.
                 end = seq.wrapping_add(1);
@@ -440,20 +440,20 @@ impl Ctx<'_> {
     /// Returns true when the segment's data must be dropped (the SYN's).
     #[inline(never)]
     #[allow(clippy::too_many_arguments)]
-    fn proxy_step(
+    fn proxy_step<F: Tables>(
         &mut self,
         l4: &mut [u8],
         payload: usize,
         dir: Dir,
         flags: u8,
-        v: &FlowView,
+        v: &FlowView<F>,
         ep: &EndpointView,
         tlv: ProxyTlv,
         established: bool,
     ) -> bool {
-        let flows = &self.engine.flows;
+        let Some(flows) = F::table(self.engine) else { return false };
         let partial = self.off.csum_partial;
-        let hl = proxy::header_len(tlv) as u32;
+        let hl = proxy::header_len_for::<F>(tlv) as u32;
         match dir {
             Dir::In(_) if flags & tcp_flags::SYN != 0 => {
                 // Only the SYN of a connection opening (or reopening) says
@@ -505,9 +505,12 @@ impl Ctx<'_> {
 
     /// Queues the PROXY header segment of flow `v` toward the backend,
     /// before the packet being translated or after it.
-    fn proxy_header(&mut self, v: &FlowView, ep: &EndpointView, tlv: ProxyTlv, before: bool) {
-        let len = proxy::segment(&self.engine.flows, v, ep.link_id, tlv, &mut self.reply[..]);
-        *self.extra = Some(Extra { to: Egress::Provider, len, before });
+    fn proxy_header<F: Tables>(&mut self, v: &FlowView<F>, ep: &EndpointView, tlv: ProxyTlv, before: bool) {
+        let Some(flows) = F::table(self.engine) else { return };
+        let len = proxy::segment(flows, v, ep.link_id, tlv, &mut self.reply[..]);
+        if len > 0 {
+            *self.extra = Some(Extra { to: Egress::Provider, len, before });
+        }
     }
 
     /// The flow a packet belongs to, by the index of its direction.
@@ -783,58 +786,6 @@ impl Ctx<'_> {
     }
 }
 
-/// What the translation does per family beyond the shared steps.
-pub(crate) trait Translated: Tables {
-    /// Step 10b, PROXY protocol v2 (see [`Ctx::proxy_step`]).
-    #[allow(clippy::too_many_arguments)]
-    fn proxy_step(
-        cx: &mut Ctx<'_>,
-        l4: &mut [u8],
-        payload: usize,
-        dir: Dir,
-        flags: u8,
-        v: &FlowView<Self>,
-        ep: &EndpointView,
-        tlv: ProxyTlv,
-        established: bool,
-    ) -> bool;
-}
-
-impl Translated for V4 {
-    #[inline(always)]
-    fn proxy_step(
-        cx: &mut Ctx<'_>,
-        l4: &mut [u8],
-        payload: usize,
-        dir: Dir,
-        flags: u8,
-        v: &FlowView,
-        ep: &EndpointView,
-        tlv: ProxyTlv,
-        established: bool,
-    ) -> bool {
-        cx.proxy_step(l4, payload, dir, flags, v, ep, tlv, established)
-    }
-}
-
-impl Translated for V6 {
-    /// Never reached: [`Engine::apply`] refuses PROXY protocol on an IPv6
-    /// service (the header's IPv6 form is not built yet).
-    fn proxy_step(
-        _: &mut Ctx<'_>,
-        _: &mut [u8],
-        _: usize,
-        _: Dir,
-        _: u8,
-        _: &FlowView<V6>,
-        _: &EndpointView,
-        _: ProxyTlv,
-        _: bool,
-    ) -> bool {
-        false
-    }
-}
-
 impl Ctx<'_> {
     /// Steps 1 to 12 for an IPv6 packet, to an IPv6 service. The same
     /// steps as [`steps`](Self::steps) with IPv6's rules: the
@@ -995,13 +946,15 @@ impl Ctx<'_> {
                 }
             }
         };
-        // 10. TCP state.
+        // 10. TCP state (and PROXY protocol's sequence shift).
         if seg.proto == Protocol::Tcp {
             let payload = len.saturating_sub(l4at + seg.l4_header);
             if let Err(r) = self.tcp_step(buf, l4at, payload, dir, seg.flags, &v, ep) {
                 return Verdict::Drop(r);
             }
         }
+        // A SYN's data dropped for a PROXY header: the packet is shorter.
+        let len = if ep.proxy.is_some() { wire::packet_len(buf) } else { len };
         let Some(flows) = V6::table(self.engine) else { return Verdict::Drop(DropReason::NoFlow) };
         // 11. Rewrite, or translate to IPv4 (the provider side of the
         // flow holds IPv4-mapped addresses).
@@ -1247,6 +1200,27 @@ impl Ctx<'_> {
         if hops <= 1 {
             return Verdict::Drop(DropReason::TtlExpired);
         }
+        // A quoted segment privlink sent the backend of a PROXY flow: its
+        // sequence number back in the consumer's numbering (the consumer's
+        // stack checks it is in its window); an error about the header
+        // segment privlink made itself goes no further.
+        let qoff = q.l4.as_ptr() as usize - buf.as_ptr() as usize;
+        if let (Dir::Out, Some(tlv), Protocol::Tcp) = (dir, ep.proxy, proto) {
+            let hl = proxy::header_len_for::<V6>(tlv) as u32;
+            let isn = flows.proxy_isn(&v);
+            let l4 = &mut buf[qoff..n];
+            let seq = wire::tcp::seq(l4);
+            if seq.wrapping_sub(isn.wrapping_add(1)) < hl {
+                return Verdict::Drop(DropReason::NoFlow);
+            }
+            let back = seq.wrapping_sub(hl);
+            if l4.len() >= 18 {
+                wire::tcp::set_seq(l4, back, false);
+            } else {
+                l4[4..8].copy_from_slice(&back.to_be_bytes());
+            }
+        }
+        let Some(q) = nat64::parse_quote(&buf[l4at + 8..n]) else { return Verdict::Drop(DropReason::Malformed) };
         let Some((egress, mtu)) = self.egress(dir, Some(&v)) else { return Verdict::Drop(DropReason::NoFlow) };
         let (from, to) = dir.ends(&v);
         let to_v6 = dir == Dir::Out || nat64::unmapped(to.addr).is_none();

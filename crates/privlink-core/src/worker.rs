@@ -224,19 +224,18 @@ impl Worker {
     /// atomic load when there are none.
     pub fn send_resends(&mut self, out: &mut Outbox) -> usize {
         let Worker { engine, cache, reply, .. } = self;
-        if engine.resends.is_empty() {
+        if engine.resends.is_empty() && engine.resends6.is_empty() {
             return 0;
         }
         let snap: &Snapshot = cache.load();
         let mut n = 0;
         while let Some(v) = engine.resends.pop() {
-            // Still live, still waiting: the view the scan took may be old.
-            let Some(r) = engine.flows.record_at(v.slot, v.generation()) else { continue };
-            let Some(ep) = snap.endpoint_by_id(r.view.endpoint) else { continue };
-            let Some(tlv) = ep.proxy.filter(|_| crate::proxy::wants_resend(&r.view)) else { continue };
-            let len = crate::proxy::segment(&engine.flows, &r.view, ep.link_id, tlv, &mut reply[..]);
-            out.write_made(Egress::Provider, &reply[..len]);
-            n += 1;
+            n += resend(&engine.flows, snap, v, reply, out);
+        }
+        if let Some(t) = engine.flows6() {
+            while let Some(v) = engine.resends6.pop() {
+                n += resend(t, snap, v, reply, out);
+            }
         }
         n
     }
@@ -245,4 +244,25 @@ impl Worker {
     pub fn end_batch(&mut self, out: &mut Outbox) {
         out.flush_all();
     }
+}
+
+/// Queues the PROXY header segment of flow `v` of table `flows` once more,
+/// if it is still live and still waiting (the view the scan took may be
+/// old); returns 1 when it did.
+fn resend<F: crate::addr::Family>(
+    flows: &crate::flow::FlowTable<F>,
+    snap: &Snapshot,
+    v: crate::flow::FlowView<F>,
+    reply: &mut [u8],
+    out: &mut Outbox,
+) -> usize {
+    let Some(r) = flows.record_at(v.slot, v.generation()) else { return 0 };
+    let Some(ep) = snap.endpoint_by_id(r.view.endpoint) else { return 0 };
+    let Some(tlv) = ep.proxy.filter(|_| crate::proxy::wants_resend(&r.view)) else { return 0 };
+    let len = crate::proxy::segment(flows, &r.view, ep.link_id, tlv, reply);
+    if len == 0 {
+        return 0;
+    }
+    out.write_made(Egress::Provider, &reply[..len]);
+    1
 }

@@ -373,9 +373,6 @@ fn validate(d: &Desired) -> Result<(), CoreError> {
         if e.ip.is_ipv4() && svc.backends.first().is_some_and(|b| b.is_ipv6()) {
             return Err(CoreError::FamilyMismatch(e.name.clone()));
         }
-        if e.ip.is_ipv6() && svc.proxy.is_some() {
-            return Err(CoreError::ProxyV6(e.name.clone(), svc.name.clone()));
-        }
         if !addrs.insert((net.id, e.ip)) {
             return Err(CoreError::DuplicateEndpointAddress(e.name.clone(), e.ip));
         }

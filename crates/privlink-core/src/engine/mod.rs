@@ -51,6 +51,8 @@ pub struct Engine {
     /// control thread's scan ([`Engine::queue_proxy_resends`]), emptied
     /// by whichever worker looks first.
     pub(crate) resends: crossbeam_queue::ArrayQueue<crate::flow::FlowView>,
+    /// The same for IPv6 flows (to IPv6 or, translated, IPv4 backends).
+    pub(crate) resends6: crossbeam_queue::ArrayQueue<crate::flow::FlowView<V6>>,
     /// A fleet host's lease guard ([`Engine::set_lease_deadline`]): past
     /// this second no new flow is made (`no_nat_ip`); `u32::MAX`: no guard.
     pub(crate) lease_deadline: std::sync::atomic::AtomicU32,
@@ -120,6 +122,7 @@ impl Engine {
             apply_lock: Mutex::new(ApplyState::default()),
             events: (settings.event_queue > 0).then(|| crate::events::EventQueue::new(settings.event_queue)),
             resends: crossbeam_queue::ArrayQueue::new(RESEND_QUEUE),
+            resends6: crossbeam_queue::ArrayQueue::new(RESEND_QUEUE),
             settings,
         })
     }

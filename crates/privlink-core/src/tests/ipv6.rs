@@ -296,13 +296,6 @@ fn family_rules_are_enforced_by_apply() {
     let mut d = desired6();
     d.services[2].backends.push(BACKEND_A.into());
     assert_eq!(e.apply(&d, Now(0)), Err(CoreError::MixedFamilies("svc6-a".into())));
-    let mut d = desired6();
-    d.services[2].proxy = Some(ProxyTlv::None);
-    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::ProxyV6("pe6-a".into(), "svc6-a".into())));
-    let mut d = desired6();
-    d.services[0].proxy = Some(ProxyTlv::None);
-    d.endpoints[2].service = 0;
-    assert_eq!(e.apply(&d, Now(0)), Err(CoreError::ProxyV6("pe6-a".into(), "svc-a".into())), "6->4 too");
     // An IPv4-only configuration makes no IPv6 table.
     e.apply(&desired(1024..=65535, ConnectionState::Approved), Now(0)).expect("v4");
     assert!(e.flows6().is_none());

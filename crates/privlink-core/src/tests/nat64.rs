@@ -400,3 +400,97 @@ fn fragments_cross_between_the_families_both_ways() {
     let (s, sp, d, dp, _, ok) = inspect6(&reassemble6(&back));
     assert_eq!((s, sp, d, dp, ok), (EP6, 53, CLIENT6, 5000, true));
 }
+
+/// A TCP segment over IPv6 with sequence `seq`, ACK `ack` if given.
+fn tcp6_seq(
+    src: Ipv6Addr,
+    sport: u16,
+    dst: Ipv6Addr,
+    dport: u16,
+    syn: bool,
+    seq: u32,
+    ack: Option<u32>,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ipv6(src.octets(), dst.octets(), 64).tcp(sport, dport, seq, 65535);
+    if syn {
+        b = b.syn();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, data).expect("build");
+    roomy(v)
+}
+
+/// (sequence, acknowledgement, payload) of a TCP segment of either family,
+/// its checksums checked.
+fn tcp_any(v: &[u8]) -> (u32, u32, Vec<u8>) {
+    let v = packet(v);
+    let ok = if v[0] >> 4 == 6 { inspect6(v).5 } else { inspect(v).4 };
+    assert!(ok, "checksums");
+    let p = SlicedPacket::from_ip(v).expect("parses");
+    let Some(TransportSlice::Tcp(t)) = p.transport else { panic!("not tcp") };
+    (t.sequence_number(), t.acknowledgment_number(), t.payload().to_vec())
+}
+
+#[test]
+fn a_proxy_header_carries_the_ipv6_consumer_to_ipv4_and_ipv6_backends() {
+    let mut d = desired64();
+    d.services[1].proxy = Some(ProxyTlv::Azure); // IPv4 service b: 6 -> 4
+    d.services[2].proxy = Some(ProxyTlv::None); // IPv6 service a: 6 -> 6
+    let (e, mut w) = engine_with(small(), &d);
+    for (net, nat, backend, v6) in [
+        (NET_B, std::net::IpAddr::from(NAT_B), std::net::IpAddr::from(BACKEND_B), false),
+        (NET_A, NAT6_A.into(), BACKEND6_A.into(), true),
+    ] {
+        let c = Source::Network(net);
+        let mut syn = tcp6_seq(CLIENT6, 40000, EP6, 80, true, 1000, None, b"");
+        fwd(w.process(&mut syn, c, Now(1)));
+        let nport = u16::from_be_bytes(if v6 { [syn[40], syn[41]] } else { [syn[20], syn[21]] });
+        // The backend's SYN-ACK, in its own family.
+        let mut synack = match (nat, backend) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(b)) => {
+                roomy(tcp_seq(b.octets(), 8080, n.octets(), nport, true, 5000, Some(1001), b""))
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(b)) => {
+                tcp6_seq(b, 8080, n, nport, true, 5000, Some(1001), b"")
+            }
+            _ => unreachable!(),
+        };
+        assert_eq!(fwd(w.process(&mut synack, Source::Provider, Now(1))), Egress::Network(net));
+        // The consumer's data completes its handshake: the header goes
+        // first, then the data, moved up by the header's length.
+        let mut data = tcp6_seq(CLIENT6, 40000, EP6, 80, false, 1001, Some(5001), b"GET /");
+        fwd(w.process(&mut data, c, Now(1)));
+        let (to, hdr) = w.take_extra().map(|(t, h)| (t, h.to_vec())).expect("a header segment");
+        assert_eq!(to, Egress::Provider);
+        assert_eq!(hdr[0] >> 4, if v6 { 6 } else { 4 }, "the backend's family");
+        let (seq, ack, payload) = tcp_any(&hdr);
+        let hl =
+            crate::proxy::header_len_for::<crate::addr::V6>(d.services[if v6 { 2 } else { 1 }].proxy.expect("proxy"));
+        assert_eq!((seq, ack, payload.len()), (1001, 5001, hl));
+        assert_eq!(&payload[12..14], &[0x21, 0x21], "PROXY v2, TCP over IPv6");
+        assert_eq!(&payload[16..32], &CLIENT6.octets(), "the consumer's own IPv6 address");
+        assert_eq!(&payload[32..48], &EP6.octets());
+        assert_eq!(&payload[48..52], &[0x9c, 0x40, 0, 80]);
+        let (seq, _, got) = tcp_any(&data);
+        assert_eq!((seq, got.as_slice()), (1001 + hl as u32, &b"GET /"[..]));
+        // The backend acknowledges header and data: the consumer sees its
+        // own numbers.
+        let mut ok = match (nat, backend) {
+            (std::net::IpAddr::V4(n), std::net::IpAddr::V4(b)) => {
+                roomy(tcp_seq(b.octets(), 8080, n.octets(), nport, false, 5001, Some(1006 + hl as u32), b"200"))
+            }
+            (std::net::IpAddr::V6(n), std::net::IpAddr::V6(b)) => {
+                tcp6_seq(b, 8080, n, nport, false, 5001, Some(1006 + hl as u32), b"200")
+            }
+            _ => unreachable!(),
+        };
+        assert_eq!(fwd(w.process(&mut ok, Source::Provider, Now(1))), Egress::Network(net));
+        assert_eq!(tcp_any(&ok).1, 1006);
+        assert!(w.take_extra().is_none());
+    }
+    assert_eq!(e.queue_proxy_resends(), 0, "both headers acknowledged");
+}

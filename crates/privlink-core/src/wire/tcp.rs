@@ -59,7 +59,7 @@ pub fn build_tcp_rst(out: &mut [u8], orig: &[u8]) -> usize {
     } else {
         (0, seq.wrapping_add(seg_len), tcp_flags::RST | tcp_flags::ACK)
     };
-    let seg = TcpSegment {
+    let seg = TcpSegment::<crate::addr::V4> {
         src: dst,
         sport: dport,
         dst: src,
@@ -73,12 +73,13 @@ pub fn build_tcp_rst(out: &mut [u8], orig: &[u8]) -> usize {
     build_tcp(out, seg, |_| 0)
 }
 
-/// The header fields of a TCP segment privlink makes.
+/// The header fields of a TCP segment privlink makes (over IPv4, or IPv6
+/// with `F` = [`V6`](crate::addr::V6)).
 #[derive(Debug, Clone, Copy)]
-pub struct TcpSegment {
-    pub src: u32,
+pub struct TcpSegment<F: crate::addr::Family = crate::addr::V4> {
+    pub src: F::Addr,
     pub sport: u16,
-    pub dst: u32,
+    pub dst: F::Addr,
     pub dport: u16,
     pub seq: u32,
     pub ack: u32,
@@ -88,28 +89,44 @@ pub struct TcpSegment {
     pub ts: Option<(u32, u32)>,
 }
 
-/// Writes an IPv4 packet (DF, TTL 64) carrying a TCP segment (`seg`'s
-/// fields; a 20-byte header, 32 with timestamps as NOP, NOP, TS; payload
-/// written by `body`, which returns its length) with complete checksums;
-/// returns the packet's length. `out` must hold 52 bytes plus the payload.
-pub fn build_tcp(out: &mut [u8], seg: TcpSegment, body: impl FnOnce(&mut [u8]) -> usize) -> usize {
+/// Writes an IPv4 packet (DF, TTL 64), or an IPv6 one (hop limit 64) for
+/// `F` = `V6`, carrying a TCP segment (`seg`'s fields; a 20-byte header,
+/// 32 with timestamps as NOP, NOP, TS; payload written by `body`, which
+/// returns its length) with complete checksums; returns the packet's
+/// length. `out` must hold 72 bytes plus the payload.
+pub fn build_tcp<F: crate::addr::Family>(
+    out: &mut [u8],
+    seg: TcpSegment<F>,
+    body: impl FnOnce(&mut [u8]) -> usize,
+) -> usize {
     let th = if seg.ts.is_some() { 32 } else { 20 };
-    let hl = 20 + th;
+    let ip = if F::VERSION == 6 { super::ipv6::HEADER } else { 20 };
+    let hl = ip + th;
     let plen = body(&mut out[hl..]);
     let total = hl + plen;
     let o = &mut out[..total];
     o[..hl].fill(0);
-    o[0] = 0x45;
-    o[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    o[6] = 0x40; // DF
-    o[8] = 64;
-    o[9] = proto::TCP;
-    o[12..16].copy_from_slice(&seg.src.to_be_bytes());
-    o[16..20].copy_from_slice(&seg.dst.to_be_bytes());
-    let c = crate::checksum::checksum(&o[..20]);
-    o[10..12].copy_from_slice(&c.to_be_bytes());
+    let a = F::ADDR_BYTES;
+    if F::VERSION == 6 {
+        o[0] = 0x60;
+        o[4..6].copy_from_slice(&((total - ip) as u16).to_be_bytes());
+        o[6] = proto::TCP;
+        o[7] = 64;
+        F::put_addr(&mut o[8..], seg.src);
+        F::put_addr(&mut o[8 + a..], seg.dst);
+    } else {
+        o[0] = 0x45;
+        o[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        o[6] = 0x40; // DF
+        o[8] = 64;
+        o[9] = proto::TCP;
+        F::put_addr(&mut o[12..], seg.src);
+        F::put_addr(&mut o[12 + a..], seg.dst);
+        let c = crate::checksum::checksum(&o[..20]);
+        o[10..12].copy_from_slice(&c.to_be_bytes());
+    }
     {
-        let t = &mut o[20..hl];
+        let t = &mut o[ip..hl];
         t[0..2].copy_from_slice(&seg.sport.to_be_bytes());
         t[2..4].copy_from_slice(&seg.dport.to_be_bytes());
         t[4..8].copy_from_slice(&seg.seq.to_be_bytes());
@@ -123,12 +140,14 @@ pub fn build_tcp(out: &mut [u8], seg: TcpSegment, body: impl FnOnce(&mut [u8]) -
             t[28..32].copy_from_slice(&ecr.to_be_bytes());
         }
     }
-    // The pseudo-header's sum, then the segment's.
-    let mut sum = crate::checksum::sum(&o[12..20]);
-    sum += u64::from(proto::TCP) + (total as u64 - 20);
-    sum += crate::checksum::sum(&o[20..]);
+    // The pseudo-header's sum (both addresses, protocol, length), then
+    // the segment's.
+    let addrs = ip - 2 * a;
+    let mut sum = crate::checksum::sum(&o[addrs..ip]);
+    sum += u64::from(proto::TCP) + (total - ip) as u64;
+    sum += crate::checksum::sum(&o[ip..]);
     let c = !crate::checksum::fold(sum);
-    o[36..38].copy_from_slice(&c.to_be_bytes());
+    o[ip + 16..ip + 18].copy_from_slice(&c.to_be_bytes());
     total
 }
 
@@ -140,13 +159,20 @@ pub fn build_tcp(out: &mut [u8], seg: TcpSegment, body: impl FnOnce(&mut [u8]) -
 pub fn strip_tcp_payload(buf: &mut [u8], ihl: usize, partial: bool) {
     let th = usize::from(buf[ihl + 12] >> 4) * 4;
     let total = ihl + th;
-    let old = be16(buf, field::LENGTH);
-    put16(buf, field::LENGTH, total as u16);
-    let mut d = Delta::default();
-    d.word(old, total as u16);
-    let c = d.apply(be16(buf, field::CHECKSUM));
-    put16(buf, field::CHECKSUM, c);
-    let mut pseudo = crate::checksum::sum(&buf[field::SRC.start..field::DST.end]);
+    let mut pseudo = if buf[0] >> 4 == 6 {
+        // IPv6 (`ihl` the upper-layer offset): the payload length, no
+        // header checksum; the pseudo-header's addresses at 8..40.
+        put16(buf, 4..6, (total - super::ipv6::HEADER) as u16);
+        crate::checksum::sum(&buf[8..40])
+    } else {
+        let old = be16(buf, field::LENGTH);
+        put16(buf, field::LENGTH, total as u16);
+        let mut d = Delta::default();
+        d.word(old, total as u16);
+        let c = d.apply(be16(buf, field::CHECKSUM));
+        put16(buf, field::CHECKSUM, c);
+        crate::checksum::sum(&buf[field::SRC.start..field::DST.end])
+    };
     pseudo += u64::from(proto::TCP) + th as u64;
     let at = ihl + 16;
     if partial {
