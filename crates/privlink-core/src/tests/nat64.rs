@@ -402,6 +402,7 @@ fn fragments_cross_between_the_families_both_ways() {
 }
 
 /// A TCP segment over IPv6 with sequence `seq`, ACK `ack` if given.
+#[allow(clippy::too_many_arguments)]
 fn tcp6_seq(
     src: Ipv6Addr,
     sport: u16,
