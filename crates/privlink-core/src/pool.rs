@@ -50,12 +50,16 @@ struct Inner {
 }
 
 /// A closed flow waiting in its pool's queue: its slot, the slot's
-/// generation, and when it closed.
+/// generation, when it closed, and which table the slot is in (an IPv4
+/// pool also serves IPv6 flows translated to its IPv4 service: one
+/// queue, two tables).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClosedFlow {
     pub slot: u32,
     pub gen: u32,
     pub at: Now,
+    /// The slot is in the IPv6 table.
+    pub v6: bool,
 }
 
 /// A bounded pool of ports.
@@ -333,7 +337,7 @@ mod tests {
     fn closed_flows_queue_oldest_first() {
         let p = PortPool::new(6000..=6001, 1);
         for (slot, at) in [(3, 10), (1, 11), (2, 12)] {
-            p.note_closed(ClosedFlow { slot, gen: 0, at: Now(at) });
+            p.note_closed(ClosedFlow { slot, gen: 0, at: Now(at), v6: false });
         }
         assert_eq!(p.oldest_closed(), Some(Now(10)));
         assert_eq!(p.retain_closed(|c| c.slot != 1), 2);
@@ -346,7 +350,7 @@ mod tests {
     fn a_flow_closing_again_and_again_keeps_one_entry_after_a_sweep() {
         let p = PortPool::new(6000..=6001, 1);
         for i in 0..10_000u32 {
-            p.note_closed(ClosedFlow { slot: i % 3, gen: 7, at: Now(i) });
+            p.note_closed(ClosedFlow { slot: i % 3, gen: 7, at: Now(i), v6: false });
         }
         assert_eq!(p.retain_closed(|_| true), 3);
         // The latest of each stays, in order.

@@ -579,10 +579,14 @@ impl Ctx<'_> {
         // one) is ended for this one first (crate::conntrack).
         let mut hint = None;
         let mut tries = 0;
+        // Both tables exist: a tuple of an IPv4 pool may be held in either.
+        let across = self.engine.flows6().is_some();
         let r = loop {
             let got = flows.insert(ck, ep.shared.id, now, |claim| {
-                pool.pool
-                    .allocate_hinted(now, hint, |port| claim(ProviderKey::of(num, nat_ip, port, backend, bport)))?;
+                pool.pool.allocate_hinted(now, hint, |port| {
+                    !(across && self.engine.held_across::<F>(num, nat_ip, port, backend, bport))
+                        && claim(ProviderKey::of(num, nat_ip, port, backend, bport))
+                })?;
                 Some((pool.id, bits))
             });
             match got {

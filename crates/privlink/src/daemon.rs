@@ -390,9 +390,24 @@ impl Daemon {
             }
             Opened::Fresh => None,
         };
+        // The IPv6 table, in shared memory too, when the configuration has
+        // an IPv6 endpoint or the last process left one (an IPv6 endpoint
+        // added later by a reload gets a table in process memory until the
+        // next restart: docs/IPV6.md).
+        let want6 = config.endpoints.iter().any(|e| e.ip.is_ipv6()) || run_dir.flows6_path().exists();
+        let table6 = if want6 {
+            let sc = sidecar.as_ref().ok_or("the IPv4 table was made afresh");
+            let (t, opened6) = run_dir.open_table6(config.dataplane.max_flows, sc, mode)?;
+            if let Opened::Attached(found) = opened6 {
+                tracing::info!(flows = found.flows, torn = found.torn, table = %run_dir.flows6_path().display(), "IPv6 flow table taken over");
+            }
+            Some(t)
+        } else {
+            None
+        };
         let epoch_mono = sidecar.as_ref().map_or_else(crate::state::mono_ns, |s| s.epoch_mono_ns);
         let epoch = crate::state::instant_of(epoch_mono);
-        let engine = Engine::with_flows(settings, table);
+        let engine = Engine::with_tables(settings, table, table6);
         if let Some(s) = &sidecar {
             engine.seed_ids(&s.ids());
         }
@@ -575,11 +590,17 @@ impl Daemon {
     fn hand_over(&mut self, stream: std::os::unix::net::UnixStream) -> Result<Predecessor> {
         let mut p = Predecessor::accept(stream)?;
         self.engine.flows().freeze();
+        if let Some(t) = self.engine.flows6() {
+            t.freeze();
+        }
         self.control.store.release();
         self.persist_state();
         let r = p.frozen(self.lock.fd()).and_then(|()| p.wait_forwarding());
         if let Err(e) = r {
             self.engine.flows().thaw();
+            if let Some(t) = self.engine.flows6() {
+                t.thaw();
+            }
             if let Err(e2) = self.control.store.resume() {
                 tracing::error!("{e2:#}; approvals cannot change until a restart");
             }

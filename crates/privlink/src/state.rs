@@ -20,6 +20,7 @@
 //! why, and the daemon starts with an empty table: nothing from it is used.
 
 use anyhow::{Context, Result};
+use privlink_core::addr::{Family, V4, V6};
 use privlink_core::flow::{AttachMode, Attached, FlowTable, Layout, Region, REUSE_DELAY};
 use privlink_core::{EndpointId, EndpointIdEntry, Ids, PoolId, PoolIdEntry, Protocol};
 use serde::{Deserialize, Serialize};
@@ -309,6 +310,11 @@ impl RunDir {
         self.dir.join("flows")
     }
 
+    /// The IPv6 flow table's file (beside the IPv4 one; the same sidecar).
+    pub fn flows6_path(&self) -> PathBuf {
+        self.dir.join("flows6")
+    }
+
     fn sidecar_path(&self) -> PathBuf {
         self.dir.join("flows.json")
     }
@@ -334,12 +340,19 @@ impl RunDir {
     /// Moves the table aside (keeping only the last one set aside), with a
     /// log line saying why.
     pub fn set_aside(&self, why: &str) {
-        let from = self.flows_path();
+        self.set_aside_file(&self.flows_path(), why);
+        let _ = std::fs::remove_file(self.sidecar_path());
+    }
+
+    /// Moves the table file `from` aside (the sidecar stays: an IPv6 table
+    /// set aside leaves the IPv4 one and its sidecar valid).
+    fn set_aside_file(&self, from: &Path, why: &str) {
         if !from.exists() {
             return;
         }
-        let to = self.dir.join("flows.set-aside");
-        match std::fs::rename(&from, &to) {
+        let name = from.file_name().and_then(|n| n.to_str()).unwrap_or("flows");
+        let to = self.dir.join(format!("{name}.set-aside"));
+        match std::fs::rename(from, &to) {
             Ok(()) => tracing::warn!(
                 "flow table {} set aside as {}: {why}; starting with an empty flow table",
                 from.display(),
@@ -350,10 +363,9 @@ impl RunDir {
                     "flow table {} unusable ({why}) and cannot be set aside ({e}); removing it",
                     from.display()
                 );
-                let _ = std::fs::remove_file(&from);
+                let _ = std::fs::remove_file(from);
             }
         }
-        let _ = std::fs::remove_file(self.sidecar_path());
     }
 
     /// The flow table for `max_flows` flows: the one left here by the
@@ -365,9 +377,40 @@ impl RunDir {
         sidecar: Result<&Sidecar, &str>,
         mode: AttachMode,
     ) -> Result<(FlowTable, Opened)> {
-        let path = self.flows_path();
+        let r = self.open_table_of::<V4>(&self.flows_path(), max_flows, sidecar, mode);
+        if !matches!(r, Ok((_, Opened::Attached(_)))) {
+            // A new IPv4 table: the ids the sidecar gave meant nothing,
+            // and an IPv6 table left beside it means nothing either.
+            let _ = std::fs::remove_file(self.flows6_path());
+        }
+        r
+    }
+
+    /// The IPv6 flow table (docs/IPV6.md), in its own file beside the
+    /// IPv4 one and described by the same sidecar: attached when the IPv4
+    /// table was (`sidecar` valid), else new.
+    pub fn open_table6(
+        &self,
+        max_flows: u32,
+        sidecar: Result<&Sidecar, &str>,
+        mode: AttachMode,
+    ) -> Result<(FlowTable<V6>, Opened)> {
+        self.open_table_of::<V6>(&self.flows6_path(), max_flows, sidecar, mode)
+    }
+
+    /// [`open_table`](Self::open_table) for the table of family `F` in
+    /// file `path`.
+    fn open_table_of<F: Family>(
+        &self,
+        path: &Path,
+        max_flows: u32,
+        sidecar: Result<&Sidecar, &str>,
+        mode: AttachMode,
+    ) -> Result<(FlowTable<F>, Opened)> {
+        let path = path.to_path_buf();
+        let layout = || Layout::of::<F>(max_flows, REUSE_DELAY);
         if path.exists() {
-            let attempt = || -> Result<(FlowTable, Attached), String> {
+            let attempt = || -> Result<(FlowTable<F>, Attached), String> {
                 let sc = sidecar.map_err(str::to_string)?;
                 if sc.max_flows != max_flows {
                     return Err(format!("max_flows changed from {} to {max_flows}", sc.max_flows));
@@ -378,7 +421,7 @@ impl RunDir {
                     .open(&path)
                     .map_err(|e| format!("cannot open: {e}"))?;
                 let len = file.metadata().map_err(|e| e.to_string())?.len() as usize;
-                let need = Layout::new(max_flows, REUSE_DELAY).bytes();
+                let need = layout().bytes();
                 if len < need {
                     return Err(format!("{len} bytes, a table of max_flows {max_flows} takes {need}"));
                 }
@@ -388,16 +431,19 @@ impl RunDir {
             };
             match attempt() {
                 Ok((t, found)) => {
-                    self.huge_pages_hint(Layout::new(max_flows, REUSE_DELAY).bytes());
+                    self.huge_pages_hint(layout().bytes());
                     return Ok((t, Opened::Attached(found)));
                 }
                 // The running daemon still uses it: never move it away.
                 Err(why) if mode == AttachMode::Share => anyhow::bail!("cannot share the flow table: {why}"),
-                Err(why) => self.set_aside(&why),
+                Err(why) if F::VERSION == 4 => self.set_aside(&why),
+                Err(why) => self.set_aside_file(&path, &why),
             }
         }
-        let _ = std::fs::remove_file(self.sidecar_path());
-        let l = Layout::new(max_flows, REUSE_DELAY);
+        if F::VERSION == 4 {
+            let _ = std::fs::remove_file(self.sidecar_path());
+        }
+        let l = layout();
         let file = {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -446,6 +492,7 @@ impl RunDir {
     /// Removes a table this process made and never used (a failed start).
     pub fn discard_table(&self) {
         let _ = std::fs::remove_file(self.flows_path());
+        let _ = std::fs::remove_file(self.flows6_path());
         let _ = std::fs::remove_file(self.sidecar_path());
         // The directory too, when nothing else (a table set aside) is in it.
         let _ = std::fs::remove_dir(&self.dir);

@@ -30,7 +30,7 @@ impl Engine {
             dec32(net);
             let pool = F::table(self).map(|t| t.pool_of(v));
             if let Some(p) = pool.and_then(|id| snap.pools.get(&id)) {
-                p.pool.note_closed(ClosedFlow { slot: v.slot, gen: v.generation(), at: now });
+                p.pool.note_closed(ClosedFlow { slot: v.slot, gen: v.generation(), at: now, v6: F::VERSION == 6 });
             }
         } else if c.reopened() {
             if let Some(e) = ep {
@@ -57,11 +57,13 @@ impl Engine {
         }
     }
 
-    /// Ends the oldest closed flow of `pool` (or, with `None`, of any pool)
-    /// so that a new flow can have its slot or port; returns the port it
-    /// held, or `None` when no closed flow is left to end.
+    /// Ends the oldest closed flow of `pool` (or, with `None`, of any pool
+    /// whose flows may sit in table `F`) so that a new flow can have its
+    /// slot or port; returns the port it held, or `None` when no closed
+    /// flow is left to end. Each queued flow is looked up in the table it
+    /// is in ([`ClosedFlow::v6`]): an IPv4 pool's queue also holds IPv6
+    /// flows translated to its service.
     pub(crate) fn reclaim_closed<F: Tables>(&self, snap: &Snapshot, pool: Option<&PoolEntry>, now: Now) -> Option<u16> {
-        let flows = F::table(self)?;
         loop {
             let (from, c) = match pool {
                 Some(p) => (p, p.pool.pop_closed()?),
@@ -69,7 +71,7 @@ impl Engine {
                     let p = snap
                         .pools
                         .values()
-                        .filter(|p| F::holds(p.nat_ip))
+                        .filter(|p| F::holds(p.nat_ip) || F::VERSION == 6)
                         .filter_map(|p| p.pool.oldest_closed().map(|at| (at, p)))
                         .min_by_key(|&(at, p)| (at, p.id))
                         .map(|(_, p)| p)?;
@@ -77,15 +79,29 @@ impl Engine {
                     (&**p, c)
                 }
             };
-            // Stale: the flow ended, or opened again, since it was queued.
-            let Some(r) = flows.record_at(c.slot, c.gen) else { continue };
-            if r.pool != from.id {
-                continue;
+            let port = if c.v6 {
+                self.end_closed::<V6>(snap, from, c, now)
+            } else {
+                self.end_closed::<V4>(snap, from, c, now)
+            };
+            if port.is_some() {
+                return port;
             }
-            let Some(bits) = flows.remove_if(&r.view, closed) else { continue };
-            self.finish_end(snap, &r, bits, now, true);
-            return Some(r.view.pkey.nat_port());
         }
+    }
+
+    /// Ends the closed flow `c` of pool `from` in table `F` if it is still
+    /// there and still closed (stale otherwise: it ended, or opened again,
+    /// since it was queued); returns its port.
+    fn end_closed<F: Tables>(&self, snap: &Snapshot, from: &PoolEntry, c: ClosedFlow, now: Now) -> Option<u16> {
+        let flows = F::table(self)?;
+        let r = flows.record_at(c.slot, c.gen)?;
+        if r.pool != from.id {
+            return None;
+        }
+        let bits = flows.remove_if(&r.view, closed)?;
+        self.finish_end(snap, &r, bits, now, true);
+        Some(r.view.pkey.nat_port())
     }
 
     /// What follows the removal of flow `r` (final state `bits`): its
@@ -117,9 +133,9 @@ impl Engine {
     /// pool's closed queue.
     pub(crate) fn prune_closed(&self, snap: &Snapshot) {
         for p in snap.pools.values() {
-            p.pool.retain_closed(|c| match p.nat_ip {
-                std::net::IpAddr::V4(_) => self.closed_at::<V4>(p, c.slot, c.gen),
-                std::net::IpAddr::V6(_) => self.closed_at::<V6>(p, c.slot, c.gen),
+            p.pool.retain_closed(|c| match c.v6 {
+                false => self.closed_at::<V4>(p, c.slot, c.gen),
+                true => self.closed_at::<V6>(p, c.slot, c.gen),
             });
         }
     }

@@ -16,9 +16,9 @@ pub mod ids;
 pub mod listing;
 pub mod restart;
 
-use crate::addr::{V4, V6};
+use crate::addr::{Family, V4, V6};
 use crate::counters::{DropCounters, PerWorker};
-use crate::flow::FlowTable;
+use crate::flow::{FlowTable, ProviderKey};
 use crate::snapshot::Addressed;
 use crate::snapshot::{NetworkShared, Snapshot};
 use crate::spec::Settings;
@@ -241,5 +241,41 @@ impl Engine {
     /// The IPv6 flow table, if one was made.
     pub fn flows6(&self) -> Option<&FlowTable<V6>> {
         self.flows6.get()
+    }
+
+    /// Whether the *other* family's table holds the NAT tuple (protocol,
+    /// `nat:port` to `backend:bport`) a flow of table `F` is about to
+    /// claim. An IPv4 pool gives its ports to IPv4 flows and to IPv6
+    /// flows translated to its service (RFC 6146), which live in two
+    /// tables; each claim checks only its own table, so without this a
+    /// port overloaded when the pool runs out (or the hint of a reclaimed
+    /// one) could give two flows one tuple. Called inside the pool's
+    /// allocation, under its mutex, which every claim of the pool's ports
+    /// takes: the check and the claim are one step. Nothing to check
+    /// without an IPv6 table, or for an IPv6 service's addresses.
+    #[inline(never)]
+    pub(crate) fn held_across<F: Family>(
+        &self,
+        proto: u8,
+        nat: F::Addr,
+        port: u16,
+        backend: F::Addr,
+        bport: u16,
+    ) -> bool {
+        use std::net::IpAddr;
+        let Some(t6) = self.flows6() else { return false };
+        match (F::ip(nat), F::ip(backend)) {
+            (IpAddr::V4(n), IpAddr::V4(b)) => {
+                let (n, b) = (crate::wire::nat64::mapped(n.into()), crate::wire::nat64::mapped(b.into()));
+                t6.find_provider(ProviderKey::<V6>::of(proto, n, port, b, bport)).is_some()
+            }
+            (IpAddr::V6(n), IpAddr::V6(b)) => match (n.to_ipv4_mapped(), b.to_ipv4_mapped()) {
+                (Some(n), Some(b)) => {
+                    self.flows.find_provider(ProviderKey::<V4>::of(proto, n.into(), port, b.into(), bport)).is_some()
+                }
+                _ => false,
+            },
+            _ => false,
+        }
     }
 }

@@ -12,7 +12,8 @@
 //! slots by [`Engine::adopt_flows`], which then ends whatever the new
 //! configuration no longer allows.
 
-use crate::engine::Engine;
+use crate::addr::{V4, V6};
+use crate::engine::{Engine, Tables};
 use crate::flow::FlowTable;
 use crate::spec::Settings;
 use crate::types::{EndpointId, Now, PoolId, Protocol};
@@ -74,8 +75,18 @@ impl Engine {
     /// Its flows are not ended by configuration until
     /// [`adopt_flows`](Engine::adopt_flows) has counted them.
     pub fn with_flows(settings: Settings, flows: FlowTable) -> Arc<Engine> {
-        let adopting = !flows.is_empty();
+        Engine::with_tables(settings, flows, None)
+    }
+
+    /// [`with_flows`](Engine::with_flows) with an IPv6 table too (one in
+    /// a shared mapping of its own), used instead of one made on the heap
+    /// at the first IPv6 endpoint.
+    pub fn with_tables(settings: Settings, flows: FlowTable, flows6: Option<FlowTable<V6>>) -> Arc<Engine> {
+        let adopting = !flows.is_empty() || flows6.as_ref().is_some_and(|t| !t.is_empty());
         let e = Engine::build(settings, flows);
+        if let Some(t) = flows6 {
+            let _ = e.flows6.set(t);
+        }
         e.apply_lock.lock().unwrap_or_else(|e| e.into_inner()).adopting = adopting;
         e
     }
@@ -136,16 +147,48 @@ impl Engine {
         let mut ports: HashMap<PoolId, Vec<u16>> = HashMap::new();
         let mut flows = 0;
         let mut closed = Vec::new();
-        self.flows.for_each_live(|r| {
-            flows += 1;
-            // Counted as the bits say; the sweep below brings any bit that
-            // is out of step with its phase in step.
+        self.adopt_table::<V4>(&snap, &mut ports, &mut closed, &mut flows);
+        self.adopt_table::<V6>(&snap, &mut ports, &mut closed, &mut flows);
+        for (id, ports) in &ports {
+            snap.pools[id].pool.adopt(ports);
+        }
+        // Closed flows queue for reclaim, the longest quiet first (a pool
+        // holds flows of one family: an IPv6 flow translated to an IPv4
+        // service takes its port from the IPv4 pool, and its closed-flow
+        // entry names its slot in the IPv6 table, which reclaim checks).
+        closed.sort_unstable();
+        for (at, pool, slot, gen, v6) in closed {
+            if let Some(p) = snap.pools.get(&pool) {
+                p.pool.note_closed(crate::pool::ClosedFlow { slot, gen, at, v6 });
+            }
+        }
+        let ended = self.sweep(now, false);
+        Adopted { flows: flows - ended, ended }
+    }
+}
+
+impl Engine {
+    /// [`adopt_flows`](Engine::adopt_flows)'s count over one family's
+    /// table: each live flow counted against its endpoint and network,
+    /// its port noted for its pool, a closed one noted for reclaim.
+    fn adopt_table<F: Tables>(
+        &self,
+        snap: &crate::snapshot::Snapshot,
+        ports: &mut HashMap<PoolId, Vec<u16>>,
+        closed: &mut Vec<(Now, PoolId, u32, u32, bool)>,
+        flows: &mut usize,
+    ) {
+        let Some(t) = F::table(self) else { return };
+        t.for_each_live(|r| {
+            *flows += 1;
+            // Counted as the bits say; the sweep brings any bit that is
+            // out of step with its phase in step.
             let e = snap.endpoint_by_id(r.view.endpoint);
             if r.view.state & crate::flow::state::COUNTED_CLOSED != 0 {
                 if let Some(e) = e {
                     e.shared.flows_closed.fetch_add(1, Ordering::Relaxed);
                 }
-                closed.push((r.last_seen, r.pool, r.view.slot, r.view.generation()));
+                closed.push((r.last_seen, r.pool, r.view.slot, r.view.generation(), F::VERSION == 6));
             } else {
                 self.net_flows[usize::from(r.view.ckey.network())].fetch_add(1, Ordering::Relaxed);
                 if let Some(e) = e {
@@ -156,17 +199,5 @@ impl Engine {
                 ports.entry(r.pool).or_default().push(r.view.pkey.nat_port());
             }
         });
-        for (id, ports) in &ports {
-            snap.pools[id].pool.adopt(ports);
-        }
-        // Closed flows queue for reclaim, the longest quiet first.
-        closed.sort_unstable();
-        for (at, pool, slot, gen) in closed {
-            if let Some(p) = snap.pools.get(&pool) {
-                p.pool.note_closed(crate::pool::ClosedFlow { slot, gen, at });
-            }
-        }
-        let ended = self.sweep(now, false);
-        Adopted { flows: flows - ended, ended }
     }
 }

@@ -495,3 +495,126 @@ fn a_proxy_header_carries_the_ipv6_consumer_to_ipv4_and_ipv6_backends() {
     }
     assert_eq!(e.queue_proxy_resends(), 0, "both headers acknowledged");
 }
+
+/// One connection from `CLIENT6` port `sport` through tenant b's IPv6
+/// endpoint of the IPv4 service (SYN, SYN-ACK, data, FIN both ways): it
+/// ends closed, its port held until reclaimed.
+fn closed_connection64(w: &mut Worker, sport: u16) -> Verdict {
+    let b = Source::Network(NET_B);
+    let mut syn = tcp6_seq(CLIENT6, sport, EP6, 80, true, 1000, None, b"");
+    let v = w.process(&mut syn, b, Now(1));
+    if v != Verdict::Forward(Egress::Provider) {
+        return v;
+    }
+    let nport = u16::from_be_bytes([syn[20], syn[21]]);
+    let fin4 = |seq, ack| {
+        let mut v = Vec::new();
+        PacketBuilder::ipv4(BACKEND_B.octets(), NAT_B.octets(), 64)
+            .tcp(8080, nport, seq, 1000)
+            .ack(ack)
+            .fin()
+            .write(&mut v, b"")
+            .expect("build");
+        roomy(v)
+    };
+    let mut fin6 = Vec::new();
+    PacketBuilder::ipv6(CLIENT6.octets(), EP6.octets(), 64)
+        .tcp(sport, 80, 1004, 1000)
+        .ack(5002)
+        .fin()
+        .write(&mut fin6, b"")
+        .expect("build");
+    for (p, src) in [
+        (
+            roomy(tcp_seq(BACKEND_B.octets(), 8080, NAT_B.octets(), nport, true, 5000, Some(1001), b"")),
+            Source::Provider,
+        ),
+        (tcp6_seq(CLIENT6, sport, EP6, 80, false, 1001, Some(5001), b"GET"), b),
+        (fin4(5001, 1004), Source::Provider),
+        (roomy(fin6), b),
+    ] {
+        let mut p = p;
+        assert!(matches!(w.process(&mut p, src, Now(1)), Verdict::Forward(_)));
+    }
+    v
+}
+
+/// Tenant b's IPv4 endpoint and an IPv6 endpoint of the same IPv4
+/// service, which has one NAT port per protocol: both take it from one
+/// pool.
+fn one_port_shared() -> (Arc<Engine>, Worker) {
+    let mut d = desired(2000..=2000, ConnectionState::Approved);
+    d.endpoints.push(EndpointSpec {
+        link_id: 0,
+        name: "pe64-b".into(),
+        network: 1,
+        ip: EP6.into(),
+        service: 1,
+        state: ConnectionState::Approved,
+        limits: EndpointLimits::default(),
+    });
+    engine_with(small(), &d)
+}
+
+#[test]
+fn closed_flows_of_both_tables_give_way_in_the_ipv4_pool_they_share() {
+    let (e, mut w) = one_port_shared();
+    // A 6->4 connection closes, holding the port; an IPv4 connection
+    // needs it: the closed IPv6 flow gives way (before, its queue entry
+    // was looked up in the IPv4 table, and the IPv4 connection got the
+    // same NAT tuple as the IPv6 flow still there).
+    assert_eq!(closed_connection64(&mut w, 30000), Verdict::Forward(Egress::Provider));
+    let mut syn = tcp_seq(CLIENT, 31000, EP, 80, true, 1000, None, b"");
+    assert_eq!(w.process(&mut syn, Source::Network(NET_B), Now(2)), Verdict::Forward(Egress::Provider));
+    assert_eq!(e.flows6().map(|t| t.len()), Some(0), "the closed IPv6 flow ended for it");
+    // And the other way: that IPv4 connection closes, a 6->4 one needs
+    // the port.
+    let (be, nat) = (BACKEND_B.octets(), NAT_B.octets());
+    let fin = |src, sport, dst, dport, seq, ack| {
+        let mut v = Vec::new();
+        PacketBuilder::ipv4(src, dst, 64)
+            .tcp(sport, dport, seq, 1000)
+            .ack(ack)
+            .fin()
+            .write(&mut v, b"")
+            .expect("build");
+        v
+    };
+    for (p, src) in [
+        (tcp_seq(be, 8080, nat, 2000, true, 5000, Some(1001), b""), Source::Provider),
+        (tcp_seq(CLIENT, 31000, EP, 80, false, 1001, Some(5001), b"GET"), Source::Network(NET_B)),
+        (fin(be, 8080, nat, 2000, 5001, 1004), Source::Provider),
+        (fin(CLIENT, 31000, EP, 80, 1004, 5002), Source::Network(NET_B)),
+    ] {
+        let mut p = p;
+        assert!(matches!(w.process(&mut p, src, Now(2)), Verdict::Forward(_)));
+    }
+    assert_eq!(closed_connection64(&mut w, 30001), Verdict::Forward(Egress::Provider));
+    assert_eq!(e.flows().len(), 0, "the closed IPv4 flow ended for it");
+    assert_eq!(e.flows6().map(|t| t.len()), Some(1));
+}
+
+#[test]
+fn an_open_flow_of_one_table_keeps_its_nat_tuple_from_the_other() {
+    // The one port is held by an open 6->4 flow: an IPv4 flow to the same
+    // backend may not overload it (the tuple would be the same), and the
+    // other way round.
+    let (e, mut w) = one_port_shared();
+    let mut syn6 = tcp6_seq(CLIENT6, 30000, EP6, 80, true, 1000, None, b"");
+    fwd(w.process(&mut syn6, Source::Network(NET_B), Now(1)));
+    let mut syn = tcp_seq(CLIENT, 31000, EP, 80, true, 1000, None, b"");
+    assert!(matches!(
+        w.process(&mut syn, Source::Network(NET_B), Now(1)),
+        Verdict::Reply { reason: DropReason::PortsExhausted, .. }
+    ));
+    assert_eq!(e.flows().len(), 0);
+    let (e, mut w) = one_port_shared();
+    let mut syn = tcp_seq(CLIENT, 31000, EP, 80, true, 1000, None, b"");
+    fwd(w.process(&mut syn, Source::Network(NET_B), Now(1)));
+    let mut syn6 = tcp6_seq(CLIENT6, 30000, EP6, 80, true, 1000, None, b"");
+    assert!(matches!(
+        w.process(&mut syn6, Source::Network(NET_B), Now(1)),
+        Verdict::Reply { reason: DropReason::PortsExhausted, .. }
+    ));
+    assert_eq!(e.flows6().map(|t| t.len()), Some(0));
+}
