@@ -8,6 +8,7 @@
 //! dropped and counted, never waited for. Established packets record
 //! nothing. The daemon's exporter drains it off the packet path.
 
+use crate::addr::{Family, V4};
 use crate::flow::{ConsumerKey, ProviderKey};
 use crate::types::EndpointId;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,36 +25,38 @@ pub enum NatEventKind {
     PortsExhausted = 10,
 }
 
-/// One event: both sides of the translation.
+/// One event: both sides of the translation (of an IPv6 flow with `F` =
+/// `V6`, its provider side IPv4-mapped when translated to IPv4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NatEvent {
+pub struct NatEvent<F: Family = V4> {
     pub kind: NatEventKind,
-    pub ckey: ConsumerKey,
-    pub pkey: ProviderKey,
+    pub ckey: ConsumerKey<F>,
+    pub pkey: ProviderKey<F>,
     pub endpoint: EndpointId,
 }
 
-/// The bounded event queue.
+/// The bounded event queue (one per family: an IPv6 event is wider, and
+/// IPv4's slots stay as they were).
 #[derive(Debug)]
-pub struct EventQueue {
-    q: crossbeam_queue::ArrayQueue<NatEvent>,
+pub struct EventQueue<F: Family = V4> {
+    q: crossbeam_queue::ArrayQueue<NatEvent<F>>,
     dropped: AtomicU64,
 }
 
-impl EventQueue {
-    pub fn new(capacity: usize) -> EventQueue {
+impl<F: Family> EventQueue<F> {
+    pub fn new(capacity: usize) -> EventQueue<F> {
         EventQueue { q: crossbeam_queue::ArrayQueue::new(capacity.max(1)), dropped: AtomicU64::new(0) }
     }
 
     /// Records `e`, or counts it dropped when the queue is full.
     #[inline]
-    pub fn push(&self, e: NatEvent) {
+    pub fn push(&self, e: NatEvent<F>) {
         if self.q.push(e).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    pub fn pop(&self) -> Option<NatEvent> {
+    pub fn pop(&self) -> Option<NatEvent<F>> {
         self.q.pop()
     }
 
@@ -69,7 +72,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_and_counts_instead_of_waiting() {
-        let q = EventQueue::new(2);
+        let q = EventQueue::<V4>::new(2);
         let e = NatEvent {
             kind: NatEventKind::Create,
             ckey: ConsumerKey(1),

@@ -47,6 +47,9 @@ pub struct Engine {
     pub(crate) apply_lock: Mutex<ApplyState>,
     /// NAT events for flow logs, when an exporter wants them.
     pub(crate) events: Option<crate::events::EventQueue>,
+    /// Flow-log events of IPv6 flows: made with the IPv6 table, with the
+    /// IPv4 queue's bound, when flow logs are on.
+    pub(crate) events6: std::sync::OnceLock<crate::events::EventQueue<V6>>,
     /// PROXY header segments to send again, as flows: filled by the
     /// control thread's scan ([`Engine::queue_proxy_resends`]), emptied
     /// by whichever worker looks first.
@@ -121,6 +124,7 @@ impl Engine {
             snap: Arc::new(ArcSwap::from_pointee(empty)),
             apply_lock: Mutex::new(ApplyState::default()),
             events: (settings.event_queue > 0).then(|| crate::events::EventQueue::new(settings.event_queue)),
+            events6: std::sync::OnceLock::new(),
             resends: crossbeam_queue::ArrayQueue::new(RESEND_QUEUE),
             resends6: crossbeam_queue::ArrayQueue::new(RESEND_QUEUE),
             settings,
@@ -159,6 +163,11 @@ impl Engine {
         self.events.as_ref()
     }
 
+    /// The IPv6 flows' event queue, when flow logs are on.
+    pub fn events6(&self) -> Option<&crate::events::EventQueue<V6>> {
+        self.events6.get()
+    }
+
     /// Provider-side drops by reason.
     pub fn provider_drops(&self) -> [u64; DropReason::COUNT] {
         std::array::from_fn(|r| self.provider_drops.sum(|c| c.0[r].load(Ordering::Relaxed)))
@@ -175,8 +184,7 @@ impl Engine {
 pub trait Tables: Addressed {
     /// The table, `None` for IPv6 before any IPv6 endpoint was applied.
     fn table(e: &Engine) -> Option<&FlowTable<Self>>;
-    /// Queues a flow log event about flow `v` (IPv6 flows have none yet:
-    /// the IPFIX records are IPv4's, docs/IPV6.md).
+    /// Queues a flow log event about flow `v`, in its family's queue.
     fn nat_event(
         e: &Engine,
         kind: crate::events::NatEventKind,
@@ -209,7 +217,7 @@ impl Tables for V4 {
 
 /// The queueing itself, out of line (flow logs on).
 #[inline(never)]
-fn push_event(q: &crate::events::EventQueue, ev: crate::events::NatEvent) {
+fn push_event<F: Family>(q: &crate::events::EventQueue<F>, ev: crate::events::NatEvent<F>) {
     q.push(ev);
 }
 
@@ -218,13 +226,17 @@ impl Tables for V6 {
     fn table(e: &Engine) -> Option<&FlowTable<V6>> {
         e.flows6.get()
     }
+    #[inline(always)]
     fn nat_event(
-        _: &Engine,
-        _: crate::events::NatEventKind,
-        _: crate::flow::ConsumerKey<V6>,
-        _: crate::flow::ProviderKey<V6>,
-        _: crate::types::EndpointId,
+        e: &Engine,
+        kind: crate::events::NatEventKind,
+        ckey: crate::flow::ConsumerKey<V6>,
+        pkey: crate::flow::ProviderKey<V6>,
+        endpoint: crate::types::EndpointId,
     ) {
+        if let Some(q) = e.events6.get() {
+            push_event(q, crate::events::NatEvent { kind, ckey, pkey, endpoint });
+        }
     }
 }
 
@@ -232,10 +244,19 @@ impl Engine {
     /// The IPv6 flow table, made on first use with the IPv4 table's
     /// bound (and keys derived from a fixed seed, as that one's).
     pub(crate) fn flows6_init(&self) -> &FlowTable<V6> {
+        self.events6_init();
         self.flows6.get_or_init(|| match self.settings.seed {
             0 => FlowTable::new(self.settings.max_flows),
             n => FlowTable::with_keys(self.settings.max_flows, [n ^ 6, n.rotate_left(32) ^ 0x5bd1_e995]),
         })
+    }
+
+    /// The IPv6 flows' event queue, made with their table when flow logs
+    /// are on.
+    pub(crate) fn events6_init(&self) {
+        if self.settings.event_queue > 0 {
+            self.events6.get_or_init(|| crate::events::EventQueue::new(self.settings.event_queue));
+        }
     }
 
     /// The IPv6 flow table, if one was made.

@@ -85,6 +85,7 @@ impl Engine {
         let adopting = !flows.is_empty() || flows6.as_ref().is_some_and(|t| !t.is_empty());
         let e = Engine::build(settings, flows);
         if let Some(t) = flows6 {
+            e.events6_init();
             let _ = e.flows6.set(t);
         }
         e.apply_lock.lock().unwrap_or_else(|e| e.into_inner()).adopting = adopting;
