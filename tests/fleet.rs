@@ -573,3 +573,87 @@ fn a_host_with_more_endpoints_than_an_etcd_transaction_takes_starts_and_decides(
     let rec = etcd.ctl(&["get", "/privlink/hosts/h1/connections/pe-b", "--print-value-only"]).1;
     assert!(rec.contains("\"state\":\"disconnected\""), "{rec}");
 }
+
+/// An IPv6 service with two NAT addresses and an IPv6 endpoint of it in
+/// each tenant's network.
+const SVC6: &str = r#"
+[[service]]
+name = "orders6"
+nat_ips = ["fd00:64::4", "fd00:64::5"]
+backends = ["fd00:50::10"]
+ports = [{ protocol = "tcp", port = 80, backend_port = 8080 }]
+visibility = ["*"]
+auto_approve = ["*"]
+
+[[endpoint]]
+name = "pe6-a"
+network = "vnet-a"
+ip = "fd00:aa::5"
+service = "orders6"
+
+[[endpoint]]
+name = "pe6-b"
+network = "vnet-b"
+ip = "fd00:aa::5"
+service = "orders6"
+"#;
+
+/// The NAT address the IPv6 backend saw (`peer=[ADDR]:PORT`), through
+/// `[fd00:aa::5]:80` from `ns`.
+fn nat6_from(ns: &str) -> Option<String> {
+    let ep: std::net::Ipv6Addr = "fd00:aa::5".parse().expect("addr");
+    let mut s = connect(ns, ep, 80, Duration::from_secs(2)).ok()?;
+    let g = line(&mut s);
+    let peer = g.split_whitespace().find_map(|w| w.strip_prefix("peer=["))?;
+    Some(peer.split(']').next()?.to_string())
+}
+
+#[test]
+fn two_hosts_lease_an_ipv6_services_nat_addresses_and_a_survivor_takes_a_dead_hosts() {
+    if !privileged() || !have("etcd") || !have("etcdctl") {
+        return;
+    }
+    let opts = || Opts { network_extra: "address6 = \"fd00:aa::10/128\"", ..Opts::default() };
+    let mut bed = Bed::new("lease6", opts());
+    bed.write_config(&opts(), SVC6);
+    let etcd = Etcd::start(&bed.dir);
+    let (code, out, err) = bed.cli(&["store", "load", "--host", "h1", "--etcd", &etcd.url]);
+    assert_eq!(code, 0, "{out}{err}");
+    // vnet-b and its endpoints move to host h2.
+    let get = |k: &str| etcd.ctl(&["get", k, "--print-value-only"]).1.trim_end().to_string();
+    for key in ["networks/vnet-b", "endpoints/pe-b", "endpoints/pe6-b"] {
+        let v = get(&format!("/privlink/hosts/h1/{key}"));
+        assert!(!v.is_empty(), "{key}");
+        assert!(etcd.ctl(&["put", &format!("/privlink/hosts/h2/{key}"), &v]).0);
+    }
+    for key in ["endpoints/pe6-b", "endpoints/pe-b", "networks/vnet-b"] {
+        assert!(etcd.ctl(&["del", &format!("/privlink/hosts/h1/{key}")]).0);
+    }
+    privlink::netns::ip(Some(&bed.prov), &["-6", "addr", "add", "fd00:50::10/128", "dev", "lo", "nodad"])
+        .expect("backend address");
+    let backend6: std::net::Ipv6Addr = "fd00:50::10".parse().expect("addr");
+    let ports = privlink::testbed::BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
+    let _b6 = privlink::testbed::Backend::start(&bed.prov, "orders6", backend6, ports).expect("backend");
+    std::fs::write(&bed.config, local_config(&bed, &etcd)).expect("write");
+    bed.start();
+    let h2 = Host2::start(&bed, &etcd);
+
+    // One IPv6 NAT address each, never the same one, each routed (/128)
+    // to its holder's provider device.
+    let one_each =
+        |bed: &Bed| bed.metric("privlink_nat_ips_held", &[("service", "orders6")]) == 1.0 && h2.held("orders6") == 1.0;
+    assert!(eventually(10, || one_each(&bed)), "not one each:\n{}\n{}", bed.log(), h2.log());
+    let x = nat6_from(&bed.a).expect("through h1");
+    let y = nat6_from(&bed.b).expect("through h2");
+    assert!(x.starts_with("fd00:64::") && y.starts_with("fd00:64::") && x != y, "h1 {x}, h2 {y}");
+    assert_eq!((route_dev(&bed.prov, &x), route_dev(&bed.prov, &y)), ("plp0".into(), "plq0".into()));
+    let (_, keys) = etcd.ctl(&["get", "/privlink/nat/orders6/", "--prefix"]);
+    assert!(keys.contains(&format!("/privlink/nat/orders6/{x}\nh1")), "{keys}");
+
+    // h1 dies: its lease expires, h2 claims its address and the route
+    // moves onto h2's device.
+    bed.kill9();
+    assert!(eventually(15, || h2.held("orders6") == 2.0), "h2 did not take h1's address:\n{}", h2.log());
+    assert!(eventually(3, || route_dev(&bed.prov, &x) == "plq0"), "{x} still routed to {}", route_dev(&bed.prov, &x));
+    assert_eq!(nat6_from(&bed.b).map(|a| a.starts_with("fd00:64::")), Some(true), "h2 still forwards");
+}

@@ -1290,9 +1290,6 @@ impl Cx<'_> {
                                 ),
                             );
                         }
-                        if a.is_ipv6() && store.is_some() {
-                            self.err(ip.span().start, "nat_ips: IPv6 NAT IPs are not leased by a fleet ([store]) yet");
-                        }
                         match nat_owner.get(&a) {
                             Some(o) if *o == svc_name => {
                                 self.err(ip.span().start, format!("nat_ips: {a} is listed twice"))
