@@ -195,6 +195,48 @@ fn ipv6_endpoints_carry_tcp_udp_and_icmpv6_per_tenant() {
             >= 1.0),
         "routing header type 0 dropped as source_route"
     );
+    // More hostile packets, raw: the endpoint's own address as the source
+    // (a LAND packet), a multicast source, a first fragment holding only 8
+    // bytes of its TCP header (RFC 7112), and two fragments that overlap
+    // (RFC 5722).
+    let before = |r: &str| bed.metric("privlink_packets_dropped_total", &[("reason", r), ("network", "vnet-a")]);
+    let (martian, malformed, unsupported) =
+        (before("martian_source"), before("malformed"), before("unsupported_protocol"));
+    let (ok, out) = run_in(
+        &bed.a,
+        &[
+            "python3",
+            "-c",
+            "import socket,struct\ns=socket.socket(socket.AF_INET6,socket.SOCK_RAW,socket.IPPROTO_RAW)\n\
+             a=lambda x: socket.inet_pton(socket.AF_INET6,x)\n\
+             ip6=lambda src,nh,p: bytes([0x60,0,0,0])+struct.pack('>H',len(p))+bytes([nh,64])+a(src)+a('fd00:aa::5')+p\n\
+             udp=bytes([0x30,0x39,0,53,0,9,0x12,0x34,0x78])\n\
+             to=('fd00:aa::5',0)\n\
+             s.sendto(ip6('fd00:aa::5',17,udp),to)\n\
+             s.sendto(ip6('ff02::1',17,udp),to)\n\
+             s.sendto(ip6('fd00:aa::10',44,bytes([6,0,0,1,0,0,0,7])+bytes([0x30,0x39,0,80,0,0,0,1])),to)\n\
+             s.sendto(ip6('fd00:aa::10',44,bytes([17,0,0,1,0,0,0,8])+bytes([0x30,0x39,0,53,0,40,0,0])+b'x'*16),to)\n\
+             s.sendto(ip6('fd00:aa::10',44,bytes([17,0,0,0x11,0,0,0,8])+b'y'*16),to)\n\
+             chain=b''.join(bytes([60,0,1,4,0,0,0,0]) for _ in range(8))+bytes([17,0,1,4,0,0,0,0])\n\
+             s.sendto(ip6('fd00:aa::10',60,chain+udp),to)",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(
+        eventually(3, || before("martian_source") >= martian + 2.0),
+        "LAND and multicast sources: {}",
+        before("martian_source")
+    );
+    assert!(
+        eventually(3, || before("malformed") >= malformed + 2.0),
+        "tiny and overlapping fragments: {}",
+        before("malformed")
+    );
+    assert!(
+        eventually(3, || before("unsupported_protocol") > unsupported),
+        "a chain of 9 extension headers (at most 8 are walked): {}",
+        before("unsupported_protocol")
+    );
     drop(servers);
 }
 

@@ -262,6 +262,9 @@ pub enum InsertError {
     NoBackend,
     /// This host holds none of the service's NAT addresses.
     NoNatIp,
+    /// The consumer's address is the endpoint's own (a LAND packet):
+    /// refused before the table is asked.
+    Land,
 }
 
 /// A flow's state bits before and after a change ([`FlowTable::add_state`],

@@ -320,6 +320,7 @@ impl Ctx<'_> {
                     // RST, for UDP port unreachable (rate-limited, as ICMP).
                     Err(InsertError::NoBackend) => return self.refuse(buf, seg.proto, dst),
                     Err(InsertError::NoNatIp) => return Verdict::Drop(DropReason::NoNatIp),
+                    Err(InsertError::Land) => return Verdict::Drop(DropReason::MartianSource),
                     Err(InsertError::Refused) => {
                         return self.answer(buf, dst, icmp_type::DEST_UNREACHABLE, 13, 0, DropReason::PortsExhausted)
                     }
@@ -544,6 +545,12 @@ impl Ctx<'_> {
         proto: Protocol,
         bport: u16,
     ) -> Result<FlowView<F>, InsertError> {
+        // Never a flow from the endpoint's own address (a LAND packet: its
+        // answers would come back to the endpoint); checked where flows
+        // are made, since without a flow no later packet of it passes.
+        if ck.consumer_addr() == ck.endpoint_addr() {
+            return Err(InsertError::Land);
+        }
         let svc = &self.snap.services[ep.service];
         let Some(flows) = F::table(self.engine) else { return Err(InsertError::Full) };
         let nat_ips = F::nat_ips(svc);
@@ -943,6 +950,7 @@ impl Ctx<'_> {
                     }
                     Err(InsertError::NoBackend) => return Verdict::Drop(DropReason::NoHealthyBackend),
                     Err(InsertError::NoNatIp) => return Verdict::Drop(DropReason::NoNatIp),
+                    Err(InsertError::Land) => return Verdict::Drop(DropReason::MartianSource),
                     // Administratively prohibited (RFC 4443 §3.1, code 1).
                     Err(InsertError::Refused) => {
                         return self.answer6(buf, dst, t6::DEST_UNREACHABLE, 1, 0, DropReason::PortsExhausted)

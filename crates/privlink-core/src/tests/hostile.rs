@@ -27,6 +27,7 @@ fn martian_sources_never_make_a_flow() {
         [239, 1, 1, 1],
         [255, 255, 255, 255],
         [240, 0, 0, 1],
+        EP, // the endpoint's own address (a LAND packet)
     ] {
         let mut p = udp(src, 1000, EP, 53, b"x");
         assert_eq!(step(&mut w, &mut p, a, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src:?}");
@@ -34,7 +35,7 @@ fn martian_sources_never_make_a_flow() {
         assert_eq!(step(&mut w, &mut s, a, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src:?}");
     }
     assert_eq!(e.flows().len(), 0);
-    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::MartianSource), 14);
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::MartianSource), 16);
 }
 
 #[test]

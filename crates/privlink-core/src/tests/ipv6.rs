@@ -238,8 +238,8 @@ fn hostile_ipv6_is_dropped_and_counted() {
     let plen = (unk.len() - 40) as u16;
     unk[4..6].copy_from_slice(&plen.to_be_bytes());
     assert_eq!(w.process(&mut unk, net, Now(1)), Verdict::Drop(DropReason::UnsupportedProtocol));
-    // Sources no router forwards from.
-    for src in ["ff02::1", "fe80::1", "::", "::ffff:10.1.0.10"] {
+    // Sources no router forwards from, and the endpoint's own address.
+    for src in ["ff02::1", "fe80::1", "::", "::ffff:10.1.0.10", "fd00:aa::5"] {
         let mut p = udp6(src.parse().expect("addr"), 1, EP6, 53, b"x");
         assert_eq!(w.process(&mut p, net, Now(1)), Verdict::Drop(DropReason::MartianSource), "{src}");
     }
@@ -260,7 +260,7 @@ fn hostile_ipv6_is_dropped_and_counted() {
     // A reply for no flow.
     let mut stray = udp6(BACKEND6_A, 5353, NAT6_A, 4000, b"x");
     assert_eq!(w.process(&mut stray, Source::Provider, Now(1)), Verdict::Drop(DropReason::NoFlow));
-    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::MartianSource), 4);
+    assert_eq!(dropped(&e, Some("vnet-a"), DropReason::MartianSource), 5);
     assert_eq!(e.flow_list(None, Now(1)).len(), 0);
 }
 
