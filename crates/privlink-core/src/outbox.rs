@@ -147,14 +147,22 @@ impl Outbox {
     /// After a translation changed the packet's IP version (RFC 7915):
     /// the virtio-net header's checksum start and header length move to
     /// the new header's end (IPv4 20 bytes, IPv6 40: a translated packet
-    /// has no options or extension headers), and a TCP GSO type becomes
-    /// the other family's.
+    /// has no options or extension headers but a Fragment header when it
+    /// must be split), and a TCP GSO type becomes the other family's.
     pub(crate) fn retarget_vnet_hdr(&mut self, v6: bool) {
         if self.hdr == 0 {
             return;
         }
+        // Where the upper-layer header now starts: after IPv4's 20 bytes,
+        // IPv6's 40, or 48 with the Fragment header of a datagram to be
+        // split (RFC 7915 §4).
+        let frag = self.backing[self.read_at + self.hdr + 6] == crate::wire::ipv6::next::FRAGMENT;
         let h = &mut self.backing[self.read_at..self.read_at + VNET_HDR_LEN];
-        let l4: u16 = if v6 { 40 } else { 20 };
+        let l4: u16 = match (v6, frag) {
+            (false, _) => 20,
+            (true, false) => 40,
+            (true, true) => 48,
+        };
         let start = u16::from_le_bytes([h[6], h[7]]);
         if h[0] & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
             let hdr_len = u16::from_le_bytes([h[2], h[3]]);
@@ -292,15 +300,34 @@ fn push_made(arena: &mut Vec<u8>, queue: &mut Vec<Entry>, hdr: usize, to: Egress
 
 /// Queues `pkt` for `to` in fragments of at most `mtu` bytes (whole when it
 /// fits), each behind a zeroed header of `hdr` bytes in the arena.
+/// A fragmenter of either family.
+enum Either<'a> {
+    V4(Fragmenter<'a>),
+    V6(crate::wire::ipv6::Fragmenter6<'a>),
+}
+
 fn push_fragments(arena: &mut Vec<u8>, queue: &mut Vec<Entry>, hdr: usize, to: Egress, pkt: &[u8], mtu: u16) {
     if pkt.len() <= usize::from(mtu) {
         return push_made(arena, queue, hdr, to, pkt);
     }
-    let Some(mut f) = Fragmenter::new(pkt, usize::from(mtu)) else { return };
+    // An IPv6 packet translated from IPv4 without DF (RFC 7915 §4), or
+    // an IPv4 one.
+    let mut f = if pkt.first().is_some_and(|v| v >> 4 == 6) {
+        let Some(f) = crate::wire::ipv6::Fragmenter6::new(pkt, usize::from(mtu)) else { return };
+        Either::V6(f)
+    } else {
+        let Some(f) = Fragmenter::new(pkt, usize::from(mtu)) else { return };
+        Either::V4(f)
+    };
     loop {
         let start = arena.len();
         arena.resize(start + hdr + usize::from(mtu), 0);
-        match f.next_into(&mut arena[start + hdr..]) {
+        let out = &mut arena[start + hdr..];
+        let got = match &mut f {
+            Either::V4(f) => f.next_into(out),
+            Either::V6(f) => f.next_into(out),
+        };
+        match got {
             Some(n) => {
                 arena.truncate(start + hdr + n);
                 queue.push(Entry { to, body: Body::Arena(start, arena.len()) });

@@ -1023,11 +1023,11 @@ impl Ctx<'_> {
     /// Steps 1 to 12 for an IPv4 packet from the provider side that no
     /// IPv4 flow knows: a packet of an IPv6 flow translated to IPv4 (RFC
     /// 6146), found by its IPv4-mapped provider key, and translated back to
-    /// IPv6 into the room past `n` (RFC 7915 §4). Fragments of such flows
-    /// are not reassembled yet (`unsupported_protocol`); a packet too big
-    /// for the consumer's network with DF is answered with fragmentation
-    /// needed (the MTU less the 20 bytes IPv6 adds), without DF dropped
-    /// (`too_big`).
+    /// IPv6 into the room past `n` (RFC 7915 §4). A packet too big for the
+    /// consumer's network with DF is answered with fragmentation needed
+    /// (the MTU less the 20 bytes IPv6 adds); without DF it leaves in IPv6
+    /// fragments (a Fragment header with its identification, split by the
+    /// outbox: [`Verdict::Fragment`]).
     #[inline(never)]
     fn steps46(&mut self, buf: &mut [u8], n: usize) -> Verdict {
         use wire::nat64::mapped;
@@ -1094,12 +1094,18 @@ impl Ctx<'_> {
         let Some((egress, mtu)) = self.egress(dir, Some(&v)) else { return Verdict::Drop(DropReason::NoFlow) };
         let (wire_len, segments) = self.on_wire(len, ihl + seg.l4_header);
         let frag_header = if first_fragment { 8 } else { 0 };
+        // Without DF, a packet too big as IPv6 leaves in IPv6 fragments
+        // (RFC 7915 §4: a Fragment header with the IPv4 identification).
+        let mut split = None;
         if wire_len - ihl + wire::ipv6::HEADER + frag_header > usize::from(mtu) {
             if df || segments > 1 {
                 let mtu4 = u32::from(mtu).saturating_sub(20);
                 return self.answer(&buf[..n], dst, icmp_type::DEST_UNREACHABLE, 4, mtu4, DropReason::TooBig);
             }
-            return Verdict::Drop(DropReason::TooBig);
+            if first_fragment {
+                return Verdict::Drop(DropReason::TooBig);
+            }
+            split = Some(mtu);
         }
         // 10. TCP state.
         if seg.proto == Protocol::Tcp {
@@ -1115,7 +1121,12 @@ impl Ctx<'_> {
             _ => (ends.0.port, ends.1.port),
         };
         let partial = self.off.csum_partial;
-        let frag = first_fragment.then_some((ident, 0, true));
+        let frag = match (first_fragment, split) {
+            (true, _) => Some((ident, 0, true)),
+            // A whole datagram with a Fragment header the outbox splits.
+            (false, Some(_)) => Some((ident, 0, false)),
+            (false, None) => None,
+        };
         if wire::nat64::to_ipv6(buf, n, ihl, ends.0.addr, ends.1.addr, Some(ports), frag, partial).is_none() {
             return Verdict::Drop(DropReason::TooBig);
         }
@@ -1126,7 +1137,10 @@ impl Ctx<'_> {
             let m = Mapping { src: ends.0.addr, dst: ends.1.addr, egress, mtu, endpoint: ep.shared.id };
             self.frags.v6().first(key, m, self.now);
         }
-        Verdict::Forward(egress)
+        match split {
+            Some(mtu) => Verdict::Fragment { to: egress, mtu },
+            None => Verdict::Forward(egress),
+        }
     }
 
     /// A later IPv4 fragment of a flow translated to IPv6: an IPv6

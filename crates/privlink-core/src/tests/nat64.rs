@@ -618,3 +618,128 @@ fn an_open_flow_of_one_table_keeps_its_nat_tuple_from_the_other() {
     ));
     assert_eq!(e.flows6().map(|t| t.len()), Some(0));
 }
+
+#[test]
+fn an_ipv4_reply_without_df_too_big_as_ipv6_leaves_in_ipv6_fragments() {
+    let (_, mut w) = engine64();
+    let mut q = udp6(CLIENT6, 5000, EP6, 53, b"query");
+    fwd(w.process(&mut q, Source::Network(NET_B), Now(1)));
+    let (_, nport, _, _, _) = inspect(packet(&q));
+    // 1,392 bytes of IPv4 without DF: 1,412 as IPv6, over network b's
+    // 1,400.
+    let mut reply = Vec::new();
+    PacketBuilder::ipv4(BACKEND_B.octets(), NAT_B.octets(), 64)
+        .udp(5353, nport)
+        .write(&mut reply, &[4u8; 1392 - 28])
+        .expect("build");
+    reply[6] &= !0x40;
+    reply[4..6].copy_from_slice(&[0, 1]);
+    fix_ip_checksum(&mut reply);
+    let mut buf = roomy(reply.clone());
+    assert_eq!(
+        w.process(&mut buf, Source::Provider, Now(1)),
+        Verdict::Fragment { to: Egress::Network(NET_B), mtu: 1400 }
+    );
+    let whole = packet(&buf).to_vec();
+    assert_eq!(
+        (whole[6], whole[40], &whole[42..48]),
+        (44, 17, &[0, 0, 0, 0, 0, 1][..]),
+        "a Fragment header, the IPv4 id"
+    );
+    // Split as the outbox does: each fragment fits, and they make the
+    // datagram again, its checksum right.
+    let mut f = wire::ipv6::Fragmenter6::new(&whole, 1400).expect("fragmenter");
+    let mut frags = Vec::new();
+    let mut out = [0u8; 1400];
+    while let Some(n) = f.next_into(&mut out) {
+        assert!(n <= 1400);
+        frags.push(out[..n].to_vec());
+    }
+    assert_eq!(frags.len(), 2);
+    assert_eq!(&frags[1][42..44], &1352u16.to_be_bytes(), "offset 1,352, last");
+    let (s, sp, d, dp, _, ok) = inspect6(&reassemble6(&frags));
+    assert_eq!((s, sp, d, dp, ok), (EP6, 53, CLIENT6, 5000, true));
+}
+
+/// A packet behind a virtio-net header with NEEDS_CSUM (checksum field at
+/// `csum_at` from `l4`, which holds the pseudo-header sum) and, when
+/// `gso` > 0, a GSO type, through [`Worker::handle`]; what left.
+fn handle_offloaded(w: &mut Worker, pkt: &[u8], l4: usize, gso: (u8, u16), src: Source) -> (Verdict, Vec<Sent>) {
+    let mut out = Outbox::new(true);
+    let buf = out.read_buf();
+    let h = &mut buf[..10];
+    h.fill(0);
+    h[0] = 1; // NEEDS_CSUM
+    h[1] = gso.0;
+    h[2..4].copy_from_slice(&((l4 + 20) as u16).to_le_bytes());
+    h[4..6].copy_from_slice(&gso.1.to_le_bytes());
+    h[6..8].copy_from_slice(&(l4 as u16).to_le_bytes());
+    let csum_off: u16 = if pkt[if pkt[0] >> 4 == 6 { 6 } else { 9 }] == 6 { 16 } else { 6 };
+    h[8..10].copy_from_slice(&csum_off.to_le_bytes());
+    buf[10..10 + pkt.len()].copy_from_slice(pkt);
+    let v = w.handle(&mut out, 10 + pkt.len(), src, Now(1));
+    w.end_batch(&mut out);
+    (v, drain(&mut out))
+}
+
+/// The partial (pseudo-header) checksum form of a built packet's TCP or
+/// UDP checksum, as a TUN with offloads hands it over.
+fn partial(p: &mut [u8]) {
+    let (v6, l4) = if p[0] >> 4 == 6 { (true, 40) } else { (false, usize::from(p[0] & 15) * 4) };
+    let proto = if v6 { p[6] } else { p[9] };
+    let at = l4 + if proto == 6 { 16 } else { 6 };
+    let addrs = if v6 { checksum::sum(&p[8..40]) } else { checksum::sum(&p[12..20]) };
+    let sum = addrs + u64::from(proto) + (p.len() - l4) as u64;
+    p[at..at + 2].copy_from_slice(&checksum::fold(sum).to_be_bytes());
+}
+
+#[test]
+fn offloads_follow_a_translation_gso_type_checksum_start_and_fragments() {
+    let (_, mut w) = engine64();
+    let b = Source::Network(NET_B);
+    let mut syn = tcp6(CLIENT6, 40000, EP6, 80, "S", &[]);
+    fwd(w.process(&mut syn, b, Now(1)));
+    // A TCPv6 super-packet with a partial checksum becomes TCPv4: the
+    // virtio-net header's GSO type, checksum start and header length move.
+    let mut p = tcp6(CLIENT6, 40000, EP6, 80, "A", &[9u8; 3000]);
+    partial(&mut p);
+    let (v, sent) = handle_offloaded(&mut w, &p, 40, (4, 1000), b);
+    assert_eq!(v, Verdict::Forward(Egress::Provider));
+    let [Sent::One(Egress::Provider, out)] = &sent[..] else { panic!("{sent:?}") };
+    let h = &out[..10];
+    assert_eq!(
+        (h[1], u16::from_le_bytes([h[6], h[7]]), u16::from_le_bytes([h[2], h[3]])),
+        (1, 20, 40),
+        "TCPv4, L4 at 20"
+    );
+    let mut whole = out.clone();
+    crate::outbox::complete_checksum(&mut whole);
+    let (s, _, d, dp, ok) = inspect(&whole[10..]);
+    assert_eq!((s, d, dp, ok), (NAT_B, BACKEND_B, 8080, true), "the device's completion gives the right checksum");
+    // An IPv4 reply without DF too big for network b as IPv6, its UDP
+    // checksum partial: completed, then split into IPv6 fragments.
+    let mut q = udp6(CLIENT6, 5000, EP6, 53, b"q");
+    fwd(w.process(&mut q, b, Now(1)));
+    let (_, nport, _, _, _) = inspect(packet(&q));
+    let mut r = Vec::new();
+    PacketBuilder::ipv4(BACKEND_B.octets(), NAT_B.octets(), 64)
+        .udp(5353, nport)
+        .write(&mut r, &[3u8; 1500])
+        .expect("build");
+    r[6] &= !0x40;
+    fix_ip_checksum(&mut r);
+    partial(&mut r);
+    let (v, sent) = handle_offloaded(&mut w, &r, 20, (0, 0), Source::Provider);
+    assert_eq!(v, Verdict::Fragment { to: Egress::Network(NET_B), mtu: 1400 });
+    let frags: Vec<Vec<u8>> = sent
+        .iter()
+        .map(|s| match s {
+            Sent::One(Egress::Network(NET_B), b) => b[10..].to_vec(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(frags.len(), 2);
+    assert!(frags.iter().all(|f| f.len() <= 1400 && f[6] == 44));
+    let (s, sp, d, dp, _, ok) = inspect6(&reassemble6(&frags));
+    assert_eq!((s, sp, d, dp, ok), (EP6, 53, CLIENT6, 5000, true));
+}

@@ -267,6 +267,52 @@ pub fn forward_rewrite(b: &mut [u8], src: u128, dst: u128) -> Delta {
     pseudo
 }
 
+/// Splits an IPv6 packet that carries a Fragment header right after its
+/// fixed header (offset 0, no more fragments: what the IPv4 → IPv6
+/// translation writes for a datagram it must fragment, RFC 7915 §4) into
+/// fragments of at most `mtu` bytes, each with that header's Next Header
+/// and identification, its offset and More Fragments set (RFC 8200 §4.5).
+#[derive(Debug)]
+pub struct Fragmenter6<'a> {
+    pkt: &'a [u8],
+    chunk: usize,
+    at: usize,
+}
+
+/// The fixed header plus the Fragment header.
+const FRAG_HEADERS: usize = HEADER + 8;
+
+impl<'a> Fragmenter6<'a> {
+    /// `None` unless `pkt` has the Fragment header described above and
+    /// `mtu` carries the headers plus 8 bytes.
+    pub fn new(pkt: &'a [u8], mtu: usize) -> Option<Fragmenter6<'a>> {
+        if pkt.len() <= FRAG_HEADERS || pkt[6] != next::FRAGMENT || be16(pkt, HEADER + 2..HEADER + 4) != 0 {
+            return None;
+        }
+        let chunk = mtu.checked_sub(FRAG_HEADERS)? & !7;
+        (chunk >= 8).then_some(Fragmenter6 { pkt, chunk, at: FRAG_HEADERS })
+    }
+
+    /// Writes the next fragment into `out` (at least `mtu` bytes) and
+    /// returns its length.
+    pub fn next_into(&mut self, out: &mut [u8]) -> Option<usize> {
+        let pkt = self.pkt;
+        if self.at >= pkt.len() {
+            return None;
+        }
+        let take = self.chunk.min(pkt.len() - self.at);
+        let last = self.at + take == pkt.len();
+        let len = FRAG_HEADERS + take;
+        out[..FRAG_HEADERS].copy_from_slice(&pkt[..FRAG_HEADERS]);
+        out[FRAG_HEADERS..len].copy_from_slice(&pkt[self.at..self.at + take]);
+        out[4..6].copy_from_slice(&((len - HEADER) as u16).to_be_bytes());
+        let word = (self.at - FRAG_HEADERS) as u16 | u16::from(!last);
+        out[HEADER + 2..HEADER + 4].copy_from_slice(&word.to_be_bytes());
+        self.at += take;
+        Some(len)
+    }
+}
+
 /// The upper-layer checksum of an IPv6 packet's `l4` bytes from `src` to
 /// `dst` with protocol `p` (RFC 8200 §8.1: the pseudo-header holds both
 /// addresses, the upper-layer length and the Next Header value), as it

@@ -229,7 +229,9 @@ pub fn to_ipv6(
     let l4 = &mut buf[at..total];
     let no_checksum = p == proto::UDP && !partial && l4.len() >= 8 && l4[6..8] == [0, 0];
     rewrite_l4(l4, p, d, true, sport, dport, partial && !icmp);
-    if no_checksum && frag.is_none() {
+    // A whole datagram (no Fragment header, or one the outbox will split):
+    // its checksum can be computed here.
+    if no_checksum && frag.is_none_or(|(_, offset, more)| offset == 0 && !more) {
         l4[6..8].copy_from_slice(&[0, 0]);
         let c = match ipv6::checksum6(src, dst, proto::UDP, l4) {
             0 => 0xffff,
