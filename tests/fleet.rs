@@ -629,11 +629,8 @@ fn two_hosts_lease_an_ipv6_services_nat_addresses_and_a_survivor_takes_a_dead_ho
     for key in ["endpoints/pe6-b", "endpoints/pe-b", "networks/vnet-b"] {
         assert!(etcd.ctl(&["del", &format!("/privlink/hosts/h1/{key}")]).0);
     }
-    privlink::netns::ip(Some(&bed.prov), &["-6", "addr", "add", "fd00:50::10/128", "dev", "lo", "nodad"])
-        .expect("backend address");
-    let backend6: std::net::Ipv6Addr = "fd00:50::10".parse().expect("addr");
     let ports = privlink::testbed::BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
-    let _b6 = privlink::testbed::Backend::start(&bed.prov, "orders6", backend6, ports).expect("backend");
+    let _b6 = backend_at(&bed, "orders6", "fd00:50::10", ports);
     std::fs::write(&bed.config, local_config(&bed, &etcd)).expect("write");
     bed.start();
     let h2 = Host2::start(&bed, &etcd);

@@ -24,22 +24,29 @@ fn nat_port(greeting: &str) -> u16 {
         .expect("peer port")
 }
 
-#[test]
-fn nfcapd_gets_a_create_and_a_delete_per_connection_and_a_dead_collector_costs_nothing() {
-    if !privileged() || !have("nfcapd") || !have("nfdump") {
-        return;
-    }
-    let mut bed = Bed::new("flowlog", Opts::default());
+/// nfcapd on a free loopback port writing into the bed's `nfcap`
+/// directory: (its process, the port, the directory).
+fn nfcapd(bed: &Bed) -> (std::process::Child, u16, std::path::PathBuf) {
     let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp").local_addr().expect("addr").port();
     let cap = bed.dir.join("nfcap");
     std::fs::create_dir_all(&cap).expect("dir");
-    let mut nfcapd = Command::new("nfcapd")
+    let child = Command::new("nfcapd")
         .args(["-b", "127.0.0.1", "-p", &port.to_string(), "-w"])
         .arg(&cap)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("nfcapd");
+    (child, port, cap)
+}
+
+#[test]
+fn nfcapd_gets_a_create_and_a_delete_per_connection_and_a_dead_collector_costs_nothing() {
+    if !privileged() || !have("nfcapd") || !have("nfdump") {
+        return;
+    }
+    let mut bed = Bed::new("flowlog", Opts::default());
+    let (mut nfcapd, port, cap) = nfcapd(&bed);
     let events = bed.dir.join("events.jsonl");
     let more = format!("\n[flow_logs]\ncollector = \"127.0.0.1:{port}\"\nevents_file = \"{}\"\n", events.display());
     bed.write_config(&Opts::default(), &more);
@@ -123,16 +130,7 @@ fn ipv6_flows_reach_nfcapd_with_their_ipv6_and_translated_tuples() {
     }
     let opts = || Opts { network_extra: "address6 = \"fd00:aa::10/128\"", ..Opts::default() };
     let mut bed = Bed::new("flowlog6", opts());
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp").local_addr().expect("addr").port();
-    let cap = bed.dir.join("nfcap");
-    std::fs::create_dir_all(&cap).expect("dir");
-    let mut nfcapd = Command::new("nfcapd")
-        .args(["-b", "127.0.0.1", "-p", &port.to_string(), "-w"])
-        .arg(&cap)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nfcapd");
+    let (mut nfcapd, port, cap) = nfcapd(&bed);
     let more = format!(
         r#"
 [flow_logs]
@@ -160,11 +158,8 @@ service = "orders"
 "#
     );
     bed.write_config(&opts(), &more);
-    privlink::netns::ip(Some(&bed.prov), &["-6", "addr", "add", "fd00:50::10/128", "dev", "lo", "nodad"])
-        .expect("backend address");
-    let backend6: std::net::Ipv6Addr = "fd00:50::10".parse().expect("addr");
     let ports = privlink::testbed::BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
-    let _b6 = privlink::testbed::Backend::start(&bed.prov, "orders6", backend6, ports).expect("backend");
+    let _b6 = backend_at(&bed, "orders6", "fd00:50::10", ports);
     bed.start();
     let mut want: HashMap<u16, (&str, u16, &str, &str, &str)> = HashMap::new();
     for (ep, nat, backend) in

@@ -247,6 +247,12 @@ const MIXED: [(&str, &str, &str, &str, &str); 2] = [
     ("inventory", "192.168.100.12", "192.168.70.10", "pe64-b", "vnet-b"),
 ];
 
+/// The backends of the `MIXED` services in the bed's provider namespace.
+fn mixed_backends(bed: &Bed) -> Vec<Backend> {
+    let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
+    MIXED.iter().map(|(name, _, addr, _, _)| backend_at(bed, name, addr, ports)).collect()
+}
+
 /// Asks `[EP6]:54` over UDP from namespace `ns`, where no backend listens:
 /// the backend's port unreachable comes back translated, and the client's
 /// kernel matches its quote to the socket (ECONNREFUSED) only when the
@@ -275,18 +281,7 @@ fn an_ipv6_endpoint_reaches_an_ipv4_service_translated_per_flow() {
     let opts = || Opts { network_extra: "address6 = \"fd00:aa::10/128\"", provider_mtu: 1300, ..Opts::default() };
     let mut bed = Bed::new("v64", opts());
     bed.write_config(&opts(), &services_of(&MIXED));
-    let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
-    let mut servers = Vec::new();
-    for (name, _, addr, _, _) in MIXED {
-        let addr: std::net::IpAddr = addr.parse().expect("backend address");
-        let add = format!("{addr}/{}", if addr.is_ipv6() { 128 } else { 32 });
-        let mut args = vec!["addr", "add", add.as_str(), "dev", "lo"];
-        if addr.is_ipv6() {
-            args.push("nodad");
-        }
-        privlink::netns::ip(Some(&bed.prov), &args).expect("backend address");
-        servers.push(Backend::start(&bed.prov, name, addr, ports).expect("backend"));
-    }
+    let servers = mixed_backends(&bed);
     bed.start();
     let sec = Duration::from_secs(3);
 
@@ -408,18 +403,7 @@ fn ipv6_connections_survive_a_crash_and_a_hand_over() {
     let opts = || Opts { network_extra: "address6 = \"fd00:aa::10/128\"", provider_mtu: 1300, ..Opts::default() };
     let mut bed = Bed::new("v6keep", opts());
     bed.write_config(&opts(), &services_of(&MIXED));
-    let ports = BackendPorts { hello: 8080, echo: 8007, udp: 5353, bye: None };
-    let mut servers = Vec::new();
-    for (name, _, addr, _, _) in MIXED {
-        let addr: std::net::IpAddr = addr.parse().expect("backend address");
-        let add = format!("{addr}/{}", if addr.is_ipv6() { 128 } else { 32 });
-        let mut args = vec!["addr", "add", add.as_str(), "dev", "lo"];
-        if addr.is_ipv6() {
-            args.push("nodad");
-        }
-        privlink::netns::ip(Some(&bed.prov), &args).expect("backend address");
-        servers.push(Backend::start(&bed.prov, name, addr, ports).expect("backend"));
-    }
+    let servers = mixed_backends(&bed);
     bed.start();
     // 6->6 from tenant a, 6->4 from tenant b: the IPv6 table holds both.
     let mut held: Vec<_> = hold6(&bed.a, 5).into_iter().chain(hold6(&bed.b, 5)).collect();

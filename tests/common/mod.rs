@@ -553,3 +553,17 @@ http {{
         .expect("nginx (apt-get install nginx)");
     Kill(child)
 }
+
+/// Adds `addr` to the provider namespace's `lo` (an IPv6 one without
+/// duplicate address detection, which would leave it tentative and
+/// unbindable for a while) and starts a test backend `name` on it.
+pub fn backend_at(bed: &Bed, name: &str, addr: &str, ports: BackendPorts) -> Backend {
+    let a: std::net::IpAddr = addr.parse().expect("backend address");
+    let with_len = format!("{a}/{}", if a.is_ipv6() { 128 } else { 32 });
+    let mut args = vec!["addr", "add", with_len.as_str(), "dev", "lo"];
+    if a.is_ipv6() {
+        args.push("nodad");
+    }
+    ip(Some(&bed.prov), &args).expect("backend address");
+    Backend::start(&bed.prov, name, a, ports).expect("backend")
+}

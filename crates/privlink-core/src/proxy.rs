@@ -181,6 +181,26 @@ pub(crate) fn segment<F: Family>(
     }
 }
 
+/// Moves the sequence number of a TCP header `l4` quoted by an ICMP error
+/// (a segment privlink sent the backend of a PROXY flow whose consumer's
+/// ISN is `isn`) back into the consumer's numbering, by the header's
+/// length `hl`; the checksum follows when the quote holds it. Returns
+/// false for a quote of the header segment itself, which privlink made
+/// and no consumer should hear about.
+pub(crate) fn unshift_quoted_seq(l4: &mut [u8], isn: u32, hl: u32) -> bool {
+    let seq = crate::wire::tcp::seq(l4);
+    if seq.wrapping_sub(isn.wrapping_add(1)) < hl {
+        return false;
+    }
+    let back = seq.wrapping_sub(hl);
+    if l4.len() >= 18 {
+        crate::wire::tcp::set_seq(l4, back, false);
+    } else {
+        l4[4..8].copy_from_slice(&back.to_be_bytes());
+    }
+    true
+}
+
 /// Whether flow `v` (its state as read) waits for its PROXY header to be
 /// sent again: its consumer completed the handshake (so the header went)
 /// and its backend has not acknowledged the header.

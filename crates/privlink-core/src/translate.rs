@@ -671,19 +671,9 @@ impl Ctx<'_> {
         // the header segment privlink made itself goes no further.
         if let (Dir::Out, Some(tlv), wire::proto::TCP) = (dir, ep.proxy, q.proto) {
             let l4 = &mut buf[ihl + q.l4..];
-            if l4.len() >= 8 {
-                let hl = proxy::header_len(tlv) as u32;
-                let isn = self.engine.flows.proxy_isn(&v);
-                let seq = wire::tcp::seq(l4);
-                if seq.wrapping_sub(isn.wrapping_add(1)) < hl {
-                    return Verdict::Drop(DropReason::NoFlow);
-                }
-                let back = seq.wrapping_sub(hl);
-                if l4.len() >= 18 {
-                    wire::tcp::set_seq(l4, back, false);
-                } else {
-                    l4[4..8].copy_from_slice(&back.to_be_bytes());
-                }
+            let (isn, hl) = (self.engine.flows.proxy_isn(&v), proxy::header_len(tlv) as u32);
+            if l4.len() >= 8 && !proxy::unshift_quoted_seq(l4, isn, hl) {
+                return Verdict::Drop(DropReason::NoFlow);
             }
         }
         let (from, to) = dir.ends(&v);
@@ -1233,17 +1223,8 @@ impl Ctx<'_> {
         let qoff = q.l4.as_ptr() as usize - buf.as_ptr() as usize;
         if let (Dir::Out, Some(tlv), Protocol::Tcp) = (dir, ep.proxy, proto) {
             let hl = proxy::header_len_for::<V6>(tlv) as u32;
-            let isn = flows.proxy_isn(&v);
-            let l4 = &mut buf[qoff..n];
-            let seq = wire::tcp::seq(l4);
-            if seq.wrapping_sub(isn.wrapping_add(1)) < hl {
+            if !proxy::unshift_quoted_seq(&mut buf[qoff..n], flows.proxy_isn(&v), hl) {
                 return Verdict::Drop(DropReason::NoFlow);
-            }
-            let back = seq.wrapping_sub(hl);
-            if l4.len() >= 18 {
-                wire::tcp::set_seq(l4, back, false);
-            } else {
-                l4[4..8].copy_from_slice(&back.to_be_bytes());
             }
         }
         let Some(q) = nat64::parse_quote(&buf[l4at + 8..n]) else { return Verdict::Drop(DropReason::Malformed) };

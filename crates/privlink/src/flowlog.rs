@@ -130,21 +130,7 @@ fn header_and_template(out: &mut Vec<u8>, now_ms: u64, seq: u32, id: u16, fields
 /// Writes one IPFIX message (header, template set, data set) for `events`
 /// observed at `now_ms`; `seq` counts the data records sent before it.
 pub fn encode(out: &mut Vec<u8>, events: &[NatEvent], now_ms: u64, seq: u32) {
-    out.clear();
-    out.extend_from_slice(&10u16.to_be_bytes());
-    out.extend_from_slice(&[0, 0]); // length, below
-    out.extend_from_slice(&((now_ms / 1000) as u32).to_be_bytes());
-    out.extend_from_slice(&seq.to_be_bytes());
-    out.extend_from_slice(&1u32.to_be_bytes()); // observation domain
-                                                // Template set.
-    out.extend_from_slice(&2u16.to_be_bytes());
-    out.extend_from_slice(&((4 + 4 + FIELDS.len() * 4) as u16).to_be_bytes());
-    out.extend_from_slice(&TEMPLATE_ID.to_be_bytes());
-    out.extend_from_slice(&(FIELDS.len() as u16).to_be_bytes());
-    for (ie, len) in FIELDS {
-        out.extend_from_slice(&ie.to_be_bytes());
-        out.extend_from_slice(&len.to_be_bytes());
-    }
+    header_and_template(out, now_ms, seq, TEMPLATE_ID, &FIELDS);
     // Data set.
     out.extend_from_slice(&TEMPLATE_ID.to_be_bytes());
     out.extend_from_slice(&((4 + events.len() * RECORD) as u16).to_be_bytes());

@@ -193,35 +193,32 @@ pub fn udp_ask(ns: &str, addr: impl Into<IpAddr>, port: u16, msg: &str) -> Resul
     })
 }
 
-/// Asks the resolver at `server` (port 53, from inside `ns`) for the A
-/// record of `name`: `Ok(Some(address))`, `Ok(None)` for an answer without
-/// one (NXDOMAIN, NODATA), with the response code's name.
+/// The A answer for `name` from `server` inside `ns` (the response code
+/// too, as the metrics name it).
 pub fn resolve(ns: &str, server: Ipv4Addr, name: &str) -> Result<(Option<Ipv4Addr>, String)> {
-    use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let mut q = Message::new();
-    q.set_id(rand::random()).set_recursion_desired(true);
-    q.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
-    let bytes = q.to_vec()?;
-    in_netns(Some(ns), move || {
-        let s = UdpSocket::bind("0.0.0.0:0")?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.send_to(&bytes, (server, 53))?;
-        let mut buf = [0u8; 2048];
-        let (k, _) = s.recv_from(&mut buf)?;
-        let r = Message::from_vec(&buf[..k])?;
-        let addr = r.answers().iter().find_map(|x| if let RData::A(a) = x.data() { Some(a.0) } else { None });
-        Ok((addr, crate::dns::RCODES[crate::dns::rcode_index(r.response_code())].to_string()))
-    })
+    let (a, code) = resolve_as(ns, server, name, hickory_proto::rr::RecordType::A)?;
+    Ok((a.and_then(|a| if let IpAddr::V4(a) = a { Some(a) } else { None }), code))
 }
 
 /// The AAAA answer for `name` from `server` inside `ns` (as [`resolve`]).
 pub fn resolve6(ns: &str, server: Ipv4Addr, name: &str) -> Result<(Option<std::net::Ipv6Addr>, String)> {
+    let (a, code) = resolve_as(ns, server, name, hickory_proto::rr::RecordType::AAAA)?;
+    Ok((a.and_then(|a| if let IpAddr::V6(a) = a { Some(a) } else { None }), code))
+}
+
+/// The first A or AAAA answer of a `qtype` query for `name` to `server`
+/// inside `ns`, and the response code.
+fn resolve_as(
+    ns: &str,
+    server: Ipv4Addr,
+    name: &str,
+    qtype: hickory_proto::rr::RecordType,
+) -> Result<(Option<IpAddr>, String)> {
     use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
+    use hickory_proto::rr::{Name, RData};
     let mut q = Message::new();
     q.set_id(rand::random()).set_recursion_desired(true);
-    q.add_query(Query::query(Name::from_ascii(name)?, RecordType::AAAA));
+    q.add_query(Query::query(Name::from_ascii(name)?, qtype));
     let bytes = q.to_vec()?;
     in_netns(Some(ns), move || {
         let s = UdpSocket::bind("0.0.0.0:0")?;
@@ -230,7 +227,11 @@ pub fn resolve6(ns: &str, server: Ipv4Addr, name: &str) -> Result<(Option<std::n
         let mut buf = [0u8; 2048];
         let (k, _) = s.recv_from(&mut buf)?;
         let r = Message::from_vec(&buf[..k])?;
-        let addr = r.answers().iter().find_map(|x| if let RData::AAAA(a) = x.data() { Some(a.0) } else { None });
+        let addr = r.answers().iter().find_map(|x| match x.data() {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        });
         Ok((addr, crate::dns::RCODES[crate::dns::rcode_index(r.response_code())].to_string()))
     })
 }
