@@ -721,6 +721,17 @@ impl<F: Family> FlowTable<F> {
         None
     }
 
+    /// Whether any slot holds provider key `k`, a live flow or one being
+    /// set up (linked, not yet live), read under `k`'s provider stripe:
+    /// for a claim in another table that must not take the same NAT tuple
+    /// (an IPv4 pool serves the IPv4 table and the IPv6 one; its mutex,
+    /// held across both claims, orders them).
+    pub fn provider_held(&self, k: ProviderKey<F>) -> bool {
+        let pb = self.bucket(k.0, &self.pidx);
+        let _g = self.pidx.lock(pb);
+        self.provider_linked(pb, k)
+    }
+
     /// Under the provider stripe of `k`: whether any linked slot (live or
     /// being set up) holds `k`.
     fn provider_linked(&self, bucket: usize, k: ProviderKey<F>) -> bool {

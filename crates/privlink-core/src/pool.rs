@@ -185,6 +185,20 @@ impl PortPool {
         self.lock().closed.pop_front()
     }
 
+    /// When the oldest queued closed flow in the IPv6 table (`v6`) or the
+    /// IPv4 one closed, if any is queued.
+    pub fn oldest_closed_in(&self, v6: bool) -> Option<Now> {
+        self.lock().closed.iter().find(|c| c.v6 == v6).map(|c| c.at)
+    }
+
+    /// Takes the oldest queued closed flow of the IPv6 table (`v6`) or the
+    /// IPv4 one off the queue, leaving the other table's queued.
+    pub fn pop_closed_in(&self, v6: bool) -> Option<ClosedFlow> {
+        let mut g = self.lock();
+        let i = g.closed.iter().position(|c| c.v6 == v6)?;
+        g.closed.remove(i)
+    }
+
     /// Keeps only the queued closed flows for which `keep` holds, and of
     /// repeats of one (slot, generation) only the latest (the sweep drops
     /// stale entries so). `keep` runs without the pool's lock: the queue is

@@ -827,17 +827,20 @@ impl Ctx<'_> {
         // 3. Fragments (other than atomic ones): virtual reassembly as for
         // IPv4, keyed by the Fragment header's identification; a fragment
         // overlapping another refuses its datagram (RFC 5722).
+        // A first fragment's bytes are recorded once it passed the policy
+        // steps (5 and 6), so no packet the network may not send takes a
+        // reassembly entry; a later one's at once (it may be held).
         let frag_key = match frag {
             Some(f) => {
                 let key = FragKey::<V6> { net: dir.frag_net(), src, dst, proto: buf[usize::from(f.at)], id: f.ident };
-                let data = len - (usize::from(f.at) + 8);
-                if !self.frags.v6().span(key, f.offset, f.offset + data as u16, self.now) {
-                    return Verdict::Drop(DropReason::Malformed);
-                }
+                let data = (len - (usize::from(f.at) + 8)) as u16;
                 if f.offset != 0 {
+                    if !self.frags.v6().span(key, f.offset, f.offset + data, self.now) {
+                        return Verdict::Drop(DropReason::Malformed);
+                    }
                     return self.later_fragment6(buf, key);
                 }
-                Some((key, f))
+                Some((key, f, data))
             }
             None => None,
         };
@@ -895,6 +898,11 @@ impl Ctx<'_> {
         // 6. Approve.
         if !ep.shared.approved() {
             return Verdict::Drop(DropReason::NotApproved);
+        }
+        if let Some((key, _, data)) = frag_key {
+            if !self.frags.v6().span(key, 0, data, self.now) {
+                return Verdict::Drop(DropReason::Malformed);
+            }
         }
         // 7. Hop limit.
         if hops <= 1 {
@@ -971,7 +979,7 @@ impl Ctx<'_> {
                 _ => (nsport, ndport),
             };
             let ident = self.frags.v4.next_ident();
-            let (partial, f) = (self.off.csum_partial, frag_key.map(|(_, f)| f));
+            let (partial, f) = (self.off.csum_partial, frag_key.map(|(_, f, _)| f));
             if wire::nat64::to_ipv4(buf, len, l4at, proto_num, src4, dst4, Some(ports), ident, f, partial).is_none() {
                 return Verdict::Drop(DropReason::TooBig);
             }
@@ -986,7 +994,7 @@ impl Ctx<'_> {
         // 12. Count.
         flows.note_packet(&v, self.now, dir.inbound(), len as u64);
         ep.shared.counters.get(self.w).add(dir.inbound(), len, segments);
-        if let Some((key, _)) = frag_key {
+        if let Some((key, ..)) = frag_key {
             let m = Mapping { src: nsrc, dst: ndst, egress, mtu, endpoint: ep.shared.id };
             self.frags.v6().first(key, m, self.now);
         }
@@ -1003,7 +1011,9 @@ impl Ctx<'_> {
         match self.frags.v6().later(key, buf, self.now) {
             Later::Held => Verdict::Held,
             Later::Full => Verdict::Drop(DropReason::ReassemblyTimeout),
+            // An IPv4 fragment (6->4) may be split again on the way.
             Later::Translate(m) => match fragment_steps6(self.snap, self.w, buf, m) {
+                Ok(len) if len > usize::from(m.mtu) => Verdict::Fragment { to: m.egress, mtu: m.mtu },
                 Ok(_) => Verdict::Forward(m.egress),
                 Err(r) => Verdict::Drop(r),
             },
@@ -1334,9 +1344,6 @@ fn fragment_steps6(snap: &Snapshot, w: usize, buf: &mut [u8], m: Mapping<V6>) ->
             let next = buf[usize::from(f.at)];
             if next != wire::proto::TCP && next != wire::proto::UDP {
                 return Err(DropReason::UnsupportedProtocol);
-            }
-            if len - at + wire::field::HEADER_MIN > usize::from(m.mtu) {
-                return Err(DropReason::TooBig);
             }
             match wire::nat64::to_ipv4(buf, len, at, next, s4, d4, None, 0, Some(f), false) {
                 Some(n) => n,

@@ -67,15 +67,18 @@ impl Engine {
         loop {
             let (from, c) = match pool {
                 Some(p) => (p, p.pool.pop_closed()?),
+                // Table `F` is full: only a closed flow of table `F` frees
+                // a slot there (an IPv4 pool queues flows of both).
                 None => {
+                    let v6 = F::VERSION == 6;
                     let p = snap
                         .pools
                         .values()
-                        .filter(|p| F::holds(p.nat_ip) || F::VERSION == 6)
-                        .filter_map(|p| p.pool.oldest_closed().map(|at| (at, p)))
+                        .filter(|p| F::holds(p.nat_ip) || v6)
+                        .filter_map(|p| p.pool.oldest_closed_in(v6).map(|at| (at, p)))
                         .min_by_key(|&(at, p)| (at, p.id))
                         .map(|(_, p)| p)?;
-                    let Some(c) = p.pool.pop_closed() else { continue };
+                    let Some(c) = p.pool.pop_closed_in(v6) else { continue };
                     (&**p, c)
                 }
             };

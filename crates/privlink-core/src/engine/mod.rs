@@ -272,7 +272,9 @@ impl Engine {
     /// port overloaded when the pool runs out (or the hint of a reclaimed
     /// one) could give two flows one tuple. Called inside the pool's
     /// allocation, under its mutex, which every claim of the pool's ports
-    /// takes: the check and the claim are one step. Nothing to check
+    /// takes: the check and the claim are one step (the other table's
+    /// check counts a flow still being set up, whose key is linked under
+    /// that mutex before it is live). Nothing to check
     /// without an IPv6 table, or for an IPv6 service's addresses.
     #[inline(never)]
     pub(crate) fn held_across<F: Family>(
@@ -288,11 +290,11 @@ impl Engine {
         match (F::ip(nat), F::ip(backend)) {
             (IpAddr::V4(n), IpAddr::V4(b)) => {
                 let (n, b) = (crate::wire::nat64::mapped(n.into()), crate::wire::nat64::mapped(b.into()));
-                t6.find_provider(ProviderKey::<V6>::of(proto, n, port, b, bport)).is_some()
+                t6.provider_held(ProviderKey::<V6>::of(proto, n, port, b, bport))
             }
             (IpAddr::V6(n), IpAddr::V6(b)) => match (n.to_ipv4_mapped(), b.to_ipv4_mapped()) {
                 (Some(n), Some(b)) => {
-                    self.flows.find_provider(ProviderKey::<V4>::of(proto, n.into(), port, b.into(), bport)).is_some()
+                    self.flows.provider_held(ProviderKey::<V4>::of(proto, n.into(), port, b.into(), bport))
                 }
                 _ => false,
             },

@@ -743,3 +743,38 @@ fn offloads_follow_a_translation_gso_type_checksum_start_and_fragments() {
     let (s, sp, d, dp, _, ok) = inspect6(&reassemble6(&frags));
     assert_eq!((s, sp, d, dp, ok), (EP6, 53, CLIENT6, 5000, true));
 }
+
+/// Stress: two workers create an IPv4 and a 6->4 flow at the same
+/// instant, over and over, on a service whose pool has one port per
+/// protocol: at most one of them may get the NAT tuple (the other is
+/// refused), never both.
+#[test]
+fn racing_ipv4_and_ipv6_creations_never_share_a_nat_tuple() {
+    let mut both = 0;
+    for round in 0..300u16 {
+        let (e, _) = one_port_shared();
+        let go = Arc::new(std::sync::Barrier::new(2));
+        let threads: Vec<_> = [false, true]
+            .into_iter()
+            .map(|v6| {
+                let (e, go) = (e.clone(), go.clone());
+                std::thread::spawn(move || {
+                    let mut w = e.worker(usize::from(v6));
+                    let mut p = if v6 {
+                        udp6(CLIENT6, 2000 + round, EP6, 53, b"x")
+                    } else {
+                        udp(CLIENT, 3000 + round, EP, 53, b"x")
+                    };
+                    p.resize(p.len() + GROWTH, 0);
+                    go.wait();
+                    w.process(&mut p, Source::Network(NET_B), Now(1))
+                })
+            })
+            .collect();
+        let verdicts: Vec<Verdict> = threads.into_iter().map(|t| t.join().expect("worker")).collect();
+        let flows = e.flow_list(None, Now(1));
+        assert_eq!(flows.len(), 1, "round {round}: {verdicts:?}\n{flows:#?}");
+        both += usize::from(verdicts.iter().all(|v| matches!(v, Verdict::Forward(_))));
+    }
+    assert_eq!(both, 0, "both forwarded in some round");
+}
