@@ -66,6 +66,33 @@ fn data(n: usize, seed: u32) -> Vec<u8> {
     (0..n as u32).map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 13) as u8).collect()
 }
 
+/// Sends 20 MB (pattern `seed`) on `s`, a greeted connection to the
+/// hashing port, and checks the length and hash the backend reports.
+fn upload_checked(s: &mut std::net::TcpStream, seed: u32, what: &str) {
+    let up = data(20 << 20, seed);
+    s.write_all(&up).expect("send");
+    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    let want = format!("len={} fnv={:x}", up.len(), privlink::testbed::fnv(&up, privlink::testbed::FNV_INIT));
+    assert_eq!(line(s), want, "{what}: the backend got exactly what was sent");
+}
+
+/// 20 MB (pattern `seed`) through `[EP6]:7` from `ns` and back, compared
+/// byte for byte.
+fn echo_checked(ns: &str, seed: u32, what: &str) {
+    let mut e = connect(ns, EP6, 7, Duration::from_secs(3)).expect("echo");
+    let down = data(20 << 20, seed);
+    let mut w = e.try_clone().expect("clone");
+    let send = down.clone();
+    let writer = std::thread::spawn(move || {
+        w.write_all(&send).expect("send");
+        w.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let mut back = Vec::with_capacity(down.len());
+    e.read_to_end(&mut back).expect("echoed");
+    writer.join().expect("writer");
+    assert!(back == down, "{what}: 20 MB echoed intact ({} bytes back)", back.len());
+}
+
 /// Runs `cmd` in namespace `ns`; (success, stdout and stderr).
 fn run_in(ns: &str, cmd: &[&str]) -> (bool, String) {
     let out = Command::new("ip").args(["netns", "exec", ns]).args(cmd).output().expect("ip netns exec");
@@ -109,24 +136,9 @@ fn ipv6_endpoints_carry_tcp_udp_and_icmpv6_per_tenant() {
         let greeting = line(&mut s);
         assert!(greeting.starts_with(&format!("svc={svc} peer=[{nat}]:")), "{greeting}");
         // 20 MB toward the backend, hash-checked there.
-        let up = data(20 << 20, 1);
-        s.write_all(&up).expect("send");
-        s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        let want = format!("len={} fnv={:x}", up.len(), privlink::testbed::fnv(&up, privlink::testbed::FNV_INIT));
-        assert_eq!(line(&mut s), want, "{svc}: the backend got exactly what was sent");
+        upload_checked(&mut s, 1, svc);
         // 20 MB back through the echo port, compared byte for byte.
-        let mut e = connect(ns, EP6, 7, sec).expect("echo");
-        let down = data(20 << 20, 7);
-        let mut w = e.try_clone().expect("clone");
-        let send = down.clone();
-        let writer = std::thread::spawn(move || {
-            w.write_all(&send).expect("send");
-            w.shutdown(std::net::Shutdown::Write).expect("shutdown");
-        });
-        let mut back = Vec::with_capacity(down.len());
-        e.read_to_end(&mut back).expect("echoed");
-        writer.join().expect("writer");
-        assert!(back == down, "{svc}: 20 MB echoed intact ({} bytes back)", back.len());
+        echo_checked(ns, 7, svc);
 
         let answer = udp_ask(ns, EP6, 53, "hello6").expect("UDP answer");
         assert!(answer.starts_with(&format!("svc={svc} peer=[{nat}]:")) && answer.ends_with("data=hello6"), "{answer}");
@@ -304,11 +316,7 @@ fn an_ipv6_endpoint_reaches_an_ipv4_service_translated_per_flow() {
     // consumer's segments do not fit the provider's 1,300 bytes once IPv4:
     // Packet Too Big 1,320 comes back and the stream goes on smaller (DF
     // all along: IPv6 never fragments).
-    let up = data(20 << 20, 3);
-    s.write_all(&up).expect("send");
-    s.shutdown(std::net::Shutdown::Write).expect("shutdown");
-    let want = format!("len={} fnv={:x}", up.len(), privlink::testbed::fnv(&up, privlink::testbed::FNV_INIT));
-    assert_eq!(line(&mut s), want, "the IPv4 backend got exactly what was sent");
+    upload_checked(&mut s, 3, "the IPv4 backend");
     assert!(
         run_in(&bed.b, &["ip", "-6", "route", "get", &EP6.to_string()]).1.contains("mtu 1320"),
         "the consumer learned the translated MTU: {}",
@@ -316,18 +324,7 @@ fn an_ipv6_endpoint_reaches_an_ipv4_service_translated_per_flow() {
     );
     assert!(bed.metric("privlink_packets_dropped_total", &[("reason", "too_big"), ("network", "vnet-b")]) >= 1.0);
     // 20 MB back from the IPv4 backend, byte for byte.
-    let mut e = connect(&bed.b, EP6, 7, sec).expect("echo");
-    let down = data(20 << 20, 9);
-    let mut w = e.try_clone().expect("clone");
-    let send = down.clone();
-    let writer = std::thread::spawn(move || {
-        w.write_all(&send).expect("send");
-        w.shutdown(std::net::Shutdown::Write).expect("shutdown");
-    });
-    let mut back = Vec::with_capacity(down.len());
-    e.read_to_end(&mut back).expect("echoed");
-    writer.join().expect("writer");
-    assert!(back == down, "20 MB echoed intact through 6 -> 4 ({} bytes back)", back.len());
+    echo_checked(&bed.b, 9, "6 -> 4");
 
     // UDP and ping6 through both kinds of service.
     for (ns, nat) in [(&bed.a, "[fd00:64::4]"), (&bed.b, "192.168.100.12")] {
